@@ -1,0 +1,18 @@
+//! The part of mmts that needs no PostgreSQL: configuration, connection strings, and (as they
+//! arrive) the wire codec, the two-phase-commit coordinator, membership and clocks. Everything
+//! here is plain Rust, advanced by inputs and tested with `cargo test -p mmts-core`.
+
+pub mod config;
+pub mod conninfo;
+
+use std::fmt;
+
+/// A node's id: its 1-based position in `multimaster.conn_strings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}

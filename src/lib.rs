@@ -1,0 +1,35 @@
+//! mmts: synchronous multi-master replication for PostgreSQL.
+//!
+//! This crate is the PostgreSQL-facing shell: GUCs, SQL functions and (as they arrive) the
+//! output plugin, background workers and hooks. Protocol logic lives in `mmts-core`.
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+mod functions;
+mod gucs;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading && unsafe { pg_sys::creating_extension } {
+        // Checked before anything is defined, so a later retry after fixing the
+        // configuration starts from a clean slate.
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "mmts must be loaded at server start",
+            "mmts",
+        )
+        .set_hint(
+            "Add 'mmts' to shared_preload_libraries in postgresql.conf and restart the server.",
+        )
+        .report(PgLogLevel::ERROR);
+    }
+    gucs::define(preloading);
+    if preloading {
+        gucs::check_at_startup();
+    }
+}

@@ -1,0 +1,669 @@
+//! Multi-node test harness for mmts: real PostgreSQL 15 servers on loopback, with fault
+//! injection.
+//!
+//! - [`ClusterBuilder`] starts N servers with the mmts extension preloaded and configured
+//!   (`multimaster.node_id`, `multimaster.conn_strings`), each in its own temp dir, on free
+//!   ports, as the `postgres` OS user when running as root. `initdb` runs once per test binary;
+//!   nodes start from a copy of that template.
+//! - Every directed link between two nodes goes through a [`Proxy`], so tests can cut, heal and
+//!   delay it; [`Node::kill9`] crashes a node and [`Node::start`] brings it back.
+//! - On a panic the tail of every node's server log is printed; servers and temp dirs are
+//!   removed however the test ends.
+
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use postgres;
+pub use proxy::Proxy;
+
+/// The OS user that runs servers when the harness runs as root.
+const SERVER_USER: &str = "postgres";
+
+/// Settings every test server gets. Small and fast; fsync off (a kill -9 of the server does
+/// not lose data that the OS already has).
+const BASE_CONF: &[(&str, &str)] = &[
+    ("listen_addresses", "'127.0.0.1'"),
+    ("shared_preload_libraries", "'mmts'"),
+    ("wal_level", "logical"),
+    ("max_prepared_transactions", "64"),
+    ("max_connections", "64"),
+    ("max_wal_senders", "16"),
+    ("max_replication_slots", "16"),
+    ("max_worker_processes", "24"),
+    ("output_plugin_libraries", "'pgoutput, test_decoding, mmts'"),
+    ("shared_buffers", "32MB"),
+    ("fsync", "off"),
+    ("log_line_prefix", "'%m [%p] %q%a '"),
+    ("log_min_messages", "log"),
+];
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `cmd` as the server user when we are root, as ourselves otherwise.
+fn server_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", SERVER_USER, "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes `path` belong to the server user (when root), so servers can write there.
+fn give_to_server_user(path: &Path) {
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", &format!("{SERVER_USER}:{SERVER_USER}")])
+                .arg(path),
+        );
+    }
+}
+
+/// PostgreSQL's binaries: `$MMTS_PG_CONFIG` or `pg_config` on PATH tells where.
+pub fn bindir() -> &'static Path {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(|| {
+        let pg_config = std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+        let out = run(Command::new(&pg_config).arg("--bindir"));
+        assert!(out.status.success(), "{pg_config} --bindir failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// A port nobody listens on now. Ports are handed out in increasing order per process, from a
+/// base derived from the process id, so that parallel tests and test binaries rarely collide.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 400) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port > 60000 {
+            NEXT.store(20000, Ordering::SeqCst);
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A directory removed on drop (unless kept), owned by the server user.
+pub struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static SEQ: AtomicU16 = AtomicU16::new(0);
+        let base = std::env::var_os("MMTS_TEST_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create temp dir");
+        give_to_server_user(&path);
+        TempDir { path, keep: false }
+    }
+
+    /// A given directory, created if missing; kept on drop.
+    pub fn at(path: &Path) -> TempDir {
+        fs::create_dir_all(path).expect("create dir");
+        give_to_server_user(path);
+        TempDir {
+            path: path.to_path_buf(),
+            keep: true,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// An initdb'd data directory, made once per process and copied for every node.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<TempDir> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| {
+            let dir = TempDir::new("mmts-template");
+            let data = dir.path().join("data");
+            run_ok(
+                server_command(&bindir().join("initdb"))
+                    .args([
+                        "-A",
+                        "trust",
+                        "-U",
+                        "postgres",
+                        "--no-sync",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                        "-D",
+                    ])
+                    .arg(&data),
+            );
+            dir
+        })
+        .path()
+}
+
+/// One PostgreSQL server.
+pub struct Node {
+    /// 1-based, as in `multimaster.node_id`.
+    pub id: usize,
+    port: u16,
+    dir: PathBuf,
+    running: bool,
+}
+
+impl Node {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// A libpq connection string that reaches this node directly.
+    pub fn connstr(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Appends `key = value` lines to postgresql.conf (later lines win).
+    pub fn append_conf(&self, settings: &[(String, String)]) {
+        let mut text = String::from("\n# mmts test harness\n");
+        for (k, v) in settings {
+            let _ = writeln!(text, "{k} = {v}");
+        }
+        let path = self.data_dir().join("postgresql.conf");
+        let mut conf = fs::read_to_string(&path).expect("read postgresql.conf");
+        conf.push_str(&text);
+        fs::write(&path, conf).expect("write postgresql.conf");
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut c = server_command(&bindir().join("pg_ctl"));
+        c.arg("-D").arg(self.data_dir());
+        c
+    }
+
+    /// Starts the server and waits until it accepts connections; on failure returns the
+    /// server log written during this attempt.
+    pub fn try_start(&mut self) -> Result<(), String> {
+        let log = self.log_path();
+        let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let out = run(self
+            .pg_ctl()
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60", "start"]));
+        if out.status.success() {
+            self.running = true;
+            return Ok(());
+        }
+        let text = fs::read(&log).unwrap_or_default();
+        let new = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
+        Err(format!(
+            "{}{}{new}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    pub fn start(&mut self) {
+        if let Err(log) = self.try_start() {
+            panic!("node {} did not start:\n{log}", self.id);
+        }
+    }
+
+    /// Clean shutdown (`pg_ctl stop -m fast`).
+    pub fn stop(&mut self) {
+        if self.running {
+            run_ok(self.pg_ctl().args(["-w", "-m", "fast", "stop"]));
+            self.running = false;
+        }
+    }
+
+    fn postmaster_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Crashes the node like a power cut: SIGKILL to the postmaster and all its children.
+    pub fn kill9(&mut self) {
+        let Some(pid) = self.postmaster_pid() else {
+            panic!("node {} has no postmaster.pid", self.id);
+        };
+        unsafe {
+            // Frozen first, so it cannot fork while its children are collected.
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        let children = children_of(pid);
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            for child in &children {
+                libc::kill(*child, libc::SIGKILL);
+            }
+        }
+        let all: Vec<i32> = std::iter::once(pid)
+            .chain(children.iter().copied())
+            .collect();
+        wait_for(
+            &format!("node {} processes to die", self.id),
+            Duration::from_secs(10),
+            || all.iter().all(|p| is_dead(*p)),
+        );
+        // A dead postmaster stays a zombie until its parent (init) reaps it, and PostgreSQL
+        // takes a zombie's pid in postmaster.pid for a live server: wait for the reaping.
+        let reaped = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && reaped.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.running = false;
+    }
+
+    /// Whether the server answers a connection attempt now.
+    pub fn is_up(&self) -> bool {
+        self.try_connect(Duration::from_secs(2)).is_ok()
+    }
+
+    pub fn try_connect(&self, timeout: Duration) -> Result<postgres::Client, postgres::Error> {
+        let mut cfg: postgres::Config = self.connstr().parse().expect("valid connstr");
+        cfg.connect_timeout(timeout);
+        cfg.application_name("mmts-tests");
+        cfg.connect(postgres::NoTls)
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        self.try_connect(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("cannot connect to node {}: {e}", self.id))
+    }
+
+    /// Runs one or more statements; panics with the server's message on error.
+    pub fn execute(&self, sql: &str) {
+        self.connect()
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
+    }
+
+    /// The first column of the first row of `sql`, as text (NULL as `None`).
+    pub fn query_value(&self, sql: &str) -> Option<String> {
+        let rows = self
+            .connect()
+            .simple_query(sql)
+            .unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
+        rows.into_iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+            _ => None,
+        })?
+    }
+
+    /// The last `lines` lines of the server log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+}
+
+/// A database error with its SQLSTATE, message, detail and hint.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} {}{}{}",
+            db.code().code(),
+            db.message(),
+            db.detail()
+                .map(|d| format!(" DETAIL: {d}"))
+                .unwrap_or_default(),
+            db.hint().map(|h| format!(" HINT: {h}")).unwrap_or_default()
+        ),
+        None => e.to_string(),
+    }
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(stat) = fs::read_to_string(entry.path().join("stat")) {
+            // pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Gone, or a zombie.
+pub fn is_dead(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(true)
+}
+
+/// Polls `cond` every 50 ms until it holds; panics after `timeout` naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Settings for a cluster before it starts.
+pub struct ClusterBuilder {
+    nodes: usize,
+    multimaster: bool,
+    proxies: bool,
+    dir: Option<PathBuf>,
+    common: Vec<(String, String)>,
+    per_node: BTreeMap<usize, Vec<(String, String)>>,
+}
+
+impl ClusterBuilder {
+    pub fn new(nodes: usize) -> ClusterBuilder {
+        ClusterBuilder {
+            nodes,
+            multimaster: true,
+            proxies: true,
+            dir: None,
+            common: Vec::new(),
+            per_node: BTreeMap::new(),
+        }
+    }
+
+    /// Whether to set `multimaster.node_id` / `multimaster.conn_strings` (default yes).
+    pub fn multimaster(mut self, on: bool) -> Self {
+        self.multimaster = on;
+        self
+    }
+
+    /// Whether links between nodes go through fault-injection proxies (default yes).
+    pub fn proxies(mut self, on: bool) -> Self {
+        self.proxies = on;
+        self
+    }
+
+    /// Keep the cluster in `dir` (created if missing) instead of a temp dir removed on drop.
+    pub fn keep_in(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// A postgresql.conf setting for every node (the value as it is written in the file).
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.common.push((key.into(), value.into()));
+        self
+    }
+
+    /// A postgresql.conf setting for node `id` only (1-based); wins over [`ClusterBuilder::set`].
+    pub fn set_node(mut self, id: usize, key: &str, value: &str) -> Self {
+        self.per_node
+            .entry(id)
+            .or_default()
+            .push((key.into(), value.into()));
+        self
+    }
+
+    /// Creates the nodes' data directories and links, without starting anything.
+    pub fn build(self) -> Cluster {
+        let keep = self.dir.is_some();
+        let dir = match &self.dir {
+            Some(d) => TempDir::at(d),
+            None => TempDir::new("mmts-cluster"),
+        };
+        let mut nodes = Vec::new();
+        for id in 1..=self.nodes {
+            let node_dir = dir.path().join(format!("node{id}"));
+            let _ = fs::remove_dir_all(&node_dir);
+            run_ok(Command::new("cp").arg("-a").arg(template()).arg(&node_dir));
+            give_to_server_user(&node_dir);
+            nodes.push(Node {
+                id,
+                port: free_port(),
+                dir: node_dir,
+                running: false,
+            });
+        }
+        let mut links = BTreeMap::new();
+        if self.proxies {
+            for a in &nodes {
+                for b in &nodes {
+                    if a.id != b.id {
+                        let proxy = Proxy::start(free_port(), b.addr()).expect("start proxy");
+                        links.insert((a.id, b.id), proxy);
+                    }
+                }
+            }
+        }
+        for node in &nodes {
+            let socket_dir = node.dir.display().to_string();
+            let mut conf: Vec<(String, String)> = BASE_CONF
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            conf.push(("port".into(), node.port.to_string()));
+            conf.push(("unix_socket_directories".into(), format!("'{socket_dir}'")));
+            conf.push(("cluster_name".into(), format!("'node{}'", node.id)));
+            if self.multimaster {
+                let conn_strings: Vec<String> = nodes
+                    .iter()
+                    .map(|peer| {
+                        let port = links
+                            .get(&(node.id, peer.id))
+                            .map(Proxy::port)
+                            .unwrap_or(peer.port);
+                        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+                    })
+                    .collect();
+                conf.push(("multimaster.node_id".into(), node.id.to_string()));
+                conf.push((
+                    "multimaster.conn_strings".into(),
+                    format!("'{}'", conn_strings.join(", ")),
+                ));
+            }
+            conf.extend(self.common.iter().cloned());
+            conf.extend(self.per_node.get(&node.id).into_iter().flatten().cloned());
+            node.append_conf(&conf);
+        }
+        Cluster {
+            nodes,
+            links,
+            dir,
+            keep,
+        }
+    }
+
+    /// Builds and starts every node; panics (with server logs) if one does not start.
+    pub fn start(self) -> Cluster {
+        let mut cluster = self.build();
+        cluster.start_all();
+        cluster
+    }
+}
+
+/// Running (or built) nodes and the links between them.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    links: BTreeMap<(usize, usize), Proxy>,
+    dir: TempDir,
+    keep: bool,
+}
+
+impl Cluster {
+    pub fn start_all(&mut self) {
+        for node in &mut self.nodes {
+            node.start();
+        }
+    }
+
+    /// Node `id` (1-based).
+    pub fn node(&self, id: usize) -> &Node {
+        &self.nodes[id - 1]
+    }
+
+    pub fn node_mut(&mut self, id: usize) -> &mut Node {
+        &mut self.nodes[id - 1]
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The proxy that node `from` uses to reach node `to`.
+    pub fn link(&self, from: usize, to: usize) -> &Proxy {
+        self.links
+            .get(&(from, to))
+            .unwrap_or_else(|| panic!("no link {from}->{to} (cluster built without proxies?)"))
+    }
+
+    /// The connection string node `from` has for node `to` in its `multimaster.conn_strings`.
+    pub fn link_connstr(&self, from: usize, to: usize) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.link(from, to).port()
+        )
+    }
+
+    /// Cuts both directions between `a` and `b`.
+    pub fn cut(&self, a: usize, b: usize) {
+        self.link(a, b).cut();
+        self.link(b, a).cut();
+    }
+
+    pub fn heal(&self, a: usize, b: usize) {
+        self.link(a, b).heal();
+        self.link(b, a).heal();
+    }
+
+    /// Cuts node `id` off from every other node.
+    pub fn isolate(&self, id: usize) {
+        for other in self.nodes.iter().filter(|n| n.id != id) {
+            self.cut(id, other.id);
+        }
+    }
+
+    pub fn heal_all(&self) {
+        for proxy in self.links.values() {
+            proxy.heal();
+        }
+    }
+
+    /// Stops every node cleanly.
+    pub fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                eprintln!(
+                    "----- node {} server log (tail) -----\n{}",
+                    node.id,
+                    node.log_tail(40)
+                );
+            }
+        }
+        for node in &mut self.nodes {
+            if node.running {
+                let _ = run(node.pg_ctl().args(["-w", "-m", "immediate", "stop"]));
+                node.running = false;
+            }
+        }
+        self.links.clear();
+    }
+}
