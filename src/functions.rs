@@ -16,7 +16,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
         ),
         (
             "server_version".into(),
-            gucs::config_option("server_version"),
+            gucs::show_option("server_version"),
         ),
     ];
     match gucs::mode() {
@@ -30,7 +30,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
         let value = if *name == "multimaster.conn_strings" {
             masked_conn_strings()
         } else {
-            gucs::config_option(name)
+            gucs::show_option(name)
         };
         rows.push((name.to_string(), value));
     }
@@ -42,6 +42,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
         "max_worker_processes",
         "output_plugin_libraries",
     ] {
+        // Read without the SHOW privilege check: output_plugin_libraries is superuser-only.
         rows.push((name.to_string(), gucs::config_option(name)));
     }
     TableIterator::new(rows)
@@ -60,3 +61,5 @@ fn masked_conn_strings() -> Option<String> {
         ),
     }
 }
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);

@@ -266,11 +266,20 @@ fn cstring(s: &str) -> CString {
     CString::new(s.replace('\0', "")).expect("NULs removed")
 }
 
-/// The current value of any GUC as `SHOW` prints it; `None` if the server has no such GUC.
+/// The current value of any GUC, without units; `None` if the server has no such GUC.
 pub fn config_option(name: &str) -> Option<String> {
     let cname = cstring(name);
     unsafe {
         let value = pg_sys::GetConfigOption(cname.as_ptr(), true, false);
+        (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
+    }
+}
+
+/// A GUC as `SHOW` prints it (with units); `None` if the server has no such GUC.
+pub fn show_option(name: &str) -> Option<String> {
+    let cname = cstring(name);
+    unsafe {
+        let value = pg_sys::GetConfigOptionByName(cname.as_ptr(), std::ptr::null_mut(), true);
         (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
     }
 }

@@ -43,7 +43,6 @@ const BASE_CONF: &[(&str, &str)] = &[
     ("shared_buffers", "32MB"),
     ("fsync", "off"),
     ("log_line_prefix", "'%m [%p] %q%a '"),
-    ("log_min_messages", "log"),
 ];
 
 fn is_root() -> bool {
@@ -52,13 +51,16 @@ fn is_root() -> bool {
 
 /// Runs `cmd` as the server user when we are root, as ourselves otherwise.
 fn server_command(program: &Path) -> Command {
-    if is_root() {
+    let mut c = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", SERVER_USER, "--"]).arg(program);
         c
     } else {
         Command::new(program)
-    }
+    };
+    // Servers would otherwise put Rust backtraces into every error's DETAIL.
+    c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    c
 }
 
 fn run(cmd: &mut Command) -> Output {
