@@ -7,17 +7,10 @@ use crate::gucs;
 
 /// Versions and effective settings, for debugging: one row per item.
 #[pg_extern(stable, parallel_safe)]
-fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(value, Option<String>))>
-{
+fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(value, Option<String>))> {
     let mut rows: Vec<(String, Option<String>)> = vec![
-        (
-            "mmts_version".into(),
-            Some(env!("CARGO_PKG_VERSION").into()),
-        ),
-        (
-            "server_version".into(),
-            gucs::show_option("server_version"),
-        ),
+        ("mmts_version".into(), Some(env!("CARGO_PKG_VERSION").into())),
+        ("server_version".into(), gucs::show_option("server_version")),
     ];
     match gucs::mode() {
         Mode::Standalone => rows.push(("mode".into(), Some("standalone".into()))),
@@ -27,11 +20,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
         }
     }
     for name in gucs::NAMES {
-        let value = if *name == "multimaster.conn_strings" {
-            masked_conn_strings()
-        } else {
-            gucs::show_option(name)
-        };
+        let value = if *name == "multimaster.conn_strings" { masked_conn_strings() } else { gucs::show_option(name) };
         rows.push((name.to_string(), value));
     }
     for name in [
@@ -52,13 +41,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
 fn masked_conn_strings() -> Option<String> {
     match gucs::mode() {
         Mode::Standalone => None,
-        Mode::Multimaster(c) => Some(
-            c.nodes
-                .iter()
-                .map(|n| n.conninfo.masked())
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
+        Mode::Multimaster(c) => Some(c.nodes.iter().map(|n| n.conninfo.masked()).collect::<Vec<_>>().join(", ")),
     }
 }
 

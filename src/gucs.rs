@@ -119,9 +119,7 @@ pub fn define(strict: bool) {
         },
     ];
     for g in ints {
-        GucRegistry::define_int_guc(
-            g.name, g.short, c"", g.setting, g.min, g.max, g.context, g.flags,
-        );
+        GucRegistry::define_int_guc(g.name, g.short, c"", g.setting, g.min, g.max, g.context, g.flags);
     }
     GucRegistry::define_string_guc(
         c"multimaster.conn_strings",
@@ -181,9 +179,7 @@ fn refuse_unless_accepted(name: &str, value: &str) {
             format!("invalid value for parameter \"{name}\": \"{value}\""),
             "mmts",
         )
-        .set_hint(format!(
-            "Correct {name} in postgresql.conf; the WARNING above says what it accepts."
-        ))
+        .set_hint(format!("Correct {name} in postgresql.conf; the WARNING above says what it accepts."))
         .report(PgLogLevel::FATAL);
     }
 }
@@ -193,10 +189,7 @@ fn refuse_unless_accepted(name: &str, value: &str) {
 pub fn check_at_startup() {
     let settings = Settings {
         node_id: NODE_ID.get(),
-        conn_strings: CONN_STRINGS
-            .get()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        conn_strings: CONN_STRINGS.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         workers: WORKERS.get(),
         queue_size: QUEUE_SIZE.get(),
         heartbeat_send_timeout_ms: HEARTBEAT_SEND_TIMEOUT.get(),
@@ -214,11 +207,7 @@ pub fn check_at_startup() {
     match config::validate(&settings) {
         Ok((mode, notices)) => {
             for notice in notices {
-                let report = ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-                    notice.message,
-                    "mmts",
-                );
+                let report = ErrorReport::new(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, notice.message, "mmts");
                 match notice.hint {
                     Some(hint) => report.set_hint(hint),
                     None => report,
@@ -227,21 +216,13 @@ pub fn check_at_startup() {
             }
             let summary = match &mode {
                 Mode::Standalone => {
-                    "mmts loaded without multimaster.node_id: output plugin and SQL functions only"
-                        .to_string()
+                    "mmts loaded without multimaster.node_id: output plugin and SQL functions only".to_string()
                 }
-                Mode::Multimaster(c) => format!(
-                    "mmts starting as node {} of a {}-node cluster",
-                    c.node_id,
-                    c.nodes.len()
-                ),
+                Mode::Multimaster(c) => {
+                    format!("mmts starting as node {} of a {}-node cluster", c.node_id, c.nodes.len())
+                }
             };
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-                summary,
-                "mmts",
-            )
-            .report(PgLogLevel::LOG);
+            ErrorReport::new(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, summary, "mmts").report(PgLogLevel::LOG);
             let _ = MODE.set(mode);
         }
         Err(e) => refuse_to_start(e),
@@ -285,7 +266,5 @@ pub fn show_option(name: &str) -> Option<String> {
 }
 
 fn int_option(name: &str) -> i32 {
-    config_option(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    config_option(name).and_then(|v| v.parse().ok()).unwrap_or(0)
 }

@@ -23,9 +23,7 @@ pub extern "C-unwind" fn _PG_init() {
             "mmts must be loaded at server start",
             "mmts",
         )
-        .set_hint(
-            "Add 'mmts' to shared_preload_libraries in postgresql.conf and restart the server.",
-        )
+        .set_hint("Add 'mmts' to shared_preload_libraries in postgresql.conf and restart the server.")
         .report(PgLogLevel::ERROR);
     }
     gucs::define(preloading);

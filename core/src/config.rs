@@ -94,23 +94,11 @@ pub struct Notice {
 }
 
 fn invalid(setting: &'static str, message: String, hint: String) -> ConfigError {
-    ConfigError {
-        kind: ErrorKind::InvalidValue,
-        setting,
-        message,
-        detail: None,
-        hint,
-    }
+    ConfigError { kind: ErrorKind::InvalidValue, setting, message, detail: None, hint }
 }
 
 fn prerequisite(setting: &'static str, message: String, hint: String) -> ConfigError {
-    ConfigError {
-        kind: ErrorKind::Prerequisite,
-        setting,
-        message,
-        detail: None,
-        hint,
-    }
+    ConfigError { kind: ErrorKind::Prerequisite, setting, message, detail: None, hint }
 }
 
 /// Background workers mmts needs besides the per-peer receivers (the monitor).
@@ -131,16 +119,14 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
     let plugin_allowed = settings
         .output_plugin_libraries
         .as_deref()
-        .is_none_or(|list| {
-            list.split(',')
-                .any(|lib| lib.trim().trim_matches('"') == LIBRARY)
-        });
+        .is_none_or(|list| list.split(',').any(|lib| lib.trim().trim_matches('"') == LIBRARY));
 
     let conn_strings = settings.conn_strings.trim();
     if settings.node_id == 0 && conn_strings.is_empty() {
         if !plugin_allowed {
             notices.push(Notice {
-                message: "the mmts output plugin cannot be used: \"mmts\" is not listed in output_plugin_libraries".into(),
+                message: "the mmts output plugin cannot be used: \"mmts\" is not listed in output_plugin_libraries"
+                    .into(),
                 hint: Some(plugin_hint(settings)),
             });
         }
@@ -150,7 +136,8 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
         return Err(invalid(
             "multimaster.conn_strings",
             "multimaster.node_id is set but multimaster.conn_strings is empty".into(),
-            "Set multimaster.conn_strings to the comma-separated connection strings of all nodes, in node-id order.".into(),
+            "Set multimaster.conn_strings to the comma-separated connection strings of all nodes, in node-id order."
+                .into(),
         ));
     }
     let mut nodes = Vec::new();
@@ -190,10 +177,7 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
     if settings.wal_level != "logical" {
         return Err(prerequisite(
             "wal_level",
-            format!(
-                "mmts needs wal_level = logical, but it is {}",
-                settings.wal_level
-            ),
+            format!("mmts needs wal_level = logical, but it is {}", settings.wal_level),
             "Set wal_level = logical in postgresql.conf and restart.".into(),
         ));
     }
@@ -201,8 +185,7 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
         return Err(prerequisite(
             "max_prepared_transactions",
             "mmts needs prepared transactions, but max_prepared_transactions is 0".into(),
-            "Set max_prepared_transactions to at least max_connections (e.g. 100) and restart."
-                .into(),
+            "Set max_prepared_transactions to at least max_connections (e.g. 100) and restart.".into(),
         ));
     }
     if !plugin_allowed {
@@ -214,26 +197,16 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
     }
     let peers = n - 1;
     let needs: [(&'static str, i32, i32); 3] = [
-        (
-            "max_replication_slots",
-            settings.max_replication_slots,
-            peers,
-        ),
+        ("max_replication_slots", settings.max_replication_slots, peers),
         ("max_wal_senders", settings.max_wal_senders, peers),
-        (
-            "max_worker_processes",
-            settings.max_worker_processes,
-            peers + EXTRA_WORKERS,
-        ),
+        ("max_worker_processes", settings.max_worker_processes, peers + EXTRA_WORKERS),
     ];
     for (setting, have, need) in needs {
         if have < need {
             return Err(prerequisite(
                 setting,
                 format!("{setting} is {have}, but a {n}-node mmts cluster needs at least {need}"),
-                format!(
-                    "Set {setting} to at least {need} (more if other features use it) and restart."
-                ),
+                format!("Set {setting} to at least {need} (more if other features use it) and restart."),
             ));
         }
     }
@@ -254,11 +227,7 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
 
 fn plugin_hint(settings: &Settings) -> String {
     let current = settings.output_plugin_libraries.as_deref().unwrap_or("");
-    let list = if current.trim().is_empty() {
-        LIBRARY.to_string()
-    } else {
-        format!("{current}, {LIBRARY}")
-    };
+    let list = if current.trim().is_empty() { LIBRARY.to_string() } else { format!("{current}, {LIBRARY}") };
     format!("Set output_plugin_libraries = '{list}' and restart.")
 }
 
@@ -269,8 +238,7 @@ mod tests {
     fn good() -> Settings {
         Settings {
             node_id: 2,
-            conn_strings: "host=a dbname=x, host=b dbname=x, host=c dbname=x password=secret"
-                .into(),
+            conn_strings: "host=a dbname=x, host=b dbname=x, host=c dbname=x password=secret".into(),
             workers: 8,
             queue_size: 256 << 20,
             heartbeat_send_timeout_ms: 200,
@@ -294,9 +262,7 @@ mod tests {
     #[test]
     fn valid_cluster() {
         let (mode, notices) = validate(&good()).unwrap();
-        let Mode::Multimaster(c) = mode else {
-            panic!("expected multimaster")
-        };
+        let Mode::Multimaster(c) = mode else { panic!("expected multimaster") };
         assert_eq!(c.node_id, NodeId(2));
         assert_eq!(c.nodes.len(), 3);
         assert_eq!(c.peers().map(|n| n.id.0).collect::<Vec<_>>(), vec![1, 3]);
@@ -305,130 +271,51 @@ mod tests {
 
     #[test]
     fn standalone_when_unconfigured() {
-        let s = Settings {
-            node_id: 0,
-            conn_strings: String::new(),
-            wal_level: "replica".into(),
-            ..good()
-        };
+        let s = Settings { node_id: 0, conn_strings: String::new(), wal_level: "replica".into(), ..good() };
         assert_eq!(validate(&s).unwrap().0, Mode::Standalone);
-        let s = Settings {
-            output_plugin_libraries: Some("pgoutput".into()),
-            ..s
-        };
+        let s = Settings { output_plugin_libraries: Some("pgoutput".into()), ..s };
         let (_, notices) = validate(&s).unwrap();
-        assert_eq!(
-            notices[0].hint.as_deref(),
-            Some("Set output_plugin_libraries = 'pgoutput, mmts' and restart.")
-        );
+        assert_eq!(notices[0].hint.as_deref(), Some("Set output_plugin_libraries = 'pgoutput, mmts' and restart."));
     }
 
     #[test]
     fn bad_values() {
-        let e = error(Settings {
-            node_id: 4,
-            ..good()
-        });
+        let e = error(Settings { node_id: 4, ..good() });
         assert_eq!(e.setting, "multimaster.node_id");
         assert!(e.message.contains("lists 3 nodes"), "{}", e.message);
-        assert_eq!(
-            error(Settings {
-                conn_strings: " ".into(),
-                ..good()
-            })
-            .setting,
-            "multimaster.conn_strings"
-        );
-        let e = error(Settings {
-            conn_strings: "host=a, hots=b".into(),
-            ..good()
-        });
-        assert!(
-            e.message.contains("node 2") && e.message.contains("\"hots\""),
-            "{}",
-            e.message
-        );
-        let e = error(Settings {
-            node_id: 0,
-            ..good()
-        });
+        assert_eq!(error(Settings { conn_strings: " ".into(), ..good() }).setting, "multimaster.conn_strings");
+        let e = error(Settings { conn_strings: "host=a, hots=b".into(), ..good() });
+        assert!(e.message.contains("node 2") && e.message.contains("\"hots\""), "{}", e.message);
+        let e = error(Settings { node_id: 0, ..good() });
         assert_eq!(e.setting, "multimaster.node_id");
-        let e = error(Settings {
-            heartbeat_recv_timeout_ms: 200,
-            ..good()
-        });
+        let e = error(Settings { heartbeat_recv_timeout_ms: 200, ..good() });
         assert_eq!(e.setting, "multimaster.heartbeat_recv_timeout");
     }
 
     #[test]
     fn prerequisites() {
         for (s, setting) in [
+            (Settings { wal_level: "replica".into(), ..good() }, "wal_level"),
+            (Settings { max_prepared_transactions: 0, ..good() }, "max_prepared_transactions"),
             (
-                Settings {
-                    wal_level: "replica".into(),
-                    ..good()
-                },
-                "wal_level",
-            ),
-            (
-                Settings {
-                    max_prepared_transactions: 0,
-                    ..good()
-                },
-                "max_prepared_transactions",
-            ),
-            (
-                Settings {
-                    output_plugin_libraries: Some("pgoutput, test_decoding".into()),
-                    ..good()
-                },
+                Settings { output_plugin_libraries: Some("pgoutput, test_decoding".into()), ..good() },
                 "output_plugin_libraries",
             ),
-            (
-                Settings {
-                    max_replication_slots: 1,
-                    ..good()
-                },
-                "max_replication_slots",
-            ),
-            (
-                Settings {
-                    max_wal_senders: 1,
-                    ..good()
-                },
-                "max_wal_senders",
-            ),
-            (
-                Settings {
-                    max_worker_processes: 2,
-                    ..good()
-                },
-                "max_worker_processes",
-            ),
+            (Settings { max_replication_slots: 1, ..good() }, "max_replication_slots"),
+            (Settings { max_wal_senders: 1, ..good() }, "max_wal_senders"),
+            (Settings { max_worker_processes: 2, ..good() }, "max_worker_processes"),
         ] {
             let e = error(s);
             assert_eq!((e.setting, e.kind), (setting, ErrorKind::Prerequisite));
-            assert!(
-                e.hint.contains(setting),
-                "hint names the setting: {}",
-                e.hint
-            );
+            assert!(e.hint.contains(setting), "hint names the setting: {}", e.hint);
         }
         // A server without output_plugin_libraries allows every plugin.
-        assert!(validate(&Settings {
-            output_plugin_libraries: None,
-            ..good()
-        })
-        .is_ok());
+        assert!(validate(&Settings { output_plugin_libraries: None, ..good() }).is_ok());
     }
 
     #[test]
     fn raftable_is_noted() {
-        let (_, notices) = validate(&Settings {
-            use_raftable: true,
-            ..good()
-        })
-        .unwrap();
+        let (_, notices) = validate(&Settings { use_raftable: true, ..good() }).unwrap();
         assert!(notices[0].message.contains("built-in consensus"));
     }
 }

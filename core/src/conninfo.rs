@@ -103,11 +103,7 @@ impl ConnInfo {
 
     /// The last value given for `key` (libpq lets a later value override an earlier one).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// The connection string in `keyword=value` form with every secret replaced by [`MASK`].
@@ -141,10 +137,7 @@ impl fmt::Display for ConnInfo {
 }
 
 fn push_quoted(out: &mut String, value: &str) {
-    let plain = !value.is_empty()
-        && value
-            .chars()
-            .all(|c| !c.is_whitespace() && c != '\'' && c != '\\');
+    let plain = !value.is_empty() && value.chars().all(|c| !c.is_whitespace() && c != '\'' && c != '\\');
     if plain {
         out.push_str(value);
         return;
@@ -230,9 +223,9 @@ fn parse_uri(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     };
     if !hostport.is_empty() {
         let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
-            let (h, after) = bracketed.split_once(']').ok_or_else(|| {
-                ConnInfoError::BadUri(format!("unterminated \"[\" in \"{hostport}\""))
-            })?;
+            let (h, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| ConnInfoError::BadUri(format!("unterminated \"[\" in \"{hostport}\"")))?;
             (h, after.strip_prefix(':'))
         } else {
             match hostport.rsplit_once(':') {
@@ -251,9 +244,9 @@ fn parse_uri(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
         pairs.push(("dbname".to_string(), percent_decode(d)?));
     }
     for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = param.split_once('=').ok_or_else(|| {
-            ConnInfoError::BadUri(format!("missing \"=\" in parameter \"{param}\""))
-        })?;
+        let (k, v) = param
+            .split_once('=')
+            .ok_or_else(|| ConnInfoError::BadUri(format!("missing \"=\" in parameter \"{param}\"")))?;
         pairs.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(pairs)
@@ -268,9 +261,7 @@ fn percent_decode(s: &str) -> Result<String, ConnInfoError> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ConnInfoError::BadUri(format!("invalid percent-encoding in \"{s}\""))
-                })?;
+                .ok_or_else(|| ConnInfoError::BadUri(format!("invalid percent-encoding in \"{s}\"")))?;
             out.push(hex);
             i += 3;
         } else {
@@ -310,24 +301,18 @@ mod tests {
 
     #[test]
     fn keyword_value_pairs() {
-        let ci =
-            ConnInfo::parse("host=127.0.0.1 port = 5433 dbname='my db' password='it\\'s'").unwrap();
+        let ci = ConnInfo::parse("host=127.0.0.1 port = 5433 dbname='my db' password='it\\'s'").unwrap();
         assert_eq!(ci.get("host"), Some("127.0.0.1"));
         assert_eq!(ci.get("port"), Some("5433"));
         assert_eq!(ci.get("dbname"), Some("my db"));
         assert_eq!(ci.get("password"), Some("it's"));
-        assert_eq!(
-            ci.masked(),
-            "host=127.0.0.1 port=5433 dbname='my db' password=********"
-        );
+        assert_eq!(ci.masked(), "host=127.0.0.1 port=5433 dbname='my db' password=********");
         assert_eq!(ConnInfo::parse(&ci.to_string()).unwrap(), ci);
     }
 
     #[test]
     fn uri_form() {
-        let ci =
-            ConnInfo::parse("postgresql://alice:s%40cret@db1.example:6543/app?sslmode=require")
-                .unwrap();
+        let ci = ConnInfo::parse("postgresql://alice:s%40cret@db1.example:6543/app?sslmode=require").unwrap();
         assert_eq!(ci.get("user"), Some("alice"));
         assert_eq!(ci.get("password"), Some("s@cret"));
         assert_eq!(ci.get("host"), Some("db1.example"));
@@ -342,26 +327,11 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(ConnInfo::parse("  "), Err(ConnInfoError::Empty));
-        assert_eq!(
-            ConnInfo::parse("host"),
-            Err(ConnInfoError::MissingEquals("host".into()))
-        );
-        assert_eq!(
-            ConnInfo::parse("host='x"),
-            Err(ConnInfoError::UnterminatedQuote)
-        );
-        assert_eq!(
-            ConnInfo::parse("hots=x"),
-            Err(ConnInfoError::UnknownKeyword("hots".into()))
-        );
-        assert_eq!(
-            ConnInfo::parse("port=abc"),
-            Err(ConnInfoError::BadPort("abc".into()))
-        );
-        assert!(matches!(
-            ConnInfo::parse("postgresql://h/%zz"),
-            Err(ConnInfoError::BadUri(_))
-        ));
+        assert_eq!(ConnInfo::parse("host"), Err(ConnInfoError::MissingEquals("host".into())));
+        assert_eq!(ConnInfo::parse("host='x"), Err(ConnInfoError::UnterminatedQuote));
+        assert_eq!(ConnInfo::parse("hots=x"), Err(ConnInfoError::UnknownKeyword("hots".into())));
+        assert_eq!(ConnInfo::parse("port=abc"), Err(ConnInfoError::BadPort("abc".into())));
+        assert!(matches!(ConnInfo::parse("postgresql://h/%zz"), Err(ConnInfoError::BadUri(_))));
     }
 
     #[test]

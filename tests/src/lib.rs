@@ -64,8 +64,7 @@ fn server_command(program: &Path) -> Command {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -81,11 +80,7 @@ fn run_ok(cmd: &mut Command) {
 /// Makes `path` belong to the server user (when root), so servers can write there.
 fn give_to_server_user(path: &Path) {
     if is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", &format!("{SERVER_USER}:{SERVER_USER}")])
-                .arg(path),
-        );
+        run_ok(Command::new("chown").args(["-R", &format!("{SERVER_USER}:{SERVER_USER}")]).arg(path));
     }
 }
 
@@ -104,12 +99,8 @@ pub fn bindir() -> &'static Path {
 /// base derived from the process id, so that parallel tests and test binaries rarely collide.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20000 + (std::process::id() % 400) as u16 * 100,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    let _ =
+        NEXT.compare_exchange(0, 20000 + (std::process::id() % 400) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
     loop {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
         if port > 60000 {
@@ -131,14 +122,8 @@ pub struct TempDir {
 impl TempDir {
     pub fn new(prefix: &str) -> TempDir {
         static SEQ: AtomicU16 = AtomicU16::new(0);
-        let base = std::env::var_os("MMTS_TEST_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let path = base.join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
+        let base = std::env::var_os("MMTS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create temp dir");
         give_to_server_user(&path);
@@ -149,10 +134,7 @@ impl TempDir {
     pub fn at(path: &Path) -> TempDir {
         fs::create_dir_all(path).expect("create dir");
         give_to_server_user(path);
-        TempDir {
-            path: path.to_path_buf(),
-            keep: true,
-        }
+        TempDir { path: path.to_path_buf(), keep: true }
     }
 
     pub fn path(&self) -> &Path {
@@ -168,31 +150,32 @@ impl Drop for TempDir {
     }
 }
 
-/// An initdb'd data directory, made once per process and copied for every node.
+/// An initdb'd data directory, made once per machine and PostgreSQL version (in the temp
+/// dir) and copied for every node.
 fn template() -> &'static Path {
-    static TEMPLATE: OnceLock<TempDir> = OnceLock::new();
-    TEMPLATE
-        .get_or_init(|| {
-            let dir = TempDir::new("mmts-template");
-            let data = dir.path().join("data");
-            run_ok(
-                server_command(&bindir().join("initdb"))
-                    .args([
-                        "-A",
-                        "trust",
-                        "-U",
-                        "postgres",
-                        "--no-sync",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "-D",
-                    ])
-                    .arg(&data),
-            );
-            dir
-        })
-        .path()
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let version = run(Command::new(bindir().join("postgres")).arg("--version"));
+        let version: String =
+            String::from_utf8_lossy(&version.stdout).chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        let base = std::env::var_os("MMTS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!("mmts-template-v1-{version}"));
+        if path.join("PG_VERSION").exists() {
+            return path;
+        }
+        // initdb into a private name, then rename: concurrent test binaries never see half a template.
+        let dir = TempDir::new("mmts-initdb");
+        let data = dir.path().join("data");
+        run_ok(
+            server_command(&bindir().join("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+                .arg(&data),
+        );
+        if fs::rename(&data, &path).is_err() && !path.join("PG_VERSION").exists() {
+            panic!("cannot create the data directory template {}", path.display());
+        }
+        path
+    })
 }
 
 /// One PostgreSQL server.
@@ -219,10 +202,7 @@ impl Node {
 
     /// A libpq connection string that reaches this node directly.
     pub fn connstr(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -252,22 +232,14 @@ impl Node {
     pub fn try_start(&mut self) -> Result<(), String> {
         let log = self.log_path();
         let before = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        let out = run(self
-            .pg_ctl()
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "start"]));
+        let out = run(self.pg_ctl().arg("-l").arg(&log).args(["-w", "-t", "60", "start"]));
         if out.status.success() {
             self.running = true;
             return Ok(());
         }
         let text = fs::read(&log).unwrap_or_default();
         let new = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
-        Err(format!(
-            "{}{}{new}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(format!("{}{}{new}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
     pub fn start(&mut self) {
@@ -305,20 +277,14 @@ impl Node {
                 libc::kill(*child, libc::SIGKILL);
             }
         }
-        let all: Vec<i32> = std::iter::once(pid)
-            .chain(children.iter().copied())
-            .collect();
-        wait_for(
-            &format!("node {} processes to die", self.id),
-            Duration::from_secs(10),
-            || all.iter().all(|p| is_dead(*p)),
-        );
+        let all: Vec<i32> = std::iter::once(pid).chain(children.iter().copied()).collect();
+        wait_for(&format!("node {} processes to die", self.id), Duration::from_secs(10), || {
+            all.iter().all(|p| is_dead(*p))
+        });
         // A dead postmaster stays a zombie until its parent (init) reaps it, and PostgreSQL
         // takes a zombie's pid in postmaster.pid for a live server: wait for the reaping.
         let reaped = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists()
-            && reaped.elapsed() < Duration::from_secs(10)
-        {
+        while Path::new(&format!("/proc/{pid}")).exists() && reaped.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.running = false;
@@ -337,23 +303,18 @@ impl Node {
     }
 
     pub fn connect(&self) -> postgres::Client {
-        self.try_connect(Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("cannot connect to node {}: {e}", self.id))
+        self.try_connect(Duration::from_secs(10)).unwrap_or_else(|e| panic!("cannot connect to node {}: {e}", self.id))
     }
 
     /// Runs one or more statements; panics with the server's message on error.
     pub fn execute(&self, sql: &str) {
-        self.connect()
-            .batch_execute(sql)
-            .unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
+        self.connect().batch_execute(sql).unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
     }
 
     /// The first column of the first row of `sql`, as text (NULL as `None`).
     pub fn query_value(&self, sql: &str) -> Option<String> {
-        let rows = self
-            .connect()
-            .simple_query(sql)
-            .unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
+        let rows =
+            self.connect().simple_query(sql).unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
         rows.into_iter().find_map(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
             _ => None,
@@ -379,9 +340,7 @@ pub fn describe(e: &postgres::Error) -> String {
             "{} {}{}{}",
             db.code().code(),
             db.message(),
-            db.detail()
-                .map(|d| format!(" DETAIL: {d}"))
-                .unwrap_or_default(),
+            db.detail().map(|d| format!(" DETAIL: {d}")).unwrap_or_default(),
             db.hint().map(|h| format!(" HINT: {h}")).unwrap_or_default()
         ),
         None => e.to_string(),
@@ -396,12 +355,7 @@ fn children_of(pid: i32) -> Vec<i32> {
         };
         if let Ok(stat) = fs::read_to_string(entry.path().join("stat")) {
             // pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, r)| r)
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
+            let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
             if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
                 out.push(child);
             }
@@ -413,11 +367,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 /// Gone, or a zombie.
 pub fn is_dead(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-                .unwrap_or(false)
-        })
+        .map(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false))
         .unwrap_or(true)
 }
 
@@ -441,6 +391,7 @@ pub struct ClusterBuilder {
     multimaster: bool,
     proxies: bool,
     dir: Option<PathBuf>,
+    base_port: Option<u16>,
     common: Vec<(String, String)>,
     per_node: BTreeMap<usize, Vec<(String, String)>>,
 }
@@ -452,6 +403,7 @@ impl ClusterBuilder {
             multimaster: true,
             proxies: true,
             dir: None,
+            base_port: None,
             common: Vec::new(),
             per_node: BTreeMap::new(),
         }
@@ -475,6 +427,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Node `i` listens on `base + i - 1` instead of a free port.
+    pub fn base_port(mut self, base: u16) -> Self {
+        self.base_port = Some(base);
+        self
+    }
+
     /// A postgresql.conf setting for every node (the value as it is written in the file).
     pub fn set(mut self, key: &str, value: &str) -> Self {
         self.common.push((key.into(), value.into()));
@@ -483,10 +441,7 @@ impl ClusterBuilder {
 
     /// A postgresql.conf setting for node `id` only (1-based); wins over [`ClusterBuilder::set`].
     pub fn set_node(mut self, id: usize, key: &str, value: &str) -> Self {
-        self.per_node
-            .entry(id)
-            .or_default()
-            .push((key.into(), value.into()));
+        self.per_node.entry(id).or_default().push((key.into(), value.into()));
         self
     }
 
@@ -501,14 +456,11 @@ impl ClusterBuilder {
         for id in 1..=self.nodes {
             let node_dir = dir.path().join(format!("node{id}"));
             let _ = fs::remove_dir_all(&node_dir);
-            run_ok(Command::new("cp").arg("-a").arg(template()).arg(&node_dir));
+            fs::create_dir_all(&node_dir).expect("create node dir");
+            run_ok(Command::new("cp").arg("-a").arg(template()).arg(node_dir.join("data")));
             give_to_server_user(&node_dir);
-            nodes.push(Node {
-                id,
-                port: free_port(),
-                dir: node_dir,
-                running: false,
-            });
+            let port = self.base_port.map(|b| b + id as u16 - 1).unwrap_or_else(free_port);
+            nodes.push(Node { id, port, dir: node_dir, running: false });
         }
         let mut links = BTreeMap::new();
         if self.proxies {
@@ -523,10 +475,8 @@ impl ClusterBuilder {
         }
         for node in &nodes {
             let socket_dir = node.dir.display().to_string();
-            let mut conf: Vec<(String, String)> = BASE_CONF
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            let mut conf: Vec<(String, String)> =
+                BASE_CONF.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             conf.push(("port".into(), node.port.to_string()));
             conf.push(("unix_socket_directories".into(), format!("'{socket_dir}'")));
             conf.push(("cluster_name".into(), format!("'node{}'", node.id)));
@@ -534,29 +484,18 @@ impl ClusterBuilder {
                 let conn_strings: Vec<String> = nodes
                     .iter()
                     .map(|peer| {
-                        let port = links
-                            .get(&(node.id, peer.id))
-                            .map(Proxy::port)
-                            .unwrap_or(peer.port);
+                        let port = links.get(&(node.id, peer.id)).map(Proxy::port).unwrap_or(peer.port);
                         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
                     })
                     .collect();
                 conf.push(("multimaster.node_id".into(), node.id.to_string()));
-                conf.push((
-                    "multimaster.conn_strings".into(),
-                    format!("'{}'", conn_strings.join(", ")),
-                ));
+                conf.push(("multimaster.conn_strings".into(), format!("'{}'", conn_strings.join(", "))));
             }
             conf.extend(self.common.iter().cloned());
             conf.extend(self.per_node.get(&node.id).into_iter().flatten().cloned());
             node.append_conf(&conf);
         }
-        Cluster {
-            nodes,
-            links,
-            dir,
-            keep,
-        }
+        Cluster { nodes, links, dir, keep }
     }
 
     /// Builds and starts every node; panics (with server logs) if one does not start.
@@ -565,6 +504,23 @@ impl ClusterBuilder {
         cluster.start_all();
         cluster
     }
+}
+
+/// Stops every server found in a directory made with [`ClusterBuilder::keep_in`]; returns
+/// how many were running.
+pub fn stop_kept(dir: &Path) -> usize {
+    let mut stopped = 0;
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let data = entry.path().join("data");
+        if data.join("postmaster.pid").exists() {
+            let out =
+                run(server_command(&bindir().join("pg_ctl")).arg("-D").arg(&data).args(["-w", "-m", "fast", "stop"]));
+            if out.status.success() {
+                stopped += 1;
+            }
+        }
+    }
+    stopped
 }
 
 /// Running (or built) nodes and the links between them.
@@ -601,17 +557,12 @@ impl Cluster {
 
     /// The proxy that node `from` uses to reach node `to`.
     pub fn link(&self, from: usize, to: usize) -> &Proxy {
-        self.links
-            .get(&(from, to))
-            .unwrap_or_else(|| panic!("no link {from}->{to} (cluster built without proxies?)"))
+        self.links.get(&(from, to)).unwrap_or_else(|| panic!("no link {from}->{to} (cluster built without proxies?)"))
     }
 
     /// The connection string node `from` has for node `to` in its `multimaster.conn_strings`.
     pub fn link_connstr(&self, from: usize, to: usize) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.link(from, to).port()
-        )
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.link(from, to).port())
     }
 
     /// Cuts both directions between `a` and `b`.
@@ -653,11 +604,7 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for node in &self.nodes {
-                eprintln!(
-                    "----- node {} server log (tail) -----\n{}",
-                    node.id,
-                    node.log_tail(40)
-                );
+                eprintln!("----- node {} server log (tail) -----\n{}", node.id, node.log_tail(40));
             }
         }
         for node in &mut self.nodes {

@@ -53,15 +53,9 @@ impl Proxy {
             forwarded: AtomicU64::new(0),
         });
         let s = shared.clone();
-        let accept = thread::Builder::new()
-            .name(format!("proxy-{port}"))
-            .spawn(move || accept_loop(listener, target, s))?;
-        Ok(Proxy {
-            port,
-            target,
-            shared,
-            accept: Some(accept),
-        })
+        let accept =
+            thread::Builder::new().name(format!("proxy-{port}")).spawn(move || accept_loop(listener, target, s))?;
+        Ok(Proxy { port, target, shared, accept: Some(accept) })
     }
 
     pub fn port(&self) -> u16 {
@@ -104,9 +98,7 @@ impl Proxy {
 
     /// Delivers every chunk `delay` later than it was sent (zero: no delay).
     pub fn set_delay(&self, delay: Duration) {
-        self.shared
-            .delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Bytes delivered through this link so far, both directions.
@@ -139,9 +131,7 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
                 let s = shared.clone();
                 thread::spawn(move || serve(client, target, s));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(5))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
             Err(_) => thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -158,9 +148,7 @@ fn serve(client: TcpStream, target: SocketAddr, shared: Arc<Shared>) {
             Err(_) => return, // target down: the client sees the connection closed, like a refusal
         }
     };
-    let (Ok(client_r), Some(server_pair)) =
-        (client.try_clone(), server.as_ref().map(|s| s.try_clone()))
-    else {
+    let (Ok(client_r), Some(server_pair)) = (client.try_clone(), server.as_ref().map(|s| s.try_clone())) else {
         // Accepted during a cut: swallow whatever arrives until the connection is closed.
         if let Ok(c) = client.try_clone() {
             shared.conns.lock().push((epoch, c, None));
@@ -225,10 +213,7 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
             break; // lived through a cut: its stream is broken
         }
         let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst));
-        if tx
-            .send((Instant::now() + delay, buf[..n].to_vec()))
-            .is_err()
-        {
+        if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
             break;
         }
     }

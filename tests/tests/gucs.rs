@@ -135,7 +135,10 @@ fn standalone_without_node_id() {
     let node = cluster.node(1);
     assert!(node.log_tail(100).contains("mmts loaded without multimaster.node_id"));
     node.execute("CREATE EXTENSION mmts");
-    assert_eq!(node.query_value("SELECT value FROM mtm.get_cluster_info() WHERE name = 'mode'").as_deref(), Some("standalone"));
+    assert_eq!(
+        node.query_value("SELECT value FROM mtm.get_cluster_info() WHERE name = 'mode'").as_deref(),
+        Some("standalone")
+    );
 }
 
 #[test]
@@ -150,7 +153,8 @@ fn cluster_info_shows_settings_without_passwords() {
         .start();
     let node = cluster.node(2);
     node.execute("CREATE EXTENSION mmts");
-    let info = |name: &str| node.query_value(&format!("SELECT value FROM mtm.get_cluster_info() WHERE name = '{name}'"));
+    let info =
+        |name: &str| node.query_value(&format!("SELECT value FROM mtm.get_cluster_info() WHERE name = '{name}'"));
     assert_eq!(info("mode").as_deref(), Some("multimaster"));
     assert_eq!(info("nodes").as_deref(), Some("3"));
     assert_eq!(info("multimaster.node_id").as_deref(), Some("2"));
@@ -166,7 +170,8 @@ fn cluster_info_shows_settings_without_passwords() {
     let mut alice = alice.connect(mmts_tests::postgres::NoTls).unwrap();
     let err = alice.simple_query("SHOW multimaster.conn_strings").unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
-    let rows = alice.query("SELECT value FROM mtm.get_cluster_info() WHERE name = 'multimaster.conn_strings'", &[]).unwrap();
+    let rows =
+        alice.query("SELECT value FROM mtm.get_cluster_info() WHERE name = 'multimaster.conn_strings'", &[]).unwrap();
     let seen: String = rows[0].get(0);
     assert!(!seen.contains("hunter2"));
 }

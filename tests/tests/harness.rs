@@ -11,61 +11,27 @@ fn nodes_start_and_answer() {
     let cluster = ClusterBuilder::new(3).start();
     eprintln!("3-node cluster started in {:?}", started.elapsed());
     for node in cluster.nodes() {
-        assert_eq!(
-            node.query_value("SHOW port").as_deref(),
-            Some(node.port().to_string().as_str())
-        );
-        assert_eq!(
-            node.query_value("SHOW multimaster.node_id").as_deref(),
-            Some(node.id.to_string().as_str())
-        );
-        assert_eq!(
-            node.query_value("SHOW cluster_name").unwrap(),
-            format!("node{}", node.id)
-        );
+        assert_eq!(node.query_value("SHOW port").as_deref(), Some(node.port().to_string().as_str()));
+        assert_eq!(node.query_value("SHOW multimaster.node_id").as_deref(), Some(node.id.to_string().as_str()));
+        assert_eq!(node.query_value("SHOW cluster_name").unwrap(), format!("node{}", node.id));
     }
     // Each node is its own server: a table made on one is absent on the others.
     cluster.node(1).execute("CREATE TABLE only_here(x int)");
-    assert_eq!(
-        cluster
-            .node(2)
-            .query_value("SELECT to_regclass('only_here')::text"),
-        None
-    );
+    assert_eq!(cluster.node(2).query_value("SELECT to_regclass('only_here')::text"), None);
 }
 
 #[test]
 fn killed_node_is_down_and_restarts() {
     let mut cluster = ClusterBuilder::new(2).proxies(false).start();
-    cluster
-        .node(1)
-        .execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1), (2)");
-    let pid = cluster
-        .node(1)
-        .query_value("SELECT pg_backend_pid()")
-        .unwrap();
+    cluster.node(1).execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1), (2)");
+    let pid = cluster.node(1).query_value("SELECT pg_backend_pid()").unwrap();
     cluster.node_mut(1).kill9();
     assert!(!cluster.node(1).is_up(), "node 1 answers after kill -9");
-    assert!(
-        mmts_tests::is_dead(pid.parse().unwrap()),
-        "backend {pid} survived kill -9 of its node"
-    );
+    assert!(mmts_tests::is_dead(pid.parse().unwrap()), "backend {pid} survived kill -9 of its node");
     assert!(cluster.node(2).is_up(), "the other node is unaffected");
     cluster.node_mut(1).start();
-    assert_eq!(
-        cluster
-            .node(1)
-            .query_value("SELECT sum(x) FROM t")
-            .as_deref(),
-        Some("3")
-    );
-    assert!(
-        cluster
-            .node(1)
-            .log_tail(200)
-            .contains("database system was interrupted"),
-        "restart ran crash recovery"
-    );
+    assert_eq!(cluster.node(1).query_value("SELECT sum(x) FROM t").as_deref(), Some("3"));
+    assert!(cluster.node(1).log_tail(200).contains("database system was interrupted"), "restart ran crash recovery");
 }
 
 /// Connects from node `from` to node `to` the way mmts does: with the connection string in
@@ -78,10 +44,7 @@ fn peer_query(cluster: &mmts_tests::Cluster, from: usize, to: usize) -> Result<S
         cluster.link_connstr(from, to)
     );
     client.execute("SET statement_timeout = '4s'", &[]).unwrap();
-    client
-        .query_one(sql.as_str(), &[])
-        .map(|r| r.get::<_, String>(0))
-        .map_err(|e| mmts_tests::describe(&e))
+    client.query_one(sql.as_str(), &[]).map(|r| r.get::<_, String>(0)).map_err(|e| mmts_tests::describe(&e))
 }
 
 #[test]
@@ -94,10 +57,7 @@ fn cut_link_blocks_traffic_and_heals() {
 
     cluster.cut(1, 2);
     let err = peer_query(&cluster, 1, 2).expect_err("a cut link must not carry traffic");
-    assert!(
-        err.contains("timeout") || err.contains("canceling statement"),
-        "unexpected error: {err}"
-    );
+    assert!(err.contains("timeout") || err.contains("canceling statement"), "unexpected error: {err}");
     let err = peer_query(&cluster, 2, 1).expect_err("a cut is both ways");
     assert!(!err.is_empty());
     // Other links are unaffected.
@@ -124,10 +84,7 @@ fn established_connection_is_blackholed_then_closed_on_heal() {
         let r = client.simple_query("SELECT 1").map(|_| ());
         let _ = tx.send(r.is_ok());
     });
-    assert!(
-        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
-        "an answer crossed a cut link"
-    );
+    assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err(), "an answer crossed a cut link");
     link.heal();
     // Healing closes connections that lost bytes: the waiting client gets an error, not a hang.
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(false));
@@ -146,10 +103,7 @@ fn delayed_link_adds_latency() {
     peer_query(&cluster, 1, 2).unwrap();
     let slow = t.elapsed();
     // A connection and a query take several round trips, each at least 150 ms slower.
-    assert!(
-        slow >= fast + Duration::from_millis(450),
-        "fast {fast:?}, slow {slow:?}"
-    );
+    assert!(slow >= fast + Duration::from_millis(450), "fast {fast:?}, slow {slow:?}");
     cluster.link(1, 2).set_delay(Duration::ZERO);
     wait_for("link 1->2 fast again", Duration::from_secs(5), || {
         let t = Instant::now();
