@@ -4,11 +4,12 @@
 
 pub mod config;
 pub mod conninfo;
+pub mod wire;
 
 use std::fmt;
 
 /// A node's id: its 1-based position in `multimaster.conn_strings`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct NodeId(pub u32);
 
 impl fmt::Display for NodeId {
