@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 mod functions;
 mod gucs;
+mod output_plugin;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -1,0 +1,500 @@
+//! The `mmts` logical decoding output plugin.
+//!
+//! Its one defining property: a transaction (or logical message) that carries a replication
+//! origin is never sent. Changes applied by a replication worker under an origin therefore do
+//! not travel on, which is what makes loop-free multi-master replication possible.
+//!
+//! It speaks two protocols, chosen by the options the client starts decoding with:
+//! - **pgoutput** (any options without `mmts_protocol`, e.g. those of a stock `CREATE
+//!   SUBSCRIPTION`): every callback is handed to PostgreSQL's own `pgoutput` plugin, loaded
+//!   from the server's library directory, so publications, row filters, column lists, binary
+//!   mode, messages, streaming and two-phase behave exactly as with `pgoutput` — only the
+//!   origin filter differs (PostgreSQL 15's `pgoutput` sends everything).
+//! - **mmts** (option `mmts_protocol`, the highest protocol version the client speaks): frames
+//!   of `mmts_core::wire`, for mmts's own receivers.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::CStr;
+use std::sync::OnceLock;
+
+use mmts_core::config::Mode;
+use mmts_core::wire::{self, Column, Message, Relation as WireRelation, Value};
+use mmts_core::NodeId;
+use pgrx::pg_sys;
+use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::{PgList, PgTupleDesc};
+
+use crate::gucs;
+
+/// The option that selects the mmts protocol; its value is the highest version the client speaks.
+const MMTS_PROTOCOL_OPTION: &str = "mmts_protocol";
+
+/// `pgoutput`'s callbacks, loaded once per process.
+struct Callbacks(pg_sys::OutputPluginCallbacks);
+// SAFETY: only function pointers, called from the backend's main thread.
+unsafe impl Send for Callbacks {}
+unsafe impl Sync for Callbacks {}
+static PGOUTPUT: OnceLock<Callbacks> = OnceLock::new();
+
+/// The state of the decoding session this process runs (a process runs one at a time).
+#[derive(Default)]
+struct Session {
+    /// `None`: the pgoutput protocol.
+    mmts: Option<MmtsSession>,
+}
+
+#[derive(Default)]
+struct MmtsSession {
+    /// Relations described to the client in this session and not invalidated since.
+    sent: HashSet<pg_sys::Oid>,
+    origin: u32,
+}
+
+thread_local! {
+    static SESSION: RefCell<Session> = RefCell::default();
+}
+
+fn pgoutput() -> &'static pg_sys::OutputPluginCallbacks {
+    &PGOUTPUT.get().expect("pgoutput callbacks are loaded in _PG_output_plugin_init").0
+}
+
+fn using_mmts() -> bool {
+    SESSION.with(|s| s.borrow().mmts.is_some())
+}
+
+/// Calls one of pgoutput's callbacks; an ERROR inside it is re-raised as ours.
+macro_rules! forward {
+    ($cb:ident ( $($arg:expr),* )) => {{
+        let f = pgoutput().$cb.expect(concat!("pgoutput has ", stringify!($cb)));
+        unsafe { pg_guard_ffi_boundary(|| f($($arg),*)) }
+    }};
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    if PGOUTPUT.get().is_none() {
+        let init = unsafe {
+            pg_sys::load_external_function(
+                c"pgoutput".as_ptr(),
+                c"_PG_output_plugin_init".as_ptr(),
+                true,
+                std::ptr::null_mut(),
+            )
+        };
+        let init: pg_sys::LogicalOutputPluginInit = unsafe { std::mem::transmute(init) };
+        let init = init.expect("load_external_function reports a missing symbol itself");
+        let mut callbacks: pg_sys::OutputPluginCallbacks = unsafe { std::mem::zeroed() };
+        unsafe { pg_guard_ffi_boundary(|| init(&mut callbacks)) };
+        let _ = PGOUTPUT.set(Callbacks(callbacks));
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0)) };
+    }
+    let pgo = pgoutput();
+    let cb = unsafe { &mut *cb };
+    // Offer exactly the capabilities pgoutput offers (they decide streaming and two-phase).
+    cb.startup_cb = Some(startup);
+    cb.shutdown_cb = Some(shutdown);
+    cb.filter_by_origin_cb = Some(filter_by_origin);
+    cb.begin_cb = Some(begin);
+    cb.commit_cb = Some(commit);
+    cb.change_cb = Some(change);
+    cb.truncate_cb = Some(truncate);
+    cb.message_cb = Some(message);
+    cb.begin_prepare_cb = pgo.begin_prepare_cb.and(Some(begin_prepare));
+    cb.prepare_cb = pgo.prepare_cb.and(Some(prepare));
+    cb.commit_prepared_cb = pgo.commit_prepared_cb.and(Some(commit_prepared));
+    cb.rollback_prepared_cb = pgo.rollback_prepared_cb.and(Some(rollback_prepared));
+    cb.filter_prepare_cb = pgo.filter_prepare_cb;
+    // Streaming exists only in the pgoutput protocol; the mmts protocol turns it off at startup.
+    cb.stream_start_cb = pgo.stream_start_cb;
+    cb.stream_stop_cb = pgo.stream_stop_cb;
+    cb.stream_abort_cb = pgo.stream_abort_cb;
+    cb.stream_prepare_cb = pgo.stream_prepare_cb;
+    cb.stream_commit_cb = pgo.stream_commit_cb;
+    cb.stream_change_cb = pgo.stream_change_cb;
+    cb.stream_message_cb = pgo.stream_message_cb;
+    cb.stream_truncate_cb = pgo.stream_truncate_cb;
+}
+
+/// The never-forward rule: skip everything that carries a replication origin.
+#[pg_guard]
+unsafe extern "C-unwind" fn filter_by_origin(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    origin_id: pg_sys::RepOriginId,
+) -> bool {
+    origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+}
+
+/// The value of option `name` given to this decoding session, if any.
+unsafe fn option(ctx: *mut pg_sys::LogicalDecodingContext, name: &str) -> Option<String> {
+    let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options) };
+    let found = options.iter_ptr().find_map(|def| unsafe {
+        let defname = CStr::from_ptr((*def).defname).to_str().ok()?;
+        (defname == name).then(|| {
+            if (*def).arg.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(pg_sys::defGetString(def)).to_string_lossy().into_owned()
+            }
+        })
+    });
+    found
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    opt: *mut pg_sys::OutputPluginOptions,
+    is_init: bool,
+) {
+    let requested = if is_init { None } else { unsafe { option(ctx, MMTS_PROTOCOL_OPTION) } };
+    let Some(requested) = requested else {
+        SESSION.with(|s| s.borrow_mut().mmts = None);
+        return forward!(startup_cb(ctx, opt, is_init));
+    };
+    let max: u8 = requested.trim().parse().unwrap_or_else(|_| {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for option \"{MMTS_PROTOCOL_OPTION}\": \"{requested}\""),
+            "mmts",
+        )
+        .set_hint(format!("Give the highest mmts protocol version the client speaks, e.g. {}.", wire::PROTOCOL_VERSION))
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    });
+    if let Err(e) = wire::negotiate(wire::MIN_PROTOCOL_VERSION, max) {
+        ErrorReport::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, e.to_string(), "mmts")
+            .report(PgLogLevel::ERROR);
+    }
+    let origin = match gucs::mode() {
+        Mode::Multimaster(c) => c.node_id.0,
+        Mode::Standalone => 0,
+    };
+    SESSION.with(|s| s.borrow_mut().mmts = Some(MmtsSession { sent: HashSet::new(), origin }));
+    unsafe {
+        (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+        (*ctx).streaming = false;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
+    if SESSION.with(|s| s.borrow_mut().mmts.take()).is_none() {
+        forward!(shutdown_cb(ctx));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            if relid == pg_sys::InvalidOid {
+                m.sent.clear();
+            } else {
+                m.sent.remove(&relid);
+            }
+        }
+    });
+}
+
+fn origin() -> NodeId {
+    NodeId(SESSION.with(|s| s.borrow().mmts.as_ref().map(|m| m.origin).unwrap_or(0)))
+}
+
+/// Sends one mmts frame.
+unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message, last: bool) {
+    let frame = wire::encode(message);
+    unsafe {
+        pg_sys::OutputPluginPrepareWrite(ctx, last);
+        pg_sys::appendBinaryStringInfo((*ctx).out, frame.as_ptr().cast(), frame.len() as i32);
+        pg_sys::OutputPluginWrite(ctx, last);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+    if !using_mmts() {
+        return forward!(begin_cb(ctx, txn));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::Begin {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        final_lsn: t.final_lsn,
+        commit_time: unsafe { t.xact_time.commit_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    if !using_mmts() {
+        return forward!(commit_cb(ctx, txn, commit_lsn));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::Commit {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        commit_lsn,
+        end_lsn: t.end_lsn,
+        commit_time: unsafe { t.xact_time.commit_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+fn gid(txn: &pg_sys::ReorderBufferTXN) -> String {
+    if txn.gid.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(txn.gid) }.to_string_lossy().into_owned()
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_prepare(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    if !using_mmts() {
+        return forward!(begin_prepare_cb(ctx, txn));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::BeginPrepare {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        gid: gid(t),
+        prepare_lsn: t.final_lsn,
+        end_lsn: t.end_lsn,
+        prepare_time: unsafe { t.xact_time.prepare_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn prepare(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    prepare_lsn: pg_sys::XLogRecPtr,
+) {
+    if !using_mmts() {
+        return forward!(prepare_cb(ctx, txn, prepare_lsn));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::Prepare {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        gid: gid(t),
+        prepare_lsn,
+        end_lsn: t.end_lsn,
+        prepare_time: unsafe { t.xact_time.prepare_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit_prepared(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    if !using_mmts() {
+        return forward!(commit_prepared_cb(ctx, txn, commit_lsn));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::CommitPrepared {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        gid: gid(t),
+        commit_lsn,
+        end_lsn: t.end_lsn,
+        commit_time: unsafe { t.xact_time.commit_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn rollback_prepared(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    prepare_end_lsn: pg_sys::XLogRecPtr,
+    prepare_time: pg_sys::TimestampTz,
+) {
+    if !using_mmts() {
+        return forward!(rollback_prepared_cb(ctx, txn, prepare_end_lsn, prepare_time));
+    }
+    let t = unsafe { &*txn };
+    let msg = Message::RollbackPrepared {
+        origin: origin(),
+        xid: t.xid.into_inner(),
+        gid: gid(t),
+        end_lsn: prepare_end_lsn,
+        prepare_time,
+        rollback_time: unsafe { t.xact_time.commit_time },
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn message(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    message_size: pg_sys::Size,
+    message: *const std::ffi::c_char,
+) {
+    if !using_mmts() {
+        return forward!(message_cb(ctx, txn, message_lsn, transactional, prefix, message_size, message));
+    }
+    let content = if message_size == 0 {
+        Vec::new()
+    } else {
+        unsafe { std::slice::from_raw_parts(message.cast::<u8>(), message_size) }.to_vec()
+    };
+    let msg = Message::LogicalMessage {
+        transactional,
+        lsn: message_lsn,
+        prefix: unsafe { CStr::from_ptr(prefix) }.to_string_lossy().into_owned(),
+        content,
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+/// Describes `rel` to the client unless this session already did (and nothing changed since).
+unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) {
+    let relid = unsafe { (*rel).rd_id };
+    let new = SESSION.with(|s| s.borrow_mut().mmts.as_mut().is_some_and(|m| m.sent.insert(relid)));
+    if !new {
+        return;
+    }
+    let r = unsafe { &*rel };
+    let class = unsafe { &*r.rd_rel };
+    let identity = class.relreplident as u8;
+    let key_attrs =
+        if identity == b'f' { std::ptr::null_mut() } else { unsafe { pg_sys::RelationGetIdentityKeyBitmap(rel) } };
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(r.rd_att) };
+    let mut columns = Vec::new();
+    for (i, att) in desc.iter().enumerate() {
+        if att.is_dropped() || att.attgenerated != 0 {
+            continue;
+        }
+        let attnum = i as i32 + 1;
+        let key = identity == b'f'
+            || unsafe { pg_sys::bms_is_member(attnum - pg_sys::FirstLowInvalidHeapAttributeNumber, key_attrs) };
+        let type_name =
+            unsafe { CStr::from_ptr(pg_sys::format_type_be_qualified(att.atttypid)) }.to_string_lossy().into_owned();
+        columns.push(Column { name: att.name().to_string(), type_name, type_modifier: att.atttypmod, key });
+    }
+    let schema =
+        unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
+    let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
+    let msg = Message::Relation(WireRelation { id: relid.to_u32(), schema, name, replica_identity: identity, columns });
+    unsafe { send(ctx, &msg, false) };
+}
+
+/// The values of a row, in the order of the columns sent in the relation's description.
+unsafe fn row(rel: pg_sys::Relation, tuple: *mut pg_sys::ReorderBufferTupleBuf) -> Vec<Value> {
+    let desc_ptr = unsafe { (*rel).rd_att };
+    let desc = unsafe { PgTupleDesc::from_pg_unchecked(desc_ptr) };
+    let natts = desc.len();
+    let mut values = vec![pg_sys::Datum::from(0); natts];
+    let mut nulls = vec![false; natts];
+    unsafe { pg_sys::heap_deform_tuple(&mut (*tuple).tuple, desc_ptr, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+    let mut out = Vec::with_capacity(natts);
+    for (i, att) in desc.iter().enumerate() {
+        if att.is_dropped() || att.attgenerated != 0 {
+            continue;
+        }
+        if nulls[i] {
+            out.push(Value::Null);
+            continue;
+        }
+        let datum = values[i];
+        if att.attlen == -1 && unsafe { varatt_is_external_ondisk(datum) } {
+            out.push(Value::Unchanged);
+            continue;
+        }
+        let mut output_fn = pg_sys::InvalidOid;
+        let mut varlena = false;
+        unsafe { pg_sys::getTypeOutputInfo(att.atttypid, &mut output_fn, &mut varlena) };
+        let text = unsafe { pg_sys::OidOutputFunctionCall(output_fn, datum) };
+        out.push(Value::Text(unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()));
+        unsafe { pg_sys::pfree(text.cast()) };
+    }
+    out
+}
+
+/// `VARATT_IS_EXTERNAL_ONDISK`: a TOAST pointer to a value stored out of line (an unchanged
+/// TOASTed column of an UPDATE arrives like this).
+unsafe fn varatt_is_external_ondisk(datum: pg_sys::Datum) -> bool {
+    let ptr = datum.cast_mut_ptr::<u8>();
+    // 1-byte header 0x01 marks an external datum; the next byte is its tag.
+    unsafe { *ptr == 0x01 && *ptr.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8 }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    if !using_mmts() {
+        return forward!(change_cb(ctx, txn, rel, change));
+    }
+    unsafe { send_relation(ctx, rel) };
+    let relation = unsafe { (*rel).rd_id }.to_u32();
+    let c = unsafe { &*change };
+    let tp = unsafe { c.data.tp };
+    let msg = match c.action {
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
+            Message::Insert { relation, new: unsafe { row(rel, tp.newtuple) } }
+        }
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => Message::Update {
+            relation,
+            old: (!tp.oldtuple.is_null()).then(|| unsafe { row(rel, tp.oldtuple) }),
+            new: unsafe { row(rel, tp.newtuple) },
+        },
+        pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => {
+            if tp.oldtuple.is_null() {
+                // A table without replica identity: PostgreSQL logs no old key to send.
+                return;
+            }
+            Message::Delete { relation, old: unsafe { row(rel, tp.oldtuple) } }
+        }
+        _ => return,
+    };
+    unsafe { send(ctx, &msg, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: i32,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    if !using_mmts() {
+        return forward!(truncate_cb(ctx, txn, nrelations, relations, change));
+    }
+    let rels = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
+    for rel in rels {
+        unsafe { send_relation(ctx, *rel) };
+    }
+    let t = unsafe { (*change).data.truncate };
+    let msg = Message::Truncate {
+        relations: rels.iter().map(|r| unsafe { (**r).rd_id }.to_u32()).collect(),
+        cascade: t.cascade,
+        restart_identity: t.restart_seqs,
+    };
+    unsafe { send(ctx, &msg, true) };
+}
