@@ -6,8 +6,8 @@
 //!
 //! It speaks two protocols, chosen by the options the client starts decoding with:
 //! - **pgoutput** (any options without `mmts_protocol`, e.g. those of a stock `CREATE
-//!   SUBSCRIPTION`): every callback is handed to PostgreSQL's own `pgoutput` plugin, loaded
-//!   from the server's library directory, so publications, row filters, column lists, binary
+//!   SUBSCRIPTION`): at startup the session's callbacks become those of PostgreSQL's own
+//!   `pgoutput` plugin, loaded from the server's library directory, so publications, row filters, column lists, binary
 //!   mode, messages, streaming and two-phase behave exactly as with `pgoutput` — only the
 //!   origin filter differs (PostgreSQL 15's `pgoutput` sends everything).
 //! - **mmts** (option `mmts_protocol`, the highest protocol version the client speaks): frames
@@ -61,18 +61,6 @@ fn pgoutput() -> &'static pg_sys::OutputPluginCallbacks {
     &PGOUTPUT.get().expect("pgoutput callbacks are loaded in _PG_output_plugin_init").0
 }
 
-fn using_mmts() -> bool {
-    SESSION.with(|s| s.borrow().mmts.is_some())
-}
-
-/// Calls one of pgoutput's callbacks; an ERROR inside it is re-raised as ours.
-macro_rules! forward {
-    ($cb:ident ( $($arg:expr),* )) => {{
-        let f = pgoutput().$cb.expect(concat!("pgoutput has ", stringify!($cb)));
-        unsafe { pg_guard_ffi_boundary(|| f($($arg),*)) }
-    }};
-}
-
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
@@ -94,7 +82,9 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     }
     let pgo = pgoutput();
     let cb = unsafe { &mut *cb };
-    // Offer exactly the capabilities pgoutput offers (they decide streaming and two-phase).
+    // These are the mmts protocol's callbacks; a pgoutput session replaces them at startup.
+    // Which ones exist must match pgoutput, because that decides whether PostgreSQL offers
+    // streaming and two-phase decoding.
     cb.startup_cb = Some(startup);
     cb.shutdown_cb = Some(shutdown);
     cb.filter_by_origin_cb = Some(filter_by_origin);
@@ -152,8 +142,16 @@ unsafe extern "C-unwind" fn startup(
 ) {
     let requested = if is_init { None } else { unsafe { option(ctx, MMTS_PROTOCOL_OPTION) } };
     let Some(requested) = requested else {
+        // A pgoutput session: from now on PostgreSQL calls pgoutput directly (no cost per
+        // change), except for the origin filter, which stays ours.
         SESSION.with(|s| s.borrow_mut().mmts = None);
-        return forward!(startup_cb(ctx, opt, is_init));
+        unsafe {
+            (*ctx).callbacks = *pgoutput();
+            (*ctx).callbacks.filter_by_origin_cb = Some(filter_by_origin);
+        }
+        let pgoutput_startup = pgoutput().startup_cb.expect("pgoutput has a startup callback");
+        // An ERROR inside pgoutput is re-raised as ours.
+        return unsafe { pg_guard_ffi_boundary(|| pgoutput_startup(ctx, opt, is_init)) };
     };
     let max: u8 = requested.trim().parse().unwrap_or_else(|_| {
         ErrorReport::new(
@@ -181,10 +179,8 @@ unsafe extern "C-unwind" fn startup(
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
-    if SESSION.with(|s| s.borrow_mut().mmts.take()).is_none() {
-        forward!(shutdown_cb(ctx));
-    }
+unsafe extern "C-unwind" fn shutdown(_ctx: *mut pg_sys::LogicalDecodingContext) {
+    SESSION.with(|s| s.borrow_mut().mmts = None);
 }
 
 #[pg_guard]
@@ -216,9 +212,6 @@ unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message, last
 
 #[pg_guard]
 unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
-    if !using_mmts() {
-        return forward!(begin_cb(ctx, txn));
-    }
     let t = unsafe { &*txn };
     let msg = Message::Begin {
         origin: origin(),
@@ -235,9 +228,6 @@ unsafe extern "C-unwind" fn commit(
     txn: *mut pg_sys::ReorderBufferTXN,
     commit_lsn: pg_sys::XLogRecPtr,
 ) {
-    if !using_mmts() {
-        return forward!(commit_cb(ctx, txn, commit_lsn));
-    }
     let t = unsafe { &*txn };
     let msg = Message::Commit {
         origin: origin(),
@@ -262,9 +252,6 @@ unsafe extern "C-unwind" fn begin_prepare(
     ctx: *mut pg_sys::LogicalDecodingContext,
     txn: *mut pg_sys::ReorderBufferTXN,
 ) {
-    if !using_mmts() {
-        return forward!(begin_prepare_cb(ctx, txn));
-    }
     let t = unsafe { &*txn };
     let msg = Message::BeginPrepare {
         origin: origin(),
@@ -283,9 +270,6 @@ unsafe extern "C-unwind" fn prepare(
     txn: *mut pg_sys::ReorderBufferTXN,
     prepare_lsn: pg_sys::XLogRecPtr,
 ) {
-    if !using_mmts() {
-        return forward!(prepare_cb(ctx, txn, prepare_lsn));
-    }
     let t = unsafe { &*txn };
     let msg = Message::Prepare {
         origin: origin(),
@@ -304,9 +288,6 @@ unsafe extern "C-unwind" fn commit_prepared(
     txn: *mut pg_sys::ReorderBufferTXN,
     commit_lsn: pg_sys::XLogRecPtr,
 ) {
-    if !using_mmts() {
-        return forward!(commit_prepared_cb(ctx, txn, commit_lsn));
-    }
     let t = unsafe { &*txn };
     let msg = Message::CommitPrepared {
         origin: origin(),
@@ -326,9 +307,6 @@ unsafe extern "C-unwind" fn rollback_prepared(
     prepare_end_lsn: pg_sys::XLogRecPtr,
     prepare_time: pg_sys::TimestampTz,
 ) {
-    if !using_mmts() {
-        return forward!(rollback_prepared_cb(ctx, txn, prepare_end_lsn, prepare_time));
-    }
     let t = unsafe { &*txn };
     let msg = Message::RollbackPrepared {
         origin: origin(),
@@ -344,16 +322,13 @@ unsafe extern "C-unwind" fn rollback_prepared(
 #[pg_guard]
 unsafe extern "C-unwind" fn message(
     ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
+    _txn: *mut pg_sys::ReorderBufferTXN,
     message_lsn: pg_sys::XLogRecPtr,
     transactional: bool,
     prefix: *const std::ffi::c_char,
     message_size: pg_sys::Size,
     message: *const std::ffi::c_char,
 ) {
-    if !using_mmts() {
-        return forward!(message_cb(ctx, txn, message_lsn, transactional, prefix, message_size, message));
-    }
     let content = if message_size == 0 {
         Vec::new()
     } else {
@@ -443,13 +418,10 @@ unsafe fn varatt_is_external_ondisk(datum: pg_sys::Datum) -> bool {
 #[pg_guard]
 unsafe extern "C-unwind" fn change(
     ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
+    _txn: *mut pg_sys::ReorderBufferTXN,
     rel: pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    if !using_mmts() {
-        return forward!(change_cb(ctx, txn, rel, change));
-    }
     unsafe { send_relation(ctx, rel) };
     let relation = unsafe { (*rel).rd_id }.to_u32();
     let c = unsafe { &*change };
@@ -478,14 +450,11 @@ unsafe extern "C-unwind" fn change(
 #[pg_guard]
 unsafe extern "C-unwind" fn truncate(
     ctx: *mut pg_sys::LogicalDecodingContext,
-    txn: *mut pg_sys::ReorderBufferTXN,
+    _txn: *mut pg_sys::ReorderBufferTXN,
     nrelations: i32,
     relations: *mut pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    if !using_mmts() {
-        return forward!(truncate_cb(ctx, txn, nrelations, relations, change));
-    }
     let rels = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
     for rel in rels {
         unsafe { send_relation(ctx, *rel) };

@@ -169,10 +169,11 @@ fn native_subscription_features() {
                CREATE TABLE full_ri(a int, b text); ALTER TABLE full_ri REPLICA IDENTITY FULL;
                CREATE TABLE typed(id int PRIMARY KEY, n numeric, ts timestamptz, arr int[], j jsonb, by bytea);
                CREATE TABLE later(id int PRIMARY KEY);
-               CREATE TABLE filtered(id int PRIMARY KEY, v text);";
+               CREATE TABLE filtered(id int PRIMARY KEY, v text);
+               CREATE TABLE cols(id int PRIMARY KEY, shown text, secret text);";
     p.execute(ddl);
     s.execute(ddl);
-    p.execute("CREATE PUBLICATION pub FOR TABLE pk, full_ri, typed; CREATE PUBLICATION pub_filtered FOR TABLE filtered WHERE (id > 10)");
+    p.execute("CREATE PUBLICATION pub FOR TABLE pk, full_ri, typed; CREATE PUBLICATION pub_filtered FOR TABLE filtered WHERE (id > 10), cols (id, shown)");
     subscribe(&cluster, 1, 2, "mmts", "pub", ", binary = true");
     cluster.node(1).execute("SELECT pg_create_logical_replication_slot('sub_filtered', 'mmts')");
     s.execute(&format!(
@@ -209,6 +210,10 @@ fn native_subscription_features() {
     p.execute("INSERT INTO filtered SELECT g, 'x' FROM generate_series(1, 20) g");
     wait_for("filtered rows", WAIT, || count(s, "SELECT count(*) FROM filtered") == 10);
     assert_eq!(count(s, "SELECT min(id) FROM filtered"), 11);
+    // Column lists too: the unpublished column never leaves the publisher.
+    p.execute("INSERT INTO cols VALUES (1, 'public', 'private')");
+    wait_for("column-listed row", WAIT, || count(s, "SELECT count(*) FROM cols") == 1);
+    assert_eq!(rows(s, "SELECT id, shown, secret FROM cols"), ["1|public|NULL"]);
 
     // A publication change is picked up by the running walsender.
     p.execute("ALTER PUBLICATION pub ADD TABLE later");
