@@ -14,8 +14,9 @@
 //!   of `mmts_core::wire`, for mmts's own receivers.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
@@ -46,12 +47,16 @@ struct Session {
     mmts: Option<MmtsSession>,
 }
 
-#[derive(Default)]
 struct MmtsSession {
-    /// Relations described to the client in this session and not invalidated since.
-    sent: HashSet<pg_sys::Oid>,
+    /// Relations described to the client in this session and not invalidated since, with the
+    /// output function of each column sent (`None`: dropped or generated, not sent).
+    relations: HashMap<pg_sys::Oid, OutputFunctions>,
     origin: u32,
+    /// Where the output functions' state lives: the decoding context's memory.
+    memory: pg_sys::MemoryContext,
 }
+
+type OutputFunctions = Rc<[Option<*mut pg_sys::FmgrInfo>]>;
 
 thread_local! {
     static SESSION: RefCell<Session> = RefCell::default();
@@ -171,7 +176,8 @@ unsafe extern "C-unwind" fn startup(
         Mode::Multimaster(c) => c.node_id.0,
         Mode::Standalone => 0,
     };
-    SESSION.with(|s| s.borrow_mut().mmts = Some(MmtsSession { sent: HashSet::new(), origin }));
+    let memory = unsafe { (*ctx).context };
+    SESSION.with(|s| s.borrow_mut().mmts = Some(MmtsSession { relations: HashMap::new(), origin, memory }));
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
         (*ctx).streaming = false;
@@ -188,9 +194,9 @@ unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_
     SESSION.with(|s| {
         if let Some(m) = s.borrow_mut().mmts.as_mut() {
             if relid == pg_sys::InvalidOid {
-                m.sent.clear();
+                m.relations.clear();
             } else {
-                m.sent.remove(&relid);
+                m.relations.remove(&relid);
             }
         }
     });
@@ -343,12 +349,17 @@ unsafe extern "C-unwind" fn message(
     unsafe { send(ctx, &msg, true) };
 }
 
-/// Describes `rel` to the client unless this session already did (and nothing changed since).
-unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) {
+/// Describes `rel` to the client unless this session already did (and nothing changed since);
+/// returns the output functions of its columns.
+unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> OutputFunctions {
     let relid = unsafe { (*rel).rd_id };
-    let new = SESSION.with(|s| s.borrow_mut().mmts.as_mut().is_some_and(|m| m.sent.insert(relid)));
-    if !new {
-        return;
+    let (known, memory) = SESSION.with(|s| {
+        let s = s.borrow();
+        let m = s.mmts.as_ref().expect("an mmts protocol session");
+        (m.relations.get(&relid).cloned(), m.memory)
+    });
+    if let Some(known) = known {
+        return known;
     }
     let r = unsafe { &*rel };
     let class = unsafe { &*r.rd_rel };
@@ -357,10 +368,18 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         if identity == b'f' { std::ptr::null_mut() } else { unsafe { pg_sys::RelationGetIdentityKeyBitmap(rel) } };
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(r.rd_att) };
     let mut columns = Vec::new();
+    let mut outputs = Vec::with_capacity(desc.len());
     for (i, att) in desc.iter().enumerate() {
         if att.is_dropped() || att.attgenerated != 0 {
+            outputs.push(None);
             continue;
         }
+        let mut output_fn = pg_sys::InvalidOid;
+        let mut varlena = false;
+        unsafe { pg_sys::getTypeOutputInfo(att.atttypid, &mut output_fn, &mut varlena) };
+        let finfo = unsafe { pg_sys::MemoryContextAllocZero(memory, std::mem::size_of::<pg_sys::FmgrInfo>()) }.cast();
+        unsafe { pg_sys::fmgr_info_cxt(output_fn, finfo, memory) };
+        outputs.push(Some(finfo));
         let attnum = i as i32 + 1;
         let key = identity == b'f'
             || unsafe { pg_sys::bms_is_member(attnum - pg_sys::FirstLowInvalidHeapAttributeNumber, key_attrs) };
@@ -372,11 +391,22 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
     let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
     let msg = Message::Relation(WireRelation { id: relid.to_u32(), schema, name, replica_identity: identity, columns });
+    let outputs: OutputFunctions = outputs.into();
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            m.relations.insert(relid, outputs.clone());
+        }
+    });
     unsafe { send(ctx, &msg, false) };
+    outputs
 }
 
 /// The values of a row, in the order of the columns sent in the relation's description.
-unsafe fn row(rel: pg_sys::Relation, tuple: *mut pg_sys::ReorderBufferTupleBuf) -> Vec<Value> {
+unsafe fn row(
+    rel: pg_sys::Relation,
+    outputs: &OutputFunctions,
+    tuple: *mut pg_sys::ReorderBufferTupleBuf,
+) -> Vec<Value> {
     let desc_ptr = unsafe { (*rel).rd_att };
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(desc_ptr) };
     let natts = desc.len();
@@ -385,9 +415,7 @@ unsafe fn row(rel: pg_sys::Relation, tuple: *mut pg_sys::ReorderBufferTupleBuf) 
     unsafe { pg_sys::heap_deform_tuple(&mut (*tuple).tuple, desc_ptr, values.as_mut_ptr(), nulls.as_mut_ptr()) };
     let mut out = Vec::with_capacity(natts);
     for (i, att) in desc.iter().enumerate() {
-        if att.is_dropped() || att.attgenerated != 0 {
-            continue;
-        }
+        let Some(output) = outputs.get(i).copied().flatten() else { continue };
         if nulls[i] {
             out.push(Value::Null);
             continue;
@@ -397,10 +425,7 @@ unsafe fn row(rel: pg_sys::Relation, tuple: *mut pg_sys::ReorderBufferTupleBuf) 
             out.push(Value::Unchanged);
             continue;
         }
-        let mut output_fn = pg_sys::InvalidOid;
-        let mut varlena = false;
-        unsafe { pg_sys::getTypeOutputInfo(att.atttypid, &mut output_fn, &mut varlena) };
-        let text = unsafe { pg_sys::OidOutputFunctionCall(output_fn, datum) };
+        let text = unsafe { pg_sys::OutputFunctionCall(output, datum) };
         out.push(Value::Text(unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()));
         unsafe { pg_sys::pfree(text.cast()) };
     }
@@ -422,25 +447,27 @@ unsafe extern "C-unwind" fn change(
     rel: pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    unsafe { send_relation(ctx, rel) };
+    // Held for the whole change: an output function may process invalidations, which
+    // update the session.
+    let outputs = unsafe { send_relation(ctx, rel) };
     let relation = unsafe { (*rel).rd_id }.to_u32();
     let c = unsafe { &*change };
     let tp = unsafe { c.data.tp };
     let msg = match c.action {
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
-            Message::Insert { relation, new: unsafe { row(rel, tp.newtuple) } }
+            Message::Insert { relation, new: unsafe { row(rel, &outputs, tp.newtuple) } }
         }
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => Message::Update {
             relation,
-            old: (!tp.oldtuple.is_null()).then(|| unsafe { row(rel, tp.oldtuple) }),
-            new: unsafe { row(rel, tp.newtuple) },
+            old: (!tp.oldtuple.is_null()).then(|| unsafe { row(rel, &outputs, tp.oldtuple) }),
+            new: unsafe { row(rel, &outputs, tp.newtuple) },
         },
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_DELETE => {
             if tp.oldtuple.is_null() {
                 // A table without replica identity: PostgreSQL logs no old key to send.
                 return;
             }
-            Message::Delete { relation, old: unsafe { row(rel, tp.oldtuple) } }
+            Message::Delete { relation, old: unsafe { row(rel, &outputs, tp.oldtuple) } }
         }
         _ => return,
     };
