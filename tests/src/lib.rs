@@ -321,6 +321,21 @@ impl Node {
         })?
     }
 
+    /// Every row of `sql`, its columns as text joined with `|` (NULL as `NULL`).
+    pub fn query_rows(&self, sql: &str) -> Vec<String> {
+        let messages =
+            self.connect().simple_query(sql).unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The last `lines` lines of the server log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();

@@ -140,24 +140,10 @@ fn pgoutput_mesh_loops() {
     wait_for("the row to come back again and again", WAIT, || count(cluster.node(1), "SELECT count(*) FROM t") > 3);
 }
 
-fn rows(node: &Node, sql: &str) -> Vec<String> {
-    node.connect()
-        .simple_query(sql)
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            mmts_tests::postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|"))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 /// Waits until `sql` gives the same rows on both nodes and returns them.
 fn converge(a: &Node, b: &Node, sql: &str) -> Vec<String> {
-    let want = rows(a, sql);
-    wait_for(&format!("node {} to match node {} on {sql}", b.id, a.id), WAIT, || rows(b, sql) == want);
+    let want = a.query_rows(sql);
+    wait_for(&format!("node {} to match node {} on {sql}", b.id, a.id), WAIT, || b.query_rows(sql) == want);
     want
 }
 
@@ -213,7 +199,7 @@ fn native_subscription_features() {
     // Column lists too: the unpublished column never leaves the publisher.
     p.execute("INSERT INTO cols VALUES (1, 'public', 'private')");
     wait_for("column-listed row", WAIT, || count(s, "SELECT count(*) FROM cols") == 1);
-    assert_eq!(rows(s, "SELECT id, shown, secret FROM cols"), ["1|public|NULL"]);
+    assert_eq!(s.query_rows("SELECT id, shown, secret FROM cols"), ["1|public|NULL"]);
 
     // A publication change is picked up by the running walsender.
     p.execute("ALTER PUBLICATION pub ADD TABLE later");

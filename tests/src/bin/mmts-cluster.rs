@@ -35,15 +35,10 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn show(node: &Node, sql: &str) -> Result<(), String> {
-    let mut client = node.try_connect(std::time::Duration::from_secs(5)).map_err(|e| describe(&e))?;
-    for msg in client.simple_query(sql).map_err(|e| describe(&e))? {
-        if let mmts_tests::postgres::SimpleQueryMessage::Row(row) = msg {
-            let cols: Vec<&str> = (0..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect();
-            println!("    {}", cols.join(" | "));
-        }
+fn show(node: &Node, sql: &str) {
+    for row in node.query_rows(sql) {
+        println!("    {}", row.replace('|', " | "));
     }
-    Ok(())
 }
 
 fn start(args: &Args) -> Result<(), String> {
@@ -79,11 +74,11 @@ fn start(args: &Args) -> Result<(), String> {
     }
     for node in cluster.nodes() {
         println!("==> node {}: SELECT * FROM demo", node.id);
-        show(node, "SELECT id, written_on FROM demo ORDER BY id")?;
+        show(node, "SELECT id, written_on FROM demo ORDER BY id");
     }
     println!("    (row replication between nodes is not implemented yet: each node has only its own row)");
     println!("==> node 1: SELECT * FROM mtm.get_cluster_info()");
-    show(cluster.node(1), "SELECT name, value FROM mtm.get_cluster_info()")?;
+    show(cluster.node(1), "SELECT name, value FROM mtm.get_cluster_info()");
     println!();
     println!(
         "Connect:  psql -h 127.0.0.1 -p {} -U postgres   (nodes on ports {}..{})",
