@@ -7,9 +7,13 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+mod apply;
 mod functions;
 mod gucs;
+mod libpq;
 mod output_plugin;
+mod receiver;
+mod status;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -30,5 +34,9 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::define(preloading);
     if preloading {
         gucs::check_at_startup();
+        status::init();
+        if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
+            receiver::register(config);
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod conninfo;
+pub mod replication;
 pub mod wire;
 
 use std::fmt;

@@ -604,6 +604,26 @@ impl Cluster {
         }
     }
 
+    /// Waits until every running node streams to every other running node (one mmts
+    /// walsender per peer): from then on, every write reaches every node.
+    pub fn wait_replicating(&self, timeout: Duration) {
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.running).collect();
+        let peers = running.len() - 1;
+        for node in &running {
+            wait_for(&format!("node {} streaming to its {peers} peers", node.id), timeout, || {
+                node.try_connect(Duration::from_secs(2))
+                    .and_then(|mut c| {
+                        c.query_one(
+                            "SELECT count(*) FROM pg_stat_replication WHERE application_name LIKE 'mmts_node_%' AND state = 'streaming'",
+                            &[],
+                        )
+                    })
+                    .map(|r| r.get::<_, i64>(0) as usize >= peers)
+                    .unwrap_or(false)
+            });
+        }
+    }
+
     /// Stops every node cleanly.
     pub fn stop_all(&mut self) {
         for node in &mut self.nodes {

@@ -1,0 +1,106 @@
+//! PostgreSQL's streaming replication messages inside the CopyBoth stream of
+//! `START_REPLICATION` (server: `w` XLogData, `k` keepalive; client: `r` status update).
+//! All integers are big-endian; times are microseconds since 2000-01-01 UTC.
+
+use crate::wire::{Lsn, Timestamp};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage<'a> {
+    /// `w`: WAL data; for logical replication, one output plugin write.
+    XLogData { start: Lsn, end: Lsn, send_time: Timestamp, data: &'a [u8] },
+    /// `k`: the server's WAL end; `reply_requested` asks for a status update now.
+    Keepalive { end: Lsn, send_time: Timestamp, reply_requested: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("empty replication message")]
+    Empty,
+    #[error("replication message '{kind}' is {len} bytes, too short")]
+    Short { kind: char, len: usize },
+    #[error("unknown replication message type {0:#04x}")]
+    Unknown(u8),
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+impl<'a> ServerMessage<'a> {
+    pub fn parse(buf: &'a [u8]) -> Result<ServerMessage<'a>, ReplicationError> {
+        let (&kind, rest) = buf.split_first().ok_or(ReplicationError::Empty)?;
+        match kind {
+            b'w' if rest.len() >= 24 => Ok(ServerMessage::XLogData {
+                start: be_u64(rest),
+                end: be_u64(&rest[8..]),
+                send_time: be_u64(&rest[16..]) as i64,
+                data: &rest[24..],
+            }),
+            b'k' if rest.len() >= 17 => Ok(ServerMessage::Keepalive {
+                end: be_u64(rest),
+                send_time: be_u64(&rest[8..]) as i64,
+                reply_requested: rest[16] != 0,
+            }),
+            b'w' | b'k' => Err(ReplicationError::Short { kind: kind as char, len: buf.len() }),
+            other => Err(ReplicationError::Unknown(other)),
+        }
+    }
+}
+
+/// The client's `r` standby status update: what it has received, flushed and applied.
+pub fn status_update(write: Lsn, flush: Lsn, apply: Lsn, now: Timestamp, reply_requested: bool) -> [u8; 34] {
+    let mut out = [0u8; 34];
+    out[0] = b'r';
+    out[1..9].copy_from_slice(&write.to_be_bytes());
+    out[9..17].copy_from_slice(&flush.to_be_bytes());
+    out[17..25].copy_from_slice(&apply.to_be_bytes());
+    out[25..33].copy_from_slice(&now.to_be_bytes());
+    out[33] = reply_requested as u8;
+    out
+}
+
+/// An LSN in PostgreSQL's text form (`16/B374D848`).
+pub fn format_lsn(lsn: Lsn) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xlogdata_and_keepalive() {
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&1u64.to_be_bytes());
+        w.extend_from_slice(&2u64.to_be_bytes());
+        w.extend_from_slice(&3u64.to_be_bytes());
+        w.extend_from_slice(b"frame");
+        assert_eq!(
+            ServerMessage::parse(&w),
+            Ok(ServerMessage::XLogData { start: 1, end: 2, send_time: 3, data: b"frame" })
+        );
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&0x10u64.to_be_bytes());
+        k.extend_from_slice(&7u64.to_be_bytes());
+        k.push(1);
+        assert_eq!(
+            ServerMessage::parse(&k),
+            Ok(ServerMessage::Keepalive { end: 16, send_time: 7, reply_requested: true })
+        );
+        assert_eq!(ServerMessage::parse(&k[..10]), Err(ReplicationError::Short { kind: 'k', len: 10 }));
+        assert_eq!(ServerMessage::parse(b"x"), Err(ReplicationError::Unknown(b'x')));
+        assert_eq!(ServerMessage::parse(b""), Err(ReplicationError::Empty));
+    }
+
+    #[test]
+    fn status_update_layout() {
+        let r = status_update(0x0102, 0x0304, 0x0506, 9, false);
+        assert_eq!(r[0], b'r');
+        assert_eq!(be_u64(&r[1..]), 0x0102);
+        assert_eq!(be_u64(&r[9..]), 0x0304);
+        assert_eq!(be_u64(&r[17..]), 0x0506);
+        assert_eq!(be_u64(&r[25..]), 9);
+        assert_eq!(r[33], 0);
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+    }
+}

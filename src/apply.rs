@@ -1,0 +1,387 @@
+//! Applying a peer's transactions at the executor level, the way PostgreSQL's own logical
+//! replication worker does: rows are built from the peer's text values with the local input
+//! functions, found by replica identity (index, or whole-row comparison for REPLICA IDENTITY
+//! FULL) and written with `ExecSimpleRelationInsert/Update/Delete`, so constraints, indexes and
+//! replica triggers behave as for any replicated change. Commits carry the peer's replication
+//! origin, end LSN and commit time.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, CString};
+
+use mmts_core::wire::{Message, Value};
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+unsafe extern "C-unwind" {
+    // access/twophase.h, not in pgrx's bindings.
+    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
+    fn LookupGXact(
+        gid: *const c_char,
+        prepare_at_lsn: pg_sys::XLogRecPtr,
+        origin_prepare_timestamp: pg_sys::TimestampTz,
+    ) -> bool;
+}
+
+/// A table as the peer described it.
+struct RemoteRelation {
+    schema: String,
+    name: String,
+    columns: Vec<String>,
+}
+
+/// A transaction that is now committed (or prepared, or finished) here.
+pub struct Applied {
+    pub commit_time: pg_sys::TimestampTz,
+}
+
+pub struct Applier {
+    peer: u32,
+    relations: HashMap<u32, RemoteRelation>,
+    in_transaction: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    Insert,
+    Update,
+    Delete,
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).expect("NULs removed")
+}
+
+impl Applier {
+    pub fn new(peer: u32) -> Applier {
+        Applier { peer, relations: HashMap::new(), in_transaction: false }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// The local name of the peer's prepared transaction `xid`.
+    fn gid(&self, xid: u32) -> CString {
+        cstring(&format!("mtm_{}_{}", self.peer, xid))
+    }
+
+    /// Applies one message; returns what finished when a transaction ends.
+    pub fn apply(&mut self, message: Message) -> Option<Applied> {
+        match message {
+            Message::Begin { .. } | Message::BeginPrepare { .. } => {
+                // The local transaction starts with the first change (an empty one costs nothing).
+                self.in_transaction = true;
+                None
+            }
+            Message::Relation(r) => {
+                let columns = r.columns.into_iter().map(|c| c.name).collect();
+                self.relations.insert(r.id, RemoteRelation { schema: r.schema, name: r.name, columns });
+                None
+            }
+            Message::Insert { relation, new } => {
+                self.change(relation, Change::Insert, None, Some(&new));
+                None
+            }
+            Message::Update { relation, old, new } => {
+                self.change(relation, Change::Update, old.as_deref(), Some(&new));
+                None
+            }
+            Message::Delete { relation, old } => {
+                self.change(relation, Change::Delete, Some(&old), None);
+                None
+            }
+            Message::Truncate { relations, cascade, restart_identity } => {
+                self.truncate(&relations, cascade, restart_identity);
+                None
+            }
+            Message::Commit { end_lsn, commit_time, .. } => {
+                unsafe {
+                    if pg_sys::IsTransactionState() {
+                        set_origin_position(end_lsn, commit_time);
+                        pg_sys::CommitTransactionCommand();
+                    }
+                }
+                Some(self.finished(commit_time))
+            }
+            Message::Prepare { xid, end_lsn, prepare_time, .. } => {
+                let gid = self.gid(xid);
+                unsafe {
+                    start_transaction();
+                    pg_sys::BeginTransactionBlock();
+                    pg_sys::CommitTransactionCommand();
+                    set_origin_position(end_lsn, prepare_time);
+                    pg_sys::PrepareTransactionBlock(gid.as_ptr());
+                    pg_sys::CommitTransactionCommand();
+                }
+                Some(self.finished(prepare_time))
+            }
+            Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
+                let gid = self.gid(xid);
+                unsafe {
+                    start_transaction();
+                    set_origin_position(end_lsn, commit_time);
+                    FinishPreparedTransaction(gid.as_ptr(), true);
+                    pg_sys::CommitTransactionCommand();
+                }
+                Some(self.finished(commit_time))
+            }
+            Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
+                let gid = self.gid(xid);
+                unsafe {
+                    start_transaction();
+                    // The prepare may have been skipped (e.g. it touched nothing replicated).
+                    if LookupGXact(gid.as_ptr(), end_lsn, prepare_time) {
+                        set_origin_position(end_lsn, rollback_time);
+                        FinishPreparedTransaction(gid.as_ptr(), false);
+                    }
+                    pg_sys::CommitTransactionCommand();
+                }
+                Some(self.finished(rollback_time))
+            }
+            Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
+        }
+    }
+
+    fn finished(&mut self, commit_time: pg_sys::TimestampTz) -> Applied {
+        self.in_transaction = false;
+        Applied { commit_time }
+    }
+
+    fn remote(&self, relation: u32) -> &RemoteRelation {
+        self.relations.get(&relation).unwrap_or_else(|| {
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+                format!("mmts: node {} sent a change to relation {relation} before describing it", self.peer)
+            );
+            unreachable!()
+        })
+    }
+
+    /// Opens the local table for the peer's relation (locked until the end of the transaction).
+    unsafe fn open(&self, relation: u32, lock: u32) -> pg_sys::Relation {
+        let remote = self.remote(relation);
+        let (schema, name) = (cstring(&remote.schema), cstring(&remote.name));
+        unsafe {
+            let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
+            let relid = pg_sys::RangeVarGetRelidExtended(
+                rv,
+                lock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            if relid == pg_sys::InvalidOid {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    format!(
+                        "mmts: table \"{}\".\"{}\" replicated from node {} does not exist here",
+                        remote.schema, remote.name, self.peer
+                    ),
+                    "mmts",
+                )
+                .set_hint("Create the table on every node with the same definition.")
+                .report(PgLogLevel::ERROR);
+            }
+            let rel = pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE);
+            if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as c_char {
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                    format!("mmts: \"{}\".\"{}\" is not a plain table here", remote.schema, remote.name)
+                );
+            }
+            rel
+        }
+    }
+
+    fn change(&mut self, relation: u32, kind: Change, old: Option<&[Value]>, new: Option<&[Value]>) {
+        unsafe {
+            start_transaction();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let rel = self.open(relation, pg_sys::RowExclusiveLock);
+            let remote = self.remote(relation);
+            let desc = (*rel).rd_att;
+            let natts = (*desc).natts as usize;
+            // For each local column, the position of the peer's column of the same name.
+            let map: Vec<Option<usize>> = (0..natts)
+                .map(|i| {
+                    let att = &*(*desc).attrs.as_ptr().add(i);
+                    if att.attisdropped || att.attgenerated != 0 {
+                        return None;
+                    }
+                    let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy();
+                    remote.columns.iter().position(|c| *c == name)
+                })
+                .collect();
+
+            let estate = pg_sys::CreateExecutorState();
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()) as *mut pg_sys::RangeTblEntry;
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = (*rel).rd_id;
+            (*rte).relkind = (*(*rel).rd_rel).relkind;
+            (*rte).rellockmode = pg_sys::AccessShareLock as i32;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
+            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()) as *mut pg_sys::ResultRelInfo;
+            (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+            pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+            (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::AfterTriggerBeginQuery();
+            let tuple_memory = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
+            let remoteslot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+            pg_sys::ExecOpenIndices(rri, false);
+
+            let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
+            match kind {
+                Change::Insert => {
+                    store_values(remoteslot, desc, &map, new.expect("insert has a new row"), None);
+                    pg_sys::MemoryContextSwitchTo(previous);
+                    pg_sys::ExecSimpleRelationInsert(rri, estate, remoteslot);
+                }
+                Change::Update | Change::Delete => {
+                    // The row to change: by the old key if the peer sent one, else by the new row's key.
+                    let search = old.or(new).expect("update/delete has a row");
+                    store_values(remoteslot, desc, &map, search, None);
+                    pg_sys::MemoryContextSwitchTo(previous);
+                    let localslot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+                    let mut index = pg_sys::RelationGetReplicaIndex(rel);
+                    if index == pg_sys::InvalidOid {
+                        index = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                    }
+                    let found = if index != pg_sys::InvalidOid {
+                        pg_sys::RelationFindReplTupleByIndex(
+                            rel,
+                            index,
+                            pg_sys::LockTupleMode::LockTupleExclusive,
+                            remoteslot,
+                            localslot,
+                        )
+                    } else {
+                        pg_sys::RelationFindReplTupleSeq(
+                            rel,
+                            pg_sys::LockTupleMode::LockTupleExclusive,
+                            remoteslot,
+                            localslot,
+                        )
+                    };
+                    let mut epq: pg_sys::EPQState = std::mem::zeroed();
+                    pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+                    if found && kind == Change::Update {
+                        let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
+                        store_values(remoteslot, desc, &map, new.expect("update has a new row"), Some(localslot));
+                        pg_sys::MemoryContextSwitchTo(previous);
+                        epq.origslot = remoteslot;
+                        pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, localslot, remoteslot);
+                    } else if found {
+                        epq.origslot = localslot;
+                        pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, localslot);
+                    }
+                    // Not found: the row is already gone here; nothing to do (as PostgreSQL's
+                    // own apply does).
+                    pg_sys::EvalPlanQualEnd(&mut epq);
+                }
+            }
+            pg_sys::ExecCloseIndices(rri);
+            pg_sys::AfterTriggerEndQuery(estate);
+            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(estate);
+            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+
+    fn truncate(&mut self, relations: &[u32], cascade: bool, restart_identity: bool) {
+        unsafe {
+            start_transaction();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let mut rels: *mut pg_sys::List = std::ptr::null_mut();
+            let mut relids: *mut pg_sys::List = std::ptr::null_mut();
+            for r in relations {
+                let rel = self.open(*r, pg_sys::AccessExclusiveLock);
+                rels = pg_sys::lappend(rels, rel.cast());
+                relids = pg_sys::lappend_oid(relids, (*rel).rd_id);
+            }
+            let behavior =
+                if cascade { pg_sys::DropBehavior::DROP_CASCADE } else { pg_sys::DropBehavior::DROP_RESTRICT };
+            pg_sys::ExecuteTruncateGuts(rels, relids, relids, behavior, restart_identity);
+            for i in 0..relations.len() {
+                let rel = pg_sys::list_nth(rels, i as i32) as pg_sys::Relation;
+                pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+}
+
+unsafe fn start_transaction() {
+    unsafe {
+        if !pg_sys::IsTransactionState() {
+            pg_sys::SetCurrentStatementStartTimestamp();
+            pg_sys::StartTransactionCommand();
+        }
+    }
+}
+
+/// What the next local commit records as its origin's position and commit time.
+unsafe fn set_origin_position(end_lsn: u64, time: pg_sys::TimestampTz) {
+    unsafe {
+        pg_sys::replorigin_session_origin_lsn = end_lsn;
+        pg_sys::replorigin_session_origin_timestamp = time;
+    }
+}
+
+/// Fills `slot` with `values` (the peer's columns, mapped to local ones by `map`). With
+/// `base`, columns the peer did not send, or sent as unchanged, keep `base`'s values.
+unsafe fn store_values(
+    slot: *mut pg_sys::TupleTableSlot,
+    desc: pg_sys::TupleDesc,
+    map: &[Option<usize>],
+    values: &[Value],
+    base: Option<*mut pg_sys::TupleTableSlot>,
+) {
+    unsafe {
+        pg_sys::ExecClearTuple(slot);
+        let natts = map.len();
+        let datums = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        if let Some(base) = base {
+            pg_sys::slot_getallattrs(base);
+            datums.copy_from_slice(std::slice::from_raw_parts((*base).tts_values, natts));
+            nulls.copy_from_slice(std::slice::from_raw_parts((*base).tts_isnull, natts));
+        } else {
+            nulls.fill(true);
+        }
+        for (i, remote) in map.iter().enumerate() {
+            let Some(value) = remote.and_then(|r| values.get(r)) else { continue };
+            match value {
+                Value::Null => {
+                    datums[i] = pg_sys::Datum::from(0);
+                    nulls[i] = true;
+                }
+                Value::Text(text) => {
+                    let att = &*(*desc).attrs.as_ptr().add(i);
+                    let mut input = pg_sys::InvalidOid;
+                    let mut ioparam = pg_sys::InvalidOid;
+                    pg_sys::getTypeInputInfo(att.atttypid, &mut input, &mut ioparam);
+                    let text = cstring(text);
+                    datums[i] = pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), ioparam, att.atttypmod);
+                    nulls[i] = false;
+                }
+                Value::Binary(_) => {
+                    ereport!(
+                        PgLogLevel::ERROR,
+                        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        "mmts: binary column values are not supported by this node"
+                    );
+                }
+                Value::Unchanged => {} // keeps the base value (or NULL without one)
+            }
+        }
+        pg_sys::ExecStoreVirtualTuple(slot);
+    }
+}

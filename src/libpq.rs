@@ -1,0 +1,167 @@
+//! A replication connection to a peer over libpq (the client library, linked into mmts.so).
+//! Only the backend's main thread uses it; every call is non-blocking except connecting,
+//! which `connect_timeout` bounds.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ptr::NonNull;
+
+#[repr(C)]
+struct PGconn {
+    _private: [u8; 0],
+}
+#[repr(C)]
+struct PGresult {
+    _private: [u8; 0],
+}
+
+const CONNECTION_OK: c_int = 0;
+const PGRES_COMMAND_OK: c_int = 1;
+const PGRES_TUPLES_OK: c_int = 2;
+const PGRES_COPY_BOTH: c_int = 8;
+const PG_DIAG_SQLSTATE: c_int = b'C' as c_int;
+
+#[link(name = "pq")]
+unsafe extern "C" {
+    fn PQconnectdbParams(
+        keywords: *const *const c_char,
+        values: *const *const c_char,
+        expand_dbname: c_int,
+    ) -> *mut PGconn;
+    fn PQstatus(conn: *const PGconn) -> c_int;
+    fn PQerrorMessage(conn: *const PGconn) -> *const c_char;
+    fn PQfinish(conn: *mut PGconn);
+    fn PQexec(conn: *mut PGconn, query: *const c_char) -> *mut PGresult;
+    fn PQresultStatus(res: *const PGresult) -> c_int;
+    fn PQresultErrorField(res: *const PGresult, field: c_int) -> *const c_char;
+    fn PQclear(res: *mut PGresult);
+    fn PQgetCopyData(conn: *mut PGconn, buffer: *mut *mut c_char, async_: c_int) -> c_int;
+    fn PQputCopyData(conn: *mut PGconn, buffer: *const c_char, nbytes: c_int) -> c_int;
+    fn PQflush(conn: *mut PGconn) -> c_int;
+    fn PQconsumeInput(conn: *mut PGconn) -> c_int;
+    fn PQsocket(conn: *const PGconn) -> c_int;
+    fn PQfreemem(ptr: *mut c_void);
+    fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
+}
+
+/// An error from the peer or the connection: message and SQLSTATE if the server sent one.
+#[derive(Debug, Clone)]
+pub struct PqError {
+    pub message: String,
+    pub sqlstate: Option<String>,
+}
+
+impl std::fmt::Display for PqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message.trim_end())
+    }
+}
+
+pub struct Connection {
+    conn: NonNull<PGconn>,
+}
+
+/// What one non-blocking read of the copy stream gave.
+pub enum CopyData {
+    Message(Vec<u8>),
+    /// Nothing buffered: wait for the socket.
+    WouldBlock,
+}
+
+impl Connection {
+    /// Opens a logical replication connection (`replication=database`) to `conninfo`.
+    pub fn connect_replication(conninfo: &str, application_name: &str) -> Result<Connection, PqError> {
+        // Values travel as text: make their output unambiguous whatever the peer's settings.
+        let keys = [c"connect_timeout", c"dbname", c"replication", c"application_name", c"options"];
+        let conninfo =
+            CString::new(conninfo).map_err(|_| PqError { message: "NUL in conninfo".into(), sqlstate: None })?;
+        let app = CString::new(application_name).expect("no NUL");
+        // Later keywords win, and `dbname` is expanded as a whole connection string, so the
+        // user's own connect_timeout (inside it) overrides the default.
+        let options = c"-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
+        let values = [c"10".as_ptr(), conninfo.as_ptr(), c"database".as_ptr(), app.as_ptr(), options.as_ptr()];
+        let mut keywords: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
+        let mut values: Vec<*const c_char> = values.to_vec();
+        keywords.push(std::ptr::null());
+        values.push(std::ptr::null());
+        let raw = unsafe { PQconnectdbParams(keywords.as_ptr(), values.as_ptr(), 1) };
+        let conn = NonNull::new(raw).ok_or_else(|| PqError { message: "out of memory".into(), sqlstate: None })?;
+        let connection = Connection { conn };
+        if unsafe { PQstatus(conn.as_ptr()) } != CONNECTION_OK {
+            return Err(connection.error(None));
+        }
+        Ok(connection)
+    }
+
+    fn error(&self, res: Option<*mut PGresult>) -> PqError {
+        let message = unsafe { CStr::from_ptr(PQerrorMessage(self.conn.as_ptr())) }.to_string_lossy().into_owned();
+        let sqlstate = res.and_then(|r| {
+            let field = unsafe { PQresultErrorField(r, PG_DIAG_SQLSTATE) };
+            (!field.is_null()).then(|| unsafe { CStr::from_ptr(field) }.to_string_lossy().into_owned())
+        });
+        PqError { message, sqlstate }
+    }
+
+    /// Runs a command; `Ok` for command, tuples and copy-both results.
+    pub fn exec(&mut self, command: &str) -> Result<(), PqError> {
+        let command = CString::new(command).expect("no NUL in commands");
+        let res = unsafe { PQexec(self.conn.as_ptr(), command.as_ptr()) };
+        let status = unsafe { PQresultStatus(res) };
+        let result = match status {
+            PGRES_COMMAND_OK | PGRES_TUPLES_OK | PGRES_COPY_BOTH => Ok(()),
+            _ => Err(self.error(Some(res))),
+        };
+        unsafe { PQclear(res) };
+        result
+    }
+
+    /// Reads the next copy-stream message without blocking.
+    pub fn get_copy_data(&mut self) -> Result<CopyData, PqError> {
+        let mut buf: *mut c_char = std::ptr::null_mut();
+        let n = unsafe { PQgetCopyData(self.conn.as_ptr(), &mut buf, 1) };
+        match n {
+            0 => Ok(CopyData::WouldBlock),
+            n if n > 0 => {
+                let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n as usize) }.to_vec();
+                unsafe { PQfreemem(buf.cast()) };
+                Ok(CopyData::Message(data))
+            }
+            -1 => {
+                // The stream ended: the server's reason is in the final result.
+                let res = unsafe { PQgetResult(self.conn.as_ptr()) };
+                let err = self.error(Some(res));
+                unsafe { PQclear(res) };
+                Err(PqError { message: format!("replication stream ended: {}", err.message), sqlstate: err.sqlstate })
+            }
+            _ => Err(self.error(None)),
+        }
+    }
+
+    pub fn put_copy_data(&mut self, data: &[u8]) -> Result<(), PqError> {
+        let ok = unsafe { PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), data.len() as c_int) } == 1
+            && unsafe { PQflush(self.conn.as_ptr()) } >= 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(self.error(None))
+        }
+    }
+
+    /// Reads what arrived on the socket into libpq's buffer.
+    pub fn consume_input(&mut self) -> Result<(), PqError> {
+        if unsafe { PQconsumeInput(self.conn.as_ptr()) } == 1 {
+            Ok(())
+        } else {
+            Err(self.error(None))
+        }
+    }
+
+    pub fn socket(&self) -> c_int {
+        unsafe { PQsocket(self.conn.as_ptr()) }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        unsafe { PQfinish(self.conn.as_ptr()) };
+    }
+}

@@ -1,0 +1,231 @@
+//! Receiver background workers: one per peer. A receiver streams the peer's changes from the
+//! slot `mtm_slot_<this node>` on the peer, in the mmts protocol, and applies them under the
+//! replication origin `mtm_node_<peer>`, so they are never sent on, and so that after a crash
+//! it resumes exactly after the last transaction it committed.
+//!
+//! It also creates, on this node, what the peer's receiver needs: the slot `mtm_slot_<peer>`.
+//! A peer that cannot be reached is retried with back-off; the worker itself never exits on
+//! a connection problem. An error while applying (e.g. a constraint only this node has) ends
+//! the worker with that error in the log; the postmaster starts it again after a delay.
+
+use std::time::{Duration, Instant};
+
+use mmts_core::config::{ClusterConfig, Mode};
+use mmts_core::replication::{format_lsn, status_update, ServerMessage};
+use mmts_core::wire;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::apply::Applier;
+use crate::libpq::{Connection, CopyData, PqError};
+use crate::{gucs, status};
+
+/// Registers one receiver per peer (in the postmaster, while preloading).
+pub fn register(config: &ClusterConfig) {
+    for peer in config.peers() {
+        BackgroundWorkerBuilder::new(&format!("mmts receiver from node {}", peer.id))
+            .set_type("mmts receiver")
+            .set_library("mmts")
+            .set_function("mmts_receiver_main")
+            .set_argument(Some(pg_sys::Datum::from(peer.id.0 as i64)))
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
+}
+
+pub fn slot_name(node: u32) -> String {
+    format!("mtm_slot_{node}")
+}
+
+pub fn origin_name(node: u32) -> String {
+    format!("mtm_node_{node}")
+}
+
+fn log(msg: String) {
+    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
+    let peer_id = arg.value() as u32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
+    let peer = config.nodes.iter().find(|n| n.id.0 == peer_id).expect("peer configured");
+    // As PostgreSQL's apply workers: only replica triggers fire, and names are always qualified.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"session_replication_role".as_ptr(),
+            c"replica".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+    BackgroundWorker::connect_worker_to_spi(me.conninfo.get("dbname"), me.conninfo.get("user"));
+
+    let origin = BackgroundWorker::transaction(|| {
+        let slot = slot_name(peer_id);
+        // A read-only statement: a logical slot cannot be made by a transaction with an xid.
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'mmts', false, true)
+                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                    None,
+                    &[slot.as_str().into()],
+                )
+                .map(|_| ())
+        })
+        .expect("create the slot for the peer");
+        let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        unsafe {
+            let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
+            if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+                pg_sys::replorigin_create(name.as_ptr())
+            } else {
+                id
+            }
+        }
+    });
+    unsafe {
+        pg_sys::replorigin_session_setup(origin);
+        pg_sys::replorigin_session_origin = origin;
+    }
+
+    let mut backoff = Duration::from_millis(200);
+    let application_name = status::application_name(config.node_id.0);
+    while !BackgroundWorker::sigterm_received() {
+        let started = Instant::now();
+        let result = stream(&peer.conninfo.to_string(), &application_name, config, peer_id);
+        status::update(peer_id, |p| p.connected = false);
+        match result {
+            Ok(()) => break, // asked to stop
+            Err(e) => log(format!(
+                "mmts: replication from node {peer_id} interrupted: {e}; retrying in {} ms",
+                backoff.as_millis()
+            )),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        if !BackgroundWorker::wait_latch(Some(backoff)) {
+            break;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
+fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_id: u32) -> Result<(), PqError> {
+    let mut conn = Connection::connect_replication(conninfo, application_name)?;
+    let start = unsafe { pg_sys::replorigin_session_get_progress(false) };
+    conn.exec(&format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}')",
+        slot_name(config.node_id.0),
+        format_lsn(start),
+        wire::PROTOCOL_VERSION
+    ))?;
+    status::update(peer_id, |p| p.connected = true);
+    log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start)));
+
+    let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+    let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+    let mut applier = Applier::new(peer_id);
+    let mut last_heard = Instant::now();
+    let mut last_sent = Instant::now() - heartbeat;
+    let mut received_end = start;
+    // Everything of the peer's WAL up to here is applied (or was not for us): what this node
+    // reports as flushed, so the peer's slot can advance and its walsender can finish a
+    // shutdown. Commits are synchronous, so applied means durable.
+    let mut flushed = start;
+    loop {
+        loop {
+            match conn.get_copy_data()? {
+                CopyData::WouldBlock => break,
+                CopyData::Message(buf) => {
+                    last_heard = Instant::now();
+                    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+                    match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
+                        ServerMessage::XLogData { end, data, .. } => {
+                            received_end = received_end.max(end);
+                            let message = wire::decode(data).map_err(|e| PqError {
+                                message: format!("malformed mmts message from node {peer_id}: {e}"),
+                                sqlstate: None,
+                            })?;
+                            let done = applier.apply(message);
+                            if !applier.in_transaction() {
+                                flushed = flushed.max(received_end);
+                            }
+                            status::update(peer_id, |p| {
+                                if let Some(done) = &done {
+                                    p.applied_commit_time = done.commit_time;
+                                    p.transactions_applied += 1;
+                                }
+                                p.applied_lsn = flushed;
+                                p.last_message_time = now;
+                                p.peer_wal_end = p.peer_wal_end.max(end);
+                            });
+                        }
+                        ServerMessage::Keepalive { end, reply_requested, .. } => {
+                            received_end = received_end.max(end);
+                            // The peer has sent everything up to `end` (what it skipped carries
+                            // other origins); between transactions, all of it is applied here.
+                            if !applier.in_transaction() {
+                                flushed = flushed.max(received_end);
+                            }
+                            status::update(peer_id, |p| {
+                                p.last_message_time = now;
+                                p.peer_wal_end = p.peer_wal_end.max(end);
+                                p.applied_lsn = flushed;
+                            });
+                            if reply_requested {
+                                last_sent = Instant::now() - heartbeat;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if last_heard.elapsed() > silence {
+            return Err(PqError {
+                message: format!("no message from node {peer_id} for {} ms", silence.as_millis()),
+                sqlstate: None,
+            });
+        }
+        if last_sent.elapsed() >= heartbeat {
+            // Asking for a reply makes the peer answer with a keepalive: our heartbeat.
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            conn.put_copy_data(&status_update(received_end, flushed, flushed, now, true))?;
+            last_sent = Instant::now();
+        }
+        let timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));
+        let events = unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
+                conn.socket(),
+                timeout.as_millis() as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        if events & pg_sys::WL_LATCH_SET as i32 != 0 {
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+        }
+        if BackgroundWorker::sigterm_received() {
+            return Ok(());
+        }
+        pgrx::check_for_interrupts!();
+        conn.consume_input()?;
+    }
+}

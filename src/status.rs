@@ -1,0 +1,160 @@
+//! What every receiver reports about its peer, in shared memory, and the status functions
+//! that read it: `mtm.get_nodes_state()` and `mtm.get_cluster_state()`.
+
+use mmts_core::config::Mode;
+use mmts_core::replication::format_lsn;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
+
+use crate::gucs::{self, MAX_NODES};
+
+/// One peer as its receiver sees it.
+#[derive(Clone, Copy, Default)]
+pub struct PeerStatus {
+    /// The receiver is streaming from the peer now.
+    pub connected: bool,
+    /// When the receiver last heard from the peer (0: never).
+    pub last_message_time: pg_sys::TimestampTz,
+    /// The peer's WAL end as last reported by it.
+    pub peer_wal_end: u64,
+    /// Position in the peer's WAL up to which everything for this node is applied here.
+    pub applied_lsn: u64,
+    /// Commit time (on the peer) of the last transaction applied here.
+    pub applied_commit_time: pg_sys::TimestampTz,
+    pub transactions_applied: u64,
+}
+
+#[derive(Clone, Copy)]
+pub struct Peers([PeerStatus; MAX_NODES as usize]);
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers([PeerStatus::default(); MAX_NODES as usize])
+    }
+}
+
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for Peers {}
+
+static PEERS: PgLwLock<Peers> = unsafe { PgLwLock::new(c"mmts peers") };
+
+/// Reserves the shared memory; called from `_PG_init` while preloading.
+pub fn init() {
+    pg_shmem_init!(PEERS);
+}
+
+/// Updates what is known about peer `id` (1-based).
+pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
+    f(&mut PEERS.exclusive().0[id as usize - 1]);
+}
+
+fn peer(id: u32) -> PeerStatus {
+    PEERS.share().0[id as usize - 1]
+}
+
+fn now() -> pg_sys::TimestampTz {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Application names of the walsenders connected to this node (one per peer receiver).
+fn walsender_clients() -> Vec<String> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT application_name::text FROM pg_stat_replication WHERE application_name LIKE 'mmts_node_%'",
+                None,
+                &[],
+            )
+            .map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// The application name a receiver on node `id` connects to its peers with.
+pub fn application_name(id: u32) -> String {
+    format!("mmts_node_{id}")
+}
+
+/// Every configured node as this node sees it. Connection strings show no passwords.
+#[pg_extern(volatile, parallel_safe)]
+fn get_nodes_state() -> TableIterator<
+    'static,
+    (
+        name!(node_id, i32),
+        name!(conn_string, String),
+        name!(is_self, bool),
+        name!(state, String),
+        name!(receiver_connected, Option<bool>),
+        name!(walsender_connected, Option<bool>),
+        name!(lag_bytes, Option<i64>),
+        name!(lag, Option<pgrx::datum::Interval>),
+        name!(applied_lsn, Option<String>),
+        name!(transactions_applied, Option<i64>),
+        name!(last_message_time, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let Mode::Multimaster(config) = gucs::mode() else {
+        return TableIterator::new(Vec::new());
+    };
+    let walsenders = walsender_clients();
+    let rows: Vec<_> = config
+        .nodes
+        .iter()
+        .map(|n| {
+            let conn = n.conninfo.masked();
+            if n.id == config.node_id {
+                return (n.id.0 as i32, conn, true, "online".into(), None, None, None, None, None, None, None);
+            }
+            let p = peer(n.id.0);
+            let walsender = walsenders.contains(&application_name(n.id.0));
+            let lag_bytes = p.peer_wal_end.saturating_sub(p.applied_lsn) as i64;
+            let lag_us = if !p.connected || p.applied_commit_time == 0 || lag_bytes == 0 {
+                0
+            } else {
+                (now() - p.applied_commit_time).max(0)
+            };
+            let state = if p.connected { "online" } else { "disconnected" };
+            (
+                n.id.0 as i32,
+                conn,
+                false,
+                state.into(),
+                Some(p.connected),
+                Some(walsender),
+                Some(if p.last_message_time == 0 { 0 } else { lag_bytes }),
+                Some(pgrx::datum::Interval::from_micros(lag_us)),
+                Some(format_lsn(p.applied_lsn)),
+                Some(p.transactions_applied as i64),
+                (p.last_message_time != 0)
+                    .then(|| unsafe {
+                        pgrx::datum::TimestampWithTimeZone::from_datum(p.last_message_time.into(), false)
+                    })
+                    .flatten(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// This node and the cluster as it sees them.
+#[pg_extern(volatile, parallel_safe)]
+fn get_cluster_state() -> TableIterator<
+    'static,
+    (
+        name!(node_id, i32),
+        name!(state, String),
+        name!(nodes_configured, i32),
+        name!(nodes_connected, i32),
+        name!(has_majority, bool),
+    ),
+> {
+    let row = match gucs::mode() {
+        Mode::Standalone => (0, "standalone".to_string(), 0, 0, false),
+        Mode::Multimaster(config) => {
+            let configured = config.nodes.len() as i32;
+            let connected = 1 + config.peers().filter(|n| peer(n.id.0).connected).count() as i32;
+            (config.node_id.0 as i32, "online".to_string(), configured, connected, connected * 2 > configured)
+        }
+    };
+    TableIterator::once(row)
+}

@@ -1,0 +1,175 @@
+//! The multimaster mesh: with only `multimaster.*` settings, every node streams every peer's
+//! writes and applies them under the peer's replication origin; nothing loops; nodes that
+//! restart or crash catch up; the status functions follow peers going down and coming back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn count(node: &Node, sql: &str) -> i64 {
+    node.query_value(sql).and_then(|v| v.parse().ok()).unwrap_or(-1)
+}
+
+/// A checksum of table `t`'s contents.
+fn checksum(node: &Node) -> String {
+    node.query_value("SELECT md5(coalesce(string_agg(id || ':' || v, ',' ORDER BY id), '')) FROM t").unwrap_or_default()
+}
+
+fn start(n: usize) -> Cluster {
+    let cluster = ClusterBuilder::new(n).start();
+    for node in cluster.nodes() {
+        node.execute("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster
+}
+
+fn converged(cluster: &Cluster) {
+    wait_for("identical contents on every node", WAIT, || {
+        let sums: Vec<String> = cluster.nodes().iter().filter(|n| n.is_running()).map(checksum).collect();
+        sums.windows(2).all(|w| w[0] == w[1])
+    });
+}
+
+#[test]
+fn writes_on_each_node_reach_the_others_without_loops() {
+    let cluster = start(3);
+    for node in cluster.nodes() {
+        let mut c = node.connect();
+        for k in 0..50 {
+            let id = node.id as i64 * 1000 + k;
+            c.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &format!("from node {}", node.id)]).unwrap();
+        }
+        c.execute("UPDATE t SET v = v || ' (updated)' WHERE id % 2 = 0 AND id / 1000 = $1", &[&(node.id as i64)])
+            .unwrap();
+        c.execute("DELETE FROM t WHERE id % 5 = 0 AND id / 1000 = $1", &[&(node.id as i64)]).unwrap();
+    }
+    for node in cluster.nodes() {
+        wait_for(&format!("node {} to have every row", node.id), WAIT, || count(node, "SELECT count(*) FROM t") == 120);
+    }
+    converged(&cluster);
+    assert_eq!(count(cluster.node(2), "SELECT count(*) FROM t WHERE v LIKE '%(updated)'"), 3 * 20);
+    // Nothing loops: a row applied from a peer is not sent on, so after a quiet second each
+    // node still has each row once and each slot sent only its own node's transactions.
+    std::thread::sleep(Duration::from_secs(1));
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM t"), 120);
+        wait_for("slot statistics", WAIT, || {
+            count(node, "SELECT min(total_txns) FROM pg_stat_replication_slots") >= 52
+        });
+        let most = count(node, "SELECT max(total_txns) FROM pg_stat_replication_slots");
+        assert!(most < 52 + 20, "a slot on node {} sent {most} transactions for 52 local ones", node.id);
+    }
+    // Origins record what was applied from each peer.
+    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM pg_replication_origin_status WHERE remote_lsn > '0/0'"), 2);
+}
+
+#[test]
+fn restarted_and_crashed_nodes_catch_up_under_load() {
+    let mut cluster = start(3);
+    let stop = AtomicBool::new(false);
+    let acknowledged = std::thread::scope(|s| {
+        let writers: Vec<_> = (1..=3)
+            .map(|id| {
+                let node = cluster.node(id);
+                let (port, stop) = (node.port(), &stop);
+                s.spawn(move || {
+                    let mut acked = Vec::new();
+                    let mut k = 0i64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let cfg = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+                        let Ok(mut c) = mmts_tests::postgres::Client::connect(&cfg, mmts_tests::postgres::NoTls) else {
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        };
+                        while !stop.load(Ordering::SeqCst) {
+                            let key = id as i64 * 1_000_000 + k;
+                            k += 1;
+                            match c.execute("INSERT INTO t VALUES ($1, 'load')", &[&key]) {
+                                Ok(_) => acked.push(key),
+                                Err(_) => break, // node down: reconnect
+                            }
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.node_mut(3).stop();
+        std::thread::sleep(Duration::from_secs(1));
+        cluster.node_mut(3).start();
+        std::thread::sleep(Duration::from_secs(1));
+        cluster.node_mut(2).kill9();
+        std::thread::sleep(Duration::from_secs(1));
+        cluster.node_mut(2).start();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::SeqCst);
+        writers.into_iter().flat_map(|w| w.join().unwrap()).collect::<Vec<i64>>()
+    });
+    assert!(acknowledged.len() > 300, "the load ran: {} rows", acknowledged.len());
+    let started = Instant::now();
+    converged(&cluster);
+    eprintln!("converged {:?} after the load stopped; {} acknowledged rows", started.elapsed(), acknowledged.len());
+    for node in cluster.nodes() {
+        let ids = node.query_rows("SELECT id FROM t");
+        let present: std::collections::HashSet<i64> = ids.iter().map(|s| s.parse().unwrap()).collect();
+        let missing = acknowledged.iter().filter(|k| !present.contains(k)).count();
+        assert_eq!(missing, 0, "node {} lacks {missing} acknowledged rows", node.id);
+    }
+}
+
+#[test]
+fn status_functions_follow_a_peer_going_down_and_up() {
+    let mut cluster = start(3);
+    let state = |cluster: &Cluster, id: usize| {
+        cluster.node(1).query_value(&format!("SELECT state FROM mtm.get_nodes_state() WHERE node_id = {id}")).unwrap()
+    };
+    assert_eq!(state(&cluster, 3), "online");
+    let node1 = cluster.node(1);
+    assert_eq!(
+        node1
+            .query_value(
+                "SELECT nodes_connected || '/' || nodes_configured || ' ' || has_majority FROM mtm.get_cluster_state()"
+            )
+            .unwrap(),
+        "3/3 true"
+    );
+    // Secrets never show; every user may call the status functions.
+    node1.execute("CREATE ROLE watcher LOGIN");
+    let mut watcher = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=watcher dbname=postgres", node1.port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    let rows = watcher
+        .query("SELECT node_id, receiver_connected, walsender_connected FROM mtm.get_nodes_state() ORDER BY 1", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1].get::<_, Option<bool>>(1), Some(true));
+    assert_eq!(rows[1].get::<_, Option<bool>>(2), Some(true));
+
+    cluster.node_mut(3).stop();
+    let t = Instant::now();
+    wait_for("node 3 reported down", Duration::from_secs(5), || state(&cluster, 3) == "disconnected");
+    eprintln!("stopped peer reported down after {:?}", t.elapsed());
+    let node1 = cluster.node(1);
+    assert_eq!(node1.query_value("SELECT nodes_connected FROM mtm.get_cluster_state()").as_deref(), Some("2"));
+
+    // A peer cut off by the network (no connection reset) is noticed by the heartbeat.
+    cluster.isolate(2);
+    let t = Instant::now();
+    wait_for("node 2 reported down", Duration::from_secs(10), || state(&cluster, 2) == "disconnected");
+    eprintln!("isolated peer reported down after {:?}", t.elapsed());
+    cluster.heal_all();
+    cluster.node_mut(3).start();
+    let t = Instant::now();
+    wait_for("all peers back", Duration::from_secs(30), || {
+        cluster.node(1).query_value("SELECT count(*) FROM mtm.get_nodes_state() WHERE state = 'online'").as_deref()
+            == Some("3")
+    });
+    eprintln!("peers back online after {:?}", t.elapsed());
+}
