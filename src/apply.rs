@@ -8,10 +8,15 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 
+use mmts_core::conflict::{remote_wins, Version};
 use mmts_core::wire::{Message, Value};
+use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+
+use crate::gucs;
+use mmts_core::config::Mode;
 
 unsafe extern "C-unwind" {
     // access/twophase.h, not in pgrx's bindings.
@@ -37,8 +42,12 @@ pub struct Applied {
 
 pub struct Applier {
     peer: u32,
+    /// This node's id.
+    me: u32,
     relations: HashMap<u32, RemoteRelation>,
     in_transaction: bool,
+    /// Commit (or prepare) time of the peer's transaction being applied.
+    remote_time: pg_sys::TimestampTz,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -53,8 +62,8 @@ fn cstring(s: &str) -> CString {
 }
 
 impl Applier {
-    pub fn new(peer: u32) -> Applier {
-        Applier { peer, relations: HashMap::new(), in_transaction: false }
+    pub fn new(peer: u32, me: u32) -> Applier {
+        Applier { peer, me, relations: HashMap::new(), in_transaction: false, remote_time: 0 }
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -69,9 +78,10 @@ impl Applier {
     /// Applies one message; returns what finished when a transaction ends.
     pub fn apply(&mut self, message: Message) -> Option<Applied> {
         match message {
-            Message::Begin { .. } | Message::BeginPrepare { .. } => {
+            Message::Begin { commit_time: time, .. } | Message::BeginPrepare { prepare_time: time, .. } => {
                 // The local transaction starts with the first change (an empty one costs nothing).
                 self.in_transaction = true;
+                self.remote_time = time;
                 None
             }
             Message::Relation(r) => {
@@ -234,56 +244,63 @@ impl Applier {
             let remoteslot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
             pg_sys::ExecOpenIndices(rri, false);
 
+            // The row this change is about: the new row for an insert (to detect that the key
+            // exists already), else the old key if the peer sent one, else the new row's key.
+            let search = if kind == Change::Insert { new } else { old.or(new) }.expect("a change has a row");
             let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
-            match kind {
-                Change::Insert => {
-                    store_values(remoteslot, desc, &map, new.expect("insert has a new row"), None);
-                    pg_sys::MemoryContextSwitchTo(previous);
-                    pg_sys::ExecSimpleRelationInsert(rri, estate, remoteslot);
-                }
-                Change::Update | Change::Delete => {
-                    // The row to change: by the old key if the peer sent one, else by the new row's key.
-                    let search = old.or(new).expect("update/delete has a row");
-                    store_values(remoteslot, desc, &map, search, None);
-                    pg_sys::MemoryContextSwitchTo(previous);
-                    let localslot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-                    let mut index = pg_sys::RelationGetReplicaIndex(rel);
-                    if index == pg_sys::InvalidOid {
-                        index = pg_sys::RelationGetPrimaryKeyIndex(rel);
+            store_values(remoteslot, desc, &map, search, None);
+            pg_sys::MemoryContextSwitchTo(previous);
+            let localslot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            let mut index = pg_sys::RelationGetReplicaIndex(rel);
+            if index == pg_sys::InvalidOid {
+                index = pg_sys::RelationGetPrimaryKeyIndex(rel);
+            }
+            let found = if index != pg_sys::InvalidOid {
+                pg_sys::RelationFindReplTupleByIndex(
+                    rel,
+                    index,
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    remoteslot,
+                    localslot,
+                )
+            } else if kind == Change::Insert {
+                false // without a key, an insert never collides
+            } else {
+                pg_sys::RelationFindReplTupleSeq(rel, pg_sys::LockTupleMode::LockTupleExclusive, remoteslot, localslot)
+            };
+            let remote = Version { commit_time: self.remote_time, node: NodeId(self.peer) };
+            let mut epq: pg_sys::EPQState = std::mem::zeroed();
+            pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+            match (kind, found) {
+                (Change::Insert, false) => pg_sys::ExecSimpleRelationInsert(rri, estate, remoteslot),
+                (Change::Insert | Change::Update, true) => {
+                    let local = self.version(localslot);
+                    // Over a version written by the same peer this is the normal course of
+                    // events; over another node's version, last writer wins.
+                    let wins = local.node.0 == self.peer || remote_wins(remote, local);
+                    if local.node.0 != self.peer {
+                        let what = if kind == Change::Insert { "insert_exists" } else { "update_update" };
+                        self.record_conflict(rel, what, remote, Some(local), wins, new.expect("a new row"));
                     }
-                    let found = if index != pg_sys::InvalidOid {
-                        pg_sys::RelationFindReplTupleByIndex(
-                            rel,
-                            index,
-                            pg_sys::LockTupleMode::LockTupleExclusive,
-                            remoteslot,
-                            localslot,
-                        )
-                    } else {
-                        pg_sys::RelationFindReplTupleSeq(
-                            rel,
-                            pg_sys::LockTupleMode::LockTupleExclusive,
-                            remoteslot,
-                            localslot,
-                        )
-                    };
-                    let mut epq: pg_sys::EPQState = std::mem::zeroed();
-                    pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
-                    if found && kind == Change::Update {
+                    if wins {
                         let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
-                        store_values(remoteslot, desc, &map, new.expect("update has a new row"), Some(localslot));
+                        store_values(remoteslot, desc, &map, new.expect("a new row"), Some(localslot));
                         pg_sys::MemoryContextSwitchTo(previous);
                         epq.origslot = remoteslot;
                         pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, localslot, remoteslot);
-                    } else if found {
-                        epq.origslot = localslot;
-                        pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, localslot);
                     }
-                    // Not found: the row is already gone here; nothing to do (as PostgreSQL's
-                    // own apply does).
-                    pg_sys::EvalPlanQualEnd(&mut epq);
                 }
+                (Change::Update, false) => {
+                    // Deleted here concurrently: the delete wins (it wins on every node).
+                    self.record_conflict(rel, "update_missing", remote, None, false, new.expect("a new row"));
+                }
+                (Change::Delete, true) => {
+                    epq.origslot = localslot;
+                    pg_sys::ExecSimpleRelationDelete(rri, estate, &mut epq, localslot);
+                }
+                (Change::Delete, false) => {} // already gone here
             }
+            pg_sys::EvalPlanQualEnd(&mut epq);
             pg_sys::ExecCloseIndices(rri);
             pg_sys::AfterTriggerEndQuery(estate);
             pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
@@ -291,6 +308,104 @@ impl Applier {
             pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             pg_sys::PopActiveSnapshot();
             pg_sys::CommandCounterIncrement();
+        }
+    }
+
+    /// When and where the local version in `slot` was committed.
+    unsafe fn version(&self, slot: *mut pg_sys::TupleTableSlot) -> Version {
+        unsafe {
+            let mut should_free = false;
+            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+            let mut time: pg_sys::TimestampTz = 0;
+            let mut origin: pg_sys::RepOriginId = 0;
+            let known = xmin.into_inner() >= pg_sys::FirstNormalTransactionId.into_inner()
+                && pg_sys::TransactionIdGetCommitTsData(xmin, &mut time, &mut origin);
+            if !known {
+                return Version { commit_time: 0, node: NodeId(self.me) };
+            }
+            Version { commit_time: time, node: NodeId(self.node_of_origin(origin)) }
+        }
+    }
+
+    /// The node whose changes carry replication origin `origin` here (0 for unknown origins).
+    fn node_of_origin(&self, origin: pg_sys::RepOriginId) -> u32 {
+        if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            return self.me;
+        }
+        let Mode::Multimaster(config) = gucs::mode() else { return 0 };
+        config
+            .peers()
+            .find(|n| {
+                let name = cstring(&crate::receiver::origin_name(n.id.0));
+                unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) == origin }
+            })
+            .map(|n| n.id.0)
+            .unwrap_or(0)
+    }
+
+    /// Writes a conflict to `mtm.conflicts` (when the extension exists here) and the log.
+    fn record_conflict(
+        &self,
+        rel: pg_sys::Relation,
+        kind: &str,
+        remote: Version,
+        local: Option<Version>,
+        remote_won: bool,
+        row: &[Value],
+    ) {
+        let table = unsafe {
+            let r = &*(*rel).rd_rel;
+            let schema = std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(r.relnamespace)).to_string_lossy();
+            let name = std::ffi::CStr::from_ptr(r.relname.data.as_ptr()).to_string_lossy();
+            format!("{schema}.{name}")
+        };
+        let row_text = row
+            .iter()
+            .map(|v| match v {
+                Value::Null => "NULL".to_string(),
+                Value::Unchanged => "(unchanged)".to_string(),
+                Value::Text(t) => t.clone(),
+                Value::Binary(b) => format!("({} bytes)", b.len()),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let kept = if remote_won { "remote" } else { "local" };
+        ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!(
+                "mmts: {kind} conflict on {table}: kept the {kept} version (remote from node {}, row ({row_text}))",
+                remote.node
+            )
+        );
+        let exists = unsafe {
+            let ns = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
+            ns != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"conflicts".as_ptr(), ns) != pg_sys::InvalidOid
+        };
+        if exists {
+            let to_ts = |t: i64| {
+                (t != 0)
+                    .then(|| unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) })
+                    .flatten()
+            };
+            let local_node = local.map(|l| l.node.0 as i32);
+            let local_time = local.and_then(|l| to_ts(l.commit_time));
+            Spi::run_with_args(
+                "INSERT INTO mtm.conflicts(relation, kind, remote_node, remote_commit_time, local_node, local_commit_time, kept, remote_row)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    table.as_str().into(),
+                    kind.into(),
+                    (remote.node.0 as i32).into(),
+                    to_ts(remote.commit_time).into(),
+                    local_node.into(),
+                    local_time.into(),
+                    kept.into(),
+                    row_text.as_str().into(),
+                ],
+            )
+            .expect("record the conflict");
         }
     }
 

@@ -25,6 +25,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
     }
     for name in [
         "wal_level",
+        "track_commit_timestamp",
         "max_prepared_transactions",
         "max_replication_slots",
         "max_wal_senders",

@@ -199,6 +199,7 @@ pub fn check_at_startup() {
         use_raftable: USE_RAFTABLE.get(),
         wal_level: config_option("wal_level").unwrap_or_default(),
         max_prepared_transactions: int_option("max_prepared_transactions"),
+        track_commit_timestamp: config_option("track_commit_timestamp").as_deref() == Some("on"),
         max_replication_slots: int_option("max_replication_slots"),
         max_wal_senders: int_option("max_wal_senders"),
         max_worker_processes: int_option("max_worker_processes"),

@@ -56,7 +56,9 @@ struct MmtsSession {
     memory: pg_sys::MemoryContext,
 }
 
-type OutputFunctions = Rc<[Option<*mut pg_sys::FmgrInfo>]>;
+/// Output function of each column sent (`None`: dropped or generated); `None` as a whole
+/// for a table that is not replicated (mmts's own tables).
+type OutputFunctions = Option<Rc<[Option<*mut pg_sys::FmgrInfo>]>>;
 
 thread_local! {
     static SESSION: RefCell<Session> = RefCell::default();
@@ -350,7 +352,7 @@ unsafe extern "C-unwind" fn message(
 }
 
 /// Describes `rel` to the client unless this session already did (and nothing changed since);
-/// returns the output functions of its columns.
+/// returns the output functions of its columns, or `None` if the table is not replicated.
 unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> OutputFunctions {
     let relid = unsafe { (*rel).rd_id };
     let (known, memory) = SESSION.with(|s| {
@@ -363,6 +365,17 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     }
     let r = unsafe { &*rel };
     let class = unsafe { &*r.rd_rel };
+    let schema =
+        unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
+    if schema == "mtm" {
+        // mmts's own bookkeeping (e.g. mtm.conflicts) is per node.
+        SESSION.with(|s| {
+            if let Some(m) = s.borrow_mut().mmts.as_mut() {
+                m.relations.insert(relid, None);
+            }
+        });
+        return None;
+    }
     let identity = class.relreplident as u8;
     let key_attrs =
         if identity == b'f' { std::ptr::null_mut() } else { unsafe { pg_sys::RelationGetIdentityKeyBitmap(rel) } };
@@ -387,11 +400,9 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
             unsafe { CStr::from_ptr(pg_sys::format_type_be_qualified(att.atttypid)) }.to_string_lossy().into_owned();
         columns.push(Column { name: att.name().to_string(), type_name, type_modifier: att.atttypmod, key });
     }
-    let schema =
-        unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
     let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
     let msg = Message::Relation(WireRelation { id: relid.to_u32(), schema, name, replica_identity: identity, columns });
-    let outputs: OutputFunctions = outputs.into();
+    let outputs: OutputFunctions = Some(outputs.into());
     SESSION.with(|s| {
         if let Some(m) = s.borrow_mut().mmts.as_mut() {
             m.relations.insert(relid, outputs.clone());
@@ -404,7 +415,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
 /// The values of a row, in the order of the columns sent in the relation's description.
 unsafe fn row(
     rel: pg_sys::Relation,
-    outputs: &OutputFunctions,
+    outputs: &[Option<*mut pg_sys::FmgrInfo>],
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
 ) -> Vec<Value> {
     let desc_ptr = unsafe { (*rel).rd_att };
@@ -449,7 +460,7 @@ unsafe extern "C-unwind" fn change(
 ) {
     // Held for the whole change: an output function may process invalidations, which
     // update the session.
-    let outputs = unsafe { send_relation(ctx, rel) };
+    let Some(outputs) = (unsafe { send_relation(ctx, rel) }) else { return };
     let relation = unsafe { (*rel).rd_id }.to_u32();
     let c = unsafe { &*change };
     let tp = unsafe { c.data.tp };
@@ -482,9 +493,11 @@ unsafe extern "C-unwind" fn truncate(
     relations: *mut pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
-    let rels = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
-    for rel in rels {
-        unsafe { send_relation(ctx, *rel) };
+    let all = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
+    let rels: Vec<pg_sys::Relation> =
+        all.iter().copied().filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some()).collect();
+    if rels.is_empty() {
+        return;
     }
     let t = unsafe { (*change).data.truncate };
     let msg = Message::Truncate {

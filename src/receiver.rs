@@ -140,7 +140,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
 
     let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
     let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
-    let mut applier = Applier::new(peer_id);
+    let mut applier = Applier::new(peer_id, config.node_id.0);
     let mut last_heard = Instant::now();
     let mut last_sent = Instant::now() - heartbeat;
     let mut received_end = start;

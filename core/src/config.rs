@@ -24,6 +24,8 @@ pub struct Settings {
     /// Server settings mmts needs, as `SHOW` prints them.
     pub wal_level: String,
     pub max_prepared_transactions: i32,
+    /// Needed to resolve conflicting writes by commit time.
+    pub track_commit_timestamp: bool,
     pub max_replication_slots: i32,
     pub max_wal_senders: i32,
     pub max_worker_processes: i32,
@@ -188,6 +190,13 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
             "Set max_prepared_transactions to at least max_connections (e.g. 100) and restart.".into(),
         ));
     }
+    if !settings.track_commit_timestamp {
+        return Err(prerequisite(
+            "track_commit_timestamp",
+            "mmts needs track_commit_timestamp = on to resolve conflicting writes".into(),
+            "Set track_commit_timestamp = on in postgresql.conf and restart.".into(),
+        ));
+    }
     if !plugin_allowed {
         return Err(prerequisite(
             "output_plugin_libraries",
@@ -248,6 +257,7 @@ mod tests {
             use_raftable: false,
             wal_level: "logical".into(),
             max_prepared_transactions: 100,
+            track_commit_timestamp: true,
             max_replication_slots: 10,
             max_wal_senders: 10,
             max_worker_processes: 8,
@@ -297,6 +307,7 @@ mod tests {
         for (s, setting) in [
             (Settings { wal_level: "replica".into(), ..good() }, "wal_level"),
             (Settings { max_prepared_transactions: 0, ..good() }, "max_prepared_transactions"),
+            (Settings { track_commit_timestamp: false, ..good() }, "track_commit_timestamp"),
             (
                 Settings { output_plugin_libraries: Some("pgoutput, test_decoding".into()), ..good() },
                 "output_plugin_libraries",

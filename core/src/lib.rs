@@ -3,6 +3,7 @@
 //! here is plain Rust, advanced by inputs and tested with `cargo test -p mmts-core`.
 
 pub mod config;
+pub mod conflict;
 pub mod conninfo;
 pub mod replication;
 pub mod wire;

@@ -35,6 +35,7 @@ const BASE_CONF: &[(&str, &str)] = &[
     ("shared_preload_libraries", "'mmts'"),
     ("wal_level", "logical"),
     ("max_prepared_transactions", "64"),
+    ("track_commit_timestamp", "on"),
     ("max_connections", "64"),
     ("max_wal_senders", "16"),
     ("max_replication_slots", "16"),

@@ -101,6 +101,11 @@ fn server_prerequisites() {
         "Set max_prepared_transactions",
     );
     assert_refused(
+        &[("track_commit_timestamp", "off")],
+        "mmts needs track_commit_timestamp = on to resolve conflicting writes",
+        "Set track_commit_timestamp = on in postgresql.conf and restart.",
+    );
+    assert_refused(
         &[("output_plugin_libraries", "'pgoutput, test_decoding'")],
         "\"mmts\" is not listed in output_plugin_libraries",
         "Set output_plugin_libraries = 'pgoutput, test_decoding, mmts' and restart.",

@@ -173,3 +173,36 @@ fn status_functions_follow_a_peer_going_down_and_up() {
     });
     eprintln!("peers back online after {:?}", t.elapsed());
 }
+
+#[test]
+fn conflicting_updates_converge_and_are_recorded() {
+    let cluster = start(3);
+    cluster.node(1).execute("INSERT INTO t SELECT g, 'initial' FROM generate_series(1, 5) g");
+    converged(&cluster);
+    std::thread::scope(|s| {
+        for node in cluster.nodes() {
+            s.spawn(move || {
+                let mut c = node.connect();
+                for k in 0..300i64 {
+                    let v = format!("node {} write {k}", node.id);
+                    c.execute("UPDATE t SET v = $1 WHERE id = $2", &[&v, &(k % 5 + 1)]).unwrap();
+                }
+            });
+        }
+    });
+    converged(&cluster);
+    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM t"), 5);
+    let conflicts: i64 = cluster
+        .nodes()
+        .iter()
+        .map(|n| count(n, "SELECT count(*) FROM mtm.conflicts WHERE kind = 'update_update'"))
+        .sum();
+    assert!(conflicts > 0, "concurrent updates of the same rows recorded no conflict");
+    // Each node records what it resolved; the records themselves are not replicated.
+    let n1 = cluster.node(1);
+    assert_eq!(
+        count(n1, "SELECT count(*) FROM mtm.conflicts WHERE kept NOT IN ('local', 'remote') OR remote_node = 1"),
+        0
+    );
+    eprintln!("{conflicts} update/update conflicts resolved");
+}
