@@ -8,6 +8,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 mod apply;
+mod executor_hook;
 mod functions;
 mod gucs;
 mod libpq;
@@ -37,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
         status::init();
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
             receiver::register(config);
+            executor_hook::install();
         }
     }
 }

@@ -367,8 +367,18 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     let class = unsafe { &*r.rd_rel };
     let schema =
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
-    if schema == "mtm" {
-        // mmts's own bookkeeping (e.g. mtm.conflicts) is per node.
+    let keyless = unsafe { !crate::executor_hook::has_replica_identity(rel) };
+    if schema == "mtm" || (keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get()) {
+        // mmts's own bookkeeping (e.g. mtm.conflicts) is per node, and so are tables without
+        // a key when multimaster.ignore_tables_without_pk is on.
+        if schema != "mtm" {
+            let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy();
+            ereport!(
+                PgLogLevel::LOG,
+                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+                format!("mmts: table \"{schema}\".\"{name}\" has no primary key or replica identity and stays local")
+            );
+        }
         SESSION.with(|s| {
             if let Some(m) = s.borrow_mut().mmts.as_mut() {
                 m.relations.insert(relid, None);

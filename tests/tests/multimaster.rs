@@ -206,3 +206,36 @@ fn conflicting_updates_converge_and_are_recorded() {
     );
     eprintln!("{conflicts} update/update conflicts resolved");
 }
+
+#[test]
+fn tables_without_a_key_follow_the_setting() {
+    // Off (the default): a write that could not be replicated faithfully is refused.
+    let cluster = start(2);
+    for node in cluster.nodes() {
+        node.execute("CREATE TABLE nokey(x int)");
+    }
+    let err = cluster.node(1).connect().batch_execute("INSERT INTO nokey VALUES (1)").unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "55000");
+    assert!(db.message().contains("\"nokey\" has no primary key or replica identity"), "{}", db.message());
+    assert!(db.hint().unwrap().contains("multimaster.ignore_tables_without_pk"));
+    // REPLICA IDENTITY FULL is enough.
+    cluster.node(1).execute("ALTER TABLE nokey REPLICA IDENTITY FULL; INSERT INTO nokey VALUES (1), (1); DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey)");
+    cluster.node(2).execute("ALTER TABLE nokey REPLICA IDENTITY FULL");
+    drop(cluster);
+
+    // On: such tables stay on the node that writes them.
+    let cluster = ClusterBuilder::new(2).set("multimaster.ignore_tables_without_pk", "on").start();
+    for node in cluster.nodes() {
+        node.execute("CREATE TABLE nokey(x int); CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster.node(1).execute("INSERT INTO nokey VALUES (1); INSERT INTO t VALUES (1, 'after')");
+    wait_for("the keyed row", WAIT, || count(cluster.node(2), "SELECT count(*) FROM t") == 1);
+    assert_eq!(count(cluster.node(2), "SELECT count(*) FROM nokey"), 0);
+    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM nokey"), 1);
+    assert!(cluster
+        .node(1)
+        .log_tail(400)
+        .contains("\"public\".\"nokey\" has no primary key or replica identity and stays local"));
+}

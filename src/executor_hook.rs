@@ -1,0 +1,88 @@
+//! `ExecutorStart_hook`: refuses writes that mmts could not replicate faithfully. A table
+//! without a primary key or replica identity cannot have its updates and deletes found on the
+//! peers, so with `multimaster.ignore_tables_without_pk = off` (the default) any write to one
+//! is an error instead of a silent divergence; with it on, such tables stay local (the output
+//! plugin does not send them).
+
+use std::ffi::CStr;
+
+use mmts_core::config::Mode;
+use pgrx::pg_sys;
+use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+static mut PREVIOUS: pg_sys::ExecutorStart_hook_type = None;
+
+pub fn install() {
+    unsafe {
+        PREVIOUS = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+    }
+}
+
+/// Whether mmts replicates writes to `rel` (a permanent table outside schema mtm).
+pub unsafe fn replicated_table(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        let class = &*(*rel).rd_rel;
+        class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+            && class.relpersistence == pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char
+            && (*rel).rd_id.to_u32() >= pg_sys::FirstNormalObjectId
+            && CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)).to_bytes() != b"mtm"
+    }
+}
+
+/// Whether updates and deletes of `rel` can be found on the peers.
+pub unsafe fn has_replica_identity(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        (*(*rel).rd_rel).relreplident == pg_sys::REPLICA_IDENTITY_FULL as std::ffi::c_char
+            || pg_sys::RelationGetReplicaIndex(rel) != pg_sys::InvalidOid
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    unsafe {
+        if matches!(gucs::mode(), Mode::Multimaster(_)) && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
+            check_result_relations((*query).plannedstmt);
+        }
+        match PREVIOUS {
+            Some(previous) => pg_guard_ffi_boundary(|| previous(query, eflags)),
+            None => pg_sys::standard_ExecutorStart(query, eflags),
+        }
+    }
+}
+
+unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
+    unsafe {
+        let results = (*stmt).resultRelations;
+        let n = if results.is_null() { 0 } else { (*results).length };
+        for i in 0..n {
+            let rti = pg_sys::list_nth_int(results, i);
+            let rte = pg_sys::list_nth((*stmt).rtable, rti - 1) as *mut pg_sys::RangeTblEntry;
+            if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+                continue;
+            }
+            let rel = pg_sys::RelationIdGetRelation((*rte).relid);
+            if rel.is_null() {
+                continue;
+            }
+            let refuse = replicated_table(rel) && !has_replica_identity(rel);
+            let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
+            pg_sys::RelationClose(rel);
+            if refuse {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("table \"{name}\" has no primary key or replica identity, so mmts cannot replicate writes to it"),
+                    "mmts",
+                )
+                .set_hint(
+                    "Add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set multimaster.ignore_tables_without_pk = on to keep such tables local to each node.",
+                )
+                .report(PgLogLevel::ERROR);
+            }
+        }
+    }
+}
