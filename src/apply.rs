@@ -48,6 +48,8 @@ pub struct Applier {
     in_transaction: bool,
     /// Commit (or prepare) time of the peer's transaction being applied.
     remote_time: pg_sys::TimestampTz,
+    /// Replication origins of other nodes, as found so far.
+    origins: HashMap<pg_sys::RepOriginId, u32>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -63,7 +65,7 @@ fn cstring(s: &str) -> CString {
 
 impl Applier {
     pub fn new(peer: u32, me: u32) -> Applier {
-        Applier { peer, me, relations: HashMap::new(), in_transaction: false, remote_time: 0 }
+        Applier { peer, me, relations: HashMap::new(), in_transaction: false, remote_time: 0, origins: HashMap::new() }
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -312,7 +314,7 @@ impl Applier {
     }
 
     /// When and where the local version in `slot` was committed.
-    unsafe fn version(&self, slot: *mut pg_sys::TupleTableSlot) -> Version {
+    unsafe fn version(&mut self, slot: *mut pg_sys::TupleTableSlot) -> Version {
         unsafe {
             let mut should_free = false;
             let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
@@ -329,22 +331,28 @@ impl Applier {
     }
 
     /// The node whose changes carry replication origin `origin` here (0 for unknown origins).
-    fn node_of_origin(&self, origin: pg_sys::RepOriginId) -> u32 {
+    fn node_of_origin(&mut self, origin: pg_sys::RepOriginId) -> u32 {
         if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             return self.me;
         }
+        if let Some(node) = self.origins.get(&origin) {
+            return *node;
+        }
         let Mode::Multimaster(config) = gucs::mode() else { return 0 };
-        config
+        let node = config
             .peers()
             .find(|n| {
                 let name = cstring(&crate::receiver::origin_name(n.id.0));
                 unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) == origin }
             })
-            .map(|n| n.id.0)
-            .unwrap_or(0)
+            .map(|n| n.id.0);
+        if let Some(node) = node {
+            self.origins.insert(origin, node); // origins are never renumbered
+        }
+        node.unwrap_or(0)
     }
 
-    /// Writes a conflict to `mtm.conflicts` (when the extension exists here) and the log.
+    /// Writes a conflict to `mtm.conflicts`, or to the log when the extension is not created here.
     fn record_conflict(
         &self,
         rel: pg_sys::Relation,
@@ -371,19 +379,21 @@ impl Applier {
             .collect::<Vec<_>>()
             .join(", ");
         let kept = if remote_won { "remote" } else { "local" };
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            format!(
-                "mmts: {kind} conflict on {table}: kept the {kept} version (remote from node {}, row ({row_text}))",
-                remote.node
-            )
-        );
         let exists = unsafe {
             let ns = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
             ns != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"conflicts".as_ptr(), ns) != pg_sys::InvalidOid
         };
-        if exists {
+        if !exists {
+            // Without the extension here, the server log is the record.
+            ereport!(
+                PgLogLevel::LOG,
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                format!(
+                    "mmts: {kind} conflict on {table}: kept the {kept} version (remote from node {}, row ({row_text}))",
+                    remote.node
+                )
+            );
+        } else {
             let to_ts = |t: i64| {
                 (t != 0)
                     .then(|| unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) })

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use mmts_core::config::{ClusterConfig, Mode};
-use mmts_core::replication::{format_lsn, status_update, ServerMessage};
+use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
 use mmts_core::wire;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -56,20 +56,20 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
     let peer = config.nodes.iter().find(|n| n.id.0 == peer_id).expect("peer configured");
-    // As PostgreSQL's apply workers: only replica triggers fire, and names are always qualified.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"session_replication_role".as_ptr(),
-            c"replica".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    // As PostgreSQL's apply workers: only replica triggers fire, names are always qualified,
+    // and applied transactions commit asynchronously (the peer learns that a position is
+    // durable here only once the local WAL is flushed past its commit: see `Progress`).
+    for (name, value) in
+        [(c"session_replication_role", c"replica"), (c"search_path", c""), (c"synchronous_commit", c"off")]
+    {
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
     }
     BackgroundWorker::connect_worker_to_spi(me.conninfo.get("dbname"), me.conninfo.get("user"));
 
@@ -143,11 +143,9 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     let mut applier = Applier::new(peer_id, config.node_id.0);
     let mut last_heard = Instant::now();
     let mut last_sent = Instant::now() - heartbeat;
-    let mut received_end = start;
-    // Everything of the peer's WAL up to here is applied (or was not for us): what this node
-    // reports as flushed, so the peer's slot can advance and its walsender can finish a
-    // shutdown. Commits are synchronous, so applied means durable.
-    let mut flushed = start;
+    // What this node reports as flushed lets the peer's slot advance and its walsender finish
+    // a shutdown.
+    let mut progress = Progress::new(start);
     loop {
         loop {
             match conn.get_copy_data()? {
@@ -157,36 +155,39 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
                     let now = unsafe { pg_sys::GetCurrentTimestamp() };
                     match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
                         ServerMessage::XLogData { end, data, .. } => {
-                            received_end = received_end.max(end);
+                            progress.received(end);
                             let message = wire::decode(data).map_err(|e| PqError {
                                 message: format!("malformed mmts message from node {peer_id}: {e}"),
                                 sqlstate: None,
                             })?;
                             let done = applier.apply(message);
+                            if done.is_some() {
+                                progress.committed(unsafe { pg_sys::XactLastCommitEnd });
+                            }
                             if !applier.in_transaction() {
-                                flushed = flushed.max(received_end);
+                                progress.caught_up();
                             }
                             status::update(peer_id, |p| {
                                 if let Some(done) = &done {
                                     p.applied_commit_time = done.commit_time;
                                     p.transactions_applied += 1;
                                 }
-                                p.applied_lsn = flushed;
+                                p.applied_lsn = progress.applied_lsn();
                                 p.last_message_time = now;
                                 p.peer_wal_end = p.peer_wal_end.max(end);
                             });
                         }
                         ServerMessage::Keepalive { end, reply_requested, .. } => {
-                            received_end = received_end.max(end);
+                            progress.received(end);
                             // The peer has sent everything up to `end` (what it skipped carries
                             // other origins); between transactions, all of it is applied here.
                             if !applier.in_transaction() {
-                                flushed = flushed.max(received_end);
+                                progress.caught_up();
                             }
                             status::update(peer_id, |p| {
                                 p.last_message_time = now;
                                 p.peer_wal_end = p.peer_wal_end.max(end);
-                                p.applied_lsn = flushed;
+                                p.applied_lsn = progress.applied_lsn();
                             });
                             if reply_requested {
                                 last_sent = Instant::now() - heartbeat;
@@ -205,7 +206,8 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         if last_sent.elapsed() >= heartbeat {
             // Asking for a reply makes the peer answer with a keepalive: our heartbeat.
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
-            conn.put_copy_data(&status_update(received_end, flushed, flushed, now, true))?;
+            let flushed = progress.flushed(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
+            conn.put_copy_data(&status_update(progress.received_lsn(), flushed, flushed, now, true))?;
             last_sent = Instant::now();
         }
         let timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));

@@ -64,9 +64,87 @@ pub fn format_lsn(lsn: Lsn) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// Where a receiver stands in its peer's WAL. Local commits of applied transactions are
+/// asynchronous, so a position is reported as flushed only once the local commit that applied
+/// it is on disk here; positions with nothing for this node (other origins, keepalives)
+/// count as flushed once everything before them is.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    received: Lsn,
+    applied: Lsn,
+    flushed: Lsn,
+    /// (peer position, local commit end) of applied transactions not yet known to be flushed.
+    pending: std::collections::VecDeque<(Lsn, Lsn)>,
+}
+
+impl Progress {
+    pub fn new(start: Lsn) -> Progress {
+        Progress { received: start, applied: start, flushed: start, pending: Default::default() }
+    }
+
+    /// Something up to `end` of the peer's WAL arrived.
+    pub fn received(&mut self, end: Lsn) {
+        self.received = self.received.max(end);
+    }
+
+    /// No transaction is half-applied: everything received is applied.
+    pub fn caught_up(&mut self) {
+        self.applied = self.received;
+    }
+
+    /// A transaction ending at the current received position was committed here, its commit
+    /// record ending at `local_end`.
+    pub fn committed(&mut self, local_end: Lsn) {
+        self.pending.push_back((self.received, local_end));
+    }
+
+    /// Given that this node's WAL is flushed up to `local_flushed`, the peer position that is
+    /// durable here.
+    pub fn flushed(&mut self, local_flushed: Lsn) -> Lsn {
+        while let Some(&(peer, local)) = self.pending.front() {
+            if local > local_flushed {
+                return self.flushed;
+            }
+            self.flushed = self.flushed.max(peer);
+            self.pending.pop_front();
+        }
+        self.flushed = self.flushed.max(self.applied);
+        self.flushed
+    }
+
+    pub fn received_lsn(&self) -> Lsn {
+        self.received
+    }
+
+    pub fn applied_lsn(&self) -> Lsn {
+        self.applied
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flushed_waits_for_local_flush() {
+        let mut p = Progress::new(100);
+        p.received(150);
+        assert_eq!(p.flushed(0), 100, "mid-transaction: nothing new is flushed");
+        p.committed(1000);
+        p.caught_up();
+        assert_eq!(p.applied_lsn(), 150);
+        assert_eq!(p.flushed(999), 100, "local commit not flushed yet");
+        p.received(200); // a keepalive: nothing for us up to 200
+        p.caught_up();
+        assert_eq!(p.flushed(999), 100, "later positions wait for the earlier commit");
+        assert_eq!(p.flushed(1000), 200);
+        p.received(300);
+        p.committed(1100);
+        p.caught_up();
+        assert_eq!(p.flushed(1050), 200);
+        assert_eq!(p.flushed(1100), 300);
+        assert_eq!(p.received_lsn(), 300);
+    }
 
     #[test]
     fn xlogdata_and_keepalive() {

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Throughput of a 3-node mmts cluster against one standalone PostgreSQL, in one run.
+#
+# pgbench tpcb-like with the same total client count: CLIENTS against the standalone server,
+# and CLIENTS split over the three nodes (writes on all of them at once). Prints TPS of both,
+# the ratio, and the replication lag (p50/p99, from mtm.get_nodes_state() sampled every
+# 100 ms on every node during the cluster run).
+#
+#   bench/cluster.sh                 (needs mmts installed: scripts/install.sh)
+#   SCALE=10 CLIENTS=6 SECONDS_=30 bench/cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=/usr/lib/postgresql/15/bin
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-6}
+DURATION=${SECONDS_:-20}
+BASE=${PORT:-26432}
+
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+DIR=$(mktemp -d /tmp/mmts-bench-cluster.XXXXXX)
+[ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
+stop_all() {
+  for d in "$DIR"/*/; do as_pg "$BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true; done
+  rm -rf "$DIR"
+}
+trap stop_all EXIT
+
+conns=""
+for i in 1 2 3; do conns+="${conns:+, }host=127.0.0.1 port=$((BASE + i)) user=postgres dbname=postgres"; done
+start_server() { # name port [multimaster node id]
+  local d="$DIR/$1"
+  as_pg "$BIN/initdb" -D "$d" -A trust -U postgres --no-sync >/dev/null
+  cat >> "$d/postgresql.conf" <<CONF
+port = $2
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$DIR'
+shared_preload_libraries = 'mmts'
+output_plugin_libraries = 'pgoutput, test_decoding, mmts'
+wal_level = logical
+track_commit_timestamp = on
+max_prepared_transactions = 50
+max_wal_senders = 10
+max_replication_slots = 10
+max_worker_processes = 16
+shared_buffers = 256MB
+max_wal_size = 4GB
+CONF
+  if [ -n "${3:-}" ]; then
+    printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'\n" "$3" "$conns" >> "$d/postgresql.conf"
+  fi
+  as_pg "$BIN/pg_ctl" -D "$d" -l "$d/server.log" -w start >/dev/null
+}
+q() { psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "$2"; }
+
+echo "==> servers in $DIR: standalone on $BASE, cluster on $((BASE + 1))..$((BASE + 3))"
+start_server standalone "$BASE"
+for i in 1 2 3; do start_server "node$i" $((BASE + i)) "$i"; done
+
+echo "==> pgbench tables (scale $SCALE) on every node, data loaded on node 1 and replicated"
+for i in 1 2 3; do
+  p=$((BASE + i))
+  pgbench -q -i -I dtp -s "$SCALE" -h 127.0.0.1 -p "$p" -U postgres postgres >/dev/null 2>&1
+  q "$p" "CREATE EXTENSION mmts; ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+done
+for i in 1 2 3; do
+  until [ "$(q $((BASE + i)) "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")" -ge 2 ]; do sleep 0.2; done
+done
+pgbench -q -i -I g -s "$SCALE" -h 127.0.0.1 -p $((BASE + 1)) -U postgres postgres >/dev/null 2>&1
+for i in 2 3; do
+  until [ "$(q $((BASE + i)) "SELECT count(*) FROM pgbench_accounts")" = "$((SCALE * 100000))" ]; do sleep 0.5; done
+done
+pgbench -q -i -s "$SCALE" -h 127.0.0.1 -p "$BASE" -U postgres postgres >/dev/null 2>&1
+
+tps() { grep -oE 'tps = [0-9.]+' "$1" | head -1 | awk '{print $3}'; }
+echo "==> standalone: pgbench tpcb-like, $CLIENTS clients, ${DURATION}s"
+pgbench -n -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -h 127.0.0.1 -p "$BASE" -U postgres postgres > "$DIR/standalone.out" 2>&1
+standalone=$(tps "$DIR/standalone.out")
+
+per_node=$(( (CLIENTS + 2) / 3 ))
+echo "==> cluster: pgbench tpcb-like on all 3 nodes at once, $per_node clients each, ${DURATION}s"
+: > "$DIR/lag.txt"
+( end=$((SECONDS + DURATION)); while [ $SECONDS -lt $end ]; do
+    for i in 1 2 3; do
+      q $((BASE + i)) "SELECT coalesce(max(extract(epoch FROM lag) * 1000), 0) FROM mtm.get_nodes_state() WHERE NOT is_self" >> "$DIR/lag.txt" 2>/dev/null || true
+    done
+    sleep 0.1
+  done ) &
+sampler=$!
+for i in 1 2 3; do
+  pgbench -n -c "$per_node" -j "$per_node" -T "$DURATION" -h 127.0.0.1 -p $((BASE + i)) -U postgres postgres > "$DIR/node$i.out" 2>&1 &
+done
+wait $(jobs -p | grep -v "^$sampler$") 2>/dev/null || true
+wait "$sampler" || true
+cluster=0
+for i in 1 2 3; do cluster=$(awk -v a="$cluster" -v b="$(tps "$DIR/node$i.out")" 'BEGIN { print a + b }'); done
+sort -n "$DIR/lag.txt" > "$DIR/lag.sorted"
+pct() { awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print "n/a"; exit } i = int(NR * p / 100); if (i < 1) i = 1; printf "%.1f", v[i] }' "$DIR/lag.sorted"; }
+conflicts=0
+for i in 1 2 3; do conflicts=$((conflicts + $(q $((BASE + i)) "SELECT count(*) FROM mtm.conflicts"))); done
+
+echo
+printf '%-28s %10s\n' "standalone TPS" "$standalone"
+printf '%-28s %10s\n' "3-node cluster TPS (sum)" "$cluster"
+printf '%-28s %10s\n' "ratio cluster/standalone" "$(awk -v c="$cluster" -v s="$standalone" 'BEGIN { printf "%.2f", c / s }')"
+printf '%-28s %10s\n' "replication lag p50 (ms)" "$(pct 50)"
+printf '%-28s %10s\n' "replication lag p99 (ms)" "$(pct 99)"
+printf '%-28s %10s\n' "conflicts resolved (LWW)" "$conflicts"
