@@ -18,3 +18,41 @@ CREATE TABLE mtm.conflicts (
     remote_row text
 );
 COMMENT ON TABLE mtm.conflicts IS 'mmts: write conflicts resolved on this node';
+
+-- Tables mmts does not replicate (see mtm.make_table_local). This table is replicated itself,
+-- so the choice reaches every node, and is a user catalog table so that the output plugin can
+-- read it as of the change being decoded.
+CREATE TABLE mtm.local_tables (
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    PRIMARY KEY (schema_name, table_name)
+) WITH (user_catalog_table = true);
+COMMENT ON TABLE mtm.local_tables IS 'mmts: tables kept local to each node';
+GRANT SELECT ON mtm.local_tables TO PUBLIC;
+
+CREATE FUNCTION mtm.require_superuser(what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'permission denied for %', what
+            USING ERRCODE = '42501', HINT = 'Only superusers may change what mmts replicates.';
+    END IF;
+END $$;
+
+-- Stops replicating a table on every node: later writes to it stay on the node that makes them.
+CREATE FUNCTION mtm.make_table_local(relation regclass) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.require_superuser('mtm.make_table_local');
+    INSERT INTO mtm.local_tables
+    SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relation
+       AND NOT EXISTS (SELECT FROM mtm.local_tables l WHERE l.schema_name = n.nspname AND l.table_name = c.relname);
+END $$;
+
+-- Replicates a table made local again (its contents may differ between nodes by then).
+CREATE FUNCTION mtm.make_table_replicated(relation regclass) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM mtm.require_superuser('mtm.make_table_replicated');
+    DELETE FROM mtm.local_tables l
+     USING pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relation AND l.schema_name = n.nspname AND l.table_name = c.relname;
+END $$;

@@ -214,6 +214,7 @@ impl Applier {
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
             let rel = self.open(relation, pg_sys::RowExclusiveLock);
             let remote = self.remote(relation);
+            let lists_local_tables = remote.schema == "mtm" && remote.name == "local_tables";
             let desc = (*rel).rd_att;
             let natts = (*desc).natts as usize;
             // For each local column, the position of the peer's column of the same name.
@@ -303,6 +304,10 @@ impl Applier {
                 (Change::Delete, false) => {} // already gone here
             }
             pg_sys::EvalPlanQualEnd(&mut epq);
+            if lists_local_tables {
+                // Which tables are local changed: this node's walsenders must look again.
+                invalidate_named_table(old.or(new).expect("a change has a row"));
+            }
             pg_sys::ExecCloseIndices(rri);
             pg_sys::AfterTriggerEndQuery(estate);
             pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
@@ -439,6 +444,25 @@ impl Applier {
             }
             pg_sys::PopActiveSnapshot();
             pg_sys::CommandCounterIncrement();
+        }
+    }
+}
+
+/// Invalidates the relcache entry of the table a row of mtm.local_tables names, if it exists.
+unsafe fn invalidate_named_table(row: &[Value]) {
+    let (Some(Value::Text(schema)), Some(Value::Text(name))) = (row.first(), row.get(1)) else { return };
+    let (schema, name) = (cstring(schema), cstring(name));
+    unsafe {
+        let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid != pg_sys::InvalidOid {
+            pg_sys::CacheInvalidateRelcacheByRelid(relid);
         }
     }
 }

@@ -54,6 +54,66 @@ struct MmtsSession {
     origin: u32,
     /// Where the output functions' state lives: the decoding context's memory.
     memory: pg_sys::MemoryContext,
+    /// The transaction being decoded changes mtm.local_tables.
+    local_tables_seen: bool,
+}
+
+/// The table listing the tables mmts keeps local (in schema mtm).
+const LOCAL_TABLES: &str = "local_tables";
+
+/// Whether `schema.name` is listed in mtm.local_tables, as of the change being decoded.
+unsafe fn listed_local(schema: &str, name: &str) -> bool {
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return false;
+        }
+        let relid = pg_sys::get_relname_relid(c"local_tables".as_ptr(), ns);
+        if relid == pg_sys::InvalidOid {
+            return false;
+        }
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::systable_beginscan(
+            rel,
+            pg_sys::InvalidOid,
+            false,
+            pg_sys::GetCatalogSnapshot(relid),
+            0,
+            std::ptr::null_mut(),
+        );
+        let mut found = false;
+        let mut values = [pg_sys::Datum::from(0); 2];
+        let mut nulls = [false; 2];
+        loop {
+            let tuple = pg_sys::systable_getnext(scan);
+            if tuple.is_null() {
+                break;
+            }
+            pg_sys::heap_deform_tuple(tuple, (*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let text = |d: pg_sys::Datum| {
+                CStr::from_ptr(pg_sys::text_to_cstring(d.cast_mut_ptr())).to_string_lossy().into_owned()
+            };
+            if !nulls[0] && !nulls[1] && text(values[0]) == schema && text(values[1]) == name {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
+    }
+}
+
+/// After a transaction that changed mtm.local_tables, forgets what was decided per table.
+fn end_of_transaction() {
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            if m.local_tables_seen {
+                m.local_tables_seen = false;
+                m.relations.clear();
+            }
+        }
+    });
 }
 
 /// Output function of each column sent (`None`: dropped or generated); `None` as a whole
@@ -179,7 +239,9 @@ unsafe extern "C-unwind" fn startup(
         Mode::Standalone => 0,
     };
     let memory = unsafe { (*ctx).context };
-    SESSION.with(|s| s.borrow_mut().mmts = Some(MmtsSession { relations: HashMap::new(), origin, memory }));
+    SESSION.with(|s| {
+        s.borrow_mut().mmts = Some(MmtsSession { relations: HashMap::new(), origin, memory, local_tables_seen: false })
+    });
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
         (*ctx).streaming = false;
@@ -245,6 +307,7 @@ unsafe extern "C-unwind" fn commit(
         commit_time: unsafe { t.xact_time.commit_time },
     };
     unsafe { send(ctx, &msg, true) };
+    end_of_transaction();
 }
 
 fn gid(txn: &pg_sys::ReorderBufferTXN) -> String {
@@ -288,6 +351,7 @@ unsafe extern "C-unwind" fn prepare(
         prepare_time: unsafe { t.xact_time.prepare_time },
     };
     unsafe { send(ctx, &msg, true) };
+    end_of_transaction();
 }
 
 #[pg_guard]
@@ -306,6 +370,7 @@ unsafe extern "C-unwind" fn commit_prepared(
         commit_time: unsafe { t.xact_time.commit_time },
     };
     unsafe { send(ctx, &msg, true) };
+    end_of_transaction();
 }
 
 #[pg_guard]
@@ -325,6 +390,7 @@ unsafe extern "C-unwind" fn rollback_prepared(
         rollback_time: unsafe { t.xact_time.commit_time },
     };
     unsafe { send(ctx, &msg, true) };
+    end_of_transaction();
 }
 
 #[pg_guard]
@@ -367,12 +433,13 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     let class = unsafe { &*r.rd_rel };
     let schema =
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
+    let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
     let keyless = unsafe { !crate::executor_hook::has_replica_identity(rel) };
-    if schema == "mtm" || (keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get()) {
+    let own = schema == "mtm" && name != LOCAL_TABLES;
+    if own || (keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get()) || unsafe { listed_local(&schema, &name) } {
         // mmts's own bookkeeping (e.g. mtm.conflicts) is per node, and so are tables without
         // a key when multimaster.ignore_tables_without_pk is on.
-        if schema != "mtm" {
-            let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy();
+        if keyless && !own {
             ereport!(
                 PgLogLevel::LOG,
                 PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
@@ -410,7 +477,15 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
             unsafe { CStr::from_ptr(pg_sys::format_type_be_qualified(att.atttypid)) }.to_string_lossy().into_owned();
         columns.push(Column { name: att.name().to_string(), type_name, type_modifier: att.atttypmod, key });
     }
-    let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
+    if schema == "mtm" {
+        // A change to mtm.local_tables: once its transaction is decoded, every table must be
+        // checked again.
+        SESSION.with(|s| {
+            if let Some(m) = s.borrow_mut().mmts.as_mut() {
+                m.local_tables_seen = true;
+            }
+        });
+    }
     let msg = Message::Relation(WireRelation { id: relid.to_u32(), schema, name, replica_identity: identity, columns });
     let outputs: OutputFunctions = Some(outputs.into());
     SESSION.with(|s| {

@@ -239,3 +239,45 @@ fn tables_without_a_key_follow_the_setting() {
         .log_tail(400)
         .contains("\"public\".\"nokey\" has no primary key or replica identity and stays local"));
 }
+
+#[test]
+fn make_table_local_and_back() {
+    let cluster = start(3);
+    for node in cluster.nodes() {
+        node.execute("CREATE TABLE marker(id bigint PRIMARY KEY)");
+    }
+    let (n1, n2, n3) = (cluster.node(1), cluster.node(2), cluster.node(3));
+    // Only superusers change what is replicated.
+    n1.execute("CREATE ROLE app LOGIN");
+    let mut app = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=app dbname=postgres", n1.port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    let err = app.batch_execute("SELECT mtm.make_table_local('t')").unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+
+    n1.execute("SELECT mtm.make_table_local('t')");
+    for node in cluster.nodes() {
+        wait_for("the local table listed everywhere", WAIT, || {
+            count(node, "SELECT count(*) FROM mtm.local_tables") == 1
+        });
+    }
+    n1.execute("INSERT INTO t VALUES (1, 'only on node 1'); INSERT INTO marker VALUES (1)");
+    n2.execute("INSERT INTO t VALUES (2, 'only on node 2'); INSERT INTO marker VALUES (2)");
+    for node in cluster.nodes() {
+        wait_for("markers everywhere", WAIT, || count(node, "SELECT count(*) FROM marker") == 2);
+    }
+    assert_eq!(n1.query_rows("SELECT id FROM t"), ["1"]);
+    assert_eq!(n2.query_rows("SELECT id FROM t"), ["2"]);
+    assert_eq!(count(n3, "SELECT count(*) FROM t"), 0);
+
+    n2.execute("SELECT mtm.make_table_replicated('t')");
+    for node in cluster.nodes() {
+        wait_for("the table unlisted everywhere", WAIT, || count(node, "SELECT count(*) FROM mtm.local_tables") == 0);
+    }
+    n3.execute("INSERT INTO t VALUES (3, 'replicated again')");
+    for node in cluster.nodes() {
+        wait_for("row 3 everywhere", WAIT, || count(node, "SELECT count(*) FROM t WHERE id = 3") == 1);
+    }
+}
