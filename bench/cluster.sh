@@ -4,7 +4,7 @@
 # pgbench tpcb-like with the same total client count: CLIENTS against the standalone server,
 # and CLIENTS split over the three nodes (writes on all of them at once). Prints TPS of both,
 # the ratio, and the replication lag (p50/p99, from mtm.get_nodes_state() sampled every
-# 100 ms on every node during the cluster run).
+# 100 ms on every node during the cluster run), and the write conflicts resolved.
 #
 #   bench/cluster.sh                 (needs mmts installed: scripts/install.sh)
 #   SCALE=10 CLIENTS=6 SECONDS_=30 bench/cluster.sh
@@ -79,20 +79,19 @@ standalone=$(tps "$DIR/standalone.out")
 per_node=$(( (CLIENTS + 2) / 3 ))
 echo "==> cluster: pgbench tpcb-like on all 3 nodes at once, $per_node clients each, ${DURATION}s"
 : > "$DIR/lag.txt"
-( end=$((SECONDS + DURATION)); while [ $SECONDS -lt $end ]; do
-    for i in 1 2 3; do
-      q $((BASE + i)) "SELECT coalesce(max(extract(epoch FROM lag) * 1000), 0) FROM mtm.get_nodes_state() WHERE NOT is_self" >> "$DIR/lag.txt" 2>/dev/null || true
-    done
-    sleep 0.1
-  done ) &
-sampler=$!
+# One sampling session per node (psql \watch), so that sampling costs little CPU.
+for i in 1 2 3; do
+  { echo "SELECT coalesce(max(extract(epoch FROM lag) * 1000), 0) FROM mtm.get_nodes_state() WHERE NOT is_self"; echo '\watch 0.1'; } |
+    timeout "$DURATION" psql -X -q -At -h 127.0.0.1 -p $((BASE + i)) -U postgres -d postgres >> "$DIR/lag.txt" 2>/dev/null &
+done
 for i in 1 2 3; do
   pgbench -n -c "$per_node" -j "$per_node" -T "$DURATION" -h 127.0.0.1 -p $((BASE + i)) -U postgres postgres > "$DIR/node$i.out" 2>&1 &
 done
-wait $(jobs -p | grep -v "^$sampler$") 2>/dev/null || true
-wait "$sampler" || true
+wait
 cluster=0
 for i in 1 2 3; do cluster=$(awk -v a="$cluster" -v b="$(tps "$DIR/node$i.out")" 'BEGIN { print a + b }'); done
+grep -E '^[0-9.]+$' "$DIR/lag.txt" > "$DIR/lag.clean" || true
+mv "$DIR/lag.clean" "$DIR/lag.txt"
 sort -n "$DIR/lag.txt" > "$DIR/lag.sorted"
 pct() { awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print "n/a"; exit } i = int(NR * p / 100); if (i < 1) i = 1; printf "%.1f", v[i] }' "$DIR/lag.sorted"; }
 conflicts=0

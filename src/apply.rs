@@ -50,6 +50,7 @@ pub struct Applier {
     remote_time: pg_sys::TimestampTz,
     /// Replication origins of other nodes, as found so far.
     origins: HashMap<pg_sys::RepOriginId, u32>,
+    conflict_insert: Option<pgrx::spi::OwnedPreparedStatement>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -65,7 +66,15 @@ fn cstring(s: &str) -> CString {
 
 impl Applier {
     pub fn new(peer: u32, me: u32) -> Applier {
-        Applier { peer, me, relations: HashMap::new(), in_transaction: false, remote_time: 0, origins: HashMap::new() }
+        Applier {
+            peer,
+            me,
+            relations: HashMap::new(),
+            in_transaction: false,
+            remote_time: 0,
+            origins: HashMap::new(),
+            conflict_insert: None,
+        }
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -359,7 +368,7 @@ impl Applier {
 
     /// Writes a conflict to `mtm.conflicts`, or to the log when the extension is not created here.
     fn record_conflict(
-        &self,
+        &mut self,
         rel: pg_sys::Relation,
         kind: &str,
         remote: Version,
@@ -406,21 +415,33 @@ impl Applier {
             };
             let local_node = local.map(|l| l.node.0 as i32);
             let local_time = local.and_then(|l| to_ts(l.commit_time));
-            Spi::run_with_args(
-                "INSERT INTO mtm.conflicts(relation, kind, remote_node, remote_commit_time, local_node, local_commit_time, kept, remote_row)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    table.as_str().into(),
-                    kind.into(),
-                    (remote.node.0 as i32).into(),
-                    to_ts(remote.commit_time).into(),
-                    local_node.into(),
-                    local_time.into(),
-                    kept.into(),
-                    row_text.as_str().into(),
-                ],
-            )
-            .expect("record the conflict");
+            let args = [
+                table.as_str().into(),
+                kind.into(),
+                (remote.node.0 as i32).into(),
+                to_ts(remote.commit_time).into(),
+                local_node.into(),
+                local_time.into(),
+                kept.into(),
+                row_text.as_str().into(),
+            ];
+            // Planned once per receiver: conflicts can come with every applied transaction.
+            let plan = self.conflict_insert.get_or_insert_with(|| {
+                use pgrx::pg_sys::BuiltinOid::{INT4OID, TEXTOID, TIMESTAMPTZOID};
+                let types = [TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID, INT4OID, TIMESTAMPTZOID, TEXTOID, TEXTOID]
+                    .map(pgrx::PgOid::BuiltIn);
+                Spi::connect(|client| {
+                    client
+                        .prepare_mut(
+                            "INSERT INTO mtm.conflicts(relation, kind, remote_node, remote_commit_time, local_node, local_commit_time, kept, remote_row)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                            &types,
+                        )
+                        .map(|p| p.keep())
+                })
+                .expect("plan the conflict record")
+            });
+            Spi::connect_mut(|client| client.update(&*plan, None, &args).map(|_| ())).expect("record the conflict");
         }
     }
 
