@@ -10,51 +10,20 @@
 #   SCALE=10 CLIENTS=6 SECONDS_=30 bench/cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=/usr/lib/postgresql/15/bin
 SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-6}
 DURATION=${SECONDS_:-20}
 BASE=${PORT:-26432}
-
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-DIR=$(mktemp -d /tmp/mmts-bench-cluster.XXXXXX)
-[ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
-stop_all() {
-  for d in "$DIR"/*/; do as_pg "$BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true; done
-  rm -rf "$DIR"
-}
-trap stop_all EXIT
+BENCH_NAME=cluster
+. bench/common.sh
 
 conns=""
 for i in 1 2 3; do conns+="${conns:+, }host=127.0.0.1 port=$((BASE + i)) user=postgres dbname=postgres"; done
-start_server() { # name port [multimaster node id]
-  local d="$DIR/$1"
-  as_pg "$BIN/initdb" -D "$d" -A trust -U postgres --no-sync >/dev/null
-  cat >> "$d/postgresql.conf" <<CONF
-port = $2
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'mmts'
-output_plugin_libraries = 'pgoutput, test_decoding, mmts'
-wal_level = logical
-track_commit_timestamp = on
-max_prepared_transactions = 50
-max_wal_senders = 10
-max_replication_slots = 10
-max_worker_processes = 16
-shared_buffers = 256MB
-max_wal_size = 4GB
-CONF
-  if [ -n "${3:-}" ]; then
-    printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'\n" "$3" "$conns" >> "$d/postgresql.conf"
-  fi
-  as_pg "$BIN/pg_ctl" -D "$d" -l "$d/server.log" -w start >/dev/null
-}
-q() { psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "$2"; }
+node_conf() { printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'" "$1" "$conns"; }
 
 echo "==> servers in $DIR: standalone on $BASE, cluster on $((BASE + 1))..$((BASE + 3))"
 start_server standalone "$BASE"
-for i in 1 2 3; do start_server "node$i" $((BASE + i)) "$i"; done
+for i in 1 2 3; do start_server "node$i" $((BASE + i)) "$(node_conf "$i")"; done
 
 echo "==> pgbench tables (scale $SCALE) on every node, data loaded on node 1 and replicated"
 for i in 1 2 3; do

@@ -11,33 +11,15 @@
 #   SCALE=10 TXNS=20000 ROUNDS=5 bench/decoding.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=/usr/lib/postgresql/15/bin
 SCALE=${SCALE:-5}
 TXNS=${TXNS:-20000}
 ROUNDS=${ROUNDS:-5}
 PORT=${PORT:-25499}
-
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-DIR=$(mktemp -d /tmp/mmts-bench-decoding.XXXXXX)
-[ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
-cleanup() { as_pg "$BIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$DIR"; }
-trap cleanup EXIT
+BENCH_NAME=decoding
+. bench/common.sh
 
 echo "==> server in $DIR (port $PORT)"
-as_pg "$BIN/initdb" -D "$DIR/data" -A trust -U postgres --no-sync >/dev/null
-cat >> "$DIR/data/postgresql.conf" <<CONF
-port = $PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'mmts'
-output_plugin_libraries = 'pgoutput, test_decoding, mmts'
-wal_level = logical
-max_prepared_transactions = 10
-shared_buffers = 256MB
-max_wal_size = 4GB
-logical_decoding_work_mem = 256MB
-CONF
-as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+start_server data "$PORT" "logical_decoding_work_mem = 256MB"
 PSQL=(psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
 
 "${PSQL[@]}" -c "SELECT 1" >/dev/null
