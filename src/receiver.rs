@@ -71,7 +71,10 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             )
         };
     }
-    BackgroundWorker::connect_worker_to_spi(me.conninfo.get("dbname"), me.conninfo.get("user"));
+    // The database this node replicates: the one its own connection string names (libpq's
+    // default, the user name, when it names none).
+    let user = me.conninfo.get("user");
+    BackgroundWorker::connect_worker_to_spi(Some(me.conninfo.get("dbname").or(user).unwrap_or("postgres")), user);
 
     let origin = BackgroundWorker::transaction(|| {
         let slot = slot_name(peer_id);
