@@ -66,6 +66,8 @@ fn start(args: &Args) -> Result<(), String> {
             "CREATE EXTENSION IF NOT EXISTS mmts; CREATE TABLE IF NOT EXISTS demo(id int PRIMARY KEY, written_on text)",
         );
     }
+    // Slots are made as the receivers start: writes count from when every node streams.
+    cluster.wait_replicating(std::time::Duration::from_secs(30));
     for node in cluster.nodes() {
         node.execute(&format!("INSERT INTO demo VALUES ({0}, 'node{0}') ON CONFLICT DO NOTHING", node.id));
         println!("==> node {}: wrote row {} into table demo", node.id, node.id);
