@@ -281,3 +281,25 @@ fn make_table_local_and_back() {
         wait_for("row 3 everywhere", WAIT, || count(node, "SELECT count(*) FROM t WHERE id = 3") == 1);
     }
 }
+
+#[test]
+fn prepared_transactions_travel_as_prepared() {
+    let cluster = start(2);
+    let (n1, n2) = (cluster.node(1), cluster.node(2));
+    n1.execute("BEGIN; INSERT INTO t VALUES (1, 'prepared'); PREPARE TRANSACTION 'app-1'");
+    wait_for("prepared on node 2", WAIT, || {
+        count(n2, "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'mtm_1_%'") == 1
+    });
+    assert_eq!(count(n2, "SELECT count(*) FROM t"), 0, "a prepared transaction is not visible");
+    n1.execute("COMMIT PREPARED 'app-1'");
+    wait_for("committed on node 2", WAIT, || count(n2, "SELECT count(*) FROM t") == 1);
+    assert_eq!(count(n2, "SELECT count(*) FROM pg_prepared_xacts"), 0);
+
+    n1.execute("BEGIN; INSERT INTO t VALUES (2, 'rolled back'); PREPARE TRANSACTION 'app-2'");
+    wait_for("second prepared on node 2", WAIT, || count(n2, "SELECT count(*) FROM pg_prepared_xacts") == 1);
+    n1.execute("ROLLBACK PREPARED 'app-2'");
+    wait_for("rolled back on node 2", WAIT, || count(n2, "SELECT count(*) FROM pg_prepared_xacts") == 0);
+    n1.execute("INSERT INTO t VALUES (3, 'after')");
+    wait_for("later row on node 2", WAIT, || count(n2, "SELECT count(*) FROM t WHERE id = 3") == 1);
+    assert_eq!(count(n2, "SELECT count(*) FROM t WHERE id = 2"), 0);
+}
