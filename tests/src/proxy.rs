@@ -29,12 +29,10 @@ struct Shared {
     stop: AtomicBool,
     /// Both sockets of every open connection, with the epoch it was opened in.
     conns: Mutex<Vec<(u64, TcpStream, Option<TcpStream>)>>,
-    forwarded: AtomicU64,
 }
 
 pub struct Proxy {
     port: u16,
-    target: SocketAddr,
     shared: Arc<Shared>,
     accept: Option<thread::JoinHandle<()>>,
 }
@@ -50,20 +48,15 @@ impl Proxy {
             delay_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
-            forwarded: AtomicU64::new(0),
         });
         let s = shared.clone();
         let accept =
             thread::Builder::new().name(format!("proxy-{port}")).spawn(move || accept_loop(listener, target, s))?;
-        Ok(Proxy { port, target, shared, accept: Some(accept) })
+        Ok(Proxy { port, shared, accept: Some(accept) })
     }
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    pub fn target(&self) -> SocketAddr {
-        self.target
     }
 
     /// Black-holes the link: nothing sent either way on it arrives until [`Proxy::heal`].
@@ -92,18 +85,9 @@ impl Proxy {
         });
     }
 
-    pub fn is_cut(&self) -> bool {
-        *self.shared.state.lock() == LinkState::Cut
-    }
-
     /// Delivers every chunk `delay` later than it was sent (zero: no delay).
     pub fn set_delay(&self, delay: Duration) {
         self.shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    /// Bytes delivered through this link so far, both directions.
-    pub fn bytes_forwarded(&self) -> u64 {
-        self.shared.forwarded.load(Ordering::SeqCst)
     }
 }
 
@@ -181,7 +165,6 @@ fn drain(mut from: TcpStream, shared: &Shared) {
 /// Copies `from` to `to` through a delivery thread that applies the link's delay.
 fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
-    let s = shared.clone();
     let mut to_w = match to.try_clone() {
         Ok(t) => t,
         Err(_) => return,
@@ -195,7 +178,6 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
             if to_w.write_all(&chunk).is_err() {
                 break;
             }
-            s.forwarded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
         let _ = to_w.shutdown(Shutdown::Write);
     });
