@@ -6,6 +6,7 @@ pub mod config;
 pub mod conflict;
 pub mod conninfo;
 pub mod replication;
+pub mod twopc;
 pub mod wire;
 
 use std::fmt;

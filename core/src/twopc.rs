@@ -1,0 +1,402 @@
+//! Synchronous commit: the two-phase-commit coordinator, the hybrid logical clock that gives
+//! commit timestamps, the signals peers send back, and the rule that settles lock conflicts
+//! between transactions being committed on different nodes.
+//!
+//! The coordinator runs in the backend whose client commits. Its transaction is prepared
+//! locally; every live peer applies and prepares it and votes; all yes: commit everywhere with
+//! the largest proposed timestamp; any no, a lost majority or the deadline: roll back
+//! everywhere. Nothing here does I/O: the shell feeds votes, lost peers and the clock in, and
+//! carries out the [`Decision`].
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::Timestamp;
+use crate::NodeId;
+
+/// Prefix of the logical decoding messages that carry [`Signal`]s.
+pub const SIGNAL_PREFIX: &str = "mmts";
+const SIGNAL_VERSION: u8 = 1;
+
+/// The next reading of a hybrid logical clock that last gave (or saw) `last`, when the
+/// physical clock says `physical`: never below the physical clock, always above `last`.
+pub fn hlc_next(last: Timestamp, physical: Timestamp) -> Timestamp {
+    physical.max(last + 1)
+}
+
+/// The clock after seeing `remote` from another node: it never goes back below what it saw.
+pub fn hlc_observe(last: Timestamp, remote: Timestamp) -> Timestamp {
+    last.max(remote)
+}
+
+/// Orders transactions being committed: older (smaller) first. The same on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Key {
+    /// The coordinator's clock when it prepared.
+    pub ts: Timestamp,
+    pub node: NodeId,
+}
+
+/// What a node that applies a transaction `applying` does when a lock it needs is held by
+/// another transaction (`holder`, when that one is being committed too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Keep waiting: the holder finishes, or loses to us on the node where it waits for us.
+    Wait,
+    /// Vote no now: the holder is older and wins everywhere.
+    Die,
+}
+
+/// Wait-die: a younger transaction never waits for an older one, so no cycle of waits can
+/// form across nodes, and the oldest of any conflicting set always commits.
+pub fn on_conflict(applying: Key, holder: Option<Key>) -> OnConflict {
+    match holder {
+        Some(h) if h < applying => OnConflict::Die,
+        _ => OnConflict::Wait,
+    }
+}
+
+/// A peer's answer after trying to prepare a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Vote {
+    /// Prepared; proposes this commit timestamp.
+    Yes { proposal: Timestamp },
+    /// Could not prepare: the SQLSTATE and message of the error it got.
+    No { sqlstate: String, message: String },
+}
+
+/// What nodes tell each other about transactions being committed, carried as logical
+/// decoding messages (prefix [`SIGNAL_PREFIX`]) in the sender's WAL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Signal {
+    /// Written by a coordinator inside its transaction: peers must vote on it.
+    Coordinated { key: Key },
+    /// `voter`'s vote on transaction `xid` of node `origin`.
+    Vote { origin: NodeId, xid: u32, voter: NodeId, vote: Vote },
+    /// `voter` has committed (or rolled back) transaction `xid` of node `origin`.
+    Finished { origin: NodeId, xid: u32, voter: NodeId, committed: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalError {
+    #[error("empty signal")]
+    Empty,
+    #[error("unsupported signal version {0}")]
+    Version(u8),
+    #[error("malformed signal: {0}")]
+    Malformed(String),
+}
+
+impl Signal {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![SIGNAL_VERSION];
+        bincode::serde::encode_into_std_write(self, &mut out, bincode::config::standard()).expect("Vec write");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Signal, SignalError> {
+        let (&version, body) = bytes.split_first().ok_or(SignalError::Empty)?;
+        if version != SIGNAL_VERSION {
+            return Err(SignalError::Version(version));
+        }
+        let config = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+        match bincode::serde::decode_from_slice::<Signal, _>(body, config) {
+            Ok((signal, used)) if used == body.len() => Ok(signal),
+            Ok((_, used)) => Err(SignalError::Malformed(format!("{} trailing bytes", body.len() - used))),
+            Err(e) => Err(SignalError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// Why a transaction was rolled back everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbortReason {
+    /// The node whose vote (or silence) decided it; `None` for this node.
+    pub node: Option<NodeId>,
+    pub sqlstate: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Commit everywhere; every node records `ts` (the largest proposal) as commit timestamp.
+    Commit {
+        ts: Timestamp,
+    },
+    Abort(AbortReason),
+}
+
+/// SQLSTATE for a transaction that lost to a concurrent one or could not get its votes.
+pub const SERIALIZATION_FAILURE: &str = "40001";
+/// SQLSTATE for a node that does not see a majority of the cluster.
+pub const NO_MAJORITY: &str = "55000";
+
+/// One transaction's coordinator.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    cluster_size: usize,
+    /// Peers taking part (live at prepare time, not lost since).
+    participants: BTreeSet<NodeId>,
+    /// Participants whose vote has not come.
+    awaiting_votes: BTreeSet<NodeId>,
+    /// Participants that have not said they finished.
+    awaiting_finish: BTreeSet<NodeId>,
+    max_proposal: Timestamp,
+    deadline: Timestamp,
+    decision: Option<Decision>,
+}
+
+impl Coordinator {
+    /// A transaction prepared here, proposing `proposal`, with `participants` (live peers)
+    /// to vote before `deadline`, in a cluster of `cluster_size` nodes.
+    pub fn new(
+        cluster_size: usize,
+        participants: impl IntoIterator<Item = NodeId>,
+        proposal: Timestamp,
+        deadline: Timestamp,
+    ) -> Coordinator {
+        let participants: BTreeSet<NodeId> = participants.into_iter().collect();
+        let mut c = Coordinator {
+            cluster_size,
+            awaiting_votes: participants.clone(),
+            awaiting_finish: participants.clone(),
+            participants,
+            max_proposal: proposal,
+            deadline,
+            decision: None,
+        };
+        c.check_majority();
+        c
+    }
+
+    pub fn participants(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.participants.iter().copied()
+    }
+
+    fn has_majority(&self) -> bool {
+        (self.participants.len() + 1) * 2 > self.cluster_size
+    }
+
+    fn check_majority(&mut self) {
+        if self.decision.is_none() && !self.has_majority() {
+            self.decision = Some(Decision::Abort(AbortReason {
+                node: None,
+                sqlstate: NO_MAJORITY.into(),
+                message: format!(
+                    "this node sees {} of {} nodes, not a majority",
+                    self.participants.len() + 1,
+                    self.cluster_size
+                ),
+            }));
+        }
+    }
+
+    /// A participant voted (votes from others, or repeated, change nothing).
+    pub fn on_vote(&mut self, node: NodeId, vote: Vote) {
+        if self.decision.is_some() || !self.awaiting_votes.remove(&node) {
+            return;
+        }
+        match vote {
+            Vote::Yes { proposal } => self.max_proposal = self.max_proposal.max(proposal),
+            Vote::No { sqlstate, message } => {
+                self.decision = Some(Decision::Abort(AbortReason { node: Some(node), sqlstate, message }))
+            }
+        }
+    }
+
+    /// A participant became unreachable. Before the decision it no longer takes part (it
+    /// learns the outcome from its slot when it returns), unless that leaves no majority.
+    pub fn on_peer_lost(&mut self, node: NodeId) {
+        if !self.participants.contains(&node) {
+            return;
+        }
+        self.awaiting_finish.remove(&node);
+        if self.decision.is_none() {
+            self.participants.remove(&node);
+            self.awaiting_votes.remove(&node);
+            self.check_majority();
+        }
+    }
+
+    /// A participant finished the transaction the way it was decided.
+    pub fn on_finished(&mut self, node: NodeId) {
+        self.awaiting_finish.remove(&node);
+    }
+
+    /// The decision, once there is one: every vote in, a no, a lost majority, or `now`
+    /// past the deadline.
+    pub fn decide(&mut self, now: Timestamp) -> Option<&Decision> {
+        if self.decision.is_none() {
+            if self.awaiting_votes.is_empty() {
+                self.decision = Some(Decision::Commit { ts: self.max_proposal });
+            } else if now >= self.deadline {
+                let missing: Vec<String> = self.awaiting_votes.iter().map(|n| n.to_string()).collect();
+                self.decision = Some(Decision::Abort(AbortReason {
+                    node: self.awaiting_votes.iter().next().copied(),
+                    sqlstate: SERIALIZATION_FAILURE.into(),
+                    message: format!("no vote from node {} in time", missing.join(", ")),
+                }));
+            }
+        }
+        self.decision.as_ref()
+    }
+
+    /// Every participant still reachable has finished the decided transaction.
+    pub fn all_finished(&self) -> bool {
+        self.decision.is_some() && self.awaiting_finish.is_empty()
+    }
+
+    /// Participants that have not finished yet.
+    pub fn unfinished(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.awaiting_finish.iter().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(i: u32) -> NodeId {
+        NodeId(i)
+    }
+
+    fn yes(p: Timestamp) -> Vote {
+        Vote::Yes { proposal: p }
+    }
+
+    #[test]
+    fn hlc_is_monotonic_and_follows_what_it_sees() {
+        assert_eq!(hlc_next(0, 100), 100);
+        assert_eq!(hlc_next(100, 100), 101, "same physical reading: still increases");
+        assert_eq!(hlc_next(500, 100), 501, "physical clock behind: logical part carries on");
+        assert_eq!(hlc_observe(10, 20), 20);
+        assert_eq!(hlc_observe(30, 20), 30);
+        // Causality: whatever a node saw, its next timestamp is above it.
+        assert!(hlc_next(hlc_observe(5, 900), 100) > 900);
+    }
+
+    #[test]
+    fn all_yes_commits_with_the_largest_proposal() {
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        assert_eq!(c.decide(10), None);
+        c.on_vote(n(2), yes(150));
+        assert_eq!(c.decide(10), None);
+        c.on_vote(n(3), yes(120));
+        assert_eq!(c.decide(10), Some(&Decision::Commit { ts: 150 }));
+        assert!(!c.all_finished());
+        c.on_finished(n(3));
+        c.on_finished(n(2));
+        assert!(c.all_finished());
+    }
+
+    #[test]
+    fn one_no_aborts_with_that_nodes_reason() {
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_vote(n(2), yes(150));
+        c.on_vote(n(3), Vote::No { sqlstate: "23505".into(), message: "duplicate key".into() });
+        // A later yes does not undo it.
+        c.on_vote(n(3), yes(1));
+        assert_eq!(
+            c.decide(10),
+            Some(&Decision::Abort(AbortReason {
+                node: Some(n(3)),
+                sqlstate: "23505".into(),
+                message: "duplicate key".into()
+            }))
+        );
+    }
+
+    #[test]
+    fn silence_until_the_deadline_aborts() {
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_vote(n(2), yes(150));
+        assert_eq!(c.decide(999), None);
+        match c.decide(1000) {
+            Some(Decision::Abort(r)) => {
+                assert_eq!(r.node, Some(n(3)));
+                assert_eq!(r.sqlstate, SERIALIZATION_FAILURE);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lost_peer_stops_counting_while_a_majority_remains() {
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_vote(n(2), yes(150));
+        c.on_peer_lost(n(3));
+        assert_eq!(c.decide(10), Some(&Decision::Commit { ts: 150 }));
+        c.on_finished(n(2));
+        assert!(c.all_finished());
+
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_peer_lost(n(3));
+        assert_eq!(c.decide(10), None, "2 of 3 is still a majority");
+        c.on_peer_lost(n(2));
+        assert!(matches!(c.decide(10), Some(Decision::Abort(r)) if r.sqlstate == NO_MAJORITY));
+    }
+
+    #[test]
+    fn minority_refuses_at_once_and_unknown_voters_are_ignored() {
+        let mut c = Coordinator::new(3, [], 100, 1000);
+        assert!(matches!(c.decide(0), Some(Decision::Abort(r)) if r.sqlstate == NO_MAJORITY));
+        let mut c = Coordinator::new(1, [], 100, 1000);
+        assert_eq!(c.decide(0), Some(&Decision::Commit { ts: 100 }));
+        let mut c = Coordinator::new(3, [n(2)], 100, 1000);
+        c.on_vote(n(3), Vote::No { sqlstate: "X".into(), message: "not a participant".into() });
+        c.on_vote(n(2), yes(90));
+        assert_eq!(c.decide(0), Some(&Decision::Commit { ts: 100 }));
+    }
+
+    #[test]
+    fn lost_after_the_decision_is_not_waited_for() {
+        let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_vote(n(2), yes(1));
+        c.on_vote(n(3), yes(2));
+        assert!(matches!(c.decide(0), Some(Decision::Commit { .. })));
+        c.on_finished(n(2));
+        assert_eq!(c.unfinished().collect::<Vec<_>>(), vec![n(3)]);
+        c.on_peer_lost(n(3));
+        assert!(c.all_finished());
+    }
+
+    #[test]
+    fn wait_die_orders_every_pair_one_way() {
+        let a = Key { ts: 10, node: n(1) };
+        let b = Key { ts: 10, node: n(2) };
+        let c = Key { ts: 11, node: n(1) };
+        assert_eq!(on_conflict(b, Some(a)), OnConflict::Die);
+        assert_eq!(on_conflict(a, Some(b)), OnConflict::Wait);
+        assert_eq!(on_conflict(c, None), OnConflict::Wait, "holder not being committed: wait");
+        for (x, y) in [(a, b), (a, c), (b, c)] {
+            assert_ne!(on_conflict(x, Some(y)), on_conflict(y, Some(x)), "exactly one of two waits");
+        }
+    }
+
+    #[test]
+    fn signals_round_trip_and_bad_bytes_are_errors() {
+        let signals = [
+            Signal::Coordinated { key: Key { ts: 5, node: n(1) } },
+            Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
+            Signal::Vote {
+                origin: n(1),
+                xid: 7,
+                voter: n(3),
+                vote: Vote::No { sqlstate: "40001".into(), message: "conflict".into() },
+            },
+            Signal::Finished { origin: n(1), xid: 7, voter: n(2), committed: true },
+        ];
+        for s in signals {
+            let bytes = s.encode();
+            assert_eq!(Signal::decode(&bytes), Ok(s.clone()));
+            for len in 0..bytes.len() {
+                assert!(Signal::decode(&bytes[..len]).is_err());
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(Signal::decode(&longer).is_err());
+        }
+        assert_eq!(Signal::decode(&[9, 0]), Err(SignalError::Version(9)));
+    }
+}
