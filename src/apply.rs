@@ -8,14 +8,18 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
 use mmts_core::conflict::{remote_wins, Version};
+use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
 use mmts_core::wire::{Message, Value};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use crate::gucs;
+use crate::{gucs, twophase};
 use mmts_core::config::Mode;
 
 unsafe extern "C-unwind" {
@@ -51,7 +55,25 @@ pub struct Applier {
     /// Replication origins of other nodes, as found so far.
     origins: HashMap<pg_sys::RepOriginId, u32>,
     conflict_insert: Option<pgrx::spi::OwnedPreparedStatement>,
+    /// The peer's transaction being prepared: its changes are applied all at once when its
+    /// PREPARE arrives, so that the attempt can be repeated after a lock conflict.
+    preparing: Option<Preparing>,
 }
+
+#[derive(Default)]
+struct Preparing {
+    changes: Vec<Message>,
+    /// Set when the peer coordinates it synchronously: this node must vote.
+    key: Option<Key>,
+    first_attempt: Option<Instant>,
+}
+
+/// The transaction cannot be prepared yet: a lock it needs is held by a younger transaction
+/// (or one not being committed). Try again later with the same message.
+pub struct Blocked;
+
+/// How long a synchronous transaction's apply waits for a lock before looking at who holds it.
+const LOCK_TIMEOUT: &std::ffi::CStr = c"10ms";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Change {
@@ -74,6 +96,7 @@ impl Applier {
             remote_time: 0,
             origins: HashMap::new(),
             conflict_insert: None,
+            preparing: None,
         }
     }
 
@@ -87,12 +110,27 @@ impl Applier {
     }
 
     /// Applies one message; returns what finished when a transaction ends.
-    pub fn apply(&mut self, message: Message) -> Option<Applied> {
-        match message {
-            Message::Begin { commit_time: time, .. } | Message::BeginPrepare { prepare_time: time, .. } => {
+    pub fn apply(&mut self, message: Message) -> Result<Option<Applied>, (Blocked, Message)> {
+        if let Some(preparing) = &mut self.preparing {
+            if matches!(
+                message,
+                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. }
+            ) {
+                preparing.changes.push(message);
+                return Ok(None);
+            }
+        }
+        Ok(match message {
+            Message::Begin { commit_time: time, .. } => {
                 // The local transaction starts with the first change (an empty one costs nothing).
                 self.in_transaction = true;
                 self.remote_time = time;
+                None
+            }
+            Message::BeginPrepare { prepare_time, .. } => {
+                self.in_transaction = true;
+                self.remote_time = prepare_time;
+                self.preparing = Some(Preparing::default());
                 None
             }
             Message::Relation(r) => {
@@ -123,20 +161,25 @@ impl Applier {
                         pg_sys::CommitTransactionCommand();
                     }
                 }
+                twophase::clock_observe(commit_time);
                 Some(self.finished(commit_time))
             }
-            Message::Prepare { xid, end_lsn, prepare_time, .. } => {
-                let gid = self.gid(xid);
-                unsafe {
-                    start_transaction();
-                    pg_sys::BeginTransactionBlock();
-                    pg_sys::CommitTransactionCommand();
-                    set_origin_position(end_lsn, prepare_time);
-                    pg_sys::PrepareTransactionBlock(gid.as_ptr());
-                    pg_sys::CommitTransactionCommand();
+            Message::Prepare { xid, end_lsn, prepare_time, .. } => match self.prepare(xid, end_lsn, prepare_time) {
+                Ok(applied) => Some(applied),
+                Err(Blocked) => {
+                    return Err((
+                        Blocked,
+                        Message::Prepare {
+                            origin: NodeId(self.peer),
+                            xid,
+                            gid: String::new(),
+                            prepare_lsn: 0,
+                            end_lsn,
+                            prepare_time,
+                        },
+                    ))
                 }
-                Some(self.finished(prepare_time))
-            }
+            },
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 let gid = self.gid(xid);
                 unsafe {
@@ -145,6 +188,15 @@ impl Applier {
                     FinishPreparedTransaction(gid.as_ptr(), true);
                     pg_sys::CommitTransactionCommand();
                 }
+                twophase::unregister_applied(self.peer, Some(xid));
+                twophase::clock_observe(commit_time);
+                // The coordinator returns COMMIT to its client once every peer said this.
+                self.signal(Signal::Finished {
+                    origin: NodeId(self.peer),
+                    xid,
+                    voter: NodeId(self.me),
+                    committed: true,
+                });
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
@@ -158,9 +210,114 @@ impl Applier {
                     }
                     pg_sys::CommitTransactionCommand();
                 }
+                twophase::unregister_applied(self.peer, Some(xid));
                 Some(self.finished(rollback_time))
             }
+            Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
+                if let (Ok(Signal::Coordinated { key }), Some(p)) = (Signal::decode(&content), &mut self.preparing) {
+                    twophase::clock_observe(key.ts);
+                    p.key = Some(key);
+                }
+                None
+            }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
+        })
+    }
+
+    fn signal(&self, signal: Signal) {
+        twophase::emit(&signal, false);
+    }
+
+    /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.
+    fn prepare(&mut self, xid: u32, end_lsn: u64, prepare_time: i64) -> Result<Applied, Blocked> {
+        let mut preparing = self.preparing.take().unwrap_or_default();
+        let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
+        let key = preparing.key;
+        let changes = std::mem::take(&mut preparing.changes);
+        let gid = self.gid(xid);
+        if key.is_some() {
+            set_lock_timeout(LOCK_TIMEOUT);
+        }
+        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+            for change in &changes {
+                self.apply_change(change);
+            }
+            unsafe {
+                start_transaction();
+                let local_xid = pg_sys::GetTopTransactionId().into_inner();
+                pg_sys::BeginTransactionBlock();
+                pg_sys::CommitTransactionCommand();
+                set_origin_position(end_lsn, prepare_time);
+                pg_sys::PrepareTransactionBlock(gid.as_ptr());
+                pg_sys::CommitTransactionCommand();
+                Ok(local_xid)
+            }
+        }))
+        .catch_others(|e| {
+            let holder = unsafe { awaited_transaction() };
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            let (code, message) = match &e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    (r.sql_error_code(), r.message().to_string())
+                }
+            };
+            Err((code, message, holder))
+        })
+        .execute();
+        if key.is_some() {
+            set_lock_timeout(c"0");
+        }
+        let Some(key) = key else {
+            // Not coordinated (asynchronous mode): an error stops the receiver, as for a commit.
+            if let Err((code, message, _)) = outcome {
+                ErrorReport::new(code, message, "mmts").report(PgLogLevel::ERROR);
+            }
+            return Ok(self.finished(prepare_time));
+        };
+        let vote = match outcome {
+            Ok(local_xid) => {
+                twophase::register_applied(local_xid, key, self.peer, xid);
+                Vote::Yes { proposal: twophase::clock_next() }
+            }
+            Err((code, message, holder)) if code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE => {
+                let holder_key = holder.and_then(twophase::key_of);
+                let waited = first_attempt.elapsed().as_millis() as i64;
+                match (on_conflict(key, holder_key), holder_key) {
+                    (OnConflict::Die, Some(h)) => Vote::No {
+                        sqlstate: SERIALIZATION_FAILURE.into(),
+                        message: format!(
+                            "could not serialize access due to a concurrent transaction of node {} being committed",
+                            h.node
+                        ),
+                    },
+                    _ if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 => {
+                        preparing.changes = changes;
+                        self.preparing = Some(preparing);
+                        return Err(Blocked);
+                    }
+                    _ => Vote::No {
+                        sqlstate: SERIALIZATION_FAILURE.into(),
+                        message: format!("{message} (waited {waited} ms)"),
+                    },
+                }
+            }
+            Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
+        };
+        self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+        Ok(self.finished(prepare_time))
+    }
+
+    fn apply_change(&mut self, message: &Message) {
+        match message {
+            Message::Insert { relation, new } => self.change(*relation, Change::Insert, None, Some(new)),
+            Message::Update { relation, old, new } => self.change(*relation, Change::Update, old.as_deref(), Some(new)),
+            Message::Delete { relation, old } => self.change(*relation, Change::Delete, Some(old), None),
+            Message::Truncate { relations, cascade, restart_identity } => {
+                self.truncate(relations, *cascade, *restart_identity)
+            }
+            _ => {}
         }
     }
 
@@ -495,6 +652,30 @@ unsafe fn start_transaction() {
             pg_sys::StartTransactionCommand();
         }
     }
+}
+
+/// The transaction whose end this process is waiting for in the lock manager, if any. Read
+/// after a lock timeout, before the abort that leaves the wait queue.
+unsafe fn awaited_transaction() -> Option<u32> {
+    unsafe {
+        let lock = (*pg_sys::MyProc).waitLock;
+        if lock.is_null() {
+            return None;
+        }
+        let tag = &(*lock).tag;
+        (tag.locktag_type == pg_sys::LockTagType::LOCKTAG_TRANSACTION as u8).then_some(tag.locktag_field1)
+    }
+}
+
+fn set_lock_timeout(value: &std::ffi::CStr) {
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"lock_timeout".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
 }
 
 /// What the next local commit records as its origin's position and commit time.

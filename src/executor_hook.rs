@@ -45,7 +45,7 @@ pub unsafe fn has_replica_identity(rel: pg_sys::Relation) -> bool {
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
     unsafe {
-        if matches!(gucs::mode(), Mode::Multimaster(_)) && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
+        if matches!(gucs::mode(), Mode::Multimaster(_)) {
             check_result_relations((*query).plannedstmt);
         }
         match PREVIOUS {
@@ -55,6 +55,8 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
 }
 
+/// Refuses writes to tables without a key (unless they are kept local), and tells the
+/// synchronous commit that the transaction writes a replicated table.
 unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
     unsafe {
         let results = (*stmt).resultRelations;
@@ -69,10 +71,11 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
             if rel.is_null() {
                 continue;
             }
-            let refuse = replicated_table(rel) && !has_replica_identity(rel);
+            let replicated = replicated_table(rel);
+            let keyless = replicated && !has_replica_identity(rel);
             let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
             pg_sys::RelationClose(rel);
-            if refuse {
+            if keyless && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
                 ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!("table \"{name}\" has no primary key or replica identity, so mmts cannot replicate writes to it"),
@@ -82,6 +85,9 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
                     "Add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set multimaster.ignore_tables_without_pk = on to keep such tables local to each node.",
                 )
                 .report(PgLogLevel::ERROR);
+            }
+            if replicated && !keyless {
+                crate::commit::note_write();
             }
         }
     }

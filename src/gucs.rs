@@ -20,6 +20,23 @@ pub static HEARTBEAT_RECV_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000
 pub static IGNORE_TABLES_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TWOPC_MIN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
+
+/// How write transactions commit across the cluster (`multimaster.mode`).
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CommitMode {
+    /// Two-phase commit on every live node before COMMIT returns.
+    #[name = c"sync"]
+    Sync,
+    /// Commit locally; peers apply afterwards, concurrent writes resolved by last writer wins.
+    #[name = c"async"]
+    Async,
+}
+
+/// Whether this server commits write transactions synchronously across the cluster.
+pub fn synchronous() -> bool {
+    matches!(mode(), Mode::Multimaster(_)) && COMMIT_MODE.get() == CommitMode::Sync
+}
 
 /// Highest node id mmts accepts.
 pub const MAX_NODES: i32 = 64;
@@ -54,6 +71,7 @@ pub const NAMES: &[&str] = &[
     "multimaster.ignore_tables_without_pk",
     "multimaster.twopc_min_timeout",
     "multimaster.use_raftable",
+    "multimaster.mode",
 ];
 
 /// Defines the GUCs. When `strict`, a value in postgresql.conf that PostgreSQL could not
@@ -142,6 +160,14 @@ pub fn define(strict: bool) {
         c"Accepted for configurations of the original multimaster; mmts has built-in consensus.",
         c"",
         &USE_RAFTABLE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"multimaster.mode",
+        c"sync: every write transaction commits on all live nodes or none (two-phase commit); async: commits locally and replicates afterwards.",
+        c"",
+        &COMMIT_MODE,
         GucContext::Postmaster,
         GucFlags::default(),
     );

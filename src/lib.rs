@@ -8,6 +8,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 mod apply;
+mod commit;
 mod executor_hook;
 mod functions;
 mod gucs;
@@ -15,6 +16,7 @@ mod libpq;
 mod output_plugin;
 mod receiver;
 mod status;
+mod twophase;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -36,9 +38,11 @@ pub extern "C-unwind" fn _PG_init() {
     if preloading {
         gucs::check_at_startup();
         status::init();
+        twophase::init();
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
             receiver::register(config);
             executor_hook::install();
+            commit::install();
         }
     }
 }

@@ -8,17 +8,21 @@
 //! a connection problem. An error while applying (e.g. a constraint only this node has) ends
 //! the worker with that error in the log; the postmaster starts it again after a delay.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::{ClusterConfig, Mode};
 use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
+use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire;
+use mmts_core::NodeId;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::apply::Applier;
 use crate::libpq::{Connection, CopyData, PqError};
+use crate::twophase::{self, Delivery};
 use crate::{gucs, status};
 
 /// Registers one receiver per peer (in the postmaster, while preloading).
@@ -105,6 +109,9 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         pg_sys::replorigin_session_origin = origin;
     }
 
+    // Transactions of the peer prepared by an earlier run of this worker are no longer tracked.
+    twophase::unregister_applied(peer_id, None);
+
     let mut backoff = Duration::from_millis(200);
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
@@ -149,6 +156,9 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
     let mut progress = Progress::new(start);
+    // Received but not yet applied, in order: a transaction that must wait for a lock stays
+    // at the front while signals (votes for this node's transactions) are still delivered.
+    let mut backlog: VecDeque<(u64, Option<wire::Message>)> = VecDeque::new();
     loop {
         loop {
             match conn.get_copy_data()? {
@@ -156,42 +166,18 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
                 CopyData::Message(buf) => {
                     last_heard = Instant::now();
                     let now = unsafe { pg_sys::GetCurrentTimestamp() };
+                    status::update(peer_id, |p| p.last_message_time = now);
                     match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
                         ServerMessage::XLogData { end, data, .. } => {
-                            progress.received(end);
                             let message = wire::decode(data).map_err(|e| PqError {
                                 message: format!("malformed mmts message from node {peer_id}: {e}"),
                                 sqlstate: None,
                             })?;
-                            let done = applier.apply(message);
-                            if done.is_some() {
-                                progress.committed(unsafe { pg_sys::XactLastCommitEnd });
-                            }
-                            if !applier.in_transaction() {
-                                progress.caught_up();
-                            }
-                            status::update(peer_id, |p| {
-                                if let Some(done) = &done {
-                                    p.applied_commit_time = done.commit_time;
-                                    p.transactions_applied += 1;
-                                }
-                                p.applied_lsn = progress.applied_lsn();
-                                p.last_message_time = now;
-                                p.peer_wal_end = p.peer_wal_end.max(end);
-                            });
+                            deliver_signal(&message, config.node_id.0);
+                            backlog.push_back((end, Some(message)));
                         }
                         ServerMessage::Keepalive { end, reply_requested, .. } => {
-                            progress.received(end);
-                            // The peer has sent everything up to `end` (what it skipped carries
-                            // other origins); between transactions, all of it is applied here.
-                            if !applier.in_transaction() {
-                                progress.caught_up();
-                            }
-                            status::update(peer_id, |p| {
-                                p.last_message_time = now;
-                                p.peer_wal_end = p.peer_wal_end.max(end);
-                                p.applied_lsn = progress.applied_lsn();
-                            });
+                            backlog.push_back((end, None));
                             if reply_requested {
                                 last_sent = Instant::now() - heartbeat;
                             }
@@ -199,6 +185,37 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
                     }
                 }
             }
+        }
+        let mut blocked = false;
+        while let Some((end, message)) = backlog.pop_front() {
+            let done = match message {
+                Some(message) => match applier.apply(message) {
+                    Ok(done) => done,
+                    Err((_, message)) => {
+                        backlog.push_front((end, Some(message)));
+                        blocked = true;
+                        break;
+                    }
+                },
+                None => None,
+            };
+            progress.received(end);
+            if done.is_some() {
+                progress.committed(unsafe { pg_sys::XactLastCommitEnd });
+            }
+            // Between transactions, everything received is applied (what the peer skipped
+            // carries other origins).
+            if !applier.in_transaction() {
+                progress.caught_up();
+            }
+            status::update(peer_id, |p| {
+                if let Some(done) = &done {
+                    p.applied_commit_time = done.commit_time;
+                    p.transactions_applied += 1;
+                }
+                p.applied_lsn = progress.applied_lsn();
+                p.peer_wal_end = p.peer_wal_end.max(end);
+            });
         }
         if last_heard.elapsed() > silence {
             return Err(PqError {
@@ -213,7 +230,10 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             conn.put_copy_data(&status_update(progress.received_lsn(), flushed, flushed, now, true))?;
             last_sent = Instant::now();
         }
-        let timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));
+        let mut timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));
+        if blocked {
+            timeout = timeout.min(Duration::from_millis(1));
+        }
         let events = unsafe {
             pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
@@ -232,5 +252,23 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         }
         pgrx::check_for_interrupts!();
         conn.consume_input()?;
+    }
+}
+
+/// Hands a peer's vote or "finished" about one of this node's transactions to its backend.
+fn deliver_signal(message: &wire::Message, me: u32) {
+    let wire::Message::LogicalMessage { transactional: false, prefix, content, .. } = message else { return };
+    if prefix != SIGNAL_PREFIX {
+        return;
+    }
+    match Signal::decode(content) {
+        Ok(Signal::Vote { origin, xid, voter, vote }) if origin == NodeId(me) => {
+            twophase::deliver(xid, voter, Delivery::Vote(vote))
+        }
+        Ok(Signal::Finished { origin, xid, voter, .. }) if origin == NodeId(me) => {
+            twophase::deliver(xid, voter, Delivery::Finished)
+        }
+        Ok(_) => {}
+        Err(e) => log(format!("mmts: ignoring a malformed signal: {e}")),
     }
 }

@@ -48,6 +48,11 @@ pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
     f(&mut PEERS.exclusive().0[id as usize - 1]);
 }
 
+/// Whether this node's receiver is streaming from peer `id` now.
+pub fn connected(id: u32) -> bool {
+    peer(id).connected
+}
+
 fn peer(id: u32) -> PeerStatus {
     PEERS.share().0[id as usize - 1]
 }

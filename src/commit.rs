@@ -1,0 +1,632 @@
+//! Synchronous commit of client transactions (`multimaster.mode = sync`).
+//!
+//! PostgreSQL 15 has no hook that can turn a COMMIT into a two-phase commit, so mmts does it
+//! in three steps, in the client's backend:
+//!
+//! 1. **Spot writes.** `ExecutorStart` notes DML on a replicated table (including DML run by
+//!    functions and triggers), `ProcessUtility` notes COPY FROM and TRUNCATE of one.
+//! 2. **Mark the transaction for PREPARE.** An implicit transaction (an autocommit statement, a
+//!    multi-statement simple query, an extended-protocol batch up to Sync) is marked as soon as
+//!    a top-level statement that wrote has run: `BeginImplicitTransactionBlock()` +
+//!    `PrepareTransactionBlock(gid)`, so that PostgreSQL's own end of statement (or Sync)
+//!    prepares it instead of committing (the "no transaction in progress" WARNING this raises is
+//!    hidden). In an explicit block, the COMMIT statement itself becomes
+//!    `PrepareTransactionBlock(gid)`. The gid is `mtm_<node>_<xid>`. Just before the PREPARE
+//!    record is written (`XACT_EVENT_PRE_PREPARE`) the transaction gets its [`Key`], a
+//!    coordinator, and a transactional signal telling the peers to vote.
+//! 3. **Finish before the client hears.** Every message to the client goes through
+//!    `PqCommMethods->putmessage`; mmts wraps it. The first CommandComplete ('C') or
+//!    ReadyForQuery ('Z') after the PREPARE, with no transaction open, waits for the peers'
+//!    votes (delivered by the receivers), then runs COMMIT PREPARED (or ROLLBACK PREPARED) and
+//!    waits until every live peer has finished too. A rollback reaches the client as an ERROR
+//!    in place of that message, as a deferred constraint failing at commit would.
+//!
+//! A write transaction that would still commit without PREPARE (a procedure that COMMITs
+//! inside, a portal suspended before Sync) is refused at `XACT_EVENT_PRE_COMMIT`, so no write
+//! ever escapes the two-phase commit.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CString};
+use std::time::Duration;
+
+use mmts_core::config::Mode;
+use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote};
+use mmts_core::NodeId;
+use pgrx::pg_sys;
+use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use crate::{gucs, status, twophase};
+
+/// A prepared transaction to finish before the client hears of it.
+struct Pending {
+    gid: CString,
+    xid: u32,
+    slot: usize,
+    coordinator: Coordinator,
+    /// The application's own PREPARE TRANSACTION: only the votes are awaited.
+    application: bool,
+}
+
+#[derive(Default)]
+struct Session {
+    /// The transaction wrote a replicated table.
+    wrote: bool,
+    /// The transaction is an explicit block (BEGIN).
+    explicit: bool,
+    /// Its end was turned into PREPARE TRANSACTION (`gid`).
+    gid: Option<CString>,
+    /// The application ran PREPARE TRANSACTION.
+    application_prepare: bool,
+    /// Executor and utility calls under way (0: at top level).
+    nesting: u32,
+    pending: Option<Pending>,
+    /// Hide the "there is no transaction in progress" WARNING while marking.
+    quiet: bool,
+}
+
+thread_local! {
+    static SESSION: RefCell<Session> = RefCell::new(Session::default());
+}
+
+fn session<R>(f: impl FnOnce(&mut Session) -> R) -> R {
+    SESSION.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// Client backends only: workers apply what they get under a replication origin.
+fn is_client() -> bool {
+    unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND }
+}
+
+fn active() -> bool {
+    gucs::synchronous() && is_client()
+}
+
+/// Notes that the current transaction writes a replicated table.
+pub fn note_write() {
+    if active() {
+        session(|s| s.wrote = true);
+        install_pqcomm();
+    }
+}
+
+// ---- hooks ---------------------------------------------------------------------------------
+
+static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+pub fn install() {
+    unsafe {
+        PREV_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Decrements the nesting level when a call returns or unwinds.
+struct Nested;
+
+impl Nested {
+    fn enter() -> Nested {
+        session(|s| s.nesting += 1);
+        Nested
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        session(|s| s.nesting = s.nesting.saturating_sub(1));
+    }
+}
+
+fn at_top_level() -> bool {
+    session(|s| s.nesting == 0)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    {
+        let _nested = Nested::enter();
+        unsafe {
+            match PREV_RUN {
+                Some(prev) => pg_guard_ffi_boundary(|| prev(query, direction, count, execute_once)),
+                None => pg_sys::standard_ExecutorRun(query, direction, count, execute_once),
+            }
+        }
+    }
+    if at_top_level() {
+        mark_implicit();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    {
+        let _nested = Nested::enter();
+        unsafe {
+            match PREV_FINISH {
+                Some(prev) => pg_guard_ffi_boundary(|| prev(query)),
+                None => pg_sys::standard_ExecutorFinish(query),
+            }
+        }
+    }
+    if at_top_level() {
+        mark_implicit();
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let run = || unsafe {
+        let _nested = Nested::enter();
+        match PREV_UTILITY {
+            Some(prev) => pg_guard_ffi_boundary(|| {
+                prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+            }),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        }
+    };
+    if !active() {
+        return run();
+    }
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_TransactionStmt => {
+                if transaction_statement(stmt.cast()) {
+                    run();
+                }
+                return;
+            }
+            pg_sys::NodeTag::T_CopyStmt => {
+                let copy = stmt as *mut pg_sys::CopyStmt;
+                if (*copy).is_from && !(*copy).relation.is_null() && replicated((*copy).relation) {
+                    note_write();
+                }
+            }
+            pg_sys::NodeTag::T_TruncateStmt => {
+                let truncate = stmt as *mut pg_sys::TruncateStmt;
+                let rels = (*truncate).relations;
+                for i in 0..if rels.is_null() { 0 } else { (*rels).length } {
+                    if replicated(pg_sys::list_nth(rels, i) as *mut pg_sys::RangeVar) {
+                        note_write();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    run();
+    if context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && at_top_level() {
+        mark_implicit();
+    }
+}
+
+/// Whether the table `rv` names is one mmts replicates.
+unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
+    unsafe {
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if relid == pg_sys::InvalidOid {
+            return false;
+        }
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        let yes = crate::executor_hook::replicated_table(rel);
+        pg_sys::RelationClose(rel);
+        yes
+    }
+}
+
+/// Handles BEGIN / COMMIT / PREPARE / ...; returns whether PostgreSQL should run it as usual.
+unsafe fn transaction_statement(stmt: *mut pg_sys::TransactionStmt) -> bool {
+    use pg_sys::TransactionStmtKind::*;
+    let kind = unsafe { (*stmt).kind };
+    let marked = session(|s| s.gid.is_some());
+    if marked {
+        // An implicit transaction already set to PREPARE: only a COMMIT (which ends it anyway)
+        // makes sense; PostgreSQL cannot run the others from that state.
+        if kind == TRANS_STMT_COMMIT {
+            return false;
+        }
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "mmts: transaction control statements cannot follow a write in an implicit transaction",
+            "mmts",
+        )
+        .set_hint("Start the transaction with BEGIN before its first statement.")
+        .report(PgLogLevel::ERROR);
+    }
+    match kind {
+        TRANS_STMT_BEGIN | TRANS_STMT_START => session(|s| s.explicit = true),
+        TRANS_STMT_COMMIT => {
+            let wrote = session(|s| s.wrote && s.explicit);
+            if wrote
+                && unsafe { !pg_sys::IsAbortedTransactionBlockState() }
+                && unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner() != 0
+            {
+                if unsafe { (*stmt).chain } {
+                    ErrorReport::new(
+                        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        "mmts: COMMIT AND CHAIN is not supported for write transactions",
+                        "mmts",
+                    )
+                    .set_hint("Use COMMIT, then BEGIN.")
+                    .report(PgLogLevel::ERROR);
+                }
+                mark(false);
+                return false;
+            }
+        }
+        TRANS_STMT_PREPARE => {
+            if session(|s| s.wrote) {
+                refuse_temporary();
+                session(|s| s.application_prepare = true);
+                let gid = unsafe { std::ffi::CStr::from_ptr((*stmt).gid) }.to_owned();
+                session(|s| s.gid = Some(gid));
+            }
+        }
+        _ => {}
+    }
+    true
+}
+
+/// PostgreSQL refuses PREPARE for transactions that used temporary tables: say so clearly.
+fn refuse_temporary() {
+    if unsafe { pg_sys::MyXactFlags } & pg_sys::XACT_FLAGS_ACCESSEDTEMPNAMESPACE as i32 != 0 {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "mmts: a transaction that writes replicated tables cannot also use temporary tables",
+            "mmts",
+        )
+        .set_detail("Synchronous commit prepares the transaction on every node, and PostgreSQL cannot prepare a transaction that used temporary objects.")
+        .set_hint("Use temporary tables in separate transactions, or a table made local with mtm.make_table_local().")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+/// Turns the end of an implicit transaction that wrote into PREPARE TRANSACTION.
+fn mark_implicit() {
+    if !active() {
+        return;
+    }
+    let due = session(|s| s.wrote && !s.explicit && s.gid.is_none());
+    if due
+        && unsafe { pg_sys::IsTransactionState() && !pg_sys::IsAbortedTransactionBlockState() }
+        && unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner() != 0
+    {
+        mark(true);
+    }
+}
+
+fn mark(implicit: bool) {
+    refuse_temporary();
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
+    let gid = CString::new(format!("mtm_{}_{}", config.node_id.0, xid)).expect("no NUL");
+    session(|s| s.quiet = true);
+    unsafe {
+        if implicit {
+            pg_sys::BeginImplicitTransactionBlock();
+        }
+        pg_sys::PrepareTransactionBlock(gid.as_ptr());
+    }
+    session(|s| {
+        s.quiet = false;
+        s.gid = Some(gid);
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    unsafe {
+        if session(|s| s.quiet)
+            && (*edata).elevel == pg_sys::WARNING as i32
+            && (*edata).sqlerrcode == PgSqlErrorCode::ERRCODE_NO_ACTIVE_SQL_TRANSACTION as i32
+        {
+            (*edata).output_to_client = false;
+            (*edata).output_to_server = false;
+        }
+        if let Some(prev) = PREV_EMIT_LOG {
+            pg_guard_ffi_boundary(|| prev(edata));
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if !active() {
+        return;
+    }
+    match event {
+        XACT_EVENT_PRE_PREPARE => {
+            let gid = session(|s| s.gid.take());
+            if let Some(gid) = gid {
+                let application = session(|s| s.application_prepare);
+                start_two_phase(gid, application);
+            }
+        }
+        XACT_EVENT_PRE_COMMIT => {
+            if session(|s| s.wrote) {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "mmts: this write transaction cannot be committed synchronously on all nodes",
+                    "mmts",
+                )
+                .set_detail("It was about to commit without the two-phase commit mmts needs: a COMMIT inside a procedure, or a portal not run to completion.")
+                .set_hint("Commit from the client, or set multimaster.mode = async.")
+                .report(PgLogLevel::ERROR);
+            }
+        }
+        XACT_EVENT_ABORT => {
+            let pending = session(|s| {
+                let nesting = s.nesting;
+                let pending = s.pending.take();
+                *s = Session { nesting, ..Session::default() };
+                pending
+            });
+            if let Some(p) = pending {
+                twophase::unregister(p.slot, p.xid);
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => session(|s| {
+            s.wrote = false;
+            s.explicit = false;
+            s.gid = None;
+            s.application_prepare = false;
+        }),
+        _ => {}
+    }
+}
+
+/// Just before PREPARE: the transaction's key, its coordinator, and the signal for the peers.
+fn start_two_phase(gid: CString, application: bool) {
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
+    let key = Key { ts: twophase::clock_next(), node: config.node_id };
+    twophase::emit(&Signal::Coordinated { key }, true);
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    let Some(slot) = twophase::register(xid, key, procno) else {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "mmts: too many transactions in two-phase commit at once",
+            "mmts",
+        )
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    };
+    let live = config.peers().map(|n| n.id).filter(|id| status::connected(id.0));
+    let deadline = key.ts + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+    let coordinator = Coordinator::new(config.nodes.len(), live, key.ts, deadline);
+    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application }));
+}
+
+// ---- finishing, before the client hears ----------------------------------------------------
+
+/// libpq/libpq.h's `PQcommMethods`, not in pgrx's bindings.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PqCommMethods {
+    comm_reset: Option<unsafe extern "C-unwind" fn()>,
+    flush: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    flush_if_writable: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    is_send_pending: Option<unsafe extern "C-unwind" fn() -> bool>,
+    putmessage: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize) -> c_int>,
+    putmessage_noblock: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize)>,
+}
+
+unsafe extern "C" {
+    #[link_name = "PqCommMethods"]
+    static mut PQ_COMM_METHODS: *const PqCommMethods;
+}
+
+static mut ORIGINAL: Option<PqCommMethods> = None;
+static mut WRAPPED: PqCommMethods = PqCommMethods {
+    comm_reset: None,
+    flush: None,
+    flush_if_writable: None,
+    is_send_pending: None,
+    putmessage: None,
+    putmessage_noblock: None,
+};
+
+/// Routes this backend's messages to its client through [`putmessage`] (once per backend).
+fn install_pqcomm() {
+    unsafe {
+        let current = PQ_COMM_METHODS;
+        if current.is_null() || std::ptr::eq(current, &raw const WRAPPED) {
+            return;
+        }
+        if pg_sys::whereToSendOutput != pg_sys::CommandDest::DestRemote {
+            return;
+        }
+        ORIGINAL = Some(*current);
+        WRAPPED = *current;
+        WRAPPED.putmessage = Some(putmessage);
+        PQ_COMM_METHODS = &raw const WRAPPED;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn putmessage(msgtype: c_char, s: *const c_char, len: usize) -> c_int {
+    if msgtype as u8 == b'C' || msgtype as u8 == b'Z' {
+        if unsafe { !pg_sys::IsTransactionState() } {
+            if let Some(pending) = session(|s| s.pending.take()) {
+                finish(pending);
+            }
+        } else if msgtype as u8 == b'C' {
+            // Extended protocol: a statement done, the commit comes at Sync.
+            mark_implicit();
+        }
+    }
+    unsafe {
+        let original = (&raw const ORIGINAL).read().expect("installed").putmessage.expect("set");
+        pg_guard_ffi_boundary(|| original(msgtype, s, len))
+    }
+}
+
+fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+fn interrupted() -> bool {
+    unsafe {
+        std::ptr::read_volatile(&raw const pg_sys::InterruptPending) != 0
+            && (std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
+                || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0)
+    }
+}
+
+fn wait_a_little() {
+    unsafe {
+        let events = pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            10,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        if events & pg_sys::WL_LATCH_SET as i32 != 0 {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+}
+
+/// Feeds what arrived and what the receivers see into the coordinator.
+fn update(p: &mut Pending) {
+    let votes = twophase::votes(p.slot, p.xid);
+    for node in votes.yes {
+        p.coordinator.on_vote(node, Vote::Yes { proposal: votes.max_proposal });
+    }
+    if let Some((node, sqlstate, message)) = votes.no {
+        p.coordinator.on_vote(node, Vote::No { sqlstate, message });
+    }
+    for node in votes.finished {
+        p.coordinator.on_finished(node);
+    }
+    let lost: Vec<NodeId> = p.coordinator.participants().filter(|n| !status::connected(n.0)).collect();
+    for node in lost {
+        p.coordinator.on_peer_lost(node);
+    }
+}
+
+unsafe extern "C-unwind" {
+    // access/twophase.h, not in pgrx's bindings.
+    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
+}
+
+fn finish_prepared(gid: &CString, commit: bool) {
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        FinishPreparedTransaction(gid.as_ptr(), commit);
+        pg_sys::CommitTransactionCommand();
+    }
+}
+
+/// Waits for the votes, commits or rolls back everywhere, and reports a rollback as an ERROR.
+fn finish(mut p: Pending) {
+    let decision = loop {
+        update(&mut p);
+        if let Some(d) = p.coordinator.decide(now()) {
+            break d.clone();
+        }
+        if interrupted() {
+            // Canceled or terminated while waiting: nothing is decided, so roll back.
+            finish_prepared(&p.gid, false);
+            twophase::unregister(p.slot, p.xid);
+            pgrx::check_for_interrupts!();
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                "mmts: transaction rolled back on all nodes: canceled while waiting for the votes",
+                "mmts",
+            )
+            .report(PgLogLevel::ERROR);
+        }
+        wait_a_little();
+    };
+    match decision {
+        Decision::Commit { ts } => {
+            if p.application {
+                // The application commits it with COMMIT PREPARED when it chooses.
+                twophase::unregister(p.slot, p.xid);
+                return;
+            }
+            // The commit record's time is the commit timestamp every node records: make it
+            // no lower than the largest proposal (a wait only as long as clock skew).
+            let limit = now() + 1_000_000;
+            while now() < ts.min(limit) {
+                std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
+            }
+            finish_prepared(&p.gid, true);
+            twophase::clock_observe(now());
+            // COMMIT returns once every live peer has committed too.
+            let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+            while !p.coordinator.all_finished() && now() < deadline && !interrupted() {
+                wait_a_little();
+                update(&mut p);
+            }
+            twophase::unregister(p.slot, p.xid);
+            let late: Vec<String> = p.coordinator.unfinished().map(|n| n.to_string()).collect();
+            if !late.is_empty() {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_WARNING,
+                    format!("mmts: node {} has not confirmed the commit yet", late.join(", ")),
+                    "mmts",
+                )
+                .set_detail("The transaction is committed; that node applies it as soon as it can, so a read there may not see it yet.")
+                .report(PgLogLevel::WARNING);
+            }
+        }
+        Decision::Abort(reason) => {
+            finish_prepared(&p.gid, false);
+            twophase::unregister(p.slot, p.xid);
+            let message = match reason.node {
+                Some(node) => format!("mmts: transaction rolled back on all nodes: node {node}: {}", reason.message),
+                None => format!("mmts: transaction rolled back on all nodes: {}", reason.message),
+            };
+            ErrorReport::new(twophase::sqlstate_code(&reason.sqlstate), message, "mmts")
+                .set_hint("The transaction made no change on any node; retry it.")
+                .report(PgLogLevel::ERROR);
+        }
+    }
+}

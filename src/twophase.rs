@@ -1,0 +1,264 @@
+//! Shared state of synchronous commit on this node: the hybrid logical clock, and one entry per
+//! transaction in two-phase commit here — local ones whose backend coordinates (and collects
+//! votes delivered by the receivers), and peers' ones applied and prepared by a receiver. The
+//! entries also give the [`Key`] of a lock holder when a receiver's apply conflicts with it.
+//!
+//! Signals to peers (votes, "finished") are logical decoding messages written to this node's
+//! WAL: the walsender that serves each peer decodes them and the peer's receiver delivers them.
+
+use std::ffi::c_char;
+
+use mmts_core::twopc::{hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
+use mmts_core::NodeId;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+
+use crate::gucs::MAX_NODES;
+
+/// Transactions in two-phase commit at once on one node.
+const SLOTS: usize = 1024;
+const REASON_LEN: usize = 240;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    used: bool,
+    /// This node's xid of the transaction.
+    xid: u32,
+    key: Key,
+    /// Backend coordinating it (its `pgprocno`), or -1 for a peer's transaction.
+    procno: i32,
+    /// For a peer's transaction: that node and its xid there.
+    origin: u32,
+    origin_xid: u32,
+    /// Peers that voted yes / said they finished (bit n-1 for node n).
+    yes: u64,
+    finished: u64,
+    max_proposal: i64,
+    /// First no vote: its node (0: none), SQLSTATE and message.
+    no_node: u32,
+    no_sqlstate: [u8; 5],
+    no_message: [u8; REASON_LEN],
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            used: false,
+            xid: 0,
+            key: Key { ts: 0, node: NodeId(0) },
+            procno: -1,
+            origin: 0,
+            origin_xid: 0,
+            yes: 0,
+            finished: 0,
+            max_proposal: 0,
+            no_node: 0,
+            no_sqlstate: [0; 5],
+            no_message: [0; REASON_LEN],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Shared {
+    clock: i64,
+    entries: [Entry; SLOTS],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared { clock: 0, entries: [Entry::default(); SLOTS] }
+    }
+}
+
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for Shared {}
+
+static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"mmts two-phase commit") };
+
+pub fn init() {
+    pg_shmem_init!(SHARED);
+}
+
+fn physical_now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// The next timestamp of this node's hybrid logical clock.
+pub fn clock_next() -> i64 {
+    let mut s = SHARED.exclusive();
+    s.clock = hlc_next(s.clock, physical_now());
+    s.clock
+}
+
+/// The clock has seen `ts` (a peer's timestamp).
+pub fn clock_observe(ts: i64) {
+    let mut s = SHARED.exclusive();
+    s.clock = hlc_observe(s.clock, ts);
+}
+
+/// What has come in for a local transaction.
+#[derive(Debug, Default)]
+pub struct Votes {
+    pub yes: Vec<NodeId>,
+    /// Largest proposal among the yes votes.
+    pub max_proposal: i64,
+    pub no: Option<(NodeId, String, String)>,
+    pub finished: Vec<NodeId>,
+}
+
+/// Registers a local transaction entering two-phase commit, coordinated by the backend with
+/// `procno`. Returns the slot, or `None` when all are taken.
+pub fn register(xid: u32, key: Key, procno: i32) -> Option<usize> {
+    let mut s = SHARED.exclusive();
+    let slot = s.entries.iter().position(|e| !e.used)?;
+    s.entries[slot] = Entry { used: true, xid, key, procno, ..Entry::default() };
+    Some(slot)
+}
+
+/// Registers a peer's transaction (`origin_xid` on node `origin`) prepared here as `xid`.
+pub fn register_applied(xid: u32, key: Key, origin: u32, origin_xid: u32) {
+    let mut s = SHARED.exclusive();
+    if let Some(e) = s.entries.iter_mut().find(|e| !e.used) {
+        *e = Entry { used: true, xid, key, procno: -1, origin, origin_xid, ..Entry::default() };
+    }
+}
+
+/// Forgets a peer's transaction once finished here; with `origin_xid` `None`, all of that
+/// peer's (when its receiver starts again).
+pub fn unregister_applied(origin: u32, origin_xid: Option<u32>) {
+    let mut s = SHARED.exclusive();
+    for e in s.entries.iter_mut() {
+        if e.used && e.procno < 0 && e.origin == origin && origin_xid.is_none_or(|x| x == e.origin_xid) {
+            e.used = false;
+        }
+    }
+}
+
+pub fn unregister(slot: usize, xid: u32) {
+    let mut s = SHARED.exclusive();
+    if s.entries[slot].used && s.entries[slot].xid == xid {
+        s.entries[slot].used = false;
+    }
+}
+
+/// The key of local transaction `xid` if it is in two-phase commit here.
+pub fn key_of(xid: u32) -> Option<Key> {
+    SHARED.share().entries.iter().find(|e| e.used && e.xid == xid).map(|e| e.key)
+}
+
+/// What arrived for the local transaction in `slot`.
+pub fn votes(slot: usize, xid: u32) -> Votes {
+    let s = SHARED.share();
+    let e = &s.entries[slot];
+    let mut v = Votes { max_proposal: e.max_proposal, ..Votes::default() };
+    if !e.used || e.xid != xid {
+        return v;
+    }
+    for n in 1..=MAX_NODES as u32 {
+        let bit = 1u64 << (n - 1);
+        if e.yes & bit != 0 {
+            v.yes.push(NodeId(n));
+        }
+        if e.finished & bit != 0 {
+            v.finished.push(NodeId(n));
+        }
+    }
+    if e.no_node != 0 {
+        let len = e.no_message.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
+        v.no = Some((
+            NodeId(e.no_node),
+            String::from_utf8_lossy(&e.no_sqlstate).into_owned(),
+            String::from_utf8_lossy(&e.no_message[..len]).into_owned(),
+        ));
+    }
+    v
+}
+
+/// Delivers a peer's signal about local transaction `xid` and wakes its backend.
+pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
+    let procno = {
+        let mut s = SHARED.exclusive();
+        let Some(e) = s.entries.iter_mut().find(|e| e.used && e.xid == xid && e.procno >= 0) else { return };
+        let bit = 1u64 << (voter.0 - 1);
+        match what {
+            Delivery::Vote(Vote::Yes { proposal }) => {
+                e.yes |= bit;
+                e.max_proposal = e.max_proposal.max(proposal);
+            }
+            Delivery::Vote(Vote::No { sqlstate, message }) => {
+                if e.no_node == 0 {
+                    e.no_node = voter.0;
+                    let code = sqlstate.as_bytes();
+                    e.no_sqlstate = [b'X'; 5];
+                    e.no_sqlstate[..code.len().min(5)].copy_from_slice(&code[..code.len().min(5)]);
+                    let mut end = message.len().min(REASON_LEN);
+                    while !message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    e.no_message = [0; REASON_LEN];
+                    e.no_message[..end].copy_from_slice(&message.as_bytes()[..end]);
+                }
+            }
+            Delivery::Finished => e.finished |= bit,
+        }
+        e.procno
+    };
+    unsafe {
+        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+        pg_sys::SetLatch(&mut (*proc_).procLatch);
+    }
+}
+
+pub enum Delivery {
+    Vote(Vote),
+    Finished,
+}
+
+unsafe extern "C-unwind" {
+    // replication/message.h, not in pgrx's bindings.
+    fn LogLogicalMessage(prefix: *const c_char, message: *const c_char, size: usize, transactional: bool) -> u64;
+}
+
+/// Writes `signal` to this node's WAL for the peers. Transactional signals travel inside the
+/// current transaction; others are sent at once (flushed, without this session's replication
+/// origin, which would stop the walsenders from sending them).
+pub fn emit(signal: &Signal, transactional: bool) {
+    let bytes = signal.encode();
+    unsafe {
+        let origin = pg_sys::replorigin_session_origin;
+        if !transactional {
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        }
+        let prefix = c"mmts";
+        debug_assert_eq!(prefix.to_bytes(), SIGNAL_PREFIX.as_bytes());
+        let lsn = LogLogicalMessage(prefix.as_ptr(), bytes.as_ptr().cast(), bytes.len(), transactional);
+        pg_sys::replorigin_session_origin = origin;
+        if !transactional {
+            pg_sys::XLogFlush(lsn);
+        }
+    }
+}
+
+/// A SQLSTATE's five characters.
+pub fn sqlstate_text(code: pgrx::PgSqlErrorCode) -> String {
+    let mut v = code as i32;
+    (0..5)
+        .map(|_| {
+            let c = ((v & 0x3F) as u8 + b'0') as char;
+            v >>= 6;
+            c
+        })
+        .collect()
+}
+
+/// The error code for a SQLSTATE's five characters (internal_error when malformed).
+pub fn sqlstate_code(text: &str) -> pgrx::PgSqlErrorCode {
+    let bytes = text.as_bytes();
+    if bytes.len() != 5 || !bytes.iter().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()) {
+        return pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR;
+    }
+    let packed = bytes.iter().rev().fold(0i32, |acc, b| (acc << 6) | ((*b as i32 - b'0' as i32) & 0x3F));
+    pgrx::PgSqlErrorCode::from(packed)
+}
