@@ -56,3 +56,9 @@ BEGIN
      USING pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = relation AND l.schema_name = n.nspname AND l.table_name = c.relname;
 END $$;
+
+-- The commit timestamp of a transaction, by its xid on this node (e.g. a row's xmin). A
+-- transaction committed synchronously has the same commit timestamp on every node.
+CREATE FUNCTION mtm.get_commit_timestamp(xid) RETURNS timestamptz
+    LANGUAGE sql STABLE STRICT
+    AS 'SELECT pg_catalog.pg_xact_commit_timestamp($1)';

@@ -58,6 +58,8 @@ pub struct Applier {
     /// The peer's transaction being prepared: its changes are applied all at once when its
     /// PREPARE arrives, so that the attempt can be repeated after a lock conflict.
     preparing: Option<Preparing>,
+    /// The transaction being applied is committed synchronously (no last-writer-wins).
+    synchronous: bool,
 }
 
 #[derive(Default)]
@@ -71,9 +73,6 @@ struct Preparing {
 /// The transaction cannot be prepared yet: a lock it needs is held by a younger transaction
 /// (or one not being committed). Try again later with the same message.
 pub struct Blocked;
-
-/// How long a synchronous transaction's apply waits for a lock before looking at who holds it.
-const LOCK_TIMEOUT: &std::ffi::CStr = c"10ms";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Change {
@@ -97,6 +96,7 @@ impl Applier {
             origins: HashMap::new(),
             conflict_insert: None,
             preparing: None,
+            synchronous: false,
         }
     }
 
@@ -235,9 +235,8 @@ impl Applier {
         let key = preparing.key;
         let changes = std::mem::take(&mut preparing.changes);
         let gid = self.gid(xid);
-        if key.is_some() {
-            set_lock_timeout(LOCK_TIMEOUT);
-        }
+        self.synchronous = key.is_some();
+        unsafe { AWAITED = None };
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
             for change in &changes {
                 self.apply_change(change);
@@ -254,7 +253,8 @@ impl Applier {
             }
         }))
         .catch_others(|e| {
-            let holder = unsafe { awaited_transaction() };
+            lock_wait_timer(false);
+            let holder = unsafe { (&raw mut AWAITED).replace(None) };
             unsafe { pg_sys::AbortCurrentTransaction() };
             let (code, message) = match &e {
                 pgrx::pg_sys::panic::CaughtError::PostgresError(r)
@@ -266,9 +266,7 @@ impl Applier {
             Err((code, message, holder))
         })
         .execute();
-        if key.is_some() {
-            set_lock_timeout(c"0");
-        }
+        self.synchronous = false;
         let Some(key) = key else {
             // Not coordinated (asynchronous mode): an error stops the receiver, as for a commit.
             if let Err((code, message, _)) = outcome {
@@ -281,7 +279,7 @@ impl Applier {
                 twophase::register_applied(local_xid, key, self.peer, xid);
                 Vote::Yes { proposal: twophase::clock_next() }
             }
-            Err((code, message, holder)) if code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE => {
+            Err((code, message, Some(holder))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
                 let holder_key = holder.and_then(twophase::key_of);
                 let waited = first_attempt.elapsed().as_millis() as i64;
                 match (on_conflict(key, holder_key), holder_key) {
@@ -310,6 +308,9 @@ impl Applier {
     }
 
     fn apply_change(&mut self, message: &Message) {
+        // A synchronous transaction does not wait long for a lock without looking at who
+        // holds it (see `on_lock_wait_timer`).
+        lock_wait_timer(self.synchronous);
         match message {
             Message::Insert { relation, new } => self.change(*relation, Change::Insert, None, Some(new)),
             Message::Update { relation, old, new } => self.change(*relation, Change::Update, old.as_deref(), Some(new)),
@@ -319,6 +320,7 @@ impl Applier {
             }
             _ => {}
         }
+        lock_wait_timer(false);
     }
 
     fn finished(&mut self, commit_time: pg_sys::TimestampTz) -> Applied {
@@ -440,8 +442,33 @@ impl Applier {
             let remote = Version { commit_time: self.remote_time, node: NodeId(self.peer) };
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
             pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+            // A synchronously committed change was made over exactly the version this node has
+            // (the two-phase commit holds the rows everywhere): apply it as it is; a row that
+            // exists or is missing here is a real disagreement, and this node votes no.
+            let synchronous = self.synchronous;
             match (kind, found) {
                 (Change::Insert, false) => pg_sys::ExecSimpleRelationInsert(rri, estate, remoteslot),
+                (Change::Insert, true) if synchronous => {
+                    ereport!(
+                        PgLogLevel::ERROR,
+                        PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                        format!("duplicate key: the row inserted on node {} already exists here", self.peer)
+                    );
+                }
+                (Change::Update, true) if synchronous => {
+                    let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
+                    store_values(remoteslot, desc, &map, new.expect("a new row"), Some(localslot));
+                    pg_sys::MemoryContextSwitchTo(previous);
+                    epq.origslot = remoteslot;
+                    pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, localslot, remoteslot);
+                }
+                (Change::Update, false) if synchronous => {
+                    ereport!(
+                        PgLogLevel::ERROR,
+                        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        format!("the row updated on node {} does not exist here", self.peer)
+                    );
+                }
                 (Change::Insert | Change::Update, true) => {
                     let local = self.version(localslot);
                     // Over a version written by the same peer this is the normal course of
@@ -654,28 +681,53 @@ unsafe fn start_transaction() {
     }
 }
 
-/// The transaction whose end this process is waiting for in the lock manager, if any. Read
-/// after a lock timeout, before the abort that leaves the wait queue.
-unsafe fn awaited_transaction() -> Option<u32> {
+/// After a lock wait of this long, a synchronous transaction's apply stops waiting and looks
+/// at the holder (wait-die).
+const LOCK_WAIT_MS: i32 = 10;
+
+/// `Some(xid)`: the apply was stopped while waiting for a lock, held by transaction `xid`
+/// (0 when the lock was not a transaction's, e.g. a row lock another waiter holds).
+static mut AWAITED: Option<Option<u32>> = None;
+static mut LOCK_WAIT_TIMEOUT: i32 = -1;
+
+unsafe extern "C-unwind" {
+    // utils/timeout.h, not in pgrx's bindings.
+    fn RegisterTimeout(id: i32, handler: Option<unsafe extern "C-unwind" fn()>) -> i32;
+    fn enable_timeout_after(id: i32, delay_ms: i32);
+    fn disable_timeout(id: i32, keep_indicator: bool);
+}
+
+/// Arms (or disarms) the lock-wait timer for the change about to be applied.
+fn lock_wait_timer(on: bool) {
     unsafe {
-        let lock = (*pg_sys::MyProc).waitLock;
-        if lock.is_null() {
-            return None;
+        if LOCK_WAIT_TIMEOUT < 0 {
+            const USER_TIMEOUT: i32 = 12;
+            LOCK_WAIT_TIMEOUT = RegisterTimeout(USER_TIMEOUT, Some(on_lock_wait_timer));
         }
-        let tag = &(*lock).tag;
-        (tag.locktag_type == pg_sys::LockTagType::LOCKTAG_TRANSACTION as u8).then_some(tag.locktag_field1)
+        if on {
+            enable_timeout_after(LOCK_WAIT_TIMEOUT, LOCK_WAIT_MS);
+        } else {
+            disable_timeout(LOCK_WAIT_TIMEOUT, false);
+        }
     }
 }
 
-fn set_lock_timeout(value: &std::ffi::CStr) {
+/// Runs in the SIGALRM handler: only reads this process's lock wait and raises a cancel,
+/// which the lock manager's wait loop turns into an ERROR the applier catches.
+unsafe extern "C-unwind" fn on_lock_wait_timer() {
     unsafe {
-        pg_sys::SetConfigOption(
-            c"lock_timeout".as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        )
-    };
+        let lock = (*pg_sys::MyProc).waitLock;
+        if lock.is_null() {
+            return; // not waiting: nothing to decide
+        }
+        let tag = &(*lock).tag;
+        let xid =
+            if tag.locktag_type == pg_sys::LockTagType::LOCKTAG_TRANSACTION as u8 { tag.locktag_field1 } else { 0 };
+        AWAITED = Some((xid != 0).then_some(xid));
+        pg_sys::InterruptPending = 1;
+        pg_sys::QueryCancelPending = 1;
+        pg_sys::SetLatch(pg_sys::MyLatch);
+    }
 }
 
 /// What the next local commit records as its origin's position and commit time.

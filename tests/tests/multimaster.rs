@@ -1,6 +1,8 @@
 //! The multimaster mesh: with only `multimaster.*` settings, every node streams every peer's
 //! writes and applies them under the peer's replication origin; nothing loops; nodes that
 //! restart or crash catch up; the status functions follow peers going down and coming back.
+//! These run in the asynchronous mode (`multimaster.mode = async`), where concurrent writes
+//! of the same row are resolved by last writer wins; tests/sync.rs covers the default mode.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ fn checksum(node: &Node) -> String {
 }
 
 fn start(n: usize) -> Cluster {
-    let cluster = ClusterBuilder::new(n).start();
+    let cluster = ClusterBuilder::new(n).set("multimaster.mode", "async").start();
     for node in cluster.nodes() {
         node.execute("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
     }
@@ -225,7 +227,10 @@ fn tables_without_a_key_follow_the_setting() {
     drop(cluster);
 
     // On: such tables stay on the node that writes them.
-    let cluster = ClusterBuilder::new(2).set("multimaster.ignore_tables_without_pk", "on").start();
+    let cluster = ClusterBuilder::new(2)
+        .set("multimaster.mode", "async")
+        .set("multimaster.ignore_tables_without_pk", "on")
+        .start();
     for node in cluster.nodes() {
         node.execute("CREATE TABLE nokey(x int); CREATE TABLE t(id bigint PRIMARY KEY, v text)");
     }

@@ -1,15 +1,20 @@
-//! Synchronous commit (`multimaster.mode = sync`, the default).
+//! Synchronous commit (`multimaster.mode = sync`, the default): every write transaction is
+//! prepared on all live nodes and committed everywhere, or rolled back everywhere, before the
+//! client hears of it.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
 
-use mmts_tests::{Cluster, ClusterBuilder, Node};
+use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn start(n: usize) -> Cluster {
+fn start(n: usize, schema: &str) -> Cluster {
     let cluster = ClusterBuilder::new(n).start();
     for node in cluster.nodes() {
-        node.execute("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+        node.execute(&format!("CREATE EXTENSION mmts; {schema}"));
     }
     cluster.wait_replicating(WAIT);
     cluster
@@ -19,26 +24,309 @@ fn count(node: &Node, sql: &str) -> i64 {
     node.query_value(sql).and_then(|v| v.parse().ok()).unwrap_or(-1)
 }
 
-#[test]
-fn smoke() {
-    let cluster = start(3);
-    let mut c1 = cluster.node(1).connect();
-    let mut c2 = cluster.node(2).connect();
-    let t = std::time::Instant::now();
-    c1.execute("INSERT INTO t VALUES (1, 'a')", &[]).unwrap();
-    eprintln!("insert took {:?}", t.elapsed());
-    let n: i64 = c2.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
-    assert_eq!(n, 1);
-    c1.batch_execute("INSERT INTO t VALUES (2, 'b')").unwrap();
-    c1.batch_execute("BEGIN; INSERT INTO t VALUES (3, 'c'); COMMIT").unwrap();
-    c1.batch_execute("INSERT INTO t VALUES (4, 'c'); INSERT INTO t VALUES (5, 'c')").unwrap();
-    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM t"), 5);
-    // duplicate on node 2 only
-    cluster.node(2).execute("SET session_replication_role = replica; INSERT INTO t VALUES (6, 'x')");
-    let e = c1.execute("INSERT INTO t VALUES (6, 'y')", &[]).unwrap_err();
-    eprintln!("{}", mmts_tests::describe(&e));
-    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM pg_prepared_xacts"), 0);
-    for n in cluster.nodes() {
-        eprintln!("{}", n.log_tail(20));
+fn no_prepared_transactions(cluster: &Cluster) {
+    for node in cluster.nodes() {
+        wait_for(&format!("no prepared transactions left on node {}", node.id), WAIT, || {
+            count(node, "SELECT count(*) FROM pg_prepared_xacts") == 0
+        });
     }
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+const T: &str = "CREATE TABLE t(id bigint PRIMARY KEY, v text)";
+
+/// Every way a client can commit a write is seen on the other nodes as soon as COMMIT returns.
+#[test]
+fn every_client_path_commits_on_all_nodes_before_returning() {
+    let cluster = start(
+        3,
+        &format!("{T}; CREATE FUNCTION put(k bigint) RETURNS bigint LANGUAGE sql AS 'INSERT INTO t VALUES (k, ''f'') RETURNING id'"),
+    );
+    let mut c = cluster.node(1).connect();
+    let check = |id: i64, path: &str| {
+        for node in &cluster.nodes()[1..] {
+            assert_eq!(
+                count(node, &format!("SELECT count(*) FROM t WHERE id = {id}")),
+                1,
+                "{path}: row {id} not on node {} right after COMMIT",
+                node.id
+            );
+        }
+    };
+    c.batch_execute("INSERT INTO t VALUES (1, 'simple autocommit')").unwrap();
+    check(1, "simple-protocol autocommit");
+    c.execute("INSERT INTO t VALUES ($1, 'extended autocommit')", &[&2i64]).unwrap();
+    check(2, "extended-protocol autocommit");
+    c.batch_execute(
+        "INSERT INTO t VALUES (3, 'multi'); UPDATE t SET v = 'multi 2' WHERE id = 3; INSERT INTO t VALUES (4, 'multi')",
+    )
+    .unwrap();
+    check(3, "multi-statement simple query");
+    check(4, "multi-statement simple query");
+    c.batch_execute(
+        "BEGIN; INSERT INTO t VALUES (5, 'block'); SAVEPOINT s; INSERT INTO t VALUES (6, 'x'); ROLLBACK TO s; COMMIT",
+    )
+    .unwrap();
+    check(5, "explicit block");
+    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM t WHERE id = 6"), 0, "rolled-back savepoint replicated");
+    let mut tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO t VALUES ($1, 'extended block')", &[&7i64]).unwrap();
+    tx.commit().unwrap();
+    check(7, "explicit block over the extended protocol");
+    c.query_one("SELECT put($1)", &[&8i64]).unwrap();
+    check(8, "SELECT of a writing function, extended protocol");
+    c.batch_execute("SELECT put(9)").unwrap();
+    check(9, "SELECT of a writing function, simple protocol");
+    c.batch_execute("COPY t FROM PROGRAM 'echo 10,copied' WITH (FORMAT csv)").unwrap();
+    check(10, "COPY FROM");
+
+    // Reads pay nothing and do not leave anything behind; a failed statement rolls back as usual.
+    c.batch_execute("SELECT count(*) FROM t; BEGIN; SELECT 1; COMMIT").unwrap();
+    let e = c.batch_execute("INSERT INTO t VALUES (1, 'duplicate')").unwrap_err();
+    assert_eq!(sqlstate(&e), "23505", "{}", describe(&e));
+    // Transaction control after a write inside one implicit transaction is refused cleanly.
+    let e = c.batch_execute("INSERT INTO t VALUES (11, 'x'); SAVEPOINT s").unwrap_err();
+    assert_eq!(sqlstate(&e), "25001", "{}", describe(&e));
+    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM t WHERE id = 11"), 0);
+    // Temporary tables cannot be prepared: a clear error, nothing written.
+    let e = c.batch_execute("BEGIN; CREATE TEMP TABLE tmp(i int); INSERT INTO t VALUES (12, 'x'); COMMIT").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{}", describe(&e));
+    c.batch_execute("ROLLBACK").ok();
+    c.batch_execute("CREATE TEMP TABLE tmp2(i int); INSERT INTO tmp2 VALUES (1)").unwrap();
+
+    // Every transaction in the WAL of node 1 was a two-phase commit: nothing committed plainly
+    // wrote the table on a peer (node 2 has the same 9 rows and only from node 1's prepared
+    // transactions, which leave no prepared transaction behind).
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM t"), 9, "node {}", node.id);
+    }
+    no_prepared_transactions(&cluster);
+}
+
+/// Every node records the same commit timestamp for a transaction; causally later ones have
+/// larger ones.
+#[test]
+fn commit_timestamps_agree_and_grow_with_causality() {
+    let cluster = start(3, T);
+    let mut last = String::new();
+    for i in 0..30i64 {
+        let origin = cluster.node(1 + (i as usize % 3));
+        origin.execute(&format!("INSERT INTO t VALUES ({i}, 'x')"));
+        let sql = format!("SELECT mtm.get_commit_timestamp(xmin)::text FROM t WHERE id = {i}");
+        let ts: Vec<String> = cluster.nodes().iter().map(|n| n.query_value(&sql).unwrap_or_default()).collect();
+        assert!(!ts[0].is_empty(), "no commit timestamp for row {i}");
+        assert!(ts.iter().all(|t| *t == ts[0]), "row {i}: commit timestamps differ between nodes: {ts:?}");
+        let later = count(
+            cluster.node(2),
+            &format!(
+                "SELECT ('{}'::timestamptz > '{}'::timestamptz)::int",
+                ts[0],
+                if last.is_empty() { "-infinity" } else { &last }
+            ),
+        );
+        assert_eq!(later, 1, "row {i} committed at {} after {last}", ts[0]);
+        last = ts[0].clone();
+    }
+}
+
+/// A write rejected by one peer (a constraint only it has) is rolled back everywhere, and the
+/// client's error names that node and its reason.
+#[test]
+fn one_peer_voting_no_rolls_back_everywhere() {
+    let cluster = start(3, T);
+    cluster.node(2).execute("ALTER TABLE t ADD CONSTRAINT only_on_node_2 CHECK (v <> 'forbidden')");
+    let mut c = cluster.node(1).connect();
+    let e = c.execute("INSERT INTO t VALUES (1, 'forbidden')", &[]).unwrap_err();
+    let text = describe(&e);
+    assert_eq!(sqlstate(&e), "23514", "{text}");
+    assert!(text.contains("node 2") && text.contains("only_on_node_2"), "{text}");
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM t"), 0, "node {}", node.id);
+    }
+    // Other writes go on.
+    c.execute("INSERT INTO t VALUES (2, 'fine')", &[]).unwrap();
+    assert_eq!(count(cluster.node(2), "SELECT count(*) FROM t"), 1);
+    no_prepared_transactions(&cluster);
+}
+
+/// 1,000 times: insert on node i, read at once on another node: always there.
+#[test]
+fn read_your_writes_on_every_other_node() {
+    let cluster = start(3, T);
+    let mut clients: Vec<postgres::Client> = cluster.nodes().iter().map(|n| n.connect()).collect();
+    for i in 0..1000i64 {
+        let writer = i as usize % 3;
+        let reader = (writer + 1 + (i as usize / 3) % 2) % 3;
+        clients[writer].execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).unwrap();
+        let n: i64 = clients[reader].query_one("SELECT count(*) FROM t WHERE id = $1", &[&i]).unwrap().get(0);
+        assert_eq!(n, 1, "row {i} written on node {} not seen on node {}", writer + 1, reader + 1);
+    }
+}
+
+/// Clients on all nodes update the same row at the same moment: each round exactly one
+/// commits, the others get 40001, and nobody waits long.
+#[test]
+fn concurrent_writers_of_one_row_have_exactly_one_winner() {
+    let cluster = start(3, "CREATE TABLE c(id int PRIMARY KEY, n bigint)");
+    cluster.node(1).execute("INSERT INTO c VALUES (1, 0)");
+    let rounds = 30;
+    let barrier = Arc::new(Barrier::new(3));
+    let results = Arc::new(Mutex::new(vec![Vec::new(); rounds]));
+    let slowest = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for node in cluster.nodes() {
+            let (barrier, results, slowest) = (barrier.clone(), results.clone(), slowest.clone());
+            s.spawn(move || {
+                let mut c = node.connect();
+                for round in 0..rounds {
+                    c.batch_execute("BEGIN; UPDATE c SET n = n + 1 WHERE id = 1").unwrap();
+                    barrier.wait();
+                    let t = Instant::now();
+                    let outcome = match c.batch_execute("COMMIT") {
+                        Ok(()) => "commit".to_string(),
+                        Err(e) => sqlstate(&e),
+                    };
+                    slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    results.lock().unwrap()[round].push(outcome);
+                    barrier.wait();
+                }
+            });
+        }
+    });
+    let results = results.lock().unwrap();
+    for (round, outcomes) in results.iter().enumerate() {
+        let winners = outcomes.iter().filter(|o| *o == "commit").count();
+        assert_eq!(winners, 1, "round {round}: {outcomes:?}");
+        assert!(outcomes.iter().all(|o| o == "commit" || o == "40001"), "round {round}: {outcomes:?}");
+    }
+    let slowest = slowest.load(Ordering::Relaxed);
+    assert!(slowest < 2000, "a COMMIT took {slowest} ms (bound: multimaster.twopc_min_timeout)");
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT n FROM c"), rounds as i64, "node {}", node.id);
+    }
+    no_prepared_transactions(&cluster);
+}
+
+/// The bank: transfers between accounts from all nodes, through explicit blocks, autocommit
+/// statements and the extended protocol. Money is never created or lost on any read on any
+/// node; every transfer the client saw commit is everywhere, none that failed is anywhere.
+#[test]
+fn bank_transfers_from_all_nodes_keep_every_node_consistent() {
+    const ACCOUNTS: i64 = 30;
+    const TOTAL: i64 = ACCOUNTS * 1000;
+    let cluster = start(
+        3,
+        "CREATE TABLE accounts(id bigint PRIMARY KEY, balance bigint NOT NULL);
+         CREATE TABLE transfers(id bigint PRIMARY KEY, src bigint, dst bigint, amount bigint)",
+    );
+    cluster.node(1).execute(&format!("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, {ACCOUNTS}) g"));
+    let duration = Duration::from_secs(std::env::var("BANK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
+    let stop = AtomicBool::new(false);
+    let committed = Mutex::new(HashSet::new());
+    let failed = Mutex::new(HashSet::new());
+    let bad_reads = Mutex::new(Vec::new());
+    let errors = Mutex::new(std::collections::BTreeMap::<String, u64>::new());
+    let next_id = AtomicU64::new(1);
+    std::thread::scope(|s| {
+        for node in cluster.nodes() {
+            for style in 0..3 {
+                let (stop, committed, failed, errors, next_id) = (&stop, &committed, &failed, &errors, &next_id);
+                s.spawn(move || {
+                    let mut c = node.connect();
+                    let mut seed = (node.id * 31 + style) as u64 * 0x9E37_79B9;
+                    let mut rand = move |n: i64| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed % n as u64) as i64
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
+                        let src = 1 + rand(ACCOUNTS);
+                        let dst = 1 + (src + rand(ACCOUNTS - 1)) % ACCOUNTS;
+                        let amount = 1 + rand(50);
+                        let result = match style {
+                            // An explicit block, simple protocol.
+                            0 => c.batch_execute(&format!(
+                                "BEGIN;
+                                 UPDATE accounts SET balance = balance - {amount} WHERE id = {src};
+                                 UPDATE accounts SET balance = balance + {amount} WHERE id = {dst};
+                                 INSERT INTO transfers VALUES ({id}, {src}, {dst}, {amount});
+                                 COMMIT"
+                            )),
+                            // One autocommit statement, simple protocol.
+                            1 => c.batch_execute(&format!(
+                                "WITH moved AS (UPDATE accounts SET balance = balance + CASE id WHEN {src} THEN -{amount} ELSE {amount} END
+                                                 WHERE id IN ({src}, {dst}) RETURNING id)
+                                 INSERT INTO transfers SELECT {id}, {src}, {dst}, {amount} FROM (SELECT count(*) AS n FROM moved) m WHERE m.n = 2"
+                            )),
+                            // A transaction over the extended protocol.
+                            _ => (|| {
+                                let mut tx = c.transaction()?;
+                                tx.execute("UPDATE accounts SET balance = balance - $1 WHERE id = $2", &[&amount, &src])?;
+                                tx.execute("UPDATE accounts SET balance = balance + $1 WHERE id = $2", &[&amount, &dst])?;
+                                tx.execute("INSERT INTO transfers VALUES ($1, $2, $3, $4)", &[&id, &src, &dst, &amount])?;
+                                tx.commit()
+                            })(),
+                        };
+                        match result {
+                            Ok(()) => committed.lock().unwrap().insert(id),
+                            Err(e) => {
+                                *errors.lock().unwrap().entry(sqlstate(&e)).or_default() += 1;
+                                if c.is_closed() {
+                                    c = node.connect();
+                                }
+                                c.batch_execute("ROLLBACK").ok();
+                                failed.lock().unwrap().insert(id)
+                            }
+                        };
+                    }
+                });
+            }
+            let (stop, bad_reads) = (&stop, &bad_reads);
+            s.spawn(move || {
+                let mut c = node.connect();
+                while !stop.load(Ordering::Relaxed) {
+                    let total: i64 = c.query_one("SELECT sum(balance)::bigint FROM accounts", &[]).unwrap().get(0);
+                    if total != TOTAL {
+                        bad_reads.lock().unwrap().push((node.id, total));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let committed = committed.into_inner().unwrap();
+    let failed = failed.into_inner().unwrap();
+    eprintln!("bank: {} transfers committed, {} failed: {:?}", committed.len(), failed.len(), errors.lock().unwrap());
+    assert!(bad_reads.lock().unwrap().is_empty(), "reads with a wrong total: {:?}", bad_reads.lock().unwrap());
+    assert!(committed.len() > 100, "only {} transfers committed", committed.len());
+    let unexpected: Vec<String> =
+        errors.lock().unwrap().keys().filter(|k| !["40001", "40P01"].contains(&k.as_str())).cloned().collect();
+    assert!(
+        unexpected.is_empty(),
+        "errors other than serialization failures / deadlocks: {:?}",
+        errors.lock().unwrap()
+    );
+    no_prepared_transactions(&cluster);
+    let sums: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            n.query_value("SELECT md5(string_agg(id || ':' || balance, ',' ORDER BY id)) FROM accounts").unwrap()
+                + &n.query_value("SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM transfers").unwrap()
+        })
+        .collect();
+    assert!(sums.iter().all(|s| *s == sums[0]), "nodes differ: {sums:?}");
+    let ids: HashSet<i64> =
+        cluster.node(2).query_rows("SELECT id FROM transfers").iter().map(|r| r.parse().unwrap()).collect();
+    let missing = committed.difference(&ids).count();
+    let ghosts = failed.intersection(&ids).count();
+    assert_eq!(missing, 0, "{missing} committed transfers missing");
+    assert_eq!(ghosts, 0, "{ghosts} failed transfers present");
 }
