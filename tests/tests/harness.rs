@@ -23,7 +23,12 @@ fn nodes_start_and_answer() {
 #[test]
 fn killed_node_is_down_and_restarts() {
     let mut cluster = ClusterBuilder::new(2).proxies(false).start();
-    cluster.node(1).execute("CREATE TABLE t(x int PRIMARY KEY); INSERT INTO t VALUES (1), (2)");
+    // Writes need a majority (here: both nodes) connected.
+    cluster.wait_replicating(Duration::from_secs(60));
+    for node in cluster.nodes() {
+        node.execute("CREATE TABLE t(x int PRIMARY KEY)");
+    }
+    cluster.node(1).execute("INSERT INTO t VALUES (1), (2)");
     let pid = cluster.node(1).query_value("SELECT pg_backend_pid()").unwrap();
     cluster.node_mut(1).kill9();
     assert!(!cluster.node(1).is_up(), "node 1 answers after kill -9");
