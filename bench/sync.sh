@@ -15,6 +15,7 @@
 #
 #   bench/sync.sh                    (needs mmts installed: scripts/install.sh)
 #   SCALE=10 CLIENTS=6 SECONDS_=20 LAT_SECONDS=10 MAX_TRIES=10 PORT=26452 bench/sync.sh
+#   LOGS=/tmp/sync-logs bench/sync.sh    (keeps the servers' logs)
 #
 # Ports: standalone on PORT, sync cluster on PORT+1..PORT+3, async cluster on PORT+4..PORT+6.
 set -euo pipefail
@@ -27,6 +28,11 @@ MAX_TRIES=${MAX_TRIES:-10}
 BASE=${PORT:-26452}
 BENCH_NAME=sync
 . bench/common.sh
+# LOGS=DIR: keep every server's log there (DIR/<server>.log) when the run ends.
+if [ -n "${LOGS:-}" ]; then
+  mkdir -p "$LOGS"
+  trap 'for d in "$DIR"/*/; do [ -f "$d/server.log" ] && cp "$d/server.log" "$LOGS/$(basename "$d").log"; done; stop_servers' EXIT
+fi
 
 # Cluster CLUSTER (sync|async) has nodes 1..3 on ports port CLUSTER 1..3.
 first_port() { if [ "$1" = sync ]; then echo $((BASE + 1)); else echo $((BASE + 4)); fi; }
@@ -66,6 +72,18 @@ for c in sync async; do
     until [ "$(q "$(port "$c" "$i")" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")" -ge 2 ]; do sleep 0.2; done
   done
 done
+# mmts aborts a two-phase commit whose votes take longer than multimaster.twopc_min_timeout
+# (default 5 s, counted from the PREPARE), and the peers need far longer than that to decode and
+# apply the one 1M-row COPY transaction of `pgbench -i` (about 40 s at scale 10 on 2 cores).
+# Raise it on the sync cluster for the load only; the benchmark runs with the default.
+set_twopc_timeout() { # VALUE|DEFAULT
+  local i
+  for i in 1 2 3; do
+    q "$(port sync "$i")" "ALTER SYSTEM SET multimaster.twopc_min_timeout = $1" >/dev/null
+    q "$(port sync "$i")" "SELECT pg_reload_conf()" >/dev/null
+  done
+}
+set_twopc_timeout "'30min'"
 pids=()
 for c in sync async; do pgb -q -i -I g -s "$SCALE" -p "$(port "$c" 1)" > "$DIR/load-$c.log" 2>&1 & pids+=($!); done
 pgb -q -i -s "$SCALE" -p "$BASE" > "$DIR/load-standalone.log" 2>&1 & pids+=($!)
@@ -75,6 +93,7 @@ for c in sync async; do
     until [ "$(q "$(port "$c" "$i")" "SELECT count(*) FROM pgbench_accounts")" = "$((SCALE * 100000))" ]; do sleep 0.5; done
   done
 done
+set_twopc_timeout DEFAULT
 
 # wait_quiet CLUSTER: until no node of the cluster is behind a peer (an async cluster may still
 # be applying what the last run wrote; that would steal CPU from the next one). At most 120 s.
