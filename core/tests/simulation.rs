@@ -9,7 +9,7 @@
 //!   it (`hlc_next`, `hlc_observe`);
 //! * `rows` rows (a handful, to force conflicts) and a lock table: a row is locked by at most one
 //!   transaction, one being committed here (prepared) or being applied from a peer;
-//! * per peer, the stream of that peer's messages (its replication slot), applied sequentially.
+//! * per peer, the stream of that peer's messages (its replication slot).
 //!
 //! **Clients.** Each client runs transactions one after the other, each on a random node,
 //! writing 1-2 random rows, and starts the next one (after a random think time) once it has
@@ -25,7 +25,9 @@
 //! peer (a peer that was cut off gets them when it comes back); Vote and Finished go to the
 //! coordinator. A receiver applies Prepare/Commit/Abort of one origin strictly in order: a
 //! Prepare waiting for a lock blocks everything after it from that origin. Votes and Finished
-//! are signals the receiver handles on arrival (they never wait for an apply).
+//! are signals the receiver handles on arrival (they never wait for an apply). Variant
+//! (`sequential_apply: false`): each transaction is applied on its own, as by parallel apply
+//! workers; only its own Prepare, Commit and Abort stay in order.
 //!
 //! **Applying a Prepare.** The peer locks the rows in order. On a row held by another
 //! transaction it asks `on_conflict(applying, Some(holder))` (every holder has a key): `Die`
@@ -38,7 +40,9 @@
 //! deadline. On `Commit { ts }` the origin commits with `ts` (observing it in its clock) and sends
 //! Commit; peers commit with the same `ts`, observe it, release and reply Finished. On `Abort` the
 //! origin rolls back and sends Abort; peers that prepared roll back and reply Finished, peers
-//! that voted No ignore it.
+//! that voted No ignore it. A peer told to commit what it refused breaks atomicity. Variant
+//! (`catch_up: true`): it applies the transaction anyway, taking all its rows at once when they
+//! are free, then commits it.
 //!
 //! **Rows.** A node keeps for each row the committed version with the largest (commit ts, origin)
 //! (the last writer in commit-ts order), and separately the last version it applied (what a
@@ -65,7 +69,22 @@
 //! Without faults the simulation also checks that every node applies the writers of a row in
 //! commit-ts order (so the simply-applied table equals the commit-ts-ordered one).
 //!
-//! A failure names the seed; `MMTS_SIM_TRACE=<seed>` prints that run's events.
+//! A failure names the seed; `MMTS_SIM_TRACE=<seed>` prints that run's events, e.g.
+//! `MMTS_SIM_TRACE=50 cargo test -p mmts-core --test simulation fault_free_sequential -- --ignored --nocapture`.
+//!
+//! # Findings
+//!
+//! The ignored tests reproduce what the simulation found; each comment gives the seed and
+//! the sequence of events:
+//!
+//! * `fault_free_sequential_apply_never_times_out`: wait-die (`on_conflict`) plus per-origin
+//!   sequential apply deadlocks; only the deadline settles it (property 3).
+//! * `partitions_keep_atomicity`: `on_peer_lost` before the decision lets the coordinator commit
+//!   without a peer that voted (or will vote) no and rolled back (property 1).
+//! * `partitions_keep_causality`: `all_finished` counts peers lost after the decision, so a
+//!   client can see COMMIT before any majority knows the commit ts (property 5, 5 nodes).
+//! * `partitions_apply_in_commit_ts_order`: a returning node applies commits out of commit-ts
+//!   order (a limit of catching up, not of `twopc`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -133,6 +152,9 @@ struct Config {
     catch_up: bool,
     /// Property 3, strong form: no transaction is decided by its deadline.
     forbid_timeouts: bool,
+    /// Every node applies the writers of a row in commit-ts order, so a table that simply
+    /// applies commits as they come equals the commit-ts-ordered rows.
+    check_apply_order: bool,
 }
 
 impl Config {
@@ -150,6 +172,7 @@ impl Config {
             sequential_apply: true,
             catch_up: false,
             forbid_timeouts: false,
+            check_apply_order: true,
         }
     }
 }
@@ -216,6 +239,15 @@ enum TxState {
     RolledBack,
     /// This peer voted no.
     Refused,
+}
+
+/// Something on a node that may be able to move when a lock is freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Contender {
+    /// Message `i` of `origin`'s stream.
+    Apply { origin: usize, i: usize },
+    /// A local transaction waiting for its row locks.
+    Local(TxId),
 }
 
 /// A committed version of a row.
@@ -561,8 +593,7 @@ impl Sim {
     fn pump(&mut self, node: usize) {
         loop {
             let n = &self.nodes[node];
-            // (arrival, origin and position in its stream, or a local transaction)
-            let mut contenders: Vec<(u64, Option<(usize, usize)>, TxId)> = Vec::new();
+            let mut contenders: Vec<(u64, Contender)> = Vec::new();
             for (&origin, queue) in &n.inbox {
                 for (i, (arrived, msg)) in queue.iter().enumerate() {
                     if i > 0 && self.cfg.sequential_apply {
@@ -570,15 +601,15 @@ impl Sim {
                     }
                     // A transaction's own messages always apply in order.
                     if queue.iter().take(i).all(|(_, m)| m.tx() != msg.tx()) {
-                        contenders.push((*arrived, Some((origin, i)), msg.tx()));
+                        contenders.push((*arrived, Contender::Apply { origin, i }));
                     }
                 }
             }
-            contenders.extend(n.local_waiters.iter().map(|&(s, tx)| (s, None, tx)));
+            contenders.extend(n.local_waiters.iter().map(|&(since, tx)| (since, Contender::Local(tx))));
             contenders.sort();
-            let progressed = contenders.into_iter().any(|(_, apply, tx)| match apply {
-                Some((origin, i)) => self.try_apply(node, origin, i),
-                None => self.try_local(node, tx),
+            let progressed = contenders.into_iter().any(|(_, c)| match c {
+                Contender::Apply { origin, i } => self.try_apply(node, origin, i),
+                Contender::Local(tx) => self.try_local(node, tx),
             });
             if !progressed {
                 return;
@@ -618,7 +649,7 @@ impl Sim {
                 other => {
                     self.remove(node, origin, i);
                     self.violation(format!(
-                        "property 1: tx{tx} committed (ts {ts}) by its coordinator on node {}, but node {} is {other:?}",
+                        "property 1: tx{tx} committed (ts {ts}) by node {}, but node {} is {other:?}",
                         node_id(origin),
                         node_id(node)
                     ));
@@ -742,12 +773,20 @@ impl Sim {
         n.state.insert(tx, TxState::Committed(ts));
         n.hlc = hlc_observe(n.hlc, ts);
         let version = Version { ts, node: origin, tx };
+        let mut late = Vec::new();
         for &r in &self.txs[tx].rows {
             match n.rows[r] {
-                Some(current) if current > version => n.out_of_order += 1,
+                Some(current) if current > version => {
+                    n.out_of_order += 1;
+                    late.push((r, current.tx));
+                }
                 _ => n.rows[r] = Some(version),
             }
             n.last_applied[r] = Some(version);
+        }
+        self.log(|| format!("tx{tx} committed on node {} at ts {ts}", node_id(node)));
+        for (r, newer) in late {
+            self.log(|| format!("tx{tx} applied on node {} after tx{newer}, a later writer of row {r}", node_id(node)));
         }
     }
 
@@ -798,7 +837,15 @@ impl Sim {
                 t.coord.as_mut().expect("prepared").on_vote(voter, vote);
                 self.drive(tx);
             }
-            Msg::Finished { tx, .. } => {
+            Msg::Finished { tx, committed } => {
+                let decided_commit = matches!(self.txs[tx].decision, Some(Decision::Commit { .. }));
+                if committed != decided_commit {
+                    self.violation(format!(
+                        "property 1: node {} finished tx{tx} committed={committed}, but it was decided {:?}",
+                        node_id(from),
+                        self.txs[tx].decision
+                    ));
+                }
                 self.txs[tx].coord.as_mut().expect("prepared").on_finished(node_id(from));
                 self.drive(tx);
             }
@@ -939,7 +986,7 @@ impl Sim {
                 found.push(format!("property 1: row {r} is {row:?}, its last committed writer is {expected:?}"));
             }
         }
-        if fault_free {
+        if self.cfg.check_apply_order {
             for n in &self.nodes {
                 if n.out_of_order > 0 || n.last_applied != n.rows {
                     found.push(format!(
@@ -1005,6 +1052,13 @@ fn run_seeds(name: &str, cfg: Config, seeds: std::ops::Range<u64>, setup: impl F
     (total, sims)
 }
 
+// ---- Tests ----------------------------------------------------------------------------------
+//
+// Without faults (the system as built: per-origin sequential apply): properties 1, 2, 5, every
+// transaction decided (3) and writers applied in commit-ts order. Deadline aborts are tolerated
+// here; the strong form of property 3 is `fault_free_sequential_apply_never_times_out` (ignored:
+// it fails, see there).
+
 #[test]
 fn fault_free_three_nodes() {
     let (stats, _) = run_seeds("fault_free_three_nodes", Config::cluster(3), 0..400, |_| {});
@@ -1017,8 +1071,8 @@ fn fault_free_five_nodes() {
     assert!(stats.waits > 0 && stats.dies > 0, "the workload must conflict: {stats:?}");
 }
 
-/// Property 3, strong form, with each transaction applied on its own: wait-die alone never
-/// lets a cycle of waits form.
+/// Property 3, strong form, when each transaction is applied on its own: wait-die by itself
+/// never lets a cycle of waits form, every conflict is settled by a vote, none by a deadline.
 #[test]
 fn fault_free_parallel_apply_never_times_out() {
     for nodes in [3, 5] {
@@ -1027,9 +1081,24 @@ fn fault_free_parallel_apply_never_times_out() {
     }
 }
 
-/// Property 3, strong form, with per-origin sequential apply.
+/// Property 3, strong form, with per-origin sequential apply: FAILS, a distributed deadlock
+/// that only the deadline breaks.
+///
+/// BUG (`twopc::on_conflict`: "a younger transaction never waits for an older one, so no cycle
+/// of waits can form across nodes"): with sequential apply a younger transaction *does* wait for
+/// an older one, the one before it in its origin's stream. Seed 50, 3 nodes (tx17 < tx16 < tx19
+/// < tx20 by key; tx17, tx19 from node 1; tx16, tx20 from node 3):
+///   - node 3: tx17 (row 0) waits for the younger tx20, prepared there; tx19 queues behind tx17;
+///   - nodes 1, 2: tx16 (row 3) waits for the younger tx19; tx20 queues behind tx16;
+///
+/// so tx17 needs node 3, which waits for tx20, which needs nodes 1 and 2, which wait for tx19,
+/// which needs node 3, which is stuck behind tx17. All four are rolled back at their
+/// deadline (5000 time units later). About 4% of 3-node runs and 7% of 5-node runs hit it (first
+/// at seed 50 with 3 nodes, seed 5 with 5 nodes). Wait-die alone is sound
+/// (`fault_free_parallel_apply_never_times_out`); the rule does not cover the waits sequential
+/// apply adds.
 #[test]
-#[ignore = "BUG: wait-die plus per-origin sequential apply deadlocks (seed 50 with 3 nodes, see below)"]
+#[ignore = "BUG: wait-die plus per-origin sequential apply deadlocks (seed 50, 3 nodes)"]
 fn fault_free_sequential_apply_never_times_out() {
     for nodes in [3, 5] {
         let cfg = Config { forbid_timeouts: true, ..Config::cluster(nodes) };
@@ -1037,29 +1106,11 @@ fn fault_free_sequential_apply_never_times_out() {
     }
 }
 
-#[test]
-#[ignore = "BUG: a coordinator commits without a lost peer that voted no (seed 0 with 3 nodes, see below)"]
-fn partitions_keep_atomicity() {
-    for nodes in [3, 5] {
-        let cfg = Config { partitions: 3, ..Config::cluster(nodes) };
-        run_seeds(&format!("partitions_keep_atomicity/{nodes}"), cfg, 0..400, |_| {});
-    }
-}
-
-#[test]
-fn partitions_with_catch_up() {
-    for nodes in [3, 5] {
-        let cfg = Config { partitions: 3, catch_up: true, sequential_apply: false, ..Config::cluster(nodes) };
-        let (stats, _) = run_seeds(&format!("partitions_with_catch_up/{nodes}"), cfg, 0..300, |_| {});
-        assert!(stats.partitions > 0 && stats.aborted_no_majority > 0, "{stats:?}");
-    }
-}
-
 /// Property 4: writers of one row started on several nodes at the same moment.
 #[test]
 fn simultaneous_writers_of_one_row() {
     for nodes in [3, 5] {
-        let cfg = Config { clients: 0, ..Config::cluster(nodes) };
+        let cfg = Config { clients: 0, forbid_timeouts: true, ..Config::cluster(nodes) };
         let name = format!("simultaneous_writers_of_one_row/{nodes}");
         let (_, sims) = run_seeds(&name, cfg, 0..300, |sim| {
             let writers = 2 + sim.rng.below(nodes - 1);
@@ -1090,48 +1141,83 @@ fn simultaneous_writers_of_one_row() {
     }
 }
 
+// With faults: nodes cut off 3 times per run.
+
+/// Property 1 under faults, with the protocol as specified: FAILS.
+///
+/// BUG (`Coordinator::on_peer_lost` before the decision: the lost peer "no longer takes part (it
+/// learns the outcome from its slot when it returns)"): the lost peer may already have voted
+/// no, or vote no once it returns, and it rolled back; the coordinator commits without it, and
+/// the peer can never commit what it refused. Seed 0, 3 nodes: tx24 (node 3, row 3) dies on
+/// node 2, where the older tx21 still holds row 3 (its Commit is on its way). Node 2 votes No
+/// and is cut off before the vote arrives; the coordinator drops node 2, commits with node 1's
+/// yes, and when node 2 returns it gets Commit for a transaction it refused. A peer that gets
+/// a Prepare after it was dropped can likewise die on it. It happens in ~45% (3 nodes) and
+/// ~80% (5 nodes) of runs with faults, first at seed 0 with either size.
 #[test]
-#[ignore]
-fn explore_tmp() {
-    let cases: Vec<(&str, Config, u64)> = vec![
-        ("ff-seq-3", Config { forbid_timeouts: true, ..Config::cluster(3) }, 1000),
-        ("ff-seq-5", Config { forbid_timeouts: true, ..Config::cluster(5) }, 1000),
-        ("part-seq-strict-3", Config { partitions: 3, ..Config::cluster(3) }, 1000),
-        ("part-seq-strict-5", Config { partitions: 3, ..Config::cluster(5) }, 1000),
-        ("part-par-strict-3", Config { partitions: 3, sequential_apply: false, ..Config::cluster(3) }, 1000),
-        (
-            "part-par-catch-3",
-            Config { partitions: 3, catch_up: true, sequential_apply: false, ..Config::cluster(3) },
-            1000,
-        ),
-        (
-            "part-par-catch-5",
-            Config { partitions: 3, catch_up: true, sequential_apply: false, ..Config::cluster(5) },
-            1000,
-        ),
-    ];
-    for (name, cfg, n) in cases {
-        let mut by: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-        let mut diverged_applied = 0;
-        for seed in 0..n {
-            let mut sim = Sim::new(cfg, seed, false);
-            sim.run();
-            sim.check_end();
-            let first = sim.nodes[0].last_applied.clone();
-            if sim.nodes.iter().any(|n| n.last_applied != first) {
-                diverged_applied += 1;
-            }
-            let mut kinds = BTreeSet::new();
-            for v in &sim.violations {
-                let k: String = v.split(':').next().unwrap().to_string();
-                let k = if v.contains("Refused") { format!("{k} refused") } else { k };
-                kinds.insert(k);
-            }
-            for k in kinds {
-                let e = by.entry(k).or_insert((0, seed));
-                e.0 += 1;
-            }
-        }
-        println!("{name}: {by:?} last_applied diverged in {diverged_applied}");
+#[ignore = "BUG: a coordinator commits without a lost peer that voted no (seed 0, 3 nodes)"]
+fn partitions_keep_atomicity() {
+    for nodes in [3, 5] {
+        let cfg = Config { partitions: 3, check_apply_order: false, ..Config::cluster(nodes) };
+        run_seeds(&format!("partitions_keep_atomicity/{nodes}"), cfg, 0..400, |_| {});
     }
+}
+
+/// Faults with both bugs worked around in the model: parallel apply, and a peer that is told to
+/// commit a transaction it refused applies it anyway (`catch_up`). Checks properties 1 (with
+/// rows in commit-ts order), 2, 3 (every transaction decided) and 5. Property 5 holds with 3
+/// nodes whatever the seed; with 5 nodes it can fail, see `partitions_keep_causality`.
+#[test]
+fn partitions_with_catch_up() {
+    for nodes in [3, 5] {
+        let cfg = Config {
+            partitions: 3,
+            catch_up: true,
+            sequential_apply: false,
+            check_apply_order: false,
+            ..Config::cluster(nodes)
+        };
+        let (stats, _) = run_seeds(&format!("partitions_with_catch_up/{nodes}"), cfg, 0..300, |_| {});
+        assert!(stats.partitions > 0 && stats.aborted_no_majority > 0 && stats.catch_ups > 0, "{stats:?}");
+    }
+}
+
+/// Property 5 under faults with 5 nodes: FAILS.
+///
+/// BUG (`Coordinator::all_finished` counts participants lost after the decision as finished):
+/// the client is told COMMIT when possibly no other node knows the commit ts. Seed 2118 (5
+/// nodes, 12 cut-offs; the first failure among seeds 0..3000): tx2 on node 1 commits at ts
+/// 1000081, node 2's proposal (its clock runs fast). Node 1 is cut off before any Commit
+/// arrives: `all_finished()` holds, the client sees COMMIT and starts tx9 on node 3. Node 2,
+/// whose proposal for tx9 would have been 1000127, is cut off before its vote arrives;
+/// nodes 3, 4 and 5 only ever saw tx2's key (1000051) and their own proposals (1000052), so
+/// tx9 commits at 1000075 < 1000081. (With 3 nodes a 2-node quorum always holds the origin
+/// or every other voter of the earlier transaction, so it cannot happen.)
+#[test]
+#[ignore = "BUG: COMMIT is acknowledged before a majority knows the commit ts (seed 2118, 5 nodes)"]
+fn partitions_keep_causality() {
+    let cfg = Config {
+        partitions: 12,
+        catch_up: true,
+        sequential_apply: false,
+        check_apply_order: false,
+        ..Config::cluster(5)
+    };
+    run_seeds("partitions_keep_causality", cfg, 2100..2200, |_| {});
+}
+
+/// Under faults a returning node applies in arrival order what others committed in commit-ts
+/// order: FAILS (not a `twopc` bug, a limit of catching up from streams).
+///
+/// Seed 1, 3 nodes: node 3 returns and prepares its client's tx7 (row 3) before it applies tx4
+/// and tx5 (row 3, ts 1000105 and 1000134), which nodes 1 and 2 committed while it was away;
+/// both wait for tx7's lock and land after it (ts 1000216). Nodes that keep the row version
+/// with the largest commit ts (as the model does, like `conflict::remote_wins`) agree; a table
+/// that simply applies commits as they come passes through states no other node had, and in
+/// 20-25% of runs with faults ends up different (first at seed 25).
+#[test]
+#[ignore = "LIMITATION: a returning node applies commits out of commit-ts order (seed 1, 3 nodes)"]
+fn partitions_apply_in_commit_ts_order() {
+    let cfg = Config { partitions: 3, catch_up: true, sequential_apply: false, ..Config::cluster(3) };
+    run_seeds("partitions_apply_in_commit_ts_order", cfg, 0..300, |_| {});
 }
