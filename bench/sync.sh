@@ -186,10 +186,20 @@ printf '%-36s %10s\n' "added by sync commit (ms)" \
   "$(awk -v a="${sy_lat:-0}" -v b="${sa_lat:-0}" 'BEGIN { printf "%.3f", a - b }')"
 printf '%-36s %10s\n' "failed (standalone / sync)" "$(failed "$DIR/lat-standalone.out") / $(failed "$DIR/lat-sync.out")"
 
-# Errors pgbench saw (first few of each kind), so that a failure is not just a number.
-errs=$(cat "$DIR"/*.out | grep -E 'ERROR|FATAL|aborted' | sed -E 's/client [0-9]+/client N/; s/mtm_[0-9]+_[0-9]+/mtm_*/g' | sort | uniq -c | sort -rn | head -10 || true)
-if [ -n "$errs" ]; then
+# What went wrong, so that a failure is not just a number: pgbench's aborted clients, and the
+# servers' errors and warnings (numbers replaced by N), by server group.
+aborts=$(cat "$DIR"/*.out | grep -E 'aborted in command' | sed -E 's/[0-9]+/N/g' | sort | uniq -c | sort -rn | head -5 || true)
+if [ -n "$aborts" ]; then
   echo
-  echo "errors reported by pgbench (count, message):"
-  echo "$errs"
+  echo "pgbench clients aborted (count, message):"
+  echo "$aborts"
 fi
+for g in standalone sync async; do
+  errs=$(cat "$DIR/$g"*/server.log | grep -E '^[0-9-]+ [0-9:.]+ [A-Z]+ \[[0-9]+\] (ERROR|WARNING|FATAL|PANIC):' |
+    sed -E 's/^[^]]*\] //; s/[0-9]+/N/g' | sort | uniq -c | sort -rn | head -8 || true)
+  if [ -n "$errs" ]; then
+    echo
+    echo "$g server logs, errors and warnings (count, message):"
+    echo "$errs"
+  fi
+done
