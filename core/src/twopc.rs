@@ -142,6 +142,8 @@ pub struct Coordinator {
     awaiting_votes: BTreeSet<NodeId>,
     /// Participants that have not said they finished.
     awaiting_finish: BTreeSet<NodeId>,
+    /// Participants that said they finished (also once lost: a returning peer says it late).
+    finished: BTreeSet<NodeId>,
     max_proposal: Timestamp,
     deadline: Timestamp,
     decision: Option<Decision>,
@@ -161,6 +163,7 @@ impl Coordinator {
             cluster_size,
             awaiting_votes: participants.clone(),
             awaiting_finish: participants.clone(),
+            finished: BTreeSet::new(),
             participants,
             max_proposal: proposal,
             deadline,
@@ -205,23 +208,30 @@ impl Coordinator {
         }
     }
 
-    /// A participant became unreachable. Before the decision it no longer takes part (it
-    /// learns the outcome from its slot when it returns), unless that leaves no majority.
+    /// A participant became unreachable. Before its vote came, the transaction is rolled back
+    /// (it may have refused it, and cannot say so). After a yes, its vote stands: it has the
+    /// transaction prepared and finishes it from its slot when it returns; it is no longer
+    /// waited for.
     pub fn on_peer_lost(&mut self, node: NodeId) {
         if !self.participants.contains(&node) {
             return;
         }
         self.awaiting_finish.remove(&node);
-        if self.decision.is_none() {
-            self.participants.remove(&node);
-            self.awaiting_votes.remove(&node);
-            self.check_majority();
+        if self.decision.is_none() && self.awaiting_votes.contains(&node) {
+            self.decision = Some(Decision::Abort(AbortReason {
+                node: Some(node),
+                sqlstate: SERIALIZATION_FAILURE.into(),
+                message: "became unreachable before it voted".into(),
+            }));
         }
     }
 
     /// A participant finished the transaction the way it was decided.
     pub fn on_finished(&mut self, node: NodeId) {
         self.awaiting_finish.remove(&node);
+        if self.participants.contains(&node) {
+            self.finished.insert(node);
+        }
     }
 
     /// The decision, once there is one: every vote in, a no, a lost majority, or `now`
@@ -242,9 +252,11 @@ impl Coordinator {
         self.decision.as_ref()
     }
 
-    /// Every participant still reachable has finished the decided transaction.
+    /// Every participant still reachable has finished the decided transaction, and they are,
+    /// with this node, a majority of the cluster: whichever majority commits next has a node
+    /// that saw this commit timestamp, so its own is larger.
     pub fn all_finished(&self) -> bool {
-        self.decision.is_some() && self.awaiting_finish.is_empty()
+        self.decision.is_some() && self.awaiting_finish.is_empty() && (self.finished.len() + 1) * 2 > self.cluster_size
     }
 
     /// Participants that have not finished yet.
@@ -322,19 +334,26 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_peer_stops_counting_while_a_majority_remains() {
+    fn a_peer_lost_before_its_vote_aborts_after_a_yes_it_stands() {
         let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
         c.on_vote(n(2), yes(150));
         c.on_peer_lost(n(3));
-        assert_eq!(c.decide(10), Some(&Decision::Commit { ts: 150 }));
-        c.on_finished(n(2));
-        assert!(c.all_finished());
+        match c.decide(10) {
+            Some(Decision::Abort(r)) => {
+                assert_eq!(r.node, Some(n(3)));
+                assert_eq!(r.sqlstate, SERIALIZATION_FAILURE);
+            }
+            other => panic!("{other:?}"),
+        }
 
         let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
+        c.on_vote(n(3), yes(170));
         c.on_peer_lost(n(3));
-        assert_eq!(c.decide(10), None, "2 of 3 is still a majority");
-        c.on_peer_lost(n(2));
-        assert!(matches!(c.decide(10), Some(Decision::Abort(r)) if r.sqlstate == NO_MAJORITY));
+        assert_eq!(c.decide(10), None, "node 3 prepared it: its yes counts");
+        c.on_vote(n(2), yes(150));
+        assert_eq!(c.decide(10), Some(&Decision::Commit { ts: 170 }));
+        c.on_finished(n(2));
+        assert!(c.all_finished(), "node 3 is not waited for, 2 of 3 finished");
     }
 
     #[test]
@@ -350,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn lost_after_the_decision_is_not_waited_for() {
+    fn lost_after_the_decision_is_not_waited_for_but_a_majority_must_finish() {
         let mut c = Coordinator::new(3, [n(2), n(3)], 100, 1000);
         c.on_vote(n(2), yes(1));
         c.on_vote(n(3), yes(2));
@@ -359,6 +378,17 @@ mod tests {
         assert_eq!(c.unfinished().collect::<Vec<_>>(), vec![n(3)]);
         c.on_peer_lost(n(3));
         assert!(c.all_finished());
+
+        let mut c = Coordinator::new(5, [n(2), n(3), n(4), n(5)], 100, 1000);
+        for i in 2..=5 {
+            c.on_vote(n(i), yes(1));
+        }
+        assert!(matches!(c.decide(0), Some(Decision::Commit { .. })));
+        c.on_finished(n(2));
+        for i in 3..=5 {
+            c.on_peer_lost(n(i));
+        }
+        assert!(!c.all_finished(), "2 of 5 know the commit: not a majority");
     }
 
     #[test]
