@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, CString};
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mmts_core::conflict::{remote_wins, Version};
 use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
@@ -19,6 +19,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+use crate::twophase::{HolderKind, LockHolder};
 use crate::{gucs, twophase};
 use mmts_core::config::Mode;
 
@@ -60,6 +61,10 @@ pub struct Applier {
     preparing: Option<Preparing>,
     /// The transaction being applied is committed synchronously (no last-writer-wins).
     synchronous: bool,
+    /// Peer's transactions that could not be prepared yet for a lock (held by a younger
+    /// transaction, or one that is not being committed): set aside while what follows in the
+    /// stream is applied, and tried again when their lock holders end.
+    waiting: Vec<Waiting>,
 }
 
 #[derive(Default)]
@@ -70,9 +75,24 @@ struct Preparing {
     first_attempt: Option<Instant>,
 }
 
-/// The transaction cannot be prepared yet: a lock it needs is held by a younger transaction
-/// (or one not being committed). Try again later with the same message.
-pub struct Blocked;
+/// A peer's transaction set aside until the transactions holding a lock it needs end.
+///
+/// Applying it after transactions that follow it in the peer's stream is safe: it is prepared
+/// on the peer, holding its rows there, until this node votes, so nothing after it in the
+/// stream can write those rows.
+struct Waiting {
+    xid: u32,
+    end_lsn: u64,
+    prepare_time: i64,
+    preparing: Preparing,
+    /// Xids of the lock holders it waits for.
+    holders: Vec<u32>,
+    /// When to look again even if they have not ended.
+    recheck: Instant,
+}
+
+/// How often a set-aside transaction is tried again while its lock holders run.
+const RECHECK: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Change {
@@ -97,11 +117,30 @@ impl Applier {
             conflict_insert: None,
             preparing: None,
             synchronous: false,
+            waiting: Vec::new(),
         }
     }
 
     pub fn in_transaction(&self) -> bool {
         self.in_transaction
+    }
+
+    /// Whether transactions are set aside for locks.
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Tries again the set-aside transactions whose lock holders ended (or that are due for a
+    /// look); returns those now prepared or refused.
+    pub fn retry_waiting(&mut self) -> Vec<Applied> {
+        let now = Instant::now();
+        let due = |w: &Waiting| {
+            now >= w.recheck
+                || w.holders.iter().all(|&x| unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(x)) })
+        };
+        let (ready, still): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting).into_iter().partition(due);
+        self.waiting = still;
+        ready.into_iter().filter_map(|w| self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing)).collect()
     }
 
     /// The local name of the peer's prepared transaction `xid`.
@@ -110,17 +149,18 @@ impl Applier {
     }
 
     /// Applies one message; returns what finished when a transaction ends.
-    pub fn apply(&mut self, message: Message) -> Result<Option<Applied>, (Blocked, Message)> {
+    /// A transaction set aside for a lock is not finished yet: see [`Applier::retry_waiting`].
+    pub fn apply(&mut self, message: Message) -> Option<Applied> {
         if let Some(preparing) = &mut self.preparing {
             if matches!(
                 message,
                 Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. }
             ) {
                 preparing.changes.push(message);
-                return Ok(None);
+                return None;
             }
         }
-        Ok(match message {
+        match message {
             Message::Begin { commit_time: time, .. } => {
                 // The local transaction starts with the first change (an empty one costs nothing).
                 self.in_transaction = true;
@@ -164,29 +204,36 @@ impl Applier {
                 twophase::clock_observe(commit_time);
                 Some(self.finished(commit_time))
             }
-            Message::Prepare { xid, end_lsn, prepare_time, .. } => match self.prepare(xid, end_lsn, prepare_time) {
-                Ok(applied) => Some(applied),
-                Err(Blocked) => {
-                    return Err((
-                        Blocked,
-                        Message::Prepare {
-                            origin: NodeId(self.peer),
-                            xid,
-                            gid: String::new(),
-                            prepare_lsn: 0,
-                            end_lsn,
-                            prepare_time,
-                        },
-                    ))
-                }
-            },
+            Message::Prepare { xid, end_lsn, prepare_time, .. } => {
+                let preparing = self.preparing.take().unwrap_or_default();
+                self.in_transaction = false;
+                self.prepare(xid, end_lsn, prepare_time, preparing)
+            }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 let gid = self.gid(xid);
-                unsafe {
+                let found = PgTryBuilder::new(|| unsafe {
                     start_transaction();
                     set_origin_position(end_lsn, commit_time);
                     FinishPreparedTransaction(gid.as_ptr(), true);
                     pg_sys::CommitTransactionCommand();
+                    true
+                })
+                .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
+                    unsafe { pg_sys::AbortCurrentTransaction() };
+                    false
+                })
+                .execute();
+                if !found {
+                    // Committed without this node's yes: it was not asked (it was out of reach
+                    // when the transaction was prepared) and could not prepare it when it came.
+                    ereport!(
+                        PgLogLevel::WARNING,
+                        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                        format!(
+                            "mmts: node {} committed its transaction {xid}, which this node did not prepare; this node lacks its changes",
+                            self.peer
+                        )
+                    );
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
                 twophase::clock_observe(commit_time);
@@ -200,6 +247,8 @@ impl Applier {
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
+                // Decided without this node's vote (a no from another node, or its deadline).
+                self.waiting.retain(|w| w.xid != xid);
                 let gid = self.gid(xid);
                 unsafe {
                     start_transaction();
@@ -221,7 +270,7 @@ impl Applier {
                 None
             }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
-        })
+        }
     }
 
     fn signal(&self, signal: Signal) {
@@ -229,16 +278,18 @@ impl Applier {
     }
 
     /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.
-    fn prepare(&mut self, xid: u32, end_lsn: u64, prepare_time: i64) -> Result<Applied, Blocked> {
-        let mut preparing = self.preparing.take().unwrap_or_default();
+    /// `None` when it is set aside for a lock.
+    fn prepare(&mut self, xid: u32, end_lsn: u64, prepare_time: i64, mut preparing: Preparing) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
-        let changes = std::mem::take(&mut preparing.changes);
         let gid = self.gid(xid);
         self.synchronous = key.is_some();
+        if key.is_some() {
+            twophase::set_applying(self.peer, key);
+        }
         unsafe { AWAITED = None };
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
-            for change in &changes {
+            for change in &preparing.changes {
                 self.apply_change(change);
             }
             unsafe {
@@ -254,7 +305,7 @@ impl Applier {
         }))
         .catch_others(|e| {
             lock_wait_timer(false);
-            let holder = unsafe { (&raw mut AWAITED).replace(None) };
+            let awaited = unsafe { (&raw mut AWAITED).replace(None) };
             unsafe { pg_sys::AbortCurrentTransaction() };
             let (code, message) = match &e {
                 pgrx::pg_sys::panic::CaughtError::PostgresError(r)
@@ -263,7 +314,7 @@ impl Applier {
                     (r.sql_error_code(), r.message().to_string())
                 }
             };
-            Err((code, message, holder))
+            Err((code, message, awaited))
         })
         .execute();
         self.synchronous = false;
@@ -272,30 +323,45 @@ impl Applier {
             if let Err((code, message, _)) = outcome {
                 ErrorReport::new(code, message, "mmts").report(PgLogLevel::ERROR);
             }
-            return Ok(self.finished(prepare_time));
+            return Some(self.finished(prepare_time));
         };
+        twophase::set_applying(self.peer, None);
         let vote = match outcome {
             Ok(local_xid) => {
                 twophase::register_applied(local_xid, key, self.peer, xid);
                 Vote::Yes { proposal: twophase::clock_next() }
             }
-            Err((code, message, Some(holder))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
-                let holder_key = holder.and_then(twophase::key_of);
+            Err((code, message, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
                 let waited = first_attempt.elapsed().as_millis() as i64;
-                match (on_conflict(key, holder_key), holder_key) {
-                    (OnConflict::Die, Some(h)) => Vote::No {
+                let holders = unsafe { lock_holders(&tag, mode) };
+                let mut older = None;
+                for holder in &holders {
+                    if let HolderKind::Committing(h) = twophase::classify_holder(holder, key.node) {
+                        if on_conflict(key, Some(h)) == OnConflict::Die {
+                            older = Some(h);
+                        }
+                    }
+                }
+                match older {
+                    Some(h) => Vote::No {
                         sqlstate: SERIALIZATION_FAILURE.into(),
                         message: format!(
                             "could not serialize access due to a concurrent transaction of node {} being committed",
                             h.node
                         ),
                     },
-                    _ if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 => {
-                        preparing.changes = changes;
-                        self.preparing = Some(preparing);
-                        return Err(Blocked);
+                    None if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 => {
+                        self.waiting.push(Waiting {
+                            xid,
+                            end_lsn,
+                            prepare_time,
+                            preparing,
+                            holders: holders.iter().map(|h| h.xid).filter(|&x| x != 0).collect(),
+                            recheck: Instant::now() + RECHECK,
+                        });
+                        return None;
                     }
-                    _ => Vote::No {
+                    None => Vote::No {
                         sqlstate: SERIALIZATION_FAILURE.into(),
                         message: format!("{message} (waited {waited} ms)"),
                     },
@@ -304,7 +370,7 @@ impl Applier {
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
         };
         self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
-        Ok(self.finished(prepare_time))
+        Some(self.finished(prepare_time))
     }
 
     fn apply_change(&mut self, message: &Message) {
@@ -685,9 +751,8 @@ unsafe fn start_transaction() {
 /// at the holder (wait-die).
 const LOCK_WAIT_MS: i32 = 10;
 
-/// `Some(xid)`: the apply was stopped while waiting for a lock, held by transaction `xid`
-/// (0 when the lock was not a transaction's, e.g. a row lock another waiter holds).
-static mut AWAITED: Option<Option<u32>> = None;
+/// The lock (and mode) the apply was waiting for when the timer stopped it.
+static mut AWAITED: Option<(pg_sys::LOCKTAG, pg_sys::LOCKMODE)> = None;
 static mut LOCK_WAIT_TIMEOUT: i32 = -1;
 
 unsafe extern "C-unwind" {
@@ -720,13 +785,45 @@ unsafe extern "C-unwind" fn on_lock_wait_timer() {
         if lock.is_null() {
             return; // not waiting: nothing to decide
         }
-        let tag = &(*lock).tag;
-        let xid =
-            if tag.locktag_type == pg_sys::LockTagType::LOCKTAG_TRANSACTION as u8 { tag.locktag_field1 } else { 0 };
-        AWAITED = Some((xid != 0).then_some(xid));
+        AWAITED = Some(((*lock).tag, (*pg_sys::MyProc).waitLockMode));
         pg_sys::InterruptPending = 1;
         pg_sys::QueryCancelPending = 1;
         pg_sys::SetLatch(pg_sys::MyLatch);
+    }
+}
+
+unsafe extern "C-unwind" {
+    // storage/sinvaladt.h and access/twophase.h, not in pgrx's bindings.
+    fn BackendIdGetProc(backend_id: std::ffi::c_int) -> *mut pg_sys::PGPROC;
+    fn TwoPhaseGetXidByVirtualXID(vxid: pg_sys::VirtualTransactionId, have_more: *mut bool) -> pg_sys::TransactionId;
+}
+
+/// The transactions holding `tag` in a mode that conflicts with `mode`.
+unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) -> Vec<LockHolder> {
+    unsafe {
+        let mut count = 0;
+        let vxids = pg_sys::GetLockConflicts(tag, mode, &mut count);
+        let holders = (0..count as usize)
+            .filter_map(|i| {
+                let vxid = *vxids.add(i);
+                if vxid.backendId == pg_sys::InvalidBackendId {
+                    // A prepared transaction recovered at start-up: its "local" id is its xid.
+                    return Some(LockHolder { xid: vxid.localTransactionId, proc_: None });
+                }
+                // A prepared transaction keeps the virtual id of the backend that prepared it.
+                let mut more = false;
+                let prepared = TwoPhaseGetXidByVirtualXID(vxid, &mut more).into_inner();
+                if prepared != 0 {
+                    return Some(LockHolder { xid: prepared, proc_: None });
+                }
+                let proc_ = BackendIdGetProc(vxid.backendId);
+                // Only while that backend still runs the same transaction.
+                (!proc_.is_null() && (*proc_).lxid == vxid.localTransactionId)
+                    .then(|| LockHolder { xid: (*proc_).xid.into_inner(), proc_: Some(proc_) })
+            })
+            .collect();
+        pg_sys::pfree(vxids.cast());
+        holders
     }
 }
 

@@ -202,6 +202,7 @@ unsafe extern "C-unwind" fn process_utility(
     if !active() {
         return run();
     }
+    refuse_if_wounded();
     let stmt = unsafe { (*pstmt).utilityStmt };
     unsafe {
         match (*stmt).type_ {
@@ -367,6 +368,21 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             (*edata).output_to_client = false;
             (*edata).output_to_server = false;
         }
+        // A statement canceled because a peer's transaction wounded this one (see
+        // `twophase::classify_holder`): a serialization failure, not a user's cancel.
+        if (*edata).elevel == pg_sys::PGERROR as i32
+            && (*edata).sqlerrcode == PgSqlErrorCode::ERRCODE_QUERY_CANCELED as i32
+            && is_client()
+        {
+            if let Some(by) = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner()) {
+                let message = CString::new(wounded_message(by)).expect("no NUL");
+                let hint = CString::new(WOUNDED_HINT).expect("no NUL");
+                (*edata).sqlerrcode = PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE as i32;
+                (*edata).message = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, message.as_ptr());
+                (*edata).hint = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, hint.as_ptr());
+                (*edata).detail = std::ptr::null_mut();
+            }
+        }
         if let Some(prev) = PREV_EMIT_LOG {
             pg_guard_ffi_boundary(|| prev(edata));
         }
@@ -378,6 +394,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     if !active() {
         return;
+    }
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT) {
+        twophase::forget_wounds(unsafe { (*pg_sys::MyProc).pgprocno });
     }
     match event {
         XACT_EVENT_PRE_PREPARE => {
@@ -420,6 +439,29 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+const WOUNDED_HINT: &str = "The transaction made no change on any node; retry it.";
+
+fn wounded_message(by: u32) -> String {
+    format!("mmts: could not serialize access: a transaction of node {by} being committed needs a row this transaction locked")
+}
+
+fn wounded_error(by: u32) -> ! {
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE, wounded_message(by), "mmts")
+        .set_hint(WOUNDED_HINT)
+        .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Fails the statement about to run if a peer's transaction wounded this one.
+pub fn refuse_if_wounded() {
+    if !is_client() {
+        return;
+    }
+    if let Some(by) = twophase::wounded_by(unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner()) {
+        wounded_error(by);
+    }
+}
+
 /// Just before PREPARE: the transaction's key, its coordinator, and the signal for the peers.
 fn start_two_phase(gid: CString, application: bool) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
@@ -427,17 +469,23 @@ fn start_two_phase(gid: CString, application: bool) {
     let key = Key { ts: twophase::clock_next(), node: config.node_id };
     twophase::emit(&Signal::Coordinated { key }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
-    let Some(slot) = twophase::register(xid, key, procno) else {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            "mmts: too many transactions in two-phase commit at once",
-            "mmts",
-        )
-        .report(PgLogLevel::ERROR);
-        unreachable!()
+    let slot = match twophase::register(xid, key, procno) {
+        Ok(slot) => slot,
+        Err(twophase::Refused::Wounded(by)) => wounded_error(by),
+        Err(twophase::Refused::Full) => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                "mmts: too many transactions in two-phase commit at once",
+                "mmts",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
     };
     let live = config.peers().map(|n| n.id).filter(|id| status::connected(id.0));
-    let deadline = key.ts + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+    // Peers apply a large transaction for about as long as it ran here.
+    let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let deadline = key.ts + gucs::vote_timeout_us(ran);
     let coordinator = Coordinator::new(config.nodes.len(), live, key.ts, deadline);
     session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application }));
 }

@@ -46,6 +46,7 @@ pub unsafe fn has_replica_identity(rel: pg_sys::Relation) -> bool {
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
     unsafe {
         if matches!(gucs::mode(), Mode::Multimaster(_)) {
+            crate::commit::refuse_if_wounded();
             check_result_relations((*query).plannedstmt);
         }
         match PREVIOUS {

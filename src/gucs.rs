@@ -19,6 +19,7 @@ pub static HEARTBEAT_SEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(200)
 pub static HEARTBEAT_RECV_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static IGNORE_TABLES_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TWOPC_MIN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 
@@ -60,6 +61,12 @@ struct IntGuc {
     flags: GucFlags,
 }
 
+/// How long a transaction that ran `duration_us` before its commit waits for votes, in µs.
+pub fn vote_timeout_us(duration_us: i64) -> i64 {
+    let ratio = duration_us.max(0).saturating_mul(TWOPC_PREPARE_RATIO.get() as i64) / 100;
+    (TWOPC_MIN_TIMEOUT.get() as i64 * 1000).max(ratio)
+}
+
 /// Every mmts GUC name, for the start-up check and `mtm.get_cluster_info()`.
 pub const NAMES: &[&str] = &[
     "multimaster.node_id",
@@ -70,6 +77,7 @@ pub const NAMES: &[&str] = &[
     "multimaster.heartbeat_recv_timeout",
     "multimaster.ignore_tables_without_pk",
     "multimaster.twopc_min_timeout",
+    "multimaster.twopc_prepare_ratio",
     "multimaster.use_raftable",
     "multimaster.mode",
 ];
@@ -128,12 +136,21 @@ pub fn define(strict: bool) {
         },
         IntGuc {
             name: c"multimaster.twopc_min_timeout",
-            short: c"Longest wait for the votes of a two-phase commit before it is aborted.",
+            short: c"Shortest wait for the votes of a two-phase commit before it is aborted.",
             setting: &TWOPC_MIN_TIMEOUT,
             min: 1,
             max: i32::MAX,
             context: GucContext::Sighup,
             flags: GucFlags::UNIT_MS,
+        },
+        IntGuc {
+            name: c"multimaster.twopc_prepare_ratio",
+            short: c"Wait for the votes of a two-phase commit at least this percentage of the time the transaction ran before its commit.",
+            setting: &TWOPC_PREPARE_RATIO,
+            min: 0,
+            max: i32::MAX,
+            context: GucContext::Sighup,
+            flags: GucFlags::default(),
         },
     ];
     for g in ints {

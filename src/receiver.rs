@@ -156,8 +156,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
     let mut progress = Progress::new(start);
-    // Received but not yet applied, in order: a transaction that must wait for a lock stays
-    // at the front while signals (votes for this node's transactions) are still delivered.
+    // Received but not yet applied, in order.
     let mut backlog: VecDeque<(u64, Option<wire::Message>)> = VecDeque::new();
     loop {
         loop {
@@ -186,19 +185,10 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
                 }
             }
         }
-        let mut blocked = false;
+        let busy = Instant::now();
+        let mut finished = Vec::new();
         while let Some((end, message)) = backlog.pop_front() {
-            let done = match message {
-                Some(message) => match applier.apply(message) {
-                    Ok(done) => done,
-                    Err((_, message)) => {
-                        backlog.push_front((end, Some(message)));
-                        blocked = true;
-                        break;
-                    }
-                },
-                None => None,
-            };
+            let done = message.and_then(|message| applier.apply(message));
             progress.received(end);
             if done.is_some() {
                 progress.committed(unsafe { pg_sys::XactLastCommitEnd });
@@ -208,14 +198,25 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             if !applier.in_transaction() {
                 progress.caught_up();
             }
+            finished.extend(done);
+            if backlog.is_empty() {
+                status::update(peer_id, |p| {
+                    p.applied_lsn = progress.applied_lsn();
+                    p.peer_wal_end = p.peer_wal_end.max(end);
+                });
+            }
+        }
+        finished.extend(applier.retry_waiting());
+        if let Some(last) = finished.last() {
             status::update(peer_id, |p| {
-                if let Some(done) = &done {
-                    p.applied_commit_time = done.commit_time;
-                    p.transactions_applied += 1;
-                }
-                p.applied_lsn = progress.applied_lsn();
-                p.peer_wal_end = p.peer_wal_end.max(end);
+                p.applied_commit_time = last.commit_time;
+                p.transactions_applied += finished.len() as u64;
             });
+        }
+        if busy.elapsed() >= heartbeat {
+            // Applying took a while: the peer was not silent, this node was not listening.
+            last_heard = last_heard.max(Instant::now() - heartbeat);
+            last_sent = Instant::now() - heartbeat;
         }
         if last_heard.elapsed() > silence {
             return Err(PqError {
@@ -231,7 +232,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             last_sent = Instant::now();
         }
         let mut timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));
-        if blocked {
+        if applier.has_waiting() {
             timeout = timeout.min(Duration::from_millis(1));
         }
         let events = unsafe {

@@ -5,6 +5,11 @@
 //!
 //! Signals to peers (votes, "finished") are logical decoding messages written to this node's
 //! WAL: the walsender that serves each peer decodes them and the peer's receiver delivers them.
+//!
+//! A local transaction not yet in two-phase commit that holds a lock a peer's transaction
+//! needs is *wounded*: it is doomed anyway (the peer's transaction is prepared on its origin,
+//! and holds the row there), so it is canceled at once with 40001 rather than after its own
+//! PREPARE loses; see [`classify_holder`].
 
 use std::ffi::c_char;
 
@@ -60,15 +65,39 @@ impl Default for Entry {
     }
 }
 
+/// A receiver applying a peer's transaction (`procno` -1: none).
+#[derive(Clone, Copy)]
+struct Applying {
+    procno: i32,
+    key: Key,
+}
+
+/// A local transaction canceled in favour of a peer's transaction (`xid` 0: free).
+#[derive(Clone, Copy, Default)]
+struct Wound {
+    xid: u32,
+    procno: i32,
+    by: u32,
+}
+
+const WOUNDS: usize = 64;
+
 #[derive(Clone, Copy)]
 pub struct Shared {
     clock: i64,
     entries: [Entry; SLOTS],
+    applying: [Applying; MAX_NODES as usize],
+    wounds: [Wound; WOUNDS],
 }
 
 impl Default for Shared {
     fn default() -> Self {
-        Shared { clock: 0, entries: [Entry::default(); SLOTS] }
+        Shared {
+            clock: 0,
+            entries: [Entry::default(); SLOTS],
+            applying: [Applying { procno: -1, key: Key { ts: 0, node: NodeId(0) } }; MAX_NODES as usize],
+            wounds: [Wound::default(); WOUNDS],
+        }
     }
 }
 
@@ -108,13 +137,108 @@ pub struct Votes {
     pub finished: Vec<NodeId>,
 }
 
+/// Why a local transaction cannot enter two-phase commit.
+pub enum Refused {
+    /// Every slot is taken.
+    Full,
+    /// It was wounded by a transaction of this node.
+    Wounded(u32),
+}
+
 /// Registers a local transaction entering two-phase commit, coordinated by the backend with
-/// `procno`. Returns the slot, or `None` when all are taken.
-pub fn register(xid: u32, key: Key, procno: i32) -> Option<usize> {
+/// `procno`. Returns the slot.
+pub fn register(xid: u32, key: Key, procno: i32) -> Result<usize, Refused> {
     let mut s = SHARED.exclusive();
-    let slot = s.entries.iter().position(|e| !e.used)?;
+    if let Some(w) = s.wounds.iter().find(|w| w.xid == xid) {
+        return Err(Refused::Wounded(w.by));
+    }
+    let slot = s.entries.iter().position(|e| !e.used).ok_or(Refused::Full)?;
     s.entries[slot] = Entry { used: true, xid, key, procno, ..Entry::default() };
-    Some(slot)
+    Ok(slot)
+}
+
+/// This receiver (applying a transaction of `peer`) is applying the transaction `key` now,
+/// or (`None`) no longer.
+pub fn set_applying(peer: u32, key: Option<Key>) {
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    let mut s = SHARED.exclusive();
+    s.applying[peer as usize - 1] = match key {
+        Some(key) => Applying { procno, key },
+        None => Applying { procno: -1, key: Key { ts: 0, node: NodeId(0) } },
+    };
+}
+
+/// A backend holding a lock that a peer's transaction being applied waits for.
+pub struct LockHolder {
+    /// Its top-level xid (0: none).
+    pub xid: u32,
+    /// `None` for a prepared transaction.
+    pub proc_: Option<*mut pg_sys::PGPROC>,
+}
+
+/// What a lock holder is, to the transaction `by` waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderKind {
+    /// A transaction in two-phase commit (or being applied from a peer), with its key.
+    Committing(Key),
+    /// A local transaction not in two-phase commit yet: now canceled.
+    Wounded,
+    /// Anything else (a worker, an application's prepared transaction): wait for it.
+    Other,
+}
+
+unsafe extern "C" {
+    fn kill(pid: std::ffi::c_int, sig: std::ffi::c_int) -> std::ffi::c_int;
+}
+const SIGINT: std::ffi::c_int = 2;
+
+/// Classifies `holder` for a transaction of node `by` that needs its lock, wounding it when
+/// it is a client's transaction not in two-phase commit yet: marked (so it cannot PREPARE,
+/// and its next statement fails) and canceled (SIGINT, so a running statement fails), both
+/// under the lock its registration takes, so it is either wounded or in two-phase commit.
+pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
+    let mut s = SHARED.exclusive();
+    if holder.xid != 0 {
+        if let Some(e) = s.entries.iter().find(|e| e.used && e.xid == holder.xid) {
+            return HolderKind::Committing(e.key);
+        }
+    }
+    let Some(proc_) = holder.proc_ else { return HolderKind::Other };
+    let (procno, pid, worker) = unsafe { ((*proc_).pgprocno, (*proc_).pid, (*proc_).isBackgroundWorker) };
+    if let Some(a) = s.applying.iter().find(|a| a.procno == procno) {
+        return HolderKind::Committing(a.key);
+    }
+    if worker || holder.xid == 0 || pid <= 0 {
+        return HolderKind::Other;
+    }
+    if !s.wounds.iter().any(|w| w.xid == holder.xid) {
+        let free = s.wounds.iter().position(|w| {
+            w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) }
+        });
+        let Some(free) = free else { return HolderKind::Other };
+        s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0 };
+    }
+    unsafe { kill(pid, SIGINT) };
+    HolderKind::Wounded
+}
+
+/// The node whose transaction wounded local transaction `xid`, if one did.
+pub fn wounded_by(xid: u32) -> Option<u32> {
+    if xid == 0 {
+        return None;
+    }
+    SHARED.share().wounds.iter().find(|w| w.xid == xid).map(|w| w.by)
+}
+
+/// Forgets wounds of backend `procno`'s transactions (when one ends).
+pub fn forget_wounds(procno: i32) {
+    if !SHARED.share().wounds.iter().any(|w| w.procno == procno && w.xid != 0) {
+        return;
+    }
+    let mut s = SHARED.exclusive();
+    for w in s.wounds.iter_mut().filter(|w| w.procno == procno) {
+        *w = Wound::default();
+    }
 }
 
 /// Registers a peer's transaction (`origin_xid` on node `origin`) prepared here as `xid`.
@@ -141,11 +265,6 @@ pub fn unregister(slot: usize, xid: u32) {
     if s.entries[slot].used && s.entries[slot].xid == xid {
         s.entries[slot].used = false;
     }
-}
-
-/// The key of local transaction `xid` if it is in two-phase commit here.
-pub fn key_of(xid: u32) -> Option<Key> {
-    SHARED.share().entries.iter().find(|e| e.used && e.xid == xid).map(|e| e.key)
 }
 
 /// What arrived for the local transaction in `slot`.
