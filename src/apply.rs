@@ -73,6 +73,8 @@ struct Preparing {
     /// Set when the peer coordinates it synchronously: this node must vote.
     key: Option<Key>,
     first_attempt: Option<Instant>,
+    /// A long wait was logged.
+    reported: bool,
 }
 
 /// A peer's transaction set aside until the transactions holding a lock it needs end.
@@ -335,12 +337,23 @@ impl Applier {
                 let waited = first_attempt.elapsed().as_millis() as i64;
                 let holders = unsafe { lock_holders(&tag, mode) };
                 let mut older = None;
+                let mut kinds = Vec::new();
                 for holder in &holders {
-                    if let HolderKind::Committing(h) = twophase::classify_holder(holder, key.node) {
+                    let kind = twophase::classify_holder(holder, key.node);
+                    if let HolderKind::Committing(h) = kind {
                         if on_conflict(key, Some(h)) == OnConflict::Die {
                             older = Some(h);
                         }
                     }
+                    kinds.push(format!("{} ({kind:?})", holder.xid));
+                }
+                if older.is_none() && waited >= 1000 && !preparing.reported {
+                    preparing.reported = true;
+                    log(format!(
+                        "mmts: transaction {xid} of node {} ({key:?}) has waited {waited} ms for a lock held by {}",
+                        self.peer,
+                        kinds.join(", ")
+                    ));
                 }
                 match older {
                     Some(h) => Vote::No {
@@ -738,6 +751,10 @@ unsafe fn invalidate_named_table(row: &[Value]) {
     }
 }
 
+fn log(message: String) {
+    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
+}
+
 unsafe fn start_transaction() {
     unsafe {
         if !pg_sys::IsTransactionState() {
@@ -749,7 +766,7 @@ unsafe fn start_transaction() {
 
 /// After a lock wait of this long, a synchronous transaction's apply stops waiting and looks
 /// at the holder (wait-die).
-const LOCK_WAIT_MS: i32 = 10;
+const LOCK_WAIT_MS: i32 = 1;
 
 /// The lock (and mode) the apply was waiting for when the timer stopped it.
 static mut AWAITED: Option<(pg_sys::LOCKTAG, pg_sys::LOCKMODE)> = None;
