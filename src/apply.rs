@@ -75,6 +75,8 @@ struct Preparing {
     first_attempt: Option<Instant>,
     /// A long wait was logged.
     reported: bool,
+    /// Local transactions it wounded.
+    wounded: Vec<u32>,
 }
 
 /// A peer's transaction set aside until the transactions holding a lock it needs end.
@@ -138,7 +140,9 @@ impl Applier {
         let now = Instant::now();
         let due = |w: &Waiting| {
             now >= w.recheck
-                || w.holders.iter().all(|&x| unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(x)) })
+                || w.holders
+                    .iter()
+                    .all(|&x| unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(x)) })
         };
         let (ready, still): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting).into_iter().partition(due);
         self.waiting = still;
@@ -333,19 +337,27 @@ impl Applier {
                 twophase::register_applied(local_xid, key, self.peer, xid);
                 Vote::Yes { proposal: twophase::clock_next() }
             }
-            Err((code, message, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
+            Err((code, _, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
                 let waited = first_attempt.elapsed().as_millis() as i64;
                 let holders = unsafe { lock_holders(&tag, mode) };
                 let mut older = None;
                 let mut kinds = Vec::new();
                 for holder in &holders {
                     let kind = twophase::classify_holder(holder, key.node);
-                    if let HolderKind::Committing(h) = kind {
-                        if on_conflict(key, Some(h)) == OnConflict::Die {
-                            older = Some(h);
+                    match kind {
+                        HolderKind::Committing(h) if on_conflict(key, Some(h)) == OnConflict::Die => older = Some(h),
+                        HolderKind::Wounded if !preparing.wounded.contains(&holder.xid) => {
+                            preparing.wounded.push(holder.xid)
                         }
+                        _ => {}
                     }
-                    kinds.push(format!("{} ({kind:?})", holder.xid));
+                    kinds.push(match kind {
+                        HolderKind::Committing(h) => {
+                            format!("transaction {} of node {} being committed", holder.xid, h.node)
+                        }
+                        HolderKind::Wounded => format!("local transaction {} of node {}", holder.xid, self.me),
+                        HolderKind::Other => format!("transaction {} of node {}", holder.xid, self.me),
+                    });
                 }
                 if older.is_none() && waited >= 1000 && !preparing.reported {
                     preparing.reported = true;
@@ -363,7 +375,8 @@ impl Applier {
                             h.node
                         ),
                     },
-                    None if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 => {
+                    // Half the coordinator's shortest wait: the reason reaches it in time.
+                    None if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
                         self.waiting.push(Waiting {
                             xid,
                             end_lsn,
@@ -374,10 +387,19 @@ impl Applier {
                         });
                         return None;
                     }
-                    None => Vote::No {
-                        sqlstate: SERIALIZATION_FAILURE.into(),
-                        message: format!("{message} (waited {waited} ms)"),
-                    },
+                    None => {
+                        // A wounded transaction that stayed idle all along keeps its rows.
+                        for &x in &preparing.wounded {
+                            twophase::heal(x, key.node);
+                        }
+                        Vote::No {
+                            sqlstate: SERIALIZATION_FAILURE.into(),
+                            message: format!(
+                                "could not serialize access: waited {waited} ms for a row lock held by {}",
+                                kinds.join(", ")
+                            ),
+                        }
+                    }
                 }
             }
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },

@@ -202,8 +202,19 @@ unsafe extern "C-unwind" fn process_utility(
     if !active() {
         return run();
     }
-    refuse_if_wounded();
     let stmt = unsafe { (*pstmt).utilityStmt };
+    let rollback = unsafe {
+        (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
+            && matches!(
+                (*(stmt as *mut pg_sys::TransactionStmt)).kind,
+                pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK
+                    | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_TO
+                    | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED
+            )
+    };
+    if !rollback {
+        refuse_if_wounded();
+    }
     unsafe {
         match (*stmt).type_ {
             pg_sys::NodeTag::T_TransactionStmt => {

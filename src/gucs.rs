@@ -19,7 +19,7 @@ pub static HEARTBEAT_SEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(200)
 pub static HEARTBEAT_RECV_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static IGNORE_TABLES_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TWOPC_MIN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
-pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 

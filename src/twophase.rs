@@ -230,6 +230,15 @@ pub fn wounded_by(xid: u32) -> Option<u32> {
     SHARED.share().wounds.iter().find(|w| w.xid == xid).map(|w| w.by)
 }
 
+/// Takes back the wound of local transaction `xid` by node `by` (its transaction gave up
+/// waiting: the local one, idle all along, may go on).
+pub fn heal(xid: u32, by: NodeId) {
+    let mut s = SHARED.exclusive();
+    for w in s.wounds.iter_mut().filter(|w| w.xid == xid && w.by == by.0) {
+        *w = Wound::default();
+    }
+}
+
 /// Forgets wounds of backend `procno`'s transactions (when one ends).
 pub fn forget_wounds(procno: i32) {
     if !SHARED.share().wounds.iter().any(|w| w.procno == procno && w.xid != 0) {

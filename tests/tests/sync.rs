@@ -210,6 +210,52 @@ fn concurrent_writers_of_one_row_have_exactly_one_winner() {
     no_prepared_transactions(&cluster);
 }
 
+/// A local transaction that has not reached COMMIT and holds a row a peer's transaction
+/// commits is doomed (the peer's transaction holds that row on its own node): a statement it
+/// runs is canceled at once with 40001 and the peer's transaction commits without waiting. One
+/// that stays idle keeps the row: the peer's transaction fails with 40001 after half of
+/// twopc_min_timeout, naming what held the row, and the local one then commits.
+#[test]
+fn a_peers_commit_cancels_a_local_transaction_holding_its_row() {
+    let cluster = start(3, T);
+    cluster.node(1).execute("INSERT INTO t VALUES (1, 'a')");
+
+    // Running a statement: canceled.
+    let mut local = cluster.node(2).connect();
+    local.batch_execute("BEGIN; UPDATE t SET v = 'local' WHERE id = 1").unwrap();
+    let sleeper = std::thread::spawn(move || {
+        let r = local.batch_execute("SELECT pg_sleep(30)");
+        (local, r)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    cluster.node(1).execute("UPDATE t SET v = 'peer' WHERE id = 1");
+    assert!(t.elapsed() < Duration::from_secs(2), "the peer's commit took {:?}", t.elapsed());
+    let (mut local, result) = sleeper.join().unwrap();
+    let e = result.unwrap_err();
+    let text = describe(&e);
+    assert_eq!(sqlstate(&e), "40001", "{text}");
+    assert!(text.contains("node 1"), "{text}");
+    local.batch_execute("ROLLBACK").unwrap();
+    for node in cluster.nodes() {
+        assert_eq!(node.query_value("SELECT v FROM t WHERE id = 1").as_deref(), Some("peer"), "node {}", node.id);
+    }
+
+    // Idle in transaction: the peer's transaction gives up, the local one goes on.
+    local.batch_execute("BEGIN; UPDATE t SET v = 'local' WHERE id = 1").unwrap();
+    let t = Instant::now();
+    let e = cluster.node(1).connect().batch_execute("UPDATE t SET v = 'peer again' WHERE id = 1").unwrap_err();
+    let text = describe(&e);
+    assert_eq!(sqlstate(&e), "40001", "{text}");
+    assert!(text.contains("node 2") && text.contains("row lock held by local transaction"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(4), "gave up after {:?}", t.elapsed());
+    local.batch_execute("UPDATE t SET v = v || ' 2' WHERE id = 1; COMMIT").unwrap();
+    for node in cluster.nodes() {
+        assert_eq!(node.query_value("SELECT v FROM t WHERE id = 1").as_deref(), Some("local 2"), "node {}", node.id);
+    }
+    no_prepared_transactions(&cluster);
+}
+
 /// The bank: transfers between accounts from all nodes, through explicit blocks, autocommit
 /// statements and the extended protocol. Money is never created or lost on any read on any
 /// node; every transfer the client saw commit is everywhere, none that failed is anywhere.
