@@ -16,7 +16,8 @@
 //! seen the outcome: an abort as soon as it is decided, a commit once the coordinator has every
 //! `Finished`. The origin takes all the transaction's row locks at once when they are all free,
 //! otherwise it waits (waiting holds nothing, so local waits never take part in a cycle across
-//! nodes); with the locks it prepares at once: `Key { ts: hlc_next(..), node }`, a
+//! nodes: mmts gets the same by cancelling a local transaction, not yet prepared, that holds a
+//! row a peer's transaction needs); with the locks it prepares at once: `Key { ts: hlc_next(..), node }`, a
 //! `Coordinator` over the live peers with its key's timestamp as its own proposal, and a
 //! `Prepare { key }` to every peer.
 //!
@@ -27,7 +28,8 @@
 //! Prepare waiting for a lock blocks everything after it from that origin. Votes and Finished
 //! are signals the receiver handles on arrival (they never wait for an apply). Variant
 //! (`sequential_apply: false`): each transaction is applied on its own, as by parallel apply
-//! workers; only its own Prepare, Commit and Abort stay in order.
+//! workers; only its own Prepare, Commit and Abort stay in order. mmts's receivers behave
+//! like the latter: a Prepare waiting for a lock is set aside and the stream goes on.
 //!
 //! **Applying a Prepare.** The peer locks the rows in order. On a row held by another
 //! transaction it asks `on_conflict(applying, Some(holder))` (every holder has a key): `Die`
