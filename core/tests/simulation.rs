@@ -1084,7 +1084,7 @@ fn fault_free_parallel_apply_never_times_out() {
 /// Property 3, strong form, with per-origin sequential apply: FAILS, a distributed deadlock
 /// that only the deadline breaks.
 ///
-/// BUG (`twopc::on_conflict`: "a younger transaction never waits for an older one, so no cycle
+/// Found (`twopc::on_conflict`: "a younger transaction never waits for an older one, so no cycle
 /// of waits can form across nodes"): with sequential apply a younger transaction *does* wait for
 /// an older one, the one before it in its origin's stream. Seed 50, 3 nodes (tx17 < tx16 < tx19
 /// < tx20 by key; tx17, tx19 from node 1; tx16, tx20 from node 3):
@@ -1098,7 +1098,7 @@ fn fault_free_parallel_apply_never_times_out() {
 /// (`fault_free_parallel_apply_never_times_out`); the rule does not cover the waits sequential
 /// apply adds.
 #[test]
-#[ignore = "BUG: wait-die plus per-origin sequential apply deadlocks (seed 50, 3 nodes)"]
+#[ignore = "why mmts does not apply in order: wait-die plus per-origin sequential apply deadlocks (seed 50, 3 nodes)"]
 fn fault_free_sequential_apply_never_times_out() {
     for nodes in [3, 5] {
         let cfg = Config { forbid_timeouts: true, ..Config::cluster(nodes) };
