@@ -266,6 +266,16 @@ impl Applier {
                     pg_sys::CommitTransactionCommand();
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
+                if gucs::synchronous() {
+                    // The coordinator reports the rollback once no node holds the rows any more
+                    // (a retry at once would otherwise lose to the leftover).
+                    self.signal(Signal::Finished {
+                        origin: NodeId(self.peer),
+                        xid,
+                        voter: NodeId(self.me),
+                        committed: false,
+                    });
+                }
                 Some(self.finished(rollback_time))
             }
             Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
@@ -295,9 +305,13 @@ impl Applier {
         }
         unsafe { AWAITED = None };
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+            // A synchronous transaction does not wait long for a lock without looking at who
+            // holds it (see `on_lock_wait_timer`).
+            lock_wait_timer(self.synchronous);
             for change in &preparing.changes {
                 self.apply_change(change);
             }
+            lock_wait_timer(false);
             unsafe {
                 start_transaction();
                 let local_xid = pg_sys::GetTopTransactionId().into_inner();
@@ -409,9 +423,6 @@ impl Applier {
     }
 
     fn apply_change(&mut self, message: &Message) {
-        // A synchronous transaction does not wait long for a lock without looking at who
-        // holds it (see `on_lock_wait_timer`).
-        lock_wait_timer(self.synchronous);
         match message {
             Message::Insert { relation, new } => self.change(*relation, Change::Insert, None, Some(new)),
             Message::Update { relation, old, new } => self.change(*relation, Change::Update, old.as_deref(), Some(new)),
@@ -421,7 +432,6 @@ impl Applier {
             }
             _ => {}
         }
-        lock_wait_timer(false);
     }
 
     fn finished(&mut self, commit_time: pg_sys::TimestampTz) -> Applied {
@@ -786,8 +796,8 @@ unsafe fn start_transaction() {
     }
 }
 
-/// After a lock wait of this long, a synchronous transaction's apply stops waiting and looks
-/// at the holder (wait-die).
+/// While a synchronous transaction is applied, every this often the timer looks whether it
+/// waits for a lock; if so, the apply stops waiting and looks at the holder.
 const LOCK_WAIT_MS: i32 = 1;
 
 /// The lock (and mode) the apply was waiting for when the timer stopped it.
@@ -797,11 +807,11 @@ static mut LOCK_WAIT_TIMEOUT: i32 = -1;
 unsafe extern "C-unwind" {
     // utils/timeout.h, not in pgrx's bindings.
     fn RegisterTimeout(id: i32, handler: Option<unsafe extern "C-unwind" fn()>) -> i32;
-    fn enable_timeout_after(id: i32, delay_ms: i32);
+    fn enable_timeout_every(id: i32, fin_time: pg_sys::TimestampTz, delay_ms: i32);
     fn disable_timeout(id: i32, keep_indicator: bool);
 }
 
-/// Arms (or disarms) the lock-wait timer for the change about to be applied.
+/// Arms (or disarms) the lock-wait timer, periodic while the changes are applied.
 fn lock_wait_timer(on: bool) {
     unsafe {
         if LOCK_WAIT_TIMEOUT < 0 {
@@ -809,7 +819,8 @@ fn lock_wait_timer(on: bool) {
             LOCK_WAIT_TIMEOUT = RegisterTimeout(USER_TIMEOUT, Some(on_lock_wait_timer));
         }
         if on {
-            enable_timeout_after(LOCK_WAIT_TIMEOUT, LOCK_WAIT_MS);
+            let first = pg_sys::GetCurrentTimestamp() + LOCK_WAIT_MS as i64 * 1000;
+            enable_timeout_every(LOCK_WAIT_TIMEOUT, first, LOCK_WAIT_MS);
         } else {
             disable_timeout(LOCK_WAIT_TIMEOUT, false);
         }
@@ -822,7 +833,7 @@ unsafe extern "C-unwind" fn on_lock_wait_timer() {
     unsafe {
         let lock = (*pg_sys::MyProc).waitLock;
         if lock.is_null() {
-            return; // not waiting: nothing to decide
+            return; // not waiting: look again next time
         }
         AWAITED = Some(((*lock).tag, (*pg_sys::MyProc).waitLockMode));
         pg_sys::InterruptPending = 1;

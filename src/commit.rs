@@ -622,6 +622,18 @@ fn finish_prepared(gid: &CString, commit: bool) {
     }
 }
 
+/// Waits (at most twopc_min_timeout) until the live peers have finished the transaction the
+/// way it was decided, then forgets it; returns the peers that have not.
+fn wait_finished(p: &mut Pending) -> Vec<String> {
+    let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+    while !p.coordinator.all_finished() && now() < deadline && !interrupted() {
+        wait_a_little();
+        update(p);
+    }
+    twophase::unregister(p.slot, p.xid);
+    p.coordinator.unfinished().map(|n| n.to_string()).collect()
+}
+
 /// Waits for the votes, commits or rolls back everywhere, and reports a rollback as an ERROR.
 fn finish(mut p: Pending) {
     let decision = loop {
@@ -659,13 +671,7 @@ fn finish(mut p: Pending) {
             finish_prepared(&p.gid, true);
             twophase::clock_observe(now());
             // COMMIT returns once every live peer has committed too.
-            let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
-            while !p.coordinator.all_finished() && now() < deadline && !interrupted() {
-                wait_a_little();
-                update(&mut p);
-            }
-            twophase::unregister(p.slot, p.xid);
-            let late: Vec<String> = p.coordinator.unfinished().map(|n| n.to_string()).collect();
+            let late = wait_finished(&mut p);
             if !late.is_empty() {
                 ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_WARNING,
@@ -678,7 +684,8 @@ fn finish(mut p: Pending) {
         }
         Decision::Abort(reason) => {
             finish_prepared(&p.gid, false);
-            twophase::unregister(p.slot, p.xid);
+            // The peers roll back too before the client hears (and retries).
+            wait_finished(&mut p);
             let message = match reason.node {
                 Some(node) => format!("mmts: transaction rolled back on all nodes: node {node}: {}", reason.message),
                 None => format!("mmts: transaction rolled back on all nodes: {}", reason.message),

@@ -252,11 +252,17 @@ impl Coordinator {
         self.decision.as_ref()
     }
 
-    /// Every participant still reachable has finished the decided transaction, and they are,
-    /// with this node, a majority of the cluster: whichever majority commits next has a node
-    /// that saw this commit timestamp, so its own is larger.
+    /// Every participant still reachable has finished the decided transaction; for a commit,
+    /// they are also, with this node, a majority of the cluster: whichever majority commits
+    /// next has a node that saw this commit timestamp, so its own is larger.
     pub fn all_finished(&self) -> bool {
-        self.decision.is_some() && self.awaiting_finish.is_empty() && (self.finished.len() + 1) * 2 > self.cluster_size
+        match &self.decision {
+            None => false,
+            Some(Decision::Abort(_)) => self.awaiting_finish.is_empty(),
+            Some(Decision::Commit { .. }) => {
+                self.awaiting_finish.is_empty() && (self.finished.len() + 1) * 2 > self.cluster_size
+            }
+        }
     }
 
     /// Participants that have not finished yet.
@@ -360,6 +366,7 @@ mod tests {
     fn minority_refuses_at_once_and_unknown_voters_are_ignored() {
         let mut c = Coordinator::new(3, [], 100, 1000);
         assert!(matches!(c.decide(0), Some(Decision::Abort(r)) if r.sqlstate == NO_MAJORITY));
+        assert!(c.all_finished(), "nobody to wait for");
         let mut c = Coordinator::new(1, [], 100, 1000);
         assert_eq!(c.decide(0), Some(&Decision::Commit { ts: 100 }));
         let mut c = Coordinator::new(3, [n(2)], 100, 1000);
