@@ -138,6 +138,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
 fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_id: u32) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
+    let waits = Waits::new(conn.socket());
     let start = unsafe { pg_sys::replorigin_session_get_progress(false) };
     conn.exec(&format!(
         "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}')",
@@ -235,17 +236,8 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         if applier.has_waiting() {
             timeout = timeout.min(Duration::from_millis(1));
         }
-        let events = unsafe {
-            pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
-                    as i32,
-                conn.socket(),
-                timeout.as_millis() as std::ffi::c_long,
-                pg_sys::PG_WAIT_EXTENSION,
-            )
-        };
-        if events & pg_sys::WL_LATCH_SET as i32 != 0 {
+        let events = waits.wait(timeout);
+        if events & pg_sys::WL_LATCH_SET != 0 {
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         }
         if BackgroundWorker::sigterm_received() {
@@ -253,6 +245,61 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         }
         pgrx::check_for_interrupts!();
         conn.consume_input()?;
+    }
+}
+
+/// What the receiver sleeps on: its latch, its connection's socket, the postmaster's death.
+/// Made once per connection (not per wait: that costs an epoll set each time).
+struct Waits(*mut pg_sys::WaitEventSet);
+
+impl Waits {
+    fn new(socket: pg_sys::pgsocket) -> Waits {
+        unsafe {
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_LATCH_SET,
+                pg_sys::PGINVALID_SOCKET,
+                pg_sys::MyLatch,
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_SOCKET_READABLE,
+                socket,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_EXIT_ON_PM_DEATH,
+                pg_sys::PGINVALID_SOCKET,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            Waits(set)
+        }
+    }
+
+    /// Waits at most `timeout`; returns the events that occurred (`WL_*`).
+    fn wait(&self, timeout: Duration) -> u32 {
+        let mut occurred = [pg_sys::WaitEvent::default(); 3];
+        let n = unsafe {
+            pg_sys::WaitEventSetWait(
+                self.0,
+                timeout.as_millis() as std::ffi::c_long,
+                occurred.as_mut_ptr(),
+                occurred.len() as i32,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        occurred[..n.max(0) as usize].iter().fold(0, |all, e| all | e.events)
+    }
+}
+
+impl Drop for Waits {
+    fn drop(&mut self) {
+        unsafe { pg_sys::FreeWaitEventSet(self.0) };
     }
 }
 
