@@ -199,10 +199,13 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     };
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    if is_client() && matches!(gucs::mode(), Mode::Multimaster(_)) {
+        unsafe { refuse_reserved_gid(stmt) };
+    }
     if !active() {
         return run();
     }
-    let stmt = unsafe { (*pstmt).utilityStmt };
     let rollback = unsafe {
         (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
             && matches!(
@@ -267,6 +270,31 @@ unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
         let yes = crate::executor_hook::replicated_table(rel);
         pg_sys::RelationClose(rel);
         yes
+    }
+}
+
+/// Prefix of the names of the prepared transactions mmts makes (`mtm_<node>_<xid>`).
+const GID_PREFIX: &str = "mtm_";
+
+/// Refuses an application's PREPARE TRANSACTION with a name mmts uses for its own.
+unsafe fn refuse_reserved_gid(stmt: *mut pg_sys::Node) {
+    unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_TransactionStmt {
+            return;
+        }
+        let stmt = stmt as *mut pg_sys::TransactionStmt;
+        if (*stmt).kind != pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE || (*stmt).gid.is_null() {
+            return;
+        }
+        if std::ffi::CStr::from_ptr((*stmt).gid).to_bytes().starts_with(GID_PREFIX.as_bytes()) {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+                format!("mmts: prepared transaction names starting with \"{GID_PREFIX}\" are reserved for mmts"),
+                "mmts",
+            )
+            .set_hint("Choose another name.")
+            .report(PgLogLevel::ERROR);
+        }
     }
 }
 
@@ -355,7 +383,7 @@ fn mark(implicit: bool) {
     refuse_temporary();
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
-    let gid = CString::new(format!("mtm_{}_{}", config.node_id.0, xid)).expect("no NUL");
+    let gid = CString::new(format!("{GID_PREFIX}{}_{}", config.node_id.0, xid)).expect("no NUL");
     session(|s| s.quiet = true);
     unsafe {
         if implicit {
@@ -619,6 +647,58 @@ fn finish_prepared(gid: &CString, commit: bool) {
         pg_sys::StartTransactionCommand();
         FinishPreparedTransaction(gid.as_ptr(), commit);
         pg_sys::CommitTransactionCommand();
+    }
+}
+
+/// Rolls back the prepared transactions this node coordinated whose backend is gone (it died
+/// between PREPARE and COMMIT PREPARED, or the node restarted). Nothing was decided for them:
+/// a commit is decided and carried out by that backend, and peers commit only once its COMMIT
+/// PREPARED reaches them. The ROLLBACK PREPARED travels to the peers like any other, so they
+/// roll back too. Run by the receivers, outside a transaction.
+pub fn roll_back_orphans(me: u32) {
+    let prefix = format!("{GID_PREFIX}{me}_");
+    let found: Result<Vec<(String, i64)>, pgrx::spi::SpiError> = pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT gid, transaction::text::bigint FROM pg_catalog.pg_prepared_xacts
+                      WHERE left(gid, length($1)) = $1 AND database = current_database()
+                        AND prepared < now() - interval '1 second'",
+                    None,
+                    &[prefix.as_str().into()],
+                )?
+                .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0))))
+                .collect()
+        })
+    });
+    let Ok(found) = found else { return };
+    for (gid, xid) in found {
+        if twophase::is_coordinated(xid as u32) {
+            continue;
+        }
+        ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!("mmts: rolling back {gid} on all nodes: prepared here, its coordinating backend is gone")
+        );
+        let gid = CString::new(gid).expect("no NUL");
+        // Without this worker's replication origin, or the peers would not be sent it.
+        let origin = unsafe { pg_sys::replorigin_session_origin };
+        unsafe { pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId };
+        PgTryBuilder::new(|| finish_prepared(&gid, false))
+            .catch_others(|e| {
+                // Finished meanwhile by another receiver: nothing to do.
+                unsafe { pg_sys::AbortCurrentTransaction() };
+                if let pgrx::pg_sys::panic::CaughtError::PostgresError(r) = &e {
+                    ereport!(
+                        PgLogLevel::LOG,
+                        PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+                        format!("mmts: {}", r.message())
+                    );
+                }
+            })
+            .execute();
+        unsafe { pg_sys::replorigin_session_origin = origin };
     }
 }
 

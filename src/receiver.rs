@@ -135,6 +135,9 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     }
 }
 
+/// How often a receiver looks for prepared transactions whose coordinator is gone.
+const ORPHAN_CHECK: Duration = Duration::from_secs(1);
+
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
 fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_id: u32) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
@@ -159,6 +162,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     let mut progress = Progress::new(start);
     // Received but not yet applied, in order.
     let mut backlog: VecDeque<(u64, Option<wire::Message>)> = VecDeque::new();
+    let mut orphans_checked = Instant::now();
     loop {
         loop {
             match conn.get_copy_data()? {
@@ -218,6 +222,14 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             // Applying took a while: the peer was not silent, this node was not listening.
             last_heard = last_heard.max(Instant::now() - heartbeat);
             last_sent = Instant::now() - heartbeat;
+        }
+        if gucs::synchronous()
+            && orphans_checked.elapsed() >= ORPHAN_CHECK
+            && !applier.in_transaction()
+            && unsafe { !pg_sys::IsTransactionState() }
+        {
+            crate::commit::roll_back_orphans(config.node_id.0);
+            orphans_checked = Instant::now();
         }
         if last_heard.elapsed() > silence {
             return Err(PqError {

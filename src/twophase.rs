@@ -276,6 +276,11 @@ pub fn unregister(slot: usize, xid: u32) {
     }
 }
 
+/// Whether a backend here coordinates local transaction `xid` (in two-phase commit).
+pub fn is_coordinated(xid: u32) -> bool {
+    SHARED.share().entries.iter().any(|e| e.used && e.procno >= 0 && e.xid == xid)
+}
+
 /// What arrived for the local transaction in `slot`.
 pub fn votes(slot: usize, xid: u32) -> Votes {
     let s = SHARED.share();

@@ -256,6 +256,58 @@ fn a_peers_commit_cancels_a_local_transaction_holding_its_row() {
     no_prepared_transactions(&cluster);
 }
 
+/// `count`, or -1 while the node does not answer (e.g. restarting after a crash).
+fn try_count(node: &Node, sql: &str) -> i64 {
+    let Ok(mut c) = node.try_connect(Duration::from_secs(2)) else { return -1 };
+    c.simple_query(sql)
+        .ok()
+        .and_then(|rows| {
+            rows.into_iter().find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+        })
+        .unwrap_or(-1)
+}
+
+/// A coordinator backend killed (kill -9) while it waits for votes leaves its transaction
+/// prepared on its node (which the postmaster restarts) and on the peers: nothing was decided,
+/// so mmts rolls it back on every node, and no prepared transaction is left anywhere.
+#[test]
+fn a_transaction_whose_coordinator_died_is_rolled_back_everywhere() {
+    let cluster = start(3, T);
+    cluster.node(1).execute("INSERT INTO t VALUES (1, 'a')");
+    // Node 2 holds the row in an idle transaction: node 1's update waits for node 2's vote.
+    let mut holder = cluster.node(2).connect();
+    holder.batch_execute("BEGIN; UPDATE t SET v = 'held' WHERE id = 1").unwrap();
+    let mut c = cluster.node(1).connect();
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let update = std::thread::spawn(move || c.batch_execute("UPDATE t SET v = 'orphan' WHERE id = 1"));
+    wait_for("the update prepared on nodes 1 and 3", WAIT, || {
+        [1, 3].iter().all(|&i| count(cluster.node(i), "SELECT count(*) FROM pg_prepared_xacts") == 1)
+    });
+    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert!(update.join().unwrap().is_err(), "the client's connection was killed");
+    holder.batch_execute("ROLLBACK").unwrap();
+    for node in cluster.nodes() {
+        wait_for(&format!("no prepared transaction on node {}", node.id), WAIT, || {
+            try_count(node, "SELECT count(*) FROM pg_prepared_xacts") == 0
+        });
+    }
+    for node in cluster.nodes() {
+        assert_eq!(node.query_value("SELECT v FROM t WHERE id = 1").as_deref(), Some("a"), "node {}", node.id);
+    }
+    // Application names of mmts's own form are refused.
+    let e =
+        cluster.node(1).connect().batch_execute("BEGIN; INSERT INTO t VALUES (5, 'x'); PREPARE TRANSACTION 'mtm_1_5'");
+    let e = e.unwrap_err();
+    assert_eq!(sqlstate(&e), "42939", "{}", describe(&e));
+    // Writes go on.
+    cluster.node(1).execute("UPDATE t SET v = 'after' WHERE id = 1");
+    assert_eq!(cluster.node(3).query_value("SELECT v FROM t WHERE id = 1").as_deref(), Some("after"));
+}
+
 /// The bank: transfers between accounts from all nodes, through explicit blocks, autocommit
 /// statements and the extended protocol. Money is never created or lost on any read on any
 /// node; every transfer the client saw commit is everywhere, none that failed is anywhere.
