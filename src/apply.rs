@@ -95,6 +95,10 @@ struct Waiting {
     recheck: Instant,
 }
 
+/// While a transaction is applied, every this many changes the receiver reads what arrived
+/// and sends its heartbeat.
+const KEEP_UP_EVERY: usize = 1000;
+
 /// How often a set-aside transaction is tried again while its lock holders run.
 const RECHECK: Duration = Duration::from_millis(20);
 
@@ -136,7 +140,7 @@ impl Applier {
 
     /// Tries again the set-aside transactions whose lock holders ended (or that are due for a
     /// look); returns those now prepared or refused.
-    pub fn retry_waiting(&mut self) -> Vec<Applied> {
+    pub fn retry_waiting(&mut self, keep_up: &mut dyn FnMut()) -> Vec<Applied> {
         let now = Instant::now();
         let due = |w: &Waiting| {
             now >= w.recheck
@@ -146,7 +150,7 @@ impl Applier {
         };
         let (ready, still): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting).into_iter().partition(due);
         self.waiting = still;
-        ready.into_iter().filter_map(|w| self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing)).collect()
+        ready.into_iter().filter_map(|w| self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up)).collect()
     }
 
     /// The local name of the peer's prepared transaction `xid`.
@@ -156,7 +160,8 @@ impl Applier {
 
     /// Applies one message; returns what finished when a transaction ends.
     /// A transaction set aside for a lock is not finished yet: see [`Applier::retry_waiting`].
-    pub fn apply(&mut self, message: Message) -> Option<Applied> {
+    /// `keep_up` is called now and then while a large transaction is applied.
+    pub fn apply(&mut self, message: Message, keep_up: &mut dyn FnMut()) -> Option<Applied> {
         if let Some(preparing) = &mut self.preparing {
             if matches!(
                 message,
@@ -213,7 +218,7 @@ impl Applier {
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
                 let preparing = self.preparing.take().unwrap_or_default();
                 self.in_transaction = false;
-                self.prepare(xid, end_lsn, prepare_time, preparing)
+                self.prepare(xid, end_lsn, prepare_time, preparing, keep_up)
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 let gid = self.gid(xid);
@@ -295,7 +300,14 @@ impl Applier {
 
     /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.
     /// `None` when it is set aside for a lock.
-    fn prepare(&mut self, xid: u32, end_lsn: u64, prepare_time: i64, mut preparing: Preparing) -> Option<Applied> {
+    fn prepare(
+        &mut self,
+        xid: u32,
+        end_lsn: u64,
+        prepare_time: i64,
+        mut preparing: Preparing,
+        keep_up: &mut dyn FnMut(),
+    ) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
         let gid = self.gid(xid);
@@ -308,7 +320,10 @@ impl Applier {
             // A synchronous transaction does not wait long for a lock without looking at who
             // holds it (see `on_lock_wait_timer`).
             lock_wait_timer(self.synchronous);
-            for change in &preparing.changes {
+            for (i, change) in preparing.changes.iter().enumerate() {
+                if i % KEEP_UP_EVERY == KEEP_UP_EVERY - 1 {
+                    keep_up();
+                }
                 self.apply_change(change);
             }
             lock_wait_timer(false);

@@ -155,45 +155,28 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
     let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
     let mut applier = Applier::new(peer_id, config.node_id.0);
-    let mut last_heard = Instant::now();
-    let mut last_sent = Instant::now() - heartbeat;
+    let mut link = Link {
+        conn,
+        peer_id,
+        me: config.node_id.0,
+        heartbeat,
+        last_heard: Instant::now(),
+        last_sent: Instant::now() - heartbeat,
+        backlog: VecDeque::new(),
+    };
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
     let mut progress = Progress::new(start);
-    // Received but not yet applied, in order.
-    let mut backlog: VecDeque<(u64, Option<wire::Message>)> = VecDeque::new();
     let mut orphans_checked = Instant::now();
     loop {
-        loop {
-            match conn.get_copy_data()? {
-                CopyData::WouldBlock => break,
-                CopyData::Message(buf) => {
-                    last_heard = Instant::now();
-                    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-                    status::update(peer_id, |p| p.last_message_time = now);
-                    match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
-                        ServerMessage::XLogData { end, data, .. } => {
-                            let message = wire::decode(data).map_err(|e| PqError {
-                                message: format!("malformed mmts message from node {peer_id}: {e}"),
-                                sqlstate: None,
-                            })?;
-                            deliver_signal(&message, config.node_id.0);
-                            backlog.push_back((end, Some(message)));
-                        }
-                        ServerMessage::Keepalive { end, reply_requested, .. } => {
-                            backlog.push_back((end, None));
-                            if reply_requested {
-                                last_sent = Instant::now() - heartbeat;
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        link.read_available()?;
         let busy = Instant::now();
         let mut finished = Vec::new();
-        while let Some((end, message)) = backlog.pop_front() {
-            let done = message.and_then(|message| applier.apply(message));
+        while let Some((end, message)) = link.backlog.pop_front() {
+            // While a large transaction is applied, signals are still delivered and the peer
+            // still hears from this node.
+            let mut keep_up = || link.keep_up(&progress);
+            let done = message.and_then(|message| applier.apply(message, &mut keep_up));
             progress.received(end);
             if done.is_some() {
                 progress.committed(unsafe { pg_sys::XactLastCommitEnd });
@@ -204,14 +187,14 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
                 progress.caught_up();
             }
             finished.extend(done);
-            if backlog.is_empty() {
+            if link.backlog.is_empty() {
                 status::update(peer_id, |p| {
                     p.applied_lsn = progress.applied_lsn();
                     p.peer_wal_end = p.peer_wal_end.max(end);
                 });
             }
         }
-        finished.extend(applier.retry_waiting());
+        finished.extend(applier.retry_waiting(&mut || link.keep_up(&progress)));
         if let Some(last) = finished.last() {
             status::update(peer_id, |p| {
                 p.applied_commit_time = last.commit_time;
@@ -220,8 +203,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         }
         if busy.elapsed() >= heartbeat {
             // Applying took a while: the peer was not silent, this node was not listening.
-            last_heard = last_heard.max(Instant::now() - heartbeat);
-            last_sent = Instant::now() - heartbeat;
+            link.last_heard = link.last_heard.max(Instant::now() - heartbeat);
         }
         if gucs::synchronous()
             && orphans_checked.elapsed() >= ORPHAN_CHECK
@@ -231,20 +213,16 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             crate::commit::roll_back_orphans(config.node_id.0);
             orphans_checked = Instant::now();
         }
-        if last_heard.elapsed() > silence {
+        if link.last_heard.elapsed() > silence {
             return Err(PqError {
                 message: format!("no message from node {peer_id} for {} ms", silence.as_millis()),
                 sqlstate: None,
             });
         }
-        if last_sent.elapsed() >= heartbeat {
-            // Asking for a reply makes the peer answer with a keepalive: our heartbeat.
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
-            let flushed = progress.flushed(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
-            conn.put_copy_data(&status_update(progress.received_lsn(), flushed, flushed, now, true))?;
-            last_sent = Instant::now();
+        if link.last_sent.elapsed() >= heartbeat {
+            link.send_status(&mut progress)?;
         }
-        let mut timeout = heartbeat.saturating_sub(last_sent.elapsed()).max(Duration::from_millis(1));
+        let mut timeout = heartbeat.saturating_sub(link.last_sent.elapsed()).max(Duration::from_millis(1));
         if applier.has_waiting() {
             timeout = timeout.min(Duration::from_millis(1));
         }
@@ -256,7 +234,73 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             return Ok(());
         }
         pgrx::check_for_interrupts!();
-        conn.consume_input()?;
+        link.conn.consume_input()?;
+    }
+}
+
+/// The replication connection to the peer, and what goes over it.
+struct Link {
+    conn: Connection,
+    peer_id: u32,
+    me: u32,
+    heartbeat: Duration,
+    last_heard: Instant,
+    last_sent: Instant,
+    /// Received but not yet applied, in order.
+    backlog: VecDeque<(u64, Option<wire::Message>)>,
+}
+
+impl Link {
+    /// Reads what has arrived: signals for this node's transactions are delivered at once,
+    /// the rest goes to the backlog.
+    fn read_available(&mut self) -> Result<(), PqError> {
+        loop {
+            let CopyData::Message(buf) = self.conn.get_copy_data()? else { return Ok(()) };
+            self.last_heard = Instant::now();
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            status::update(self.peer_id, |p| p.last_message_time = now);
+            match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
+                ServerMessage::XLogData { end, data, .. } => {
+                    let message = wire::decode(data).map_err(|e| PqError {
+                        message: format!("malformed mmts message from node {}: {e}", self.peer_id),
+                        sqlstate: None,
+                    })?;
+                    deliver_signal(&message, self.me);
+                    self.backlog.push_back((end, Some(message)));
+                }
+                ServerMessage::Keepalive { end, reply_requested, .. } => {
+                    self.backlog.push_back((end, None));
+                    if reply_requested {
+                        self.last_sent = Instant::now() - self.heartbeat;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the peer what this node received and flushed, asking for a reply (the peer's
+    /// keepalive is the heartbeat this node hears).
+    fn send_status(&mut self, progress: &mut Progress) -> Result<(), PqError> {
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let flushed = progress.flushed(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
+        self.conn.put_copy_data(&status_update(progress.received_lsn(), flushed, flushed, now, true))?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// In the middle of a long apply: reads what arrived, and sends the heartbeat when due.
+    /// Connection errors are left for the main loop to find.
+    fn keep_up(&mut self, progress: &Progress) {
+        let _ = self.conn.consume_input();
+        let _ = self.read_available();
+        if self.last_sent.elapsed() >= self.heartbeat {
+            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let received = progress.received_lsn();
+            let flushed = progress.flushed_so_far();
+            if self.conn.put_copy_data(&status_update(received, flushed, flushed, now, true)).is_ok() {
+                self.last_sent = Instant::now();
+            }
+        }
     }
 }
 

@@ -112,6 +112,11 @@ impl Progress {
         self.flushed
     }
 
+    /// What [`Progress::flushed`] last reported.
+    pub fn flushed_so_far(&self) -> Lsn {
+        self.flushed
+    }
+
     pub fn received_lsn(&self) -> Lsn {
         self.received
     }

@@ -256,6 +256,41 @@ fn a_peers_commit_cancels_a_local_transaction_holding_its_row() {
     no_prepared_transactions(&cluster);
 }
 
+/// A large transaction (200,000 rows in one INSERT) commits with the default settings: the
+/// wait for votes grows with the time it ran (twopc_prepare_ratio). Small transactions of another
+/// node meanwhile either commit everywhere or fail with 40001 (votes of the large transaction's
+/// node travel in its WAL, behind the large transaction, and may come too late).
+#[test]
+fn a_large_transaction_commits_while_small_ones_go_on() {
+    let cluster =
+        start(3, "CREATE TABLE big(id bigint PRIMARY KEY, pad text); CREATE TABLE small(id bigint PRIMARY KEY)");
+    let done = AtomicBool::new(false);
+    let committed = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut c = cluster.node(2).connect();
+            let mut i = 0i64;
+            while !done.load(Ordering::Relaxed) {
+                match c.execute("INSERT INTO small VALUES ($1)", &[&i]) {
+                    Ok(_) => committed.lock().unwrap().push(i),
+                    Err(e) => assert_eq!(sqlstate(&e), "40001", "{}", describe(&e)),
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        cluster.node(1).execute("INSERT INTO big SELECT g, repeat('x', 50) FROM generate_series(1, 200000) g");
+        done.store(true, Ordering::Relaxed);
+    });
+    let committed = committed.into_inner().unwrap();
+    assert!(!committed.is_empty());
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM big"), 200000, "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM small"), committed.len() as i64, "node {}", node.id);
+    }
+    no_prepared_transactions(&cluster);
+}
+
 /// `count`, or -1 while the node does not answer (e.g. restarting after a crash).
 fn try_count(node: &Node, sql: &str) -> i64 {
     let Ok(mut c) = node.try_connect(Duration::from_secs(2)) else { return -1 };
