@@ -206,16 +206,9 @@ unsafe extern "C-unwind" fn process_utility(
     if !active() {
         return run();
     }
-    let rollback = unsafe {
-        (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
-            && matches!(
-                (*(stmt as *mut pg_sys::TransactionStmt)).kind,
-                pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK
-                    | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_TO
-                    | pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED
-            )
-    };
-    if !rollback {
+    // Transaction control is left alone: ROLLBACK must work, and a COMMIT of a wounded
+    // transaction fails (and ends it) when its PREPARE is refused.
+    if unsafe { (*stmt).type_ } != pg_sys::NodeTag::T_TransactionStmt {
         refuse_if_wounded();
     }
     unsafe {
