@@ -65,6 +65,7 @@ pub struct Applier {
     /// transaction, or one that is not being committed): set aside while what follows in the
     /// stream is applied, and tried again when their lock holders end.
     waiting: Vec<Waiting>,
+    outbox: Vec<Signal>,
 }
 
 #[derive(Default)]
@@ -126,6 +127,7 @@ impl Applier {
             preparing: None,
             synchronous: false,
             waiting: Vec::new(),
+            outbox: Vec::new(),
         }
     }
 
@@ -294,8 +296,14 @@ impl Applier {
         }
     }
 
-    fn signal(&self, signal: Signal) {
-        twophase::emit(&signal, false);
+    /// Votes and "finished" for the peer, sent by the receiver (see [`Applier::take_signals`]).
+    fn signal(&mut self, signal: Signal) {
+        self.outbox.push(signal);
+    }
+
+    /// The signals for the peer since the last call.
+    pub fn take_signals(&mut self) -> Vec<Signal> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.

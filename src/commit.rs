@@ -406,7 +406,9 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             && (*edata).sqlerrcode == PgSqlErrorCode::ERRCODE_QUERY_CANCELED as i32
             && is_client()
         {
-            if let Some(by) = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner()) {
+            let wound = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner())
+                .or_else(|| twophase::wounded_lately((*pg_sys::MyProc).pgprocno));
+            if let Some(by) = wound {
                 let message = CString::new(wounded_message(by)).expect("no NUL");
                 let hint = CString::new(WOUNDED_HINT).expect("no NUL");
                 (*edata).sqlerrcode = PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE as i32;
@@ -426,9 +428,6 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     use pg_sys::XactEvent::*;
     if !active() {
         return;
-    }
-    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT) {
-        twophase::forget_wounds(unsafe { (*pg_sys::MyProc).pgprocno });
     }
     match event {
         XACT_EVENT_PRE_PREPARE => {

@@ -188,6 +188,7 @@ pub fn define(strict: bool) {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    crate::twophase::define_delivery_setting();
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr());
     }

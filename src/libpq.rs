@@ -1,6 +1,7 @@
-//! A replication connection to a peer over libpq (the client library, linked into mmts.so).
-//! Only the backend's main thread uses it; every call is non-blocking except connecting,
-//! which `connect_timeout` bounds.
+//! Connections to a peer over libpq (the client library, linked into mmts.so): the
+//! replication connection a receiver streams from, and a plain one for signals. Only the
+//! backend's main thread uses them; every call is non-blocking except connecting, which
+//! `connect_timeout` bounds.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
@@ -41,6 +42,8 @@ unsafe extern "C" {
     fn PQsocket(conn: *const PGconn) -> c_int;
     fn PQfreemem(ptr: *mut c_void);
     fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
+    fn PQsendQuery(conn: *mut PGconn, query: *const c_char) -> c_int;
+    fn PQisBusy(conn: *mut PGconn) -> c_int;
 }
 
 /// An error from the peer or the connection: message and SQLSTATE if the server sent one.
@@ -70,17 +73,23 @@ pub enum CopyData {
 impl Connection {
     /// Opens a logical replication connection (`replication=database`) to `conninfo`.
     pub fn connect_replication(conninfo: &str, application_name: &str) -> Result<Connection, PqError> {
+        Connection::connect(conninfo, application_name, true)
+    }
+
+    /// Opens a connection to `conninfo`, a replication one (`replication=database`) or not.
+    pub fn connect(conninfo: &str, application_name: &str, replication: bool) -> Result<Connection, PqError> {
         // Values travel as text: make their output unambiguous whatever the peer's settings.
-        let keys = [c"connect_timeout", c"dbname", c"replication", c"application_name", c"options"];
+        let keys = [c"connect_timeout", c"dbname", c"application_name", c"options", c"replication"];
         let conninfo =
             CString::new(conninfo).map_err(|_| PqError { message: "NUL in conninfo".into(), sqlstate: None })?;
         let app = CString::new(application_name).expect("no NUL");
         // Later keywords win, and `dbname` is expanded as a whole connection string, so the
         // user's own connect_timeout (inside it) overrides the default.
         let options = c"-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
-        let values = [c"10".as_ptr(), conninfo.as_ptr(), c"database".as_ptr(), app.as_ptr(), options.as_ptr()];
-        let mut keywords: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
-        let mut values: Vec<*const c_char> = values.to_vec();
+        let values = [c"10".as_ptr(), conninfo.as_ptr(), app.as_ptr(), options.as_ptr(), c"database".as_ptr()];
+        let n = if replication { keys.len() } else { keys.len() - 1 };
+        let mut keywords: Vec<*const c_char> = keys[..n].iter().map(|k| k.as_ptr()).collect();
+        let mut values: Vec<*const c_char> = values[..n].to_vec();
         keywords.push(std::ptr::null());
         values.push(std::ptr::null());
         let raw = unsafe { PQconnectdbParams(keywords.as_ptr(), values.as_ptr(), 1) };
@@ -90,6 +99,38 @@ impl Connection {
             return Err(connection.error(None));
         }
         Ok(connection)
+    }
+
+    /// Sends `command` without waiting for its result (see [`Connection::poll_result`]).
+    pub fn send(&mut self, command: &str) -> Result<(), PqError> {
+        let command = CString::new(command).expect("no NUL in commands");
+        let ok = unsafe { PQsendQuery(self.conn.as_ptr(), command.as_ptr()) } == 1
+            && unsafe { PQflush(self.conn.as_ptr()) } >= 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(self.error(None))
+        }
+    }
+
+    /// After [`Connection::send`]: `Ok(true)` once the command's result is in (and it
+    /// succeeded), `Ok(false)` while it has not come.
+    pub fn poll_result(&mut self) -> Result<bool, PqError> {
+        self.consume_input()?;
+        if unsafe { PQisBusy(self.conn.as_ptr()) } == 1 {
+            return Ok(false);
+        }
+        let mut outcome = Ok(true);
+        loop {
+            let res = unsafe { PQgetResult(self.conn.as_ptr()) };
+            if res.is_null() {
+                return outcome;
+            }
+            if !matches!(unsafe { PQresultStatus(res) }, PGRES_COMMAND_OK | PGRES_TUPLES_OK) {
+                outcome = Err(self.error(Some(res)));
+            }
+            unsafe { PQclear(res) };
+        }
     }
 
     fn error(&self, res: Option<*mut PGresult>) -> PqError {

@@ -15,14 +15,13 @@ use mmts_core::config::{ClusterConfig, Mode};
 use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
 use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire;
-use mmts_core::NodeId;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::apply::Applier;
 use crate::libpq::{Connection, CopyData, PqError};
-use crate::twophase::{self, Delivery};
+use crate::twophase;
 use crate::{gucs, status};
 
 /// Registers one receiver per peer (in the postmaster, while preloading).
@@ -141,7 +140,8 @@ const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
 fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_id: u32) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
-    let waits = Waits::new(conn.socket());
+    let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id);
+    let waits = Waits::new(conn.socket(), outbox.socket());
     let start = unsafe { pg_sys::replorigin_session_get_progress(false) };
     conn.exec(&format!(
         "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}')",
@@ -177,6 +177,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             // still hears from this node.
             let mut keep_up = || link.keep_up(&progress);
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
+            outbox.push(applier.take_signals());
             progress.received(end);
             if done.is_some() {
                 progress.committed(unsafe { pg_sys::XactLastCommitEnd });
@@ -195,6 +196,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             }
         }
         finished.extend(applier.retry_waiting(&mut || link.keep_up(&progress)));
+        outbox.push(applier.take_signals());
         if let Some(last) = finished.last() {
             status::update(peer_id, |p| {
                 p.applied_commit_time = last.commit_time;
@@ -230,6 +232,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         if events & pg_sys::WL_LATCH_SET != 0 {
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         }
+        outbox.pump();
         if BackgroundWorker::sigterm_received() {
             return Ok(());
         }
@@ -309,9 +312,18 @@ impl Link {
 struct Waits(*mut pg_sys::WaitEventSet);
 
 impl Waits {
-    fn new(socket: pg_sys::pgsocket) -> Waits {
+    fn new(socket: pg_sys::pgsocket, signals: Option<pg_sys::pgsocket>) -> Waits {
         unsafe {
-            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 4);
+            if let Some(signals) = signals {
+                pg_sys::AddWaitEventToSet(
+                    set,
+                    pg_sys::WL_SOCKET_READABLE,
+                    signals,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+            }
             pg_sys::AddWaitEventToSet(
                 set,
                 pg_sys::WL_LATCH_SET,
@@ -339,7 +351,7 @@ impl Waits {
 
     /// Waits at most `timeout`; returns the events that occurred (`WL_*`).
     fn wait(&self, timeout: Duration) -> u32 {
-        let mut occurred = [pg_sys::WaitEvent::default(); 3];
+        let mut occurred = [pg_sys::WaitEvent::default(); 4];
         let n = unsafe {
             pg_sys::WaitEventSetWait(
                 self.0,
@@ -366,13 +378,81 @@ fn deliver_signal(message: &wire::Message, me: u32) {
         return;
     }
     match Signal::decode(content) {
-        Ok(Signal::Vote { origin, xid, voter, vote }) if origin == NodeId(me) => {
-            twophase::deliver(xid, voter, Delivery::Vote(vote))
-        }
-        Ok(Signal::Finished { origin, xid, voter, .. }) if origin == NodeId(me) => {
-            twophase::deliver(xid, voter, Delivery::Finished)
-        }
-        Ok(_) => {}
+        Ok(signal) => twophase::deliver_signal(signal, me),
         Err(e) => log(format!("mmts: ignoring a malformed signal: {e}")),
+    }
+}
+
+/// Where this receiver's votes and "finished" for the peer's transactions go: straight to the
+/// peer over a plain connection (setting `multimaster.deliver_signals` there), one batch at a
+/// time; in this node's WAL when that connection is not there or fails (the peer's receiver
+/// then delivers them). Delivering twice is harmless, so a batch whose fate is unknown goes to
+/// WAL as well.
+struct Outbox {
+    conn: Option<Connection>,
+    /// Sent, result not in yet.
+    in_flight: Vec<Signal>,
+    queued: Vec<Signal>,
+    peer_id: u32,
+}
+
+impl Outbox {
+    fn new(conninfo: &str, application_name: &str, peer_id: u32) -> Outbox {
+        if !gucs::synchronous() {
+            return Outbox { conn: None, in_flight: Vec::new(), queued: Vec::new(), peer_id };
+        }
+        let conn = match Connection::connect(conninfo, application_name, false) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log(format!("mmts: signals to node {peer_id} go through WAL: cannot connect: {e}"));
+                None
+            }
+        };
+        Outbox { conn, in_flight: Vec::new(), queued: Vec::new(), peer_id }
+    }
+
+    fn socket(&self) -> Option<pg_sys::pgsocket> {
+        self.conn.as_ref().map(|c| c.socket())
+    }
+
+    fn push(&mut self, signals: Vec<Signal>) {
+        if self.conn.is_some() {
+            self.queued.extend(signals);
+        } else {
+            for s in &signals {
+                twophase::emit(s, false);
+            }
+        }
+        self.pump();
+    }
+
+    /// Collects the last batch's result and sends the next one.
+    fn pump(&mut self) {
+        let Some(conn) = &mut self.conn else { return };
+        let result = if self.in_flight.is_empty() {
+            Ok(true)
+        } else {
+            conn.poll_result().map(|done| {
+                if done {
+                    self.in_flight.clear();
+                }
+                done
+            })
+        };
+        let result = result.and_then(|ready| {
+            if ready && !self.queued.is_empty() {
+                self.in_flight = std::mem::take(&mut self.queued);
+                let batch = mmts_core::twopc::encode_batch(&self.in_flight);
+                conn.send(&format!("SET {} = '{batch}'", twophase::DELIVERY_SETTING))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
+            self.conn = None;
+            for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+                twophase::emit(&s, false);
+            }
+        }
     }
 }

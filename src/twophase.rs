@@ -3,17 +3,20 @@
 //! votes delivered by the receivers), and peers' ones applied and prepared by a receiver. The
 //! entries also give the [`Key`] of a lock holder when a receiver's apply conflicts with it.
 //!
-//! Signals to peers (votes, "finished") are logical decoding messages written to this node's
-//! WAL: the walsender that serves each peer decodes them and the peer's receiver delivers them.
+//! Signals to a peer (votes, "finished" for its transactions) go straight to it: the receiver
+//! sets [`DELIVERY_SETTING`] over a plain connection there. Without that connection they are
+//! logical decoding messages written to this node's WAL ([`emit`]): the walsender that serves
+//! the peer decodes them and the peer's receiver delivers them.
 //!
 //! A local transaction not yet in two-phase commit that holds a lock a peer's transaction
 //! needs is *wounded*: it is doomed anyway (the peer's transaction is prepared on its origin,
 //! and holds the row there), so it is canceled at once with 40001 rather than after its own
 //! PREPARE loses; see [`classify_holder`].
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void, CStr};
 
-use mmts_core::twopc::{hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
+use mmts_core::config::Mode;
+use mmts_core::twopc::{decode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -78,6 +81,8 @@ struct Wound {
     xid: u32,
     procno: i32,
     by: u32,
+    /// When it was dealt (the cancel may reach the backend a little later).
+    at: i64,
 }
 
 const WOUNDS: usize = 64;
@@ -208,7 +213,10 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
     if let Some(a) = s.applying.iter().find(|a| a.procno == procno) {
         return HolderKind::Committing(a.key);
     }
-    if worker || holder.xid == 0 || pid <= 0 {
+    // Only while that backend still runs that transaction (a cancel must not hit its next one).
+    let still = unsafe { (*proc_).xid.into_inner() == holder.xid }
+        && unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(holder.xid)) };
+    if worker || holder.xid == 0 || pid <= 0 || !still {
         return HolderKind::Other;
     }
     if !s.wounds.iter().any(|w| w.xid == holder.xid) {
@@ -216,7 +224,7 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
             w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) }
         });
         let Some(free) = free else { return HolderKind::Other };
-        s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0 };
+        s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
     }
     unsafe { kill(pid, SIGINT) };
     HolderKind::Wounded
@@ -239,15 +247,11 @@ pub fn heal(xid: u32, by: NodeId) {
     }
 }
 
-/// Forgets wounds of backend `procno`'s transactions (when one ends).
-pub fn forget_wounds(procno: i32) {
-    if !SHARED.share().wounds.iter().any(|w| w.procno == procno && w.xid != 0) {
-        return;
-    }
-    let mut s = SHARED.exclusive();
-    for w in s.wounds.iter_mut().filter(|w| w.procno == procno) {
-        *w = Wound::default();
-    }
+/// The node whose transaction wounded a transaction of backend `procno` less than a second
+/// ago: a cancel arriving late, after that transaction ended, is that wound's too.
+pub fn wounded_lately(procno: i32) -> Option<u32> {
+    let since = physical_now() - 1_000_000;
+    SHARED.share().wounds.iter().find(|w| w.xid != 0 && w.procno == procno && w.at >= since).map(|w| w.by)
 }
 
 /// Registers a peer's transaction (`origin_xid` on node `origin`) prepared here as `xid`.
@@ -347,6 +351,71 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
 pub enum Delivery {
     Vote(Vote),
     Finished,
+}
+
+/// Hands a peer's vote or "finished" about one of this node's (`me`) transactions to its
+/// backend; other signals are not for this node.
+pub fn deliver_signal(signal: Signal, me: u32) {
+    match signal {
+        Signal::Vote { origin, xid, voter, vote } if origin == NodeId(me) => deliver(xid, voter, Delivery::Vote(vote)),
+        Signal::Finished { origin, xid, voter, .. } if origin == NodeId(me) => deliver(xid, voter, Delivery::Finished),
+        _ => {}
+    }
+}
+
+/// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
+/// and "finished" for its transactions directly (a batch from `encode_batch`), rather than in
+/// the peer's WAL: no flush, no decoding, and no waiting behind the peer's large transactions.
+/// Superusers only; hidden.
+pub const DELIVERY_SETTING: &str = "multimaster.deliver_signals";
+static mut DELIVERY_VALUE: *mut c_char = std::ptr::null_mut();
+
+pub fn define_delivery_setting() {
+    unsafe {
+        pg_sys::DefineCustomStringVariable(
+            c"multimaster.deliver_signals".as_ptr(),
+            c"Votes and acknowledgements from a peer (set by mmts itself).".as_ptr(),
+            std::ptr::null(),
+            &raw mut DELIVERY_VALUE,
+            c"".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            (pg_sys::GUC_NO_SHOW_ALL
+                | pg_sys::GUC_NO_RESET_ALL
+                | pg_sys::GUC_NOT_IN_SAMPLE
+                | pg_sys::GUC_DISALLOW_IN_FILE) as i32,
+            Some(check_delivery),
+            Some(assign_delivery),
+            None,
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_delivery(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe { *newval };
+    value.is_null() || unsafe { CStr::from_ptr(value) }.to_str().is_ok_and(|t| decode_batch(t).is_ok())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_delivery(newval: *const c_char, _extra: *mut c_void) {
+    if newval.is_null() {
+        return;
+    }
+    // The empty value (also the one assigned while the setting is defined, before the mode is
+    // known: asking for it then would fix it as standalone) carries nothing.
+    let Ok(text) = unsafe { CStr::from_ptr(newval) }.to_str() else { return };
+    if text.is_empty() {
+        return;
+    }
+    let Mode::Multimaster(config) = crate::gucs::mode() else { return };
+    // Checked already; delivering twice (a value set again) changes nothing.
+    for signal in decode_batch(text).unwrap_or_default() {
+        deliver_signal(signal, config.node_id.0);
+    }
 }
 
 unsafe extern "C-unwind" {

@@ -109,6 +109,41 @@ impl Signal {
     }
 }
 
+/// Several signals in one piece of text (hex of length-prefixed encodings), for a channel that
+/// carries text.
+pub fn encode_batch(signals: &[Signal]) -> String {
+    let mut bytes = Vec::new();
+    for s in signals {
+        let one = s.encode();
+        bytes.extend_from_slice(&(one.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&one);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The signals [`encode_batch`] put in `text`.
+pub fn decode_batch(text: &str) -> Result<Vec<Signal>, SignalError> {
+    let malformed = || SignalError::Malformed("bad batch".into());
+    if text.len() % 2 != 0 {
+        return Err(malformed());
+    }
+    let bytes = (0..text.len())
+        .step_by(2)
+        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(malformed)?;
+    let mut rest = &bytes[..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let one = tail.get(..len).ok_or_else(malformed)?;
+        out.push(Signal::decode(one)?);
+        rest = &tail[len..];
+    }
+    Ok(out)
+}
+
 /// Why a transaction was rolled back everywhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AbortReason {
@@ -435,5 +470,19 @@ mod tests {
             assert!(Signal::decode(&longer).is_err());
         }
         assert_eq!(Signal::decode(&[9, 0]), Err(SignalError::Version(9)));
+    }
+
+    #[test]
+    fn batches_round_trip_and_bad_text_is_an_error() {
+        let signals = vec![
+            Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
+            Signal::Finished { origin: n(1), xid: 7, voter: n(2), committed: true },
+        ];
+        let text = encode_batch(&signals);
+        assert_eq!(decode_batch(&text), Ok(signals));
+        assert_eq!(decode_batch(""), Ok(vec![]));
+        for bad in ["0", "zz", &text[..text.len() - 2], "ffffffff00"] {
+            assert!(decode_batch(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -203,7 +203,8 @@ fn concurrent_writers_of_one_row_have_exactly_one_winner() {
         assert!(outcomes.iter().all(|o| o == "commit" || o == "40001"), "round {round}: {outcomes:?}");
     }
     let slowest = slowest.load(Ordering::Relaxed);
-    assert!(slowest < 2000, "a COMMIT took {slowest} ms (bound: multimaster.twopc_min_timeout)");
+    eprintln!("slowest COMMIT: {slowest} ms");
+    assert!(slowest < 5000, "a COMMIT took {slowest} ms (bound: multimaster.twopc_min_timeout, 5 s)");
     for node in cluster.nodes() {
         assert_eq!(count(node, "SELECT n FROM c"), rounds as i64, "node {}", node.id);
     }
@@ -258,8 +259,8 @@ fn a_peers_commit_cancels_a_local_transaction_holding_its_row() {
 
 /// A large transaction (200,000 rows in one INSERT) commits with the default settings: the
 /// wait for votes grows with the time it ran (twopc_prepare_ratio). Small transactions of another
-/// node meanwhile either commit everywhere or fail with 40001 (votes of the large transaction's
-/// node travel in its WAL, behind the large transaction, and may come too late).
+/// node meanwhile commit everywhere (or, on a slow machine, fail with 40001 if they waited too
+/// long behind the large one), and the receivers busy applying it still deliver their votes.
 #[test]
 fn a_large_transaction_commits_while_small_ones_go_on() {
     let cluster =
