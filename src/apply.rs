@@ -361,6 +361,13 @@ impl Applier {
         })
         .execute();
         self.synchronous = false;
+        // A cancel raised by the timer for a lock wait that ended before it was acted on (or
+        // one raised again as the wait was being canceled) must not stop the receiver at its
+        // next interrupt check: cancels only ever concern the apply attempt just made.
+        unsafe {
+            AWAITED = None;
+            pg_sys::QueryCancelPending = 0;
+        }
         let Some(key) = key else {
             // Not coordinated (asynchronous mode): an error stops the receiver, as for a commit.
             if let Err((code, message, _)) = outcome {

@@ -236,6 +236,8 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         if BackgroundWorker::sigterm_received() {
             return Ok(());
         }
+        // A receiver stops on SIGTERM only; a stray cancel is not a reason to restart.
+        unsafe { pg_sys::QueryCancelPending = 0 };
         pgrx::check_for_interrupts!();
         link.conn.consume_input()?;
     }
@@ -257,11 +259,20 @@ impl Link {
     /// Reads what has arrived: signals for this node's transactions are delivered at once,
     /// the rest goes to the backlog.
     fn read_available(&mut self) -> Result<(), PqError> {
-        loop {
-            let CopyData::Message(buf) = self.conn.get_copy_data()? else { return Ok(()) };
+        let mut heard = false;
+        let result = self.read_messages(&mut heard);
+        if heard {
             self.last_heard = Instant::now();
             let now = unsafe { pg_sys::GetCurrentTimestamp() };
             status::update(self.peer_id, |p| p.last_message_time = now);
+        }
+        result
+    }
+
+    fn read_messages(&mut self, heard: &mut bool) -> Result<(), PqError> {
+        loop {
+            let CopyData::Message(buf) = self.conn.get_copy_data()? else { return Ok(()) };
+            *heard = true;
             match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
                 ServerMessage::XLogData { end, data, .. } => {
                     let message = wire::decode(data).map_err(|e| PqError {
