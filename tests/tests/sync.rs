@@ -292,6 +292,41 @@ fn a_large_transaction_commits_while_small_ones_go_on() {
     no_prepared_transactions(&cluster);
 }
 
+/// Votes need the hidden setting only superusers may set; with a non-superuser in
+/// `conn_strings` they travel in WAL instead (the fallback), and synchronous commit works the
+/// same, only slower.
+#[test]
+fn votes_go_through_wal_when_the_peer_user_is_not_a_superuser() {
+    let mut cluster = ClusterBuilder::new(3).build();
+    for node in cluster.nodes() {
+        let conns: Vec<String> = (1..=3)
+            .map(|peer| {
+                let port = if peer == node.id { node.port() } else { cluster.link(node.id, peer).port() };
+                format!("host=127.0.0.1 port={port} user=mmts_peer dbname=postgres")
+            })
+            .collect();
+        node.append_conf(&[("multimaster.conn_strings".into(), format!("'{}'", conns.join(", ")))]);
+    }
+    cluster.start_all();
+    for node in cluster.nodes() {
+        node.execute(&format!(
+            "CREATE ROLE mmts_peer LOGIN REPLICATION; CREATE EXTENSION mmts; {T}; GRANT ALL ON t TO mmts_peer"
+        ));
+    }
+    cluster.wait_replicating(WAIT);
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        node.execute(&format!("INSERT INTO t VALUES ({i}, 'from node {}')", node.id));
+        for other in cluster.nodes() {
+            assert_eq!(count(other, &format!("SELECT count(*) FROM t WHERE id = {i}")), 1, "node {}", other.id);
+        }
+    }
+    for node in cluster.nodes() {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        assert!(log.contains("go through WAL"), "node {}: no fallback logged", node.id);
+    }
+    no_prepared_transactions(&cluster);
+}
+
 /// `count`, or -1 while the node does not answer (e.g. restarting after a crash).
 fn try_count(node: &Node, sql: &str) -> i64 {
     let Ok(mut c) = node.try_connect(Duration::from_secs(2)) else { return -1 };
