@@ -800,13 +800,7 @@ unsafe fn invalidate_named_table(row: &[Value]) {
     let (schema, name) = (cstring(schema), cstring(name));
     unsafe {
         let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            rv,
-            pg_sys::NoLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let relid = crate::executor_hook::relation_id(rv);
         if relid != pg_sys::InvalidOid {
             pg_sys::CacheInvalidateRelcacheByRelid(relid);
         }

@@ -246,13 +246,7 @@ unsafe extern "C-unwind" fn process_utility(
 /// Whether the table `rv` names is one mmts replicates.
 unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
     unsafe {
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            rv,
-            pg_sys::NoLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let relid = crate::executor_hook::relation_id(rv);
         if relid == pg_sys::InvalidOid {
             return false;
         }

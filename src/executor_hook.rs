@@ -23,6 +23,19 @@ pub fn install() {
     }
 }
 
+/// The table `rv` names, without locking it (`InvalidOid` when there is none).
+pub unsafe fn relation_id(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
 /// Whether mmts replicates writes to `rel` (a permanent table outside schema mtm).
 pub unsafe fn replicated_table(rel: pg_sys::Relation) -> bool {
     unsafe {
