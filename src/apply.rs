@@ -251,12 +251,7 @@ impl Applier {
                 twophase::unregister_applied(self.peer, Some(xid));
                 twophase::clock_observe(commit_time);
                 // The coordinator returns COMMIT to its client once every peer said this.
-                self.signal(Signal::Finished {
-                    origin: NodeId(self.peer),
-                    xid,
-                    voter: NodeId(self.me),
-                    committed: true,
-                });
+                self.signal_finished(xid, true);
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
@@ -276,12 +271,7 @@ impl Applier {
                 if gucs::synchronous() {
                     // The coordinator reports the rollback once no node holds the rows any more
                     // (a retry at once would otherwise lose to the leftover).
-                    self.signal(Signal::Finished {
-                        origin: NodeId(self.peer),
-                        xid,
-                        voter: NodeId(self.me),
-                        committed: false,
-                    });
+                    self.signal_finished(xid, false);
                 }
                 Some(self.finished(rollback_time))
             }
@@ -299,6 +289,11 @@ impl Applier {
     /// Votes and "finished" for the peer, sent by the receiver (see [`Applier::take_signals`]).
     fn signal(&mut self, signal: Signal) {
         self.outbox.push(signal);
+    }
+
+    /// Tells the peer this node has finished its transaction `xid` as decided.
+    fn signal_finished(&mut self, xid: u32, committed: bool) {
+        self.signal(Signal::Finished { origin: NodeId(self.peer), xid, voter: NodeId(self.me), committed });
     }
 
     /// The signals for the peer since the last call.

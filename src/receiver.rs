@@ -326,36 +326,18 @@ impl Waits {
     fn new(socket: pg_sys::pgsocket, signals: Option<pg_sys::pgsocket>) -> Waits {
         unsafe {
             let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 4);
-            if let Some(signals) = signals {
-                pg_sys::AddWaitEventToSet(
-                    set,
-                    pg_sys::WL_SOCKET_READABLE,
-                    signals,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                );
+            let none = pg_sys::PGINVALID_SOCKET;
+            let events = [
+                (pg_sys::WL_SOCKET_READABLE, signals.unwrap_or(none), std::ptr::null_mut()),
+                (pg_sys::WL_LATCH_SET, none, pg_sys::MyLatch),
+                (pg_sys::WL_SOCKET_READABLE, socket, std::ptr::null_mut()),
+                (pg_sys::WL_EXIT_ON_PM_DEATH, none, std::ptr::null_mut()),
+            ];
+            for (event, fd, latch) in events {
+                if event != pg_sys::WL_SOCKET_READABLE || fd != none {
+                    pg_sys::AddWaitEventToSet(set, event, fd, latch, std::ptr::null_mut());
+                }
             }
-            pg_sys::AddWaitEventToSet(
-                set,
-                pg_sys::WL_LATCH_SET,
-                pg_sys::PGINVALID_SOCKET,
-                pg_sys::MyLatch,
-                std::ptr::null_mut(),
-            );
-            pg_sys::AddWaitEventToSet(
-                set,
-                pg_sys::WL_SOCKET_READABLE,
-                socket,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
-            pg_sys::AddWaitEventToSet(
-                set,
-                pg_sys::WL_EXIT_ON_PM_DEATH,
-                pg_sys::PGINVALID_SOCKET,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
             Waits(set)
         }
     }
