@@ -219,13 +219,15 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
     if worker || holder.xid == 0 || pid <= 0 || !still {
         return HolderKind::Other;
     }
-    if !s.wounds.iter().any(|w| w.xid == holder.xid) {
-        let free = s.wounds.iter().position(|w| {
-            w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) }
-        });
-        let Some(free) = free else { return HolderKind::Other };
-        s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
+    if s.wounds.iter().any(|w| w.xid == holder.xid) {
+        // Canceled once already: a repeated cancel could only reach its next transaction.
+        return HolderKind::Wounded;
     }
+    let free = s.wounds.iter().position(|w| {
+        w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) }
+    });
+    let Some(free) = free else { return HolderKind::Other };
+    s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
     unsafe { kill(pid, SIGINT) };
     HolderKind::Wounded
 }
