@@ -223,9 +223,10 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
         // Canceled once already: a repeated cancel could only reach its next transaction.
         return HolderKind::Wounded;
     }
-    let free = s.wounds.iter().position(|w| {
-        w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) }
-    });
+    let free = s
+        .wounds
+        .iter()
+        .position(|w| w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) });
     let Some(free) = free else { return HolderKind::Other };
     s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
     unsafe { kill(pid, SIGINT) };
