@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use mmts_core::conflict::{remote_wins, Version};
 use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
 use mmts_core::wire::{Message, Value};
+use mmts_core::membership::{bit, format_mask, Mask, State};
+use mmts_core::replication::format_lsn;
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -73,6 +75,9 @@ struct Preparing {
     changes: Vec<Message>,
     /// Set when the peer coordinates it synchronously: this node must vote.
     key: Option<Key>,
+    /// The members its coordinator counted, and how far it had applied the other nodes.
+    members: Mask,
+    after: Vec<(NodeId, u64)>,
     first_attempt: Option<Instant>,
     /// A long wait was logged.
     reported: bool,
@@ -220,9 +225,33 @@ impl Applier {
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
                 let preparing = self.preparing.take().unwrap_or_default();
                 self.in_transaction = false;
+                if preparing.key.is_some() && !self.wait_for_dependencies(xid, &preparing, keep_up) {
+                    let vote = Vote::No {
+                        sqlstate: SERIALIZATION_FAILURE.into(),
+                        message: "this node has not yet applied what the transaction depends on".into(),
+                    };
+                    self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+                    return Some(self.finished(prepare_time));
+                }
                 self.prepare(xid, end_lsn, prepare_time, preparing, keep_up)
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
+                // Committed by the members while set aside here: prepare it first.
+                while let Some(i) = self.waiting.iter().position(|w| w.xid == xid) {
+                    let w = self.waiting.swap_remove(i);
+                    if self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up).is_none() {
+                        keep_up();
+                        unsafe {
+                            pg_sys::WaitLatch(
+                                pg_sys::MyLatch,
+                                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                                1,
+                                pg_sys::PG_WAIT_EXTENSION,
+                            );
+                            pg_sys::ResetLatch(pg_sys::MyLatch);
+                        }
+                    }
+                }
                 let gid = self.gid(xid);
                 let found = PgTryBuilder::new(|| unsafe {
                     start_transaction();
@@ -264,6 +293,10 @@ impl Applier {
                     if LookupGXact(gid.as_ptr(), end_lsn, prepare_time) {
                         set_origin_position(end_lsn, rollback_time);
                         FinishPreparedTransaction(gid.as_ptr(), false);
+                    } else {
+                        // Applied as far as here all the same (transactions that depend on
+                        // the peer's stream wait for that: see `wait_for_dependencies`).
+                        pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64);
                     }
                     pg_sys::CommitTransactionCommand();
                 }
@@ -276,13 +309,87 @@ impl Applier {
                 Some(self.finished(rollback_time))
             }
             Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
-                if let (Ok(Signal::Coordinated { key }), Some(p)) = (Signal::decode(&content), &mut self.preparing) {
+                if let (Ok(Signal::Coordinated { key, members, after }), Some(p)) =
+                    (Signal::decode(&content), &mut self.preparing)
+                {
                     twophase::clock_observe(key.ts);
                     p.key = Some(key);
+                    p.members = members;
+                    p.after = after;
                 }
                 None
             }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
+        }
+    }
+
+    /// Why this node cannot vote yes on a transaction whose coordinator counted `members`.
+    fn membership_differs(&self, members: Mask) -> Option<String> {
+        let Mode::Multimaster(config) = gucs::mode() else { return None };
+        let view = crate::status::current(config).view;
+        if view.state != State::Online {
+            Some(format!("node {} is {}, not online", self.me, view.state.name()))
+        } else if view.members != members {
+            Some(format!(
+                "node {} counts members {}, node {} counted {}",
+                self.me,
+                format_mask(view.members),
+                self.peer,
+                format_mask(members)
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Waits until this node has applied, from every other node, as much as the coordinator
+    /// had when it prepared the transaction: what it read is then here too, and its changes
+    /// land over the same rows. A member gives up (and votes no) after half the coordinator's
+    /// shortest wait; a node catching up must apply it and waits as long as it takes.
+    fn wait_for_dependencies(&self, xid: u32, preparing: &Preparing, keep_up: &mut dyn FnMut()) -> bool {
+        let member = preparing.members & bit(NodeId(self.me)) != 0;
+        let started = Instant::now();
+        let mut next_log = Duration::from_secs(1);
+        loop {
+            let behind: Vec<String> = preparing
+                .after
+                .iter()
+                .filter(|(n, lsn)| n.0 != self.me && n.0 != self.peer && crate::receiver::applied_from(n.0) < *lsn)
+                .map(|(n, lsn)| format!("node {n} up to {}", format_lsn(*lsn)))
+                .collect();
+            if behind.is_empty() {
+                return true;
+            }
+            let waited = started.elapsed();
+            if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
+                return false;
+            }
+            if waited >= next_log {
+                next_log *= 2;
+                log(format!(
+                    "mmts: transaction {xid} of node {} has waited {} ms for this node to apply {}",
+                    self.peer,
+                    waited.as_millis(),
+                    behind.join(", ")
+                ));
+            }
+            keep_up();
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    1,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                ereport!(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                    "mmts: receiver stopping while a transaction waits for its dependencies"
+                );
+            }
         }
     }
 
@@ -313,6 +420,15 @@ impl Applier {
     ) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
+        // A member votes; a node that is not (catching up) must apply it whatever it takes.
+        let member = preparing.members & bit(NodeId(self.me)) != 0;
+        if key.is_some() && member {
+            if let Some(message) = self.membership_differs(preparing.members) {
+                let vote = Vote::No { sqlstate: SERIALIZATION_FAILURE.into(), message };
+                self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+                return Some(self.finished(prepare_time));
+            }
+        }
         let gid = self.gid(xid);
         self.synchronous = key.is_some();
         if key.is_some() {
@@ -407,7 +523,7 @@ impl Applier {
                     ));
                 }
                 match older {
-                    Some(h) => Vote::No {
+                    Some(h) if member => Vote::No {
                         sqlstate: SERIALIZATION_FAILURE.into(),
                         message: format!(
                             "could not serialize access due to a concurrent transaction of node {} being committed",
@@ -415,7 +531,7 @@ impl Applier {
                         ),
                     },
                     // Half the coordinator's shortest wait: the reason reaches it in time.
-                    None if waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
+                    _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
                         self.waiting.push(Waiting {
                             xid,
                             end_lsn,
@@ -426,7 +542,7 @@ impl Applier {
                         });
                         return None;
                     }
-                    None => {
+                    _ => {
                         // A wounded transaction that stayed idle all along keeps its rows.
                         for &x in &preparing.wounded {
                             twophase::heal(x, key.node);
@@ -440,6 +556,12 @@ impl Applier {
                         }
                     }
                 }
+            }
+            Err((code, message, _)) if !member => {
+                // Committed by the members: this node must have it, so stop and try again.
+                ErrorReport::new(code, format!("mmts: cannot apply transaction {xid} of node {}: {message}", self.peer), "mmts")
+                    .report(PgLogLevel::ERROR);
+                unreachable!()
             }
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
         };

@@ -30,6 +30,7 @@ use std::ffi::{c_char, c_int, CString};
 use std::time::Duration;
 
 use mmts_core::config::Mode;
+use mmts_core::membership::{self, bit, format_mask, Mask, State};
 use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -86,6 +87,9 @@ fn active() -> bool {
 /// Notes that the current transaction writes a replicated table.
 pub fn note_write() {
     if active() {
+        if !session(|s| s.wrote) {
+            refuse_unless_online();
+        }
         session(|s| s.wrote = true);
         install_pqcomm();
     }
@@ -487,12 +491,49 @@ pub fn refuse_if_wounded() {
     }
 }
 
+/// Refuses a write on a node that is not a member of the cluster (see `status::current`).
+/// Returns the members.
+fn refuse_unless_online() -> Mask {
+    let Mode::Multimaster(config) = gucs::mode() else { return 0 };
+    let cur = status::current(config);
+    let view = cur.view;
+    if view.state == State::Online {
+        return view.members;
+    }
+    let me = config.node_id;
+    let why = match (view.state, view.excluded_by) {
+        (State::Recovery, _) => "it is catching up with the cluster (recovery)".to_string(),
+        (_, Some(by)) => format!("it is isolated: node {by} does not count it in the cluster"),
+        _ => format!(
+            "it is isolated: it reaches nodes {} of {}, not a majority that all reach each other",
+            format_mask(cur.report.sees),
+            config.nodes.len()
+        ),
+    };
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("mmts: node {me} does not accept writes now: {why}"),
+        "mmts",
+    )
+    .set_detail(format!(
+        "State {}; members {} (generation {}).",
+        view.state.name(),
+        format_mask(cur.report.members),
+        cur.generation
+    ))
+    .set_hint("Write on an online node (mtm.get_cluster_state()), or retry once this node is online again. Reads on this node may miss the latest writes.")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
 /// Just before PREPARE: the transaction's key, its coordinator, and the signal for the peers.
 fn start_two_phase(gid: CString, application: bool) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
+    let members = refuse_unless_online();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let key = Key { ts: twophase::clock_next(), node: config.node_id };
-    twophase::emit(&Signal::Coordinated { key }, true);
+    let after = config.peers().map(|n| (n.id, crate::receiver::applied_from(n.id.0))).collect();
+    twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let slot = match twophase::register(xid, key, procno) {
         Ok(slot) => slot,
@@ -507,7 +548,7 @@ fn start_two_phase(gid: CString, application: bool) {
             unreachable!()
         }
     };
-    let live = config.peers().map(|n| n.id).filter(|id| status::connected(id.0));
+    let live = membership::nodes(members).filter(|&id| id != config.node_id);
     // Peers apply a large transaction for about as long as it ran here.
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let deadline = key.ts + gucs::vote_timeout_us(ran);
@@ -617,7 +658,13 @@ fn update(p: &mut Pending) {
     for node in votes.finished {
         p.coordinator.on_finished(node);
     }
-    let lost: Vec<NodeId> = p.coordinator.participants().filter(|n| !status::connected(n.0)).collect();
+    // A participant no longer reachable, or no longer a member, will not vote (or finish).
+    let members = match gucs::mode() {
+        Mode::Multimaster(config) => status::current(config).view.members,
+        Mode::Standalone => 0,
+    };
+    let lost: Vec<NodeId> =
+        p.coordinator.participants().filter(|&n| !status::connected(n.0) || members & bit(n) == 0).collect();
     for node in lost {
         p.coordinator.on_peer_lost(node);
     }

@@ -47,6 +47,37 @@ pub fn origin_name(node: u32) -> String {
     format!("mtm_node_{node}")
 }
 
+thread_local! {
+    static ORIGINS: std::cell::RefCell<std::collections::HashMap<u32, pg_sys::RepOriginId>> = Default::default();
+}
+
+/// How far this node has applied node `node`'s stream: the end of the last of its transactions
+/// prepared or committed here (0: nothing yet).
+pub fn applied_from(node: u32) -> u64 {
+    let cached = ORIGINS.with(|o| o.borrow().get(&node).copied());
+    let id = cached.unwrap_or_else(|| {
+        let name = std::ffi::CString::new(origin_name(node)).expect("no NUL");
+        let id = unsafe {
+            if pg_sys::IsTransactionState() {
+                pg_sys::replorigin_by_name(name.as_ptr(), true)
+            } else {
+                pg_sys::StartTransactionCommand();
+                let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
+                pg_sys::CommitTransactionCommand();
+                id
+            }
+        };
+        if id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            ORIGINS.with(|o| o.borrow_mut().insert(node, id));
+        }
+        id
+    });
+    if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        return 0;
+    }
+    unsafe { pg_sys::replorigin_get_progress(id, false) }
+}
+
 fn log(msg: String) {
     ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
 }
@@ -116,7 +147,10 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
         let result = stream(&peer.conninfo.to_string(), &application_name, config, peer_id);
-        status::update(peer_id, |p| p.connected = false);
+        status::update(peer_id, |p| {
+            p.connected = false;
+            p.caught_up = false;
+        });
         match result {
             Ok(()) => break, // asked to stop
             Err(e) => log(format!(
@@ -168,14 +202,21 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     // a shutdown.
     let mut progress = Progress::new(start);
     let mut orphans_checked = Instant::now();
+    let mut caught_up = false;
     loop {
         link.read_available()?;
         let busy = Instant::now();
         let mut finished = Vec::new();
+        let mut idle = false;
         while let Some((end, message)) = link.backlog.pop_front() {
+            // A keepalive with nothing after it: everything the peer had is applied.
+            idle = message.is_none();
             // While a large transaction is applied, signals are still delivered and the peer
             // still hears from this node.
-            let mut keep_up = || link.keep_up(&progress);
+            let mut keep_up = || {
+                link.keep_up(&progress);
+                outbox.heartbeat(config);
+            };
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
             outbox.push(applier.take_signals());
             progress.received(end);
@@ -197,6 +238,11 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         }
         finished.extend(applier.retry_waiting(&mut || link.keep_up(&progress)));
         outbox.push(applier.take_signals());
+        if idle && !applier.has_waiting() && !applier.in_transaction() && !caught_up {
+            caught_up = true;
+            status::update(peer_id, |p| p.caught_up = true);
+        }
+        outbox.heartbeat(config);
         if let Some(last) = finished.last() {
             status::update(peer_id, |p| {
                 p.applied_commit_time = last.commit_time;
@@ -383,6 +429,8 @@ fn deliver_signal(message: &wire::Message, me: u32) {
 /// WAL as well.
 struct Outbox {
     conn: Option<Connection>,
+    /// When this node's last heartbeat went.
+    last_heartbeat: Option<Instant>,
     /// Sent, result not in yet.
     in_flight: Vec<Signal>,
     queued: Vec<Signal>,
@@ -392,7 +440,7 @@ struct Outbox {
 impl Outbox {
     fn new(conninfo: &str, application_name: &str, peer_id: u32) -> Outbox {
         if !gucs::synchronous() {
-            return Outbox { conn: None, in_flight: Vec::new(), queued: Vec::new(), peer_id };
+            return Outbox { conn: None, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id };
         }
         let conn = match Connection::connect(conninfo, application_name, false) {
             Ok(c) => Some(c),
@@ -401,7 +449,18 @@ impl Outbox {
                 None
             }
         };
-        Outbox { conn, in_flight: Vec::new(), queued: Vec::new(), peer_id }
+        Outbox { conn, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id }
+    }
+
+    /// Sends this node's heartbeat (synchronous mode) when one is due.
+    fn heartbeat(&mut self, config: &ClusterConfig) {
+        let every = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+        if !gucs::synchronous() || self.last_heartbeat.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        let report = status::current(config).report;
+        self.push(vec![Signal::Heartbeat { from: config.node_id, report }]);
     }
 
     fn socket(&self) -> Option<pg_sys::pgsocket> {

@@ -6,6 +6,10 @@ use mmts_core::replication::format_lsn;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 
+use mmts_core::config::ClusterConfig;
+use mmts_core::membership::{self, bit, format_mask, Mask, Report, View};
+use mmts_core::NodeId;
+
 use crate::gucs::{self, MAX_NODES};
 
 /// One peer as its receiver sees it.
@@ -22,14 +26,24 @@ pub struct PeerStatus {
     /// Commit time (on the peer) of the last transaction applied here.
     pub applied_commit_time: pg_sys::TimestampTz,
     pub transactions_applied: u64,
+    /// The receiver has applied what the peer had to send when it connected.
+    pub caught_up: bool,
+    /// The peer's last heartbeat, and when it came (0: never).
+    pub report: Report,
+    pub report_time: pg_sys::TimestampTz,
 }
 
 #[derive(Clone, Copy)]
-pub struct Peers([PeerStatus; MAX_NODES as usize]);
+pub struct Peers {
+    peers: [PeerStatus; MAX_NODES as usize],
+    /// The members this node last counted, and how many times that changed.
+    members: Mask,
+    generation: u64,
+}
 
 impl Default for Peers {
     fn default() -> Self {
-        Peers([PeerStatus::default(); MAX_NODES as usize])
+        Peers { peers: [PeerStatus::default(); MAX_NODES as usize], members: 0, generation: 0 }
     }
 }
 
@@ -45,7 +59,7 @@ pub fn init() {
 
 /// Updates what is known about peer `id` (1-based).
 pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
-    f(&mut PEERS.exclusive().0[id as usize - 1]);
+    f(&mut PEERS.exclusive().peers[id as usize - 1]);
 }
 
 /// Whether this node's receiver is streaming from peer `id` now.
@@ -54,7 +68,71 @@ pub fn connected(id: u32) -> bool {
 }
 
 fn peer(id: u32) -> PeerStatus {
-    PEERS.share().0[id as usize - 1]
+    PEERS.share().peers[id as usize - 1]
+}
+
+/// Records a peer's heartbeat.
+pub fn record_report(from: u32, report: Report) {
+    if from == 0 || from > MAX_NODES as u32 {
+        return;
+    }
+    let now = now();
+    update(from, |p| {
+        p.report = report;
+        p.report_time = now;
+    });
+}
+
+/// This node's view of the cluster now (see [`membership::view`]).
+pub struct Current {
+    pub view: View,
+    /// How many times the members this node counts changed since it started.
+    pub generation: u64,
+    /// What this node says of itself in its heartbeats.
+    pub report: Report,
+}
+
+pub fn current(config: &ClusterConfig) -> Current {
+    let me = config.node_id;
+    let fresh_after = now() - gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000;
+    let shared = *PEERS.share();
+    let size = config.nodes.len();
+    let peer = |id: NodeId| &shared.peers[id.0 as usize - 1];
+    let reports: Vec<Option<Report>> = (1..=size as u32)
+        .map(NodeId)
+        .map(|id| (id != me && peer(id).connected && peer(id).report_time > fresh_after).then_some(peer(id).report))
+        .collect();
+    let sees = config.peers().filter(|n| peer(n.id).connected).fold(bit(me), |m, n| m | bit(n.id));
+    // Heard from every peer it streams from, and caught up with those that are caught up.
+    let ready = config.peers().filter(|n| peer(n.id).connected).all(|n| match reports[n.id.0 as usize - 1] {
+        Some(r) => !r.ready || peer(n.id).caught_up,
+        None => false,
+    });
+    let view = membership::view(me, size, sees, ready, &reports);
+    let report = Report { sees, partition: view.partition, members: view.members, ready };
+    let mut generation = shared.generation;
+    if view.members != shared.members {
+        let mut shared = PEERS.exclusive();
+        let changed = view.members != shared.members;
+        if changed {
+            shared.members = view.members;
+            shared.generation += 1;
+        }
+        generation = shared.generation;
+        drop(shared);
+        if changed {
+            ereport!(
+                PgLogLevel::LOG,
+                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+                format!(
+                    "mmts: node {me} is {}: members {} (generation {generation})",
+                    view.state.name(),
+                    format_mask(view.members)
+                )
+            );
+        }
+    }
+    Current { view, generation, report }
 }
 
 fn now() -> pg_sys::TimestampTz {
@@ -102,13 +180,15 @@ fn get_nodes_state() -> TableIterator<
         return TableIterator::new(Vec::new());
     };
     let walsenders = walsender_clients();
+    let cur = current(config);
     let rows: Vec<_> = config
         .nodes
         .iter()
         .map(|n| {
             let conn = n.conninfo.masked();
             if n.id == config.node_id {
-                return (n.id.0 as i32, conn, true, "online".into(), None, None, None, None, None, None, None);
+                let state = if gucs::synchronous() { cur.view.state.name() } else { "online" };
+                return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None);
             }
             let p = peer(n.id.0);
             let walsender = walsenders.contains(&application_name(n.id.0));
@@ -118,7 +198,15 @@ fn get_nodes_state() -> TableIterator<
             } else {
                 (now() - p.applied_commit_time).max(0)
             };
-            let state = if p.connected { "online" } else { "disconnected" };
+            let state = if !p.connected {
+                "unreachable"
+            } else if !gucs::synchronous() || cur.view.members & bit(n.id) != 0 {
+                "online"
+            } else if cur.view.partition & bit(n.id) != 0 {
+                "recovery"
+            } else {
+                "isolated"
+            };
             (
                 n.id.0 as i32,
                 conn,
@@ -151,14 +239,30 @@ fn get_cluster_state() -> TableIterator<
         name!(nodes_configured, i32),
         name!(nodes_connected, i32),
         name!(has_majority, bool),
+        name!(members, Vec<i32>),
+        name!(generation, i64),
     ),
 > {
     let row = match gucs::mode() {
-        Mode::Standalone => (0, "standalone".to_string(), 0, 0, false),
+        Mode::Standalone => (0, "standalone".to_string(), 0, 0, false, Vec::new(), 0),
         Mode::Multimaster(config) => {
             let configured = config.nodes.len() as i32;
             let connected = 1 + config.peers().filter(|n| peer(n.id.0).connected).count() as i32;
-            (config.node_id.0 as i32, "online".to_string(), configured, connected, connected * 2 > configured)
+            let cur = current(config);
+            let (state, members) = if gucs::synchronous() {
+                (cur.view.state.name(), cur.view.members)
+            } else {
+                ("online", config.nodes.iter().fold(0, |m, n| m | bit(n.id)))
+            };
+            (
+                config.node_id.0 as i32,
+                state.to_string(),
+                configured,
+                connected,
+                connected * 2 > configured,
+                membership::nodes(members).map(|n| n.0 as i32).collect(),
+                cur.generation as i64,
+            )
         }
     };
     TableIterator::once(row)

@@ -357,11 +357,12 @@ pub enum Delivery {
 }
 
 /// Hands a peer's vote or "finished" about one of this node's (`me`) transactions to its
-/// backend; other signals are not for this node.
+/// backend, and records a peer's heartbeat; other signals are not for this node.
 pub fn deliver_signal(signal: Signal, me: u32) {
     match signal {
         Signal::Vote { origin, xid, voter, vote } if origin == NodeId(me) => deliver(xid, voter, Delivery::Vote(vote)),
         Signal::Finished { origin, xid, voter, .. } if origin == NodeId(me) => deliver(xid, voter, Delivery::Finished),
+        Signal::Heartbeat { from, report } => crate::status::record_report(from.0, report),
         _ => {}
     }
 }

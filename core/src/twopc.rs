@@ -12,12 +12,13 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::membership::{Mask, Report};
 use crate::wire::Timestamp;
 use crate::NodeId;
 
 /// Prefix of the logical decoding messages that carry [`Signal`]s.
 pub const SIGNAL_PREFIX: &str = "mmts";
-const SIGNAL_VERSION: u8 = 1;
+const SIGNAL_VERSION: u8 = 2;
 
 /// The next reading of a hybrid logical clock that last gave (or saw) `last`, when the
 /// physical clock says `physical`: never below the physical clock, always above `last`.
@@ -70,8 +71,13 @@ pub enum Vote {
 /// decoding messages (prefix [`SIGNAL_PREFIX`]) in the sender's WAL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Signal {
-    /// Written by a coordinator inside its transaction: peers must vote on it.
-    Coordinated { key: Key },
+    /// Written by a coordinator inside its transaction: the members (see
+    /// [`crate::membership`]) must vote on it. `after` is, for other nodes, how far the
+    /// coordinator had applied their streams when it prepared (their end LSNs): a node
+    /// applies it only once it has applied as much, so that it sees what the transaction saw.
+    Coordinated { key: Key, members: Mask, after: Vec<(NodeId, u64)> },
+    /// A node's heartbeat to a peer.
+    Heartbeat { from: NodeId, report: Report },
     /// `voter`'s vote on transaction `xid` of node `origin`.
     Vote { origin: NodeId, xid: u32, voter: NodeId, vote: Vote },
     /// `voter` has committed (or rolled back) transaction `xid` of node `origin`.
@@ -449,7 +455,8 @@ mod tests {
     #[test]
     fn signals_round_trip_and_bad_bytes_are_errors() {
         let signals = [
-            Signal::Coordinated { key: Key { ts: 5, node: n(1) } },
+            Signal::Coordinated { key: Key { ts: 5, node: n(1) }, members: 0b111, after: vec![(n(2), 77)] },
+            Signal::Heartbeat { from: n(2), report: Report { sees: 3, partition: 3, members: 3, ready: true } },
             Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
             Signal::Vote {
                 origin: n(1),
