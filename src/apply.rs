@@ -12,10 +12,11 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use mmts_core::conflict::{remote_wins, Version};
-use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
-use mmts_core::wire::{Message, Value};
+use mmts_core::indoubt::Outcome;
 use mmts_core::membership::{bit, format_mask, Mask, State};
 use mmts_core::replication::format_lsn;
+use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
+use mmts_core::wire::{Message, Value};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -236,22 +237,7 @@ impl Applier {
                 self.prepare(xid, end_lsn, prepare_time, preparing, keep_up)
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
-                // Committed by the members while set aside here: prepare it first.
-                while let Some(i) = self.waiting.iter().position(|w| w.xid == xid) {
-                    let w = self.waiting.swap_remove(i);
-                    if self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up).is_none() {
-                        keep_up();
-                        unsafe {
-                            pg_sys::WaitLatch(
-                                pg_sys::MyLatch,
-                                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                                1,
-                                pg_sys::PG_WAIT_EXTENSION,
-                            );
-                            pg_sys::ResetLatch(pg_sys::MyLatch);
-                        }
-                    }
-                }
+                self.prepare_set_aside(xid, keep_up);
                 let gid = self.gid(xid);
                 let found = PgTryBuilder::new(|| unsafe {
                     start_transaction();
@@ -265,7 +251,11 @@ impl Applier {
                     false
                 })
                 .execute();
-                if !found {
+                twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
+                if !found && twophase::decided(NodeId(self.peer), xid).is_some() {
+                    // Settled here already (see `carry_out`).
+                    unsafe { pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64) };
+                } else if !found {
                     // Committed without this node's yes: it was not asked (it was out of reach
                     // when the transaction was prepared) and could not prepare it when it came.
                     ereport!(
@@ -301,6 +291,7 @@ impl Applier {
                     pg_sys::CommitTransactionCommand();
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
+                twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Abort));
                 if gucs::synchronous() {
                     // The coordinator reports the rollback once no node holds the rows any more
                     // (a retry at once would otherwise lose to the leftover).
@@ -319,7 +310,55 @@ impl Applier {
                 }
                 None
             }
+            Message::LogicalMessage { transactional: false, prefix, content, lsn } if prefix == SIGNAL_PREFIX => {
+                if let Ok(Signal::Resolved { origin, xid, outcome }) = Signal::decode(&content) {
+                    self.carry_out(origin, xid, outcome, lsn, keep_up);
+                }
+                None
+            }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
+        }
+    }
+
+    /// Prepares the peer's transaction `xid` now if it is set aside: its outcome has come.
+    fn prepare_set_aside(&mut self, xid: u32, keep_up: &mut dyn FnMut()) {
+        while let Some(i) = self.waiting.iter().position(|w| w.xid == xid) {
+            let w = self.waiting.swap_remove(i);
+            if self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up).is_none() {
+                keep_up();
+                nap(1);
+            }
+        }
+    }
+
+    /// Carries out the outcome a resolver settled for transaction `xid` of node `origin` (this
+    /// receiver's peer or another node), at position `lsn` of this peer's stream.
+    fn carry_out(&mut self, origin: NodeId, xid: u32, outcome: Outcome, lsn: u64, keep_up: &mut dyn FnMut()) {
+        if origin.0 == self.peer {
+            self.prepare_set_aside(xid, keep_up);
+        }
+        let gid = cstring(&format!("mtm_{origin}_{xid}"));
+        let (commit, time) = match outcome {
+            Outcome::Commit { ts } => (true, ts),
+            Outcome::Abort => (false, unsafe { pg_sys::GetCurrentTimestamp() }),
+        };
+        let done = PgTryBuilder::new(|| unsafe {
+            start_transaction();
+            // The commit records the settled timestamp, as on every node.
+            set_origin_position(lsn, time);
+            FinishPreparedTransaction(gid.as_ptr(), commit);
+            pg_sys::CommitTransactionCommand();
+            true
+        })
+        .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            false
+        })
+        .execute();
+        twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
+        if done {
+            twophase::unregister_applied(origin.0, Some(xid));
+            log(format!("mmts: {} transaction {xid} of node {origin} as the cluster settled it", if commit { "committed" } else { "rolled back" }));
         }
     }
 
@@ -374,15 +413,7 @@ impl Applier {
                 ));
             }
             keep_up();
-            unsafe {
-                pg_sys::WaitLatch(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                    1,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
+            nap(1);
             if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                 ereport!(
                     PgLogLevel::ERROR,
@@ -420,6 +451,11 @@ impl Applier {
     ) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
+        let settled = twophase::decided(NodeId(self.peer), xid);
+        if settled == Some(Outcome::Abort) {
+            // Rolled back by the cluster before it reached this node.
+            return Some(self.finished(prepare_time));
+        }
         // A member votes; a node that is not (catching up) must apply it whatever it takes.
         let member = preparing.members & bit(NodeId(self.me)) != 0;
         if key.is_some() && member {
@@ -559,13 +595,22 @@ impl Applier {
             }
             Err((code, message, _)) if !member => {
                 // Committed by the members: this node must have it, so stop and try again.
-                ErrorReport::new(code, format!("mmts: cannot apply transaction {xid} of node {}: {message}", self.peer), "mmts")
-                    .report(PgLogLevel::ERROR);
+                ErrorReport::new(
+                    code,
+                    format!("mmts: cannot apply transaction {xid} of node {}: {message}", self.peer),
+                    "mmts",
+                )
+                .report(PgLogLevel::ERROR);
                 unreachable!()
             }
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
         };
+        let prepared = matches!(vote, Vote::Yes { .. });
         self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+        if let (true, Some(outcome)) = (prepared, settled) {
+            // Committed by the cluster before it reached this node.
+            self.carry_out(NodeId(self.peer), xid, outcome, end_lsn, keep_up);
+        }
         Some(self.finished(prepare_time))
     }
 
@@ -921,6 +966,19 @@ unsafe fn invalidate_named_table(row: &[Value]) {
         if relid != pg_sys::InvalidOid {
             pg_sys::CacheInvalidateRelcacheByRelid(relid);
         }
+    }
+}
+
+/// Sleeps `ms` milliseconds on the latch.
+pub fn nap(ms: i64) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
     }
 }
 

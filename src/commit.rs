@@ -30,6 +30,7 @@ use std::ffi::{c_char, c_int, CString};
 use std::time::Duration;
 
 use mmts_core::config::Mode;
+use mmts_core::indoubt::{Answer, Ballot, Outcome};
 use mmts_core::membership::{self, bit, format_mask, Mask, State};
 use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote};
 use mmts_core::NodeId;
@@ -633,17 +634,7 @@ fn interrupted() -> bool {
 }
 
 fn wait_a_little() {
-    unsafe {
-        let events = pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            10,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        if events & pg_sys::WL_LATCH_SET as i32 != 0 {
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-    }
+    crate::apply::nap(10);
 }
 
 /// Feeds what arrived and what the receivers see into the coordinator.
@@ -747,8 +738,57 @@ fn wait_finished(p: &mut Pending) -> Vec<String> {
     p.coordinator.unfinished().map(|n| n.to_string()).collect()
 }
 
+/// Before committing: has a majority of the cluster accept "commit at `ts`" (see
+/// `mmts_core::indoubt`), so that if this node is lost from now on, the others commit it too.
+/// Without that majority in time, the outcome is left to the cluster (an ERROR for the client).
+fn precommit(p: &mut Pending, ts: i64) {
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let me = config.node_id;
+    let commit = Outcome::Commit { ts };
+    if twophase::with_acceptor(me, p.xid, |a| a.accept(Ballot::coordinator(me), commit)) != Answer::Accepted {
+        // Another node is settling it (this node seemed lost): nothing accepted a commit yet,
+        // so it can only be rolled back.
+        finish_prepared(&p.gid, false);
+        twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
+        twophase::unregister(p.slot, p.xid);
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            "mmts: transaction rolled back on all nodes: the cluster settled it while this node was out of reach",
+            "mmts",
+        )
+        .set_hint("The transaction made no change on any node; retry it.")
+        .report(PgLogLevel::ERROR);
+    }
+    twophase::emit(&Signal::Precommit { origin: me, xid: p.xid, ts }, false);
+    let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+    loop {
+        let accepted = twophase::votes(p.slot, p.xid).accepted.len() + 1;
+        if accepted * 2 > config.nodes.len() {
+            return;
+        }
+        if now() >= deadline || interrupted() {
+            break;
+        }
+        wait_a_little();
+    }
+    // Left prepared: this node's receivers settle it with the other nodes (`settle_orphans`).
+    twophase::unregister(p.slot, p.xid);
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_TRANSACTION_RESOLUTION_UNKNOWN,
+        "mmts: the commit of this transaction was not confirmed by a majority of the cluster in time",
+        "mmts",
+    )
+    .set_detail("Every node voted to commit it; it is committed or rolled back on every node alike as soon as a majority of nodes reach each other.")
+    .set_hint("Check whether its changes are there before retrying it.")
+    .report(PgLogLevel::ERROR);
+}
+
 /// Waits for the votes, commits or rolls back everywhere, and reports a rollback as an ERROR.
 fn finish(mut p: Pending) {
+    let me = match gucs::mode() {
+        Mode::Multimaster(config) => config.node_id,
+        Mode::Standalone => NodeId(0),
+    };
     let decision = loop {
         update(&mut p);
         if let Some(d) = p.coordinator.decide(now()) {
@@ -781,7 +821,9 @@ fn finish(mut p: Pending) {
             while now() < ts.min(limit) {
                 std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
             }
+            precommit(&mut p, ts);
             finish_prepared(&p.gid, true);
+            twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
             twophase::clock_observe(now());
             // COMMIT returns once every live peer has committed too.
             let late = wait_finished(&mut p);
@@ -797,6 +839,7 @@ fn finish(mut p: Pending) {
         }
         Decision::Abort(reason) => {
             finish_prepared(&p.gid, false);
+            twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
             // The peers roll back too before the client hears (and retries).
             wait_finished(&mut p);
             let message = match reason.node {

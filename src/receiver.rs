@@ -197,6 +197,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
         last_heard: Instant::now(),
         last_sent: Instant::now() - heartbeat,
         backlog: VecDeque::new(),
+        replies: Vec::new(),
     };
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
@@ -205,6 +206,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     let mut caught_up = false;
     loop {
         link.read_available()?;
+        outbox.push(std::mem::take(&mut link.replies));
         let busy = Instant::now();
         let mut finished = Vec::new();
         let mut idle = false;
@@ -215,6 +217,7 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             // still hears from this node.
             let mut keep_up = || {
                 link.keep_up(&progress);
+                outbox.push(std::mem::take(&mut link.replies));
                 outbox.heartbeat(config);
             };
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
@@ -299,6 +302,8 @@ struct Link {
     last_sent: Instant,
     /// Received but not yet applied, in order.
     backlog: VecDeque<(u64, Option<wire::Message>)>,
+    /// This node's answers to the peer's precommits, for the outbox.
+    replies: Vec<Signal>,
 }
 
 impl Link {
@@ -325,7 +330,7 @@ impl Link {
                         message: format!("malformed mmts message from node {}: {e}", self.peer_id),
                         sqlstate: None,
                     })?;
-                    deliver_signal(&message, self.me);
+                    self.replies.extend(deliver_signal(&message, self.me));
                     self.backlog.push_back((end, Some(message)));
                 }
                 ServerMessage::Keepalive { end, reply_requested, .. } => {
@@ -410,15 +415,23 @@ impl Drop for Waits {
     }
 }
 
-/// Hands a peer's vote or "finished" about one of this node's transactions to its backend.
-fn deliver_signal(message: &wire::Message, me: u32) {
-    let wire::Message::LogicalMessage { transactional: false, prefix, content, .. } = message else { return };
+/// Hands a peer's vote or "finished" about one of this node's transactions to its backend;
+/// returns this node's answer to a precommit.
+fn deliver_signal(message: &wire::Message, me: u32) -> Option<Signal> {
+    let wire::Message::LogicalMessage { transactional: false, prefix, content, .. } = message else { return None };
     if prefix != SIGNAL_PREFIX {
-        return;
+        return None;
     }
     match Signal::decode(content) {
-        Ok(signal) => twophase::deliver_signal(signal, me),
-        Err(e) => log(format!("mmts: ignoring a malformed signal: {e}")),
+        Ok(signal) => {
+            let answer = twophase::answer(&signal, mmts_core::NodeId(me));
+            twophase::deliver_signal(signal, me);
+            answer
+        }
+        Err(e) => {
+            log(format!("mmts: ignoring a malformed signal: {e}"));
+            None
+        }
     }
 }
 

@@ -16,7 +16,8 @@
 use std::ffi::{c_char, c_void, CStr};
 
 use mmts_core::config::Mode;
-use mmts_core::twopc::{decode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
+use mmts_core::indoubt::{Acceptor, Answer, Ballot, Outcome};
+use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -39,8 +40,9 @@ struct Entry {
     /// For a peer's transaction: that node and its xid there.
     origin: u32,
     origin_xid: u32,
-    /// Peers that voted yes / said they finished (bit n-1 for node n).
+    /// Peers that voted yes / accepted its precommit / said they finished (bit n-1 for node n).
     yes: u64,
+    accepted: u64,
     finished: u64,
     max_proposal: i64,
     /// First no vote: its node (0: none), SQLSTATE and message.
@@ -59,6 +61,7 @@ impl Default for Entry {
             origin: 0,
             origin_xid: 0,
             yes: 0,
+            accepted: 0,
             finished: 0,
             max_proposal: 0,
             no_node: 0,
@@ -87,12 +90,27 @@ struct Wound {
 
 const WOUNDS: usize = 64;
 
+/// This node's record of a transaction being settled (see `mmts_core::indoubt`), kept a while
+/// after it is carried out so that late questions get the answer (`origin` 0: free).
+#[derive(Clone, Copy, Default)]
+struct Record {
+    origin: u32,
+    xid: u32,
+    acceptor: Acceptor,
+    /// Last use, for replacing the oldest.
+    used_at: u64,
+}
+
+const RECORDS: usize = 4096;
+
 #[derive(Clone, Copy)]
 pub struct Shared {
     clock: i64,
     entries: [Entry; SLOTS],
     applying: [Applying; MAX_NODES as usize],
     wounds: [Wound; WOUNDS],
+    records: [Record; RECORDS],
+    record_uses: u64,
 }
 
 impl Default for Shared {
@@ -102,6 +120,8 @@ impl Default for Shared {
             entries: [Entry::default(); SLOTS],
             applying: [Applying { procno: -1, key: Key { ts: 0, node: NodeId(0) } }; MAX_NODES as usize],
             wounds: [Wound::default(); WOUNDS],
+            records: [Record::default(); RECORDS],
+            record_uses: 0,
         }
     }
 }
@@ -132,6 +152,36 @@ pub fn clock_observe(ts: i64) {
     s.clock = hlc_observe(s.clock, ts);
 }
 
+/// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
+/// none: the oldest one carried out, or else the oldest, makes room).
+pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
+    let mut s = SHARED.exclusive();
+    s.record_uses += 1;
+    let now = s.record_uses;
+    let i = match s.records.iter().position(|r| r.origin == origin.0 && r.xid == xid) {
+        Some(i) => i,
+        None => {
+            let free = s.records.iter().position(|r| r.origin == 0);
+            let oldest_decided = || {
+                (0..RECORDS).filter(|&i| s.records[i].acceptor.decided.is_some()).min_by_key(|&i| s.records[i].used_at)
+            };
+            let i = free.or_else(oldest_decided).unwrap_or_else(|| {
+                (0..RECORDS).min_by_key(|&i| s.records[i].used_at).expect("records")
+            });
+            s.records[i] = Record { origin: origin.0, xid, acceptor: Acceptor::default(), used_at: now };
+            i
+        }
+    };
+    s.records[i].used_at = now;
+    f(&mut s.records[i].acceptor)
+}
+
+/// How transaction `xid` of node `origin` ended here, when this node knows.
+pub fn decided(origin: NodeId, xid: u32) -> Option<Outcome> {
+    let s = SHARED.share();
+    s.records.iter().find(|r| r.origin == origin.0 && r.xid == xid).and_then(|r| r.acceptor.decided)
+}
+
 /// What has come in for a local transaction.
 #[derive(Debug, Default)]
 pub struct Votes {
@@ -139,6 +189,8 @@ pub struct Votes {
     /// Largest proposal among the yes votes.
     pub max_proposal: i64,
     pub no: Option<(NodeId, String, String)>,
+    /// Nodes that accepted its precommit.
+    pub accepted: Vec<NodeId>,
     pub finished: Vec<NodeId>,
 }
 
@@ -301,6 +353,9 @@ pub fn votes(slot: usize, xid: u32) -> Votes {
         if e.yes & bit != 0 {
             v.yes.push(NodeId(n));
         }
+        if e.accepted & bit != 0 {
+            v.accepted.push(NodeId(n));
+        }
         if e.finished & bit != 0 {
             v.finished.push(NodeId(n));
         }
@@ -342,6 +397,7 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
                 }
             }
             Delivery::Finished => e.finished |= bit,
+            Delivery::Accepted => e.accepted |= bit,
         }
         e.procno
     };
@@ -354,6 +410,7 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
 pub enum Delivery {
     Vote(Vote),
     Finished,
+    Accepted,
 }
 
 /// Hands a peer's vote or "finished" about one of this node's (`me`) transactions to its
@@ -363,8 +420,27 @@ pub fn deliver_signal(signal: Signal, me: u32) {
         Signal::Vote { origin, xid, voter, vote } if origin == NodeId(me) => deliver(xid, voter, Delivery::Vote(vote)),
         Signal::Finished { origin, xid, voter, .. } if origin == NodeId(me) => deliver(xid, voter, Delivery::Finished),
         Signal::Heartbeat { from, report } => crate::status::record_report(from.0, report),
+        Signal::Answered { origin, xid, voter, answer: Answer::Accepted } if origin == NodeId(me) => {
+            deliver(xid, voter, Delivery::Accepted)
+        }
         _ => {}
     }
+}
+
+/// This node's answer to a resolver's request, or to a coordinator's precommit; `None` for
+/// other signals.
+pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
+    let (origin, xid, answer) = match *signal {
+        Signal::Precommit { origin, xid, ts } => {
+            (origin, xid, with_acceptor(origin, xid, |a| a.accept(Ballot::coordinator(origin), Outcome::Commit { ts })))
+        }
+        Signal::Promise { origin, xid, ballot } => (origin, xid, with_acceptor(origin, xid, |a| a.promise(ballot))),
+        Signal::Accept { origin, xid, ballot, outcome } => {
+            (origin, xid, with_acceptor(origin, xid, |a| a.accept(ballot, outcome)))
+        }
+        _ => return None,
+    };
+    Some(Signal::Answered { origin, xid, voter: me, answer })
 }
 
 /// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
@@ -388,7 +464,7 @@ pub fn define_delivery_setting() {
                 | pg_sys::GUC_NOT_IN_SAMPLE
                 | pg_sys::GUC_DISALLOW_IN_FILE) as i32,
             Some(check_delivery),
-            Some(assign_delivery),
+            None,
             None,
         );
     }
@@ -401,25 +477,41 @@ unsafe extern "C-unwind" fn check_delivery(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     let value = unsafe { *newval };
-    value.is_null() || unsafe { CStr::from_ptr(value) }.to_str().is_ok_and(|t| decode_batch(t).is_ok())
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn assign_delivery(newval: *const c_char, _extra: *mut c_void) {
-    if newval.is_null() {
-        return;
+    if value.is_null() {
+        return true;
     }
-    // The empty value (also the one assigned while the setting is defined, before the mode is
+    let Ok(text) = unsafe { CStr::from_ptr(value) }.to_str() else { return false };
+    let Ok(signals) = decode_batch(text) else { return false };
+    // The empty value (also the one set while the setting is defined, before the mode is
     // known: asking for it then would fix it as standalone) carries nothing.
-    let Ok(text) = unsafe { CStr::from_ptr(newval) }.to_str() else { return };
-    if text.is_empty() {
-        return;
+    if signals.is_empty() {
+        return true;
     }
-    let Mode::Multimaster(config) = crate::gucs::mode() else { return };
-    // Checked already; delivering twice (a value set again) changes nothing.
-    for signal in decode_batch(text).unwrap_or_default() {
+    let Mode::Multimaster(config) = crate::gucs::mode() else { return true };
+    // Delivering twice (a value set again) changes nothing. The answers to requests become
+    // the value: `SELECT set_config(...)` returns them.
+    let mut answers = Vec::new();
+    for signal in signals {
+        answers.extend(answer(&signal, config.node_id));
         deliver_signal(signal, config.node_id.0);
     }
+    let reply = std::ffi::CString::new(encode_batch(&answers)).expect("hex");
+    unsafe {
+        // PostgreSQL 15 keeps setting strings in malloc'd memory.
+        let copy = malloc(reply.as_bytes_with_nul().len()) as *mut c_char;
+        if copy.is_null() {
+            return false;
+        }
+        std::ptr::copy_nonoverlapping(reply.as_ptr(), copy, reply.as_bytes_with_nul().len());
+        free(value.cast());
+        *newval = copy;
+    }
+    true
+}
+
+unsafe extern "C" {
+    fn malloc(size: usize) -> *mut c_void;
+    fn free(ptr: *mut c_void);
 }
 
 unsafe extern "C-unwind" {

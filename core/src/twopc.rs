@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::indoubt::{Answer, Ballot, Outcome};
 use crate::membership::{Mask, Report};
 use crate::wire::Timestamp;
 use crate::NodeId;
@@ -75,13 +76,63 @@ pub enum Signal {
     /// [`crate::membership`]) must vote on it. `after` is, for other nodes, how far the
     /// coordinator had applied their streams when it prepared (their end LSNs): a node
     /// applies it only once it has applied as much, so that it sees what the transaction saw.
-    Coordinated { key: Key, members: Mask, after: Vec<(NodeId, u64)> },
+    Coordinated {
+        key: Key,
+        members: Mask,
+        after: Vec<(NodeId, u64)>,
+    },
     /// A node's heartbeat to a peer.
-    Heartbeat { from: NodeId, report: Report },
+    Heartbeat {
+        from: NodeId,
+        report: Report,
+    },
+    /// Written by a coordinator that has every member's yes: accept "commit at `ts`" under
+    /// its ballot (see [`crate::indoubt`]); it commits once a majority has.
+    Precommit {
+        origin: NodeId,
+        xid: u32,
+        ts: Timestamp,
+    },
+    /// A resolver's requests about transaction `xid` of node `origin` (phases 1 and 2).
+    Promise {
+        origin: NodeId,
+        xid: u32,
+        ballot: Ballot,
+    },
+    Accept {
+        origin: NodeId,
+        xid: u32,
+        ballot: Ballot,
+        outcome: Outcome,
+    },
+    /// `voter`'s answer to a precommit, a promise or an accept request.
+    Answered {
+        origin: NodeId,
+        xid: u32,
+        voter: NodeId,
+        answer: Answer,
+    },
+    /// Written by a resolver that settled transaction `xid` of node `origin`: every node
+    /// carries out `outcome`.
+    Resolved {
+        origin: NodeId,
+        xid: u32,
+        outcome: Outcome,
+    },
     /// `voter`'s vote on transaction `xid` of node `origin`.
-    Vote { origin: NodeId, xid: u32, voter: NodeId, vote: Vote },
+    Vote {
+        origin: NodeId,
+        xid: u32,
+        voter: NodeId,
+        vote: Vote,
+    },
     /// `voter` has committed (or rolled back) transaction `xid` of node `origin`.
-    Finished { origin: NodeId, xid: u32, voter: NodeId, committed: bool },
+    Finished {
+        origin: NodeId,
+        xid: u32,
+        voter: NodeId,
+        committed: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

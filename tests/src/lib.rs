@@ -606,7 +606,8 @@ impl Cluster {
     }
 
     /// Waits until every running node streams to every other running node (one mmts
-    /// walsender per peer): from then on, every write reaches every node.
+    /// walsender per peer) and, where `CREATE EXTENSION mmts` was run, counts every running
+    /// node as a member: from then on, every write reaches every node.
     pub fn wait_replicating(&self, timeout: Duration) {
         let running: Vec<&Node> = self.nodes.iter().filter(|n| n.running).collect();
         let peers = running.len() - 1;
@@ -621,6 +622,22 @@ impl Cluster {
                     })
                     .map(|r| r.get::<_, i64>(0) as usize >= peers)
                     .unwrap_or(false)
+            });
+        }
+        // With the extension created, also until every node counts all of them as members.
+        for node in &running {
+            wait_for(&format!("node {} online with {} members", node.id, peers + 1), timeout, || {
+                let Ok(mut c) = node.try_connect(Duration::from_secs(2)) else { return false };
+                match c.query_one(
+                    "SELECT state = 'online' AND cardinality(members) > $1 FROM mtm.get_cluster_state()",
+                    &[&(peers as i32)],
+                ) {
+                    Ok(row) => row.get::<_, bool>(0),
+                    Err(e) => {
+                        e.code() == Some(&postgres::error::SqlState::UNDEFINED_FUNCTION)
+                            || e.code() == Some(&postgres::error::SqlState::INVALID_SCHEMA_NAME)
+                    }
+                }
             });
         }
     }

@@ -156,7 +156,7 @@ fn status_functions_follow_a_peer_going_down_and_up() {
 
     cluster.node_mut(3).stop();
     let t = Instant::now();
-    wait_for("node 3 reported down", Duration::from_secs(5), || state(&cluster, 3) == "disconnected");
+    wait_for("node 3 reported down", Duration::from_secs(5), || state(&cluster, 3) == "unreachable");
     eprintln!("stopped peer reported down after {:?}", t.elapsed());
     let node1 = cluster.node(1);
     assert_eq!(node1.query_value("SELECT nodes_connected FROM mtm.get_cluster_state()").as_deref(), Some("2"));
@@ -164,7 +164,7 @@ fn status_functions_follow_a_peer_going_down_and_up() {
     // A peer cut off by the network (no connection reset) is noticed by the heartbeat.
     cluster.isolate(2);
     let t = Instant::now();
-    wait_for("node 2 reported down", Duration::from_secs(10), || state(&cluster, 2) == "disconnected");
+    wait_for("node 2 reported down", Duration::from_secs(10), || state(&cluster, 2) == "unreachable");
     eprintln!("isolated peer reported down after {:?}", t.elapsed());
     cluster.heal_all();
     cluster.node_mut(3).start();
