@@ -251,11 +251,12 @@ impl Applier {
                     false
                 })
                 .execute();
-                twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
-                if !found && twophase::decided(NodeId(self.peer), xid).is_some() {
+                if found {
+                    twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
+                } else if twophase::decided(NodeId(self.peer), xid).is_some() {
                     // Settled here already (see `carry_out`).
                     unsafe { pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64) };
-                } else if !found {
+                } else {
                     // Committed without this node's yes: it was not asked (it was out of reach
                     // when the transaction was prepared) and could not prepare it when it came.
                     ereport!(
@@ -358,7 +359,10 @@ impl Applier {
         twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
         if done {
             twophase::unregister_applied(origin.0, Some(xid));
-            log(format!("mmts: {} transaction {xid} of node {origin} as the cluster settled it", if commit { "committed" } else { "rolled back" }));
+            log(format!(
+                "mmts: {} transaction {xid} of node {origin} as the cluster settled it",
+                if commit { "committed" } else { "rolled back" }
+            ));
         }
     }
 

@@ -674,58 +674,6 @@ fn finish_prepared(gid: &CString, commit: bool) {
     }
 }
 
-/// Rolls back the prepared transactions this node coordinated whose backend is gone (it died
-/// between PREPARE and COMMIT PREPARED, or the node restarted). Nothing was decided for them:
-/// a commit is decided and carried out by that backend, and peers commit only once its COMMIT
-/// PREPARED reaches them. The ROLLBACK PREPARED travels to the peers like any other, so they
-/// roll back too. Run by the receivers, outside a transaction.
-pub fn roll_back_orphans(me: u32) {
-    let prefix = format!("{GID_PREFIX}{me}_");
-    let found: Result<Vec<(String, i64)>, pgrx::spi::SpiError> = pgrx::bgworkers::BackgroundWorker::transaction(|| {
-        Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT gid, transaction::text::bigint FROM pg_catalog.pg_prepared_xacts
-                      WHERE left(gid, length($1)) = $1 AND database = current_database()
-                        AND prepared < now() - interval '1 second'",
-                    None,
-                    &[prefix.as_str().into()],
-                )?
-                .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0))))
-                .collect()
-        })
-    });
-    let Ok(found) = found else { return };
-    for (gid, xid) in found {
-        if twophase::is_coordinated(xid as u32) {
-            continue;
-        }
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!("mmts: rolling back {gid} on all nodes: prepared here, its coordinating backend is gone")
-        );
-        let gid = CString::new(gid).expect("no NUL");
-        // Without this worker's replication origin, or the peers would not be sent it.
-        let origin = unsafe { pg_sys::replorigin_session_origin };
-        unsafe { pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId };
-        PgTryBuilder::new(|| finish_prepared(&gid, false))
-            .catch_others(|e| {
-                // Finished meanwhile by another receiver: nothing to do.
-                unsafe { pg_sys::AbortCurrentTransaction() };
-                if let pgrx::pg_sys::panic::CaughtError::PostgresError(r) = &e {
-                    ereport!(
-                        PgLogLevel::LOG,
-                        PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-                        format!("mmts: {}", r.message())
-                    );
-                }
-            })
-            .execute();
-        unsafe { pg_sys::replorigin_session_origin = origin };
-    }
-}
-
 /// Waits (at most twopc_min_timeout) until the live peers have finished the transaction the
 /// way it was decided, then forgets it; returns the peers that have not.
 fn wait_finished(p: &mut Pending) -> Vec<String> {
@@ -736,6 +684,22 @@ fn wait_finished(p: &mut Pending) -> Vec<String> {
     }
     twophase::unregister(p.slot, p.xid);
     p.coordinator.unfinished().map(|n| n.to_string()).collect()
+}
+
+/// For tests (`multimaster.failpoint`): the backend stops here for good, as if the node died
+/// at this point (the test then kills the node).
+fn failpoint(name: &str) {
+    let set = gucs::FAILPOINT.get();
+    if set.as_deref().and_then(|s| s.to_str().ok()) == Some(name) {
+        ereport!(
+            PgLogLevel::LOG,
+            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!("mmts: failpoint {name} reached")
+        );
+        loop {
+            crate::apply::nap(100);
+        }
+    }
 }
 
 /// Before committing: has a majority of the cluster accept "commit at `ts`" (see
@@ -821,7 +785,9 @@ fn finish(mut p: Pending) {
             while now() < ts.min(limit) {
                 std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
             }
+            failpoint("before_precommit");
             precommit(&mut p, ts);
+            failpoint("before_commit");
             finish_prepared(&p.gid, true);
             twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
             twophase::clock_observe(now());

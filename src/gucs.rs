@@ -13,6 +13,8 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 pub static NODE_ID: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static CONN_STRINGS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// For tests: where a committing backend stops (see `commit::failpoint`).
+pub static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256 << 20);
 pub static HEARTBEAT_SEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -187,6 +189,14 @@ pub fn define(strict: bool) {
         &COMMIT_MODE,
         GucContext::Postmaster,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"multimaster.failpoint",
+        c"For tests only: a point of the commit where the backend stops (before_precommit, before_commit).",
+        c"",
+        &FAILPOINT,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
     );
     crate::twophase::define_delivery_setting();
     unsafe {

@@ -12,6 +12,7 @@ mod commit;
 mod executor_hook;
 mod functions;
 mod gucs;
+mod indoubt;
 mod libpq;
 mod output_plugin;
 mod receiver;

@@ -44,6 +44,8 @@ unsafe extern "C" {
     fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
     fn PQsendQuery(conn: *mut PGconn, query: *const c_char) -> c_int;
     fn PQisBusy(conn: *mut PGconn) -> c_int;
+    fn PQntuples(res: *const PGresult) -> c_int;
+    fn PQgetvalue(res: *const PGresult, row: c_int, column: c_int) -> *const c_char;
 }
 
 /// An error from the peer or the connection: message and SQLSTATE if the server sent one.
@@ -61,6 +63,8 @@ impl std::fmt::Display for PqError {
 
 pub struct Connection {
     conn: NonNull<PGconn>,
+    /// First column of the first row of the last result that had rows.
+    value: Option<String>,
 }
 
 /// What one non-blocking read of the copy stream gave.
@@ -94,7 +98,7 @@ impl Connection {
         values.push(std::ptr::null());
         let raw = unsafe { PQconnectdbParams(keywords.as_ptr(), values.as_ptr(), 1) };
         let conn = NonNull::new(raw).ok_or_else(|| PqError { message: "out of memory".into(), sqlstate: None })?;
-        let connection = Connection { conn };
+        let connection = Connection { conn, value: None };
         if unsafe { PQstatus(conn.as_ptr()) } != CONNECTION_OK {
             return Err(connection.error(None));
         }
@@ -126,11 +130,33 @@ impl Connection {
             if res.is_null() {
                 return outcome;
             }
-            if !matches!(unsafe { PQresultStatus(res) }, PGRES_COMMAND_OK | PGRES_TUPLES_OK) {
-                outcome = Err(self.error(Some(res)));
+            match unsafe { PQresultStatus(res) } {
+                PGRES_COMMAND_OK => {}
+                PGRES_TUPLES_OK if unsafe { PQntuples(res) } > 0 => {
+                    self.value = Some(unsafe { CStr::from_ptr(PQgetvalue(res, 0, 0)) }.to_string_lossy().into_owned());
+                }
+                PGRES_TUPLES_OK => {}
+                _ => outcome = Err(self.error(Some(res))),
             }
             unsafe { PQclear(res) };
         }
+    }
+
+    /// Runs `command` and returns the first value of its result, waiting at most `timeout`.
+    pub fn query_value(&mut self, command: &str, timeout: std::time::Duration) -> Result<Option<String>, PqError> {
+        let deadline = std::time::Instant::now() + timeout;
+        self.value = None;
+        self.send(command)?;
+        while !self.poll_result()? {
+            if std::time::Instant::now() >= deadline {
+                return Err(PqError {
+                    message: format!("no answer within {} ms", timeout.as_millis()),
+                    sqlstate: None,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(self.value.take())
     }
 
     fn error(&self, res: Option<*mut PGresult>) -> PqError {

@@ -15,11 +15,13 @@ use mmts_core::config::{ClusterConfig, Mode};
 use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
 use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire;
+use mmts_core::NodeId;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::apply::Applier;
+use crate::indoubt::Resolver;
 use crate::libpq::{Connection, CopyData, PqError};
 use crate::twophase;
 use crate::{gucs, status};
@@ -143,10 +145,11 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     twophase::unregister_applied(peer_id, None);
 
     let mut backoff = Duration::from_millis(200);
+    let mut resolver = Resolver::new();
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
-        let result = stream(&peer.conninfo.to_string(), &application_name, config, peer_id);
+        let result = stream(&peer.conninfo.to_string(), &application_name, config, peer_id, &mut resolver);
         status::update(peer_id, |p| {
             p.connected = false;
             p.caught_up = false;
@@ -161,6 +164,9 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(200);
         }
+        // The peer out of reach: its transactions in doubt here are settled with the others.
+        let own_orphans = config.peers().next().is_some_and(|n| n.id.0 == peer_id);
+        resolver.tick(config, NodeId(peer_id), own_orphans);
         if !BackgroundWorker::wait_latch(Some(backoff)) {
             break;
         }
@@ -168,11 +174,16 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     }
 }
 
-/// How often a receiver looks for prepared transactions whose coordinator is gone.
-const ORPHAN_CHECK: Duration = Duration::from_secs(1);
-
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
-fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_id: u32) -> Result<(), PqError> {
+fn stream(
+    conninfo: &str,
+    application_name: &str,
+    config: &ClusterConfig,
+    peer_id: u32,
+    resolver: &mut Resolver,
+) -> Result<(), PqError> {
+    // One receiver settles this node's own transactions in doubt: the first peer's.
+    let own_orphans = config.peers().next().is_some_and(|n| n.id.0 == peer_id);
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
@@ -202,7 +213,6 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
     let mut progress = Progress::new(start);
-    let mut orphans_checked = Instant::now();
     let mut caught_up = false;
     loop {
         link.read_available()?;
@@ -256,13 +266,8 @@ fn stream(conninfo: &str, application_name: &str, config: &ClusterConfig, peer_i
             // Applying took a while: the peer was not silent, this node was not listening.
             link.last_heard = link.last_heard.max(Instant::now() - heartbeat);
         }
-        if gucs::synchronous()
-            && orphans_checked.elapsed() >= ORPHAN_CHECK
-            && !applier.in_transaction()
-            && unsafe { !pg_sys::IsTransactionState() }
-        {
-            crate::commit::roll_back_orphans(config.node_id.0);
-            orphans_checked = Instant::now();
+        if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
+            resolver.tick(config, NodeId(peer_id), own_orphans);
         }
         if link.last_heard.elapsed() > silence {
             return Err(PqError {

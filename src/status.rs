@@ -103,11 +103,13 @@ pub fn current(config: &ClusterConfig) -> Current {
         .map(|id| (id != me && peer(id).connected && peer(id).report_time > fresh_after).then_some(peer(id).report))
         .collect();
     let sees = config.peers().filter(|n| peer(n.id).connected).fold(bit(me), |m, n| m | bit(n.id));
-    // Heard from every peer it streams from, and caught up with those that are caught up.
-    let ready = config.peers().filter(|n| peer(n.id).connected).all(|n| match reports[n.id.0 as usize - 1] {
-        Some(r) => !r.ready || peer(n.id).caught_up,
-        None => false,
-    });
+    // A member stays caught up (it takes part in every commit); another node is once it has
+    // heard from every peer it streams from, and applied what those caught up had sent.
+    let ready = shared.members & bit(me) != 0
+        || config.peers().filter(|n| peer(n.id).connected).all(|n| match reports[n.id.0 as usize - 1] {
+            Some(r) => !r.ready || peer(n.id).caught_up,
+            None => false,
+        });
     let view = membership::view(me, size, sees, ready, &reports);
     let report = Report { sees, partition: view.partition, members: view.members, ready };
     let mut generation = shared.generation;

@@ -165,9 +165,9 @@ pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) 
             let oldest_decided = || {
                 (0..RECORDS).filter(|&i| s.records[i].acceptor.decided.is_some()).min_by_key(|&i| s.records[i].used_at)
             };
-            let i = free.or_else(oldest_decided).unwrap_or_else(|| {
-                (0..RECORDS).min_by_key(|&i| s.records[i].used_at).expect("records")
-            });
+            let i = free
+                .or_else(oldest_decided)
+                .unwrap_or_else(|| (0..RECORDS).min_by_key(|&i| s.records[i].used_at).expect("records"));
             s.records[i] = Record { origin: origin.0, xid, acceptor: Acceptor::default(), used_at: now };
             i
         }

@@ -1,0 +1,236 @@
+//! Prepared transactions in doubt: a peer's that its coordinator, no longer in this node's
+//! partition, did not finish; and this node's own whose backend is gone (it died, or the
+//! node restarted, between PREPARE and the end). Receivers settle them with the other nodes
+//! (`mmts_core::indoubt`: a majority agrees on one outcome, the coordinator's precommit
+//! counting as its first ballot) and carry the outcome out here; a peer's transaction settled
+//! here is announced to every node in this node's WAL ([`Signal::Resolved`]).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use mmts_core::config::ClusterConfig;
+use mmts_core::indoubt::{after_accepts, after_promises, Acceptor, Answer, Ballot, Next, Outcome};
+use mmts_core::membership::bit;
+use mmts_core::twopc::{decode_batch, encode_batch, Signal};
+use mmts_core::NodeId;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::libpq::Connection;
+use crate::{gucs, status, twophase};
+
+/// How often a receiver looks for transactions in doubt.
+const EVERY: Duration = Duration::from_secs(1);
+/// How long a node's answer may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Resolver {
+    /// Connections to the peers, for requests (made when first needed).
+    conns: HashMap<u32, Connection>,
+    round: u32,
+    last: Option<Instant>,
+}
+
+impl Resolver {
+    pub fn new() -> Resolver {
+        Resolver { conns: HashMap::new(), round: 0, last: None }
+    }
+
+    /// Settles what is in doubt (at most once a second): transactions of `peer` (this
+    /// receiver's) once it is out of this node's partition, and, when `own`, this node's own
+    /// whose backend is gone. Outside a transaction.
+    pub fn tick(&mut self, config: &ClusterConfig, peer: NodeId, own: bool) {
+        if !gucs::synchronous() || self.last.is_some_and(|t| t.elapsed() < EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        if own {
+            for (gid, xid, local_xid) in prepared(config.node_id, Duration::from_secs(1)) {
+                if !twophase::is_coordinated(local_xid) {
+                    self.settle(config, config.node_id, xid, &gid);
+                }
+            }
+        }
+        let partition = status::current(config).view.partition;
+        if partition != 0 && partition & bit(peer) == 0 {
+            let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+            for (gid, xid, _) in prepared(peer, silence) {
+                self.settle(config, peer, xid, &gid);
+            }
+        }
+    }
+
+    /// One attempt to settle transaction `xid` of node `origin`, prepared here as `gid`.
+    fn settle(&mut self, config: &ClusterConfig, origin: NodeId, xid: u32, gid: &str) {
+        let size = config.nodes.len();
+        self.round += 1;
+        let ballot = Ballot { round: self.round, node: config.node_id.0 };
+        let answers = self.ask(config, Signal::Promise { origin, xid, ballot }, |a| a.promise(ballot));
+        let outcome = match after_promises(size, &answers) {
+            Next::Decided(o) => Some(o),
+            Next::Retry { above } => {
+                self.round = self.round.max(above);
+                None
+            }
+            Next::Propose(o) => {
+                let acks =
+                    self.ask(config, Signal::Accept { origin, xid, ballot, outcome: o }, |a| a.accept(ballot, o));
+                after_accepts(size, o, &acks)
+            }
+        };
+        match outcome {
+            Some(o) => carry_out(config.node_id, origin, xid, gid, o),
+            None => log(format!(
+                "mmts: transaction {xid} of node {origin} is in doubt; {} of {size} nodes answered, retrying",
+                answers.len()
+            )),
+        }
+    }
+
+    /// This node's answer (`local`) and those of the peers it streams from to `request`.
+    fn ask(
+        &mut self,
+        config: &ClusterConfig,
+        request: Signal,
+        local: impl FnOnce(&mut Acceptor) -> Answer,
+    ) -> Vec<(NodeId, Answer)> {
+        let (Signal::Promise { origin, xid, .. } | Signal::Accept { origin, xid, .. }) = request else {
+            return Vec::new();
+        };
+        let mut answers = vec![(config.node_id, twophase::with_acceptor(origin, xid, local))];
+        let query = format!(
+            "SELECT pg_catalog.set_config('{}', '{}', false)",
+            twophase::DELIVERY_SETTING,
+            encode_batch(std::slice::from_ref(&request))
+        );
+        for peer in config.peers().filter(|n| status::connected(n.id.0)) {
+            let id = peer.id.0;
+            if !self.conns.contains_key(&id) {
+                let app = format!("{}_resolver", status::application_name(config.node_id.0));
+                match Connection::connect(&peer.conninfo.to_string(), &app, false) {
+                    Ok(c) => {
+                        self.conns.insert(id, c);
+                    }
+                    Err(e) => {
+                        log(format!("mmts: cannot ask node {id} about transactions in doubt: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let conn = self.conns.get_mut(&id).expect("connected");
+            match conn.query_value(&query, ANSWER_TIMEOUT) {
+                Ok(Some(reply)) => {
+                    for signal in decode_batch(&reply).unwrap_or_default() {
+                        if let Signal::Answered { origin: o, xid: x, voter, answer } = signal {
+                            if o == origin && x == xid && voter == peer.id {
+                                answers.push((voter, answer));
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log(format!("mmts: node {id} did not answer about transactions in doubt: {e}"));
+                    self.conns.remove(&id);
+                }
+            }
+        }
+        answers
+    }
+}
+
+/// The prepared transactions of node `origin` here (gid, its xid there, the local xid),
+/// prepared at least `age` ago.
+fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32)> {
+    let prefix = format!("mtm_{origin}_");
+    let found: Result<Vec<(String, i64)>, pgrx::spi::SpiError> = BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT gid, transaction::text::bigint FROM pg_catalog.pg_prepared_xacts
+                      WHERE left(gid, length($1)) = $1 AND database = current_database()
+                        AND prepared < now() - make_interval(secs => $2)",
+                    None,
+                    &[prefix.as_str().into(), age.as_secs_f64().into()],
+                )?
+                .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0))))
+                .collect()
+        })
+    });
+    found
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(gid, local)| {
+            let xid = gid.strip_prefix(&prefix)?.parse().ok()?;
+            Some((gid, xid, local as u32))
+        })
+        .collect()
+}
+
+unsafe extern "C-unwind" {
+    // access/twophase.h, not in pgrx's bindings.
+    fn FinishPreparedTransaction(gid: *const std::ffi::c_char, is_commit: bool);
+}
+
+/// Commits or rolls back `gid` here as settled. This node's own transaction goes without a
+/// replication origin (its peers get the end from this node's stream); a peer's goes under
+/// the receiver's origin, with the settled commit timestamp, and is announced to every node.
+fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) {
+    let (commit, ts) = match outcome {
+        Outcome::Commit { ts } => (true, ts),
+        Outcome::Abort => (false, 0),
+    };
+    let own = origin == me;
+    let gid_c = CString::new(gid).expect("no NUL");
+    let saved = unsafe {
+        (
+            pg_sys::replorigin_session_origin,
+            pg_sys::replorigin_session_origin_lsn,
+            pg_sys::replorigin_session_origin_timestamp,
+        )
+    };
+    unsafe {
+        if own {
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        } else {
+            pg_sys::replorigin_session_origin_lsn = 0;
+            pg_sys::replorigin_session_origin_timestamp = if commit { ts } else { pg_sys::GetCurrentTimestamp() };
+        }
+    }
+    let done = PgTryBuilder::new(|| unsafe {
+        pg_sys::StartTransactionCommand();
+        FinishPreparedTransaction(gid_c.as_ptr(), commit);
+        pg_sys::CommitTransactionCommand();
+        true
+    })
+    .catch_others(|_| {
+        // Finished meanwhile (by the stream or another receiver).
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        false
+    })
+    .execute();
+    unsafe {
+        (
+            pg_sys::replorigin_session_origin,
+            pg_sys::replorigin_session_origin_lsn,
+            pg_sys::replorigin_session_origin_timestamp,
+        ) = saved;
+    }
+    twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
+    if !own {
+        twophase::unregister_applied(origin.0, Some(xid));
+        twophase::emit(&Signal::Resolved { origin, xid, outcome }, false);
+    }
+    if done {
+        log(format!(
+            "mmts: {} transaction {xid} of node {origin} ({gid}) as settled with the other nodes",
+            if commit { "committed" } else { "rolled back" }
+        ));
+    }
+}
+
+fn log(msg: String) {
+    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
+}
