@@ -26,16 +26,6 @@ use crate::twophase::{HolderKind, LockHolder};
 use crate::{gucs, twophase};
 use mmts_core::config::Mode;
 
-unsafe extern "C-unwind" {
-    // access/twophase.h, not in pgrx's bindings.
-    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
-    fn LookupGXact(
-        gid: *const c_char,
-        prepare_at_lsn: pg_sys::XLogRecPtr,
-        origin_prepare_timestamp: pg_sys::TimestampTz,
-    ) -> bool;
-}
-
 /// A table as the peer described it.
 struct RemoteRelation {
     schema: String,
@@ -242,7 +232,7 @@ impl Applier {
                 let found = PgTryBuilder::new(|| unsafe {
                     start_transaction();
                     set_origin_position(end_lsn, commit_time);
-                    FinishPreparedTransaction(gid.as_ptr(), true);
+                    twophase::finish_prepared(&gid, true);
                     pg_sys::CommitTransactionCommand();
                     true
                 })
@@ -281,9 +271,9 @@ impl Applier {
                 unsafe {
                     start_transaction();
                     // The prepare may have been skipped (e.g. it touched nothing replicated).
-                    if LookupGXact(gid.as_ptr(), end_lsn, prepare_time) {
+                    if twophase::lookup_prepared(&gid, end_lsn, prepare_time) {
                         set_origin_position(end_lsn, rollback_time);
-                        FinishPreparedTransaction(gid.as_ptr(), false);
+                        twophase::finish_prepared(&gid, false);
                     } else {
                         // Applied as far as here all the same (transactions that depend on
                         // the peer's stream wait for that: see `wait_for_dependencies`).
@@ -335,6 +325,10 @@ impl Applier {
     /// Carries out the outcome a resolver settled for transaction `xid` of node `origin` (this
     /// receiver's peer or another node), at position `lsn` of this peer's stream.
     fn carry_out(&mut self, origin: NodeId, xid: u32, outcome: Outcome, lsn: u64, keep_up: &mut dyn FnMut()) {
+        if origin.0 == self.me && twophase::is_coordinated(xid) {
+            // Its backend still runs, and ends it the way it was settled.
+            return;
+        }
         if origin.0 == self.peer {
             self.prepare_set_aside(xid, keep_up);
         }
@@ -347,7 +341,7 @@ impl Applier {
             start_transaction();
             // The commit records the settled timestamp, as on every node.
             set_origin_position(lsn, time);
-            FinishPreparedTransaction(gid.as_ptr(), commit);
+            twophase::finish_prepared(&gid, commit);
             pg_sys::CommitTransactionCommand();
             true
         })

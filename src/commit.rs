@@ -506,7 +506,7 @@ fn refuse_unless_online() -> Mask {
         (State::Recovery, _) => "it is catching up with the cluster (recovery)".to_string(),
         (_, Some(by)) => format!("it is isolated: node {by} does not count it in the cluster"),
         _ => format!(
-            "it is isolated: it reaches nodes {} of {}, not a majority that all reach each other",
+            "it is isolated: it is in no majority of nodes that all reach each other and report to it (it reaches nodes {} of {})",
             format_mask(cur.report.sees),
             config.nodes.len()
         ),
@@ -661,15 +661,10 @@ fn update(p: &mut Pending) {
     }
 }
 
-unsafe extern "C-unwind" {
-    // access/twophase.h, not in pgrx's bindings.
-    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
-}
-
 fn finish_prepared(gid: &CString, commit: bool) {
     unsafe {
         pg_sys::StartTransactionCommand();
-        FinishPreparedTransaction(gid.as_ptr(), commit);
+        twophase::finish_prepared(gid, commit);
         pg_sys::CommitTransactionCommand();
     }
 }

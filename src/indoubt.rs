@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::ClusterConfig;
-use mmts_core::indoubt::{after_accepts, after_promises, Acceptor, Answer, Ballot, Next, Outcome};
+use mmts_core::indoubt::{after_accepts, after_promises, Answer, Ballot, Next, Outcome};
 use mmts_core::membership::bit;
 use mmts_core::twopc::{decode_batch, encode_batch, Signal};
 use mmts_core::NodeId;
@@ -47,27 +47,27 @@ impl Resolver {
         }
         self.last = Some(Instant::now());
         if own {
-            for (gid, xid, local_xid) in prepared(config.node_id, Duration::from_secs(1)) {
+            for (gid, xid, local_xid, since) in prepared(config.node_id, Duration::from_secs(1)) {
                 if !twophase::is_coordinated(local_xid) {
-                    self.settle(config, config.node_id, xid, &gid);
+                    self.settle(config, config.node_id, xid, since, &gid);
                 }
             }
         }
         let partition = status::current(config).view.partition;
         if partition != 0 && partition & bit(peer) == 0 {
             let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
-            for (gid, xid, _) in prepared(peer, silence) {
-                self.settle(config, peer, xid, &gid);
+            for (gid, xid, _, since) in prepared(peer, silence) {
+                self.settle(config, peer, xid, since, &gid);
             }
         }
     }
 
     /// One attempt to settle transaction `xid` of node `origin`, prepared here as `gid`.
-    fn settle(&mut self, config: &ClusterConfig, origin: NodeId, xid: u32, gid: &str) {
+    fn settle(&mut self, config: &ClusterConfig, origin: NodeId, xid: u32, since: i64, gid: &str) {
         let size = config.nodes.len();
         self.round += 1;
         let ballot = Ballot { round: self.round, node: config.node_id.0 };
-        let answers = self.ask(config, Signal::Promise { origin, xid, ballot }, |a| a.promise(ballot));
+        let answers = self.ask(config, Signal::Promise { origin, xid, since, ballot });
         let outcome = match after_promises(size, &answers) {
             Next::Decided(o) => Some(o),
             Next::Retry { above } => {
@@ -75,8 +75,7 @@ impl Resolver {
                 None
             }
             Next::Propose(o) => {
-                let acks =
-                    self.ask(config, Signal::Accept { origin, xid, ballot, outcome: o }, |a| a.accept(ballot, o));
+                let acks = self.ask(config, Signal::Accept { origin, xid, since, ballot, outcome: o });
                 after_accepts(size, o, &acks)
             }
         };
@@ -89,17 +88,15 @@ impl Resolver {
         }
     }
 
-    /// This node's answer (`local`) and those of the peers it streams from to `request`.
-    fn ask(
-        &mut self,
-        config: &ClusterConfig,
-        request: Signal,
-        local: impl FnOnce(&mut Acceptor) -> Answer,
-    ) -> Vec<(NodeId, Answer)> {
+    /// The answers of this node and of the peers it streams from to `request`.
+    fn ask(&mut self, config: &ClusterConfig, request: Signal) -> Vec<(NodeId, Answer)> {
         let (Signal::Promise { origin, xid, .. } | Signal::Accept { origin, xid, .. }) = request else {
             return Vec::new();
         };
-        let mut answers = vec![(config.node_id, twophase::with_acceptor(origin, xid, local))];
+        let mut answers = Vec::new();
+        if let Some(Signal::Answered { answer, .. }) = twophase::answer(&request, config.node_id) {
+            answers.push((config.node_id, answer));
+        }
         let query = format!(
             "SELECT pg_catalog.set_config('{}', '{}', false)",
             twophase::DELIVERY_SETTING,
@@ -109,7 +106,7 @@ impl Resolver {
             let id = peer.id.0;
             if !self.conns.contains_key(&id) {
                 let app = format!("{}_resolver", status::application_name(config.node_id.0));
-                match Connection::connect(&peer.conninfo.to_string(), &app, false) {
+                match Connection::connect(&format!("{} connect_timeout=2", peer.conninfo), &app, false) {
                     Ok(c) => {
                         self.conns.insert(id, c);
                     }
@@ -141,37 +138,40 @@ impl Resolver {
     }
 }
 
-/// The prepared transactions of node `origin` here (gid, its xid there, the local xid),
-/// prepared at least `age` ago.
-fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32)> {
+/// The prepared transactions of node `origin` here (gid, its xid there, the local xid, when
+/// it was prepared here), prepared at least `age` ago.
+fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32, i64)> {
     let prefix = format!("mtm_{origin}_");
-    let found: Result<Vec<(String, i64)>, pgrx::spi::SpiError> = BackgroundWorker::transaction(|| {
+    let found: Result<Vec<(String, i64, i64)>, pgrx::spi::SpiError> = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
             client
                 .select(
-                    "SELECT gid, transaction::text::bigint FROM pg_catalog.pg_prepared_xacts
+                    "SELECT gid, transaction::text::bigint,
+                            ((extract(epoch FROM prepared) - 946684800) * 1000000)::bigint
+                       FROM pg_catalog.pg_prepared_xacts
                       WHERE left(gid, length($1)) = $1 AND database = current_database()
                         AND prepared < now() - make_interval(secs => $2)",
                     None,
                     &[prefix.as_str().into(), age.as_secs_f64().into()],
                 )?
-                .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0))))
+                .map(|row| {
+                    Ok((
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<i64>(2)?.unwrap_or(0),
+                        row.get::<i64>(3)?.unwrap_or(0),
+                    ))
+                })
                 .collect()
         })
     });
     found
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|(gid, local)| {
+        .filter_map(|(gid, local, since)| {
             let xid = gid.strip_prefix(&prefix)?.parse().ok()?;
-            Some((gid, xid, local as u32))
+            Some((gid, xid, local as u32, since))
         })
         .collect()
-}
-
-unsafe extern "C-unwind" {
-    // access/twophase.h, not in pgrx's bindings.
-    fn FinishPreparedTransaction(gid: *const std::ffi::c_char, is_commit: bool);
 }
 
 /// Commits or rolls back `gid` here as settled. This node's own transaction goes without a
@@ -201,7 +201,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
     }
     let done = PgTryBuilder::new(|| unsafe {
         pg_sys::StartTransactionCommand();
-        FinishPreparedTransaction(gid_c.as_ptr(), commit);
+        twophase::finish_prepared(&gid_c, commit);
         pg_sys::CommitTransactionCommand();
         true
     })

@@ -111,6 +111,8 @@ pub struct Shared {
     wounds: [Wound; WOUNDS],
     records: [Record; RECORDS],
     record_uses: u64,
+    /// When shared memory was set up: the records are empty from then on.
+    started_at: i64,
 }
 
 impl Default for Shared {
@@ -122,6 +124,7 @@ impl Default for Shared {
             wounds: [Wound::default(); WOUNDS],
             records: [Record::default(); RECORDS],
             record_uses: 0,
+            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
         }
     }
 }
@@ -434,13 +437,30 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
         Signal::Precommit { origin, xid, ts } => {
             (origin, xid, with_acceptor(origin, xid, |a| a.accept(Ballot::coordinator(origin), Outcome::Commit { ts })))
         }
-        Signal::Promise { origin, xid, ballot } => (origin, xid, with_acceptor(origin, xid, |a| a.promise(ballot))),
-        Signal::Accept { origin, xid, ballot, outcome } => {
+        Signal::Promise { origin, xid, since, .. } | Signal::Accept { origin, xid, since, .. }
+            if forgotten(origin, xid, since) =>
+        {
+            (origin, xid, Answer::Unknown)
+        }
+        Signal::Promise { origin, xid, ballot, .. } => (origin, xid, with_acceptor(origin, xid, |a| a.promise(ballot))),
+        Signal::Accept { origin, xid, ballot, outcome, .. } => {
             (origin, xid, with_acceptor(origin, xid, |a| a.accept(ballot, outcome)))
         }
         _ => return None,
     };
     Some(Signal::Answered { origin, xid, voter: me, answer })
+}
+
+/// How far apart the nodes' clocks may be for [`forgotten`].
+const CLOCK_MARGIN_US: i64 = 1_000_000;
+
+/// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
+/// and forgotten it: it has no record of it and restarted after it began (the records live in
+/// shared memory).
+fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
+    let s = SHARED.share();
+    let known = s.records.iter().any(|r| r.origin == origin.0 && r.xid == xid);
+    !known && s.started_at > since - CLOCK_MARGIN_US
 }
 
 /// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
@@ -512,6 +532,23 @@ unsafe extern "C-unwind" fn check_delivery(
 unsafe extern "C" {
     fn malloc(size: usize) -> *mut c_void;
     fn free(ptr: *mut c_void);
+}
+
+unsafe extern "C-unwind" {
+    // access/twophase.h, not in pgrx's bindings.
+    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
+    fn LookupGXact(gid: *const c_char, prepare_at_lsn: pg_sys::XLogRecPtr, prepare_time: pg_sys::TimestampTz) -> bool;
+}
+
+/// COMMIT PREPARED (or ROLLBACK PREPARED) `gid`, inside the current transaction. A missing
+/// gid is an ERROR (SQLSTATE 42704) that `PgTryBuilder` can catch.
+pub fn finish_prepared(gid: &CStr, commit: bool) {
+    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(gid.as_ptr(), commit)) }
+}
+
+/// Whether `gid` is prepared here from the prepare at `lsn` / `time` (inside a transaction).
+pub fn lookup_prepared(gid: &CStr, lsn: u64, time: pg_sys::TimestampTz) -> bool {
+    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| LookupGXact(gid.as_ptr(), lsn, time)) }
 }
 
 unsafe extern "C-unwind" {

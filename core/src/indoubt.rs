@@ -59,6 +59,9 @@ pub enum Answer {
     Accepted,
     /// Bound to a higher ballot already.
     Refused(Ballot),
+    /// It has no record of the transaction and may have lost one (it restarted since the
+    /// transaction began): it takes no part.
+    Unknown,
 }
 
 impl Acceptor {
@@ -112,6 +115,7 @@ pub fn after_promises(size: usize, answers: &[(NodeId, Answer)]) -> Next {
     if let Some(o) = answers.iter().find_map(|(_, a)| if let Answer::Decided(o) = a { Some(*o) } else { None }) {
         return Next::Decided(o);
     }
+    // A node that answers `Unknown` counts as one that did not answer.
     let promised: Vec<Option<(Ballot, Outcome)>> =
         answers.iter().filter_map(|(_, a)| if let Answer::Promised(p) = a { Some(*p) } else { None }).collect();
     if !majority(size, promised.len()) {
@@ -174,6 +178,15 @@ mod tests {
         n2.promise(b(4, 2));
         let answers = [(NodeId(2), n2.promise(b(1, 3)))];
         assert_eq!(after_promises(3, &answers), Next::Retry { above: 4 });
+    }
+
+    #[test]
+    fn a_node_that_forgot_takes_no_part() {
+        // Node 2 accepted the precommit, then restarted: it answers Unknown, and node 3 alone
+        // is no majority, so nothing is chosen until the coordinator or node 2's memory helps.
+        let mut n3 = Acceptor::default();
+        let answers = [(NodeId(2), Answer::Unknown), (NodeId(3), n3.promise(b(1, 3)))];
+        assert_eq!(after_promises(3, &answers), Next::Retry { above: 0 });
     }
 
     #[test]

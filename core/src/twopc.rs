@@ -93,15 +93,18 @@ pub enum Signal {
         xid: u32,
         ts: Timestamp,
     },
-    /// A resolver's requests about transaction `xid` of node `origin` (phases 1 and 2).
+    /// A resolver's requests about transaction `xid` of node `origin` (phases 1 and 2),
+    /// prepared on the resolver at `since`.
     Promise {
         origin: NodeId,
         xid: u32,
+        since: Timestamp,
         ballot: Ballot,
     },
     Accept {
         origin: NodeId,
         xid: u32,
+        since: Timestamp,
         ballot: Ballot,
         outcome: Outcome,
     },

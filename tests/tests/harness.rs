@@ -23,11 +23,11 @@ fn nodes_start_and_answer() {
 #[test]
 fn killed_node_is_down_and_restarts() {
     let mut cluster = ClusterBuilder::new(2).proxies(false).start();
-    // Writes need a majority (here: both nodes) connected.
-    cluster.wait_replicating(Duration::from_secs(60));
     for node in cluster.nodes() {
-        node.execute("CREATE TABLE t(x int PRIMARY KEY)");
+        node.execute("CREATE EXTENSION mmts; CREATE TABLE t(x int PRIMARY KEY)");
     }
+    // Writes need a majority (here: both nodes) online.
+    cluster.wait_replicating(Duration::from_secs(60));
     cluster.node(1).execute("INSERT INTO t VALUES (1), (2)");
     let pid = cluster.node(1).query_value("SELECT pg_backend_pid()").unwrap();
     cluster.node_mut(1).kill9();

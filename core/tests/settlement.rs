@@ -1,0 +1,391 @@
+//! Deterministic simulation of how transactions in doubt are settled (`mmts_core::indoubt`):
+//! coordinators precommit and commit, nodes crash and restart (losing their in-memory
+//! records, as mmts's shared memory does), messages are lost, duplicated and reordered, and
+//! any node may try to settle a transaction it holds prepared. Checked: no transaction is
+//! committed on one node and rolled back on another; every acknowledged commit is committed
+//! everywhere; once faults stop, every transaction ends on every node.
+//!
+//! `cargo test -p mmts-core --test settlement`; replay one seed with
+//! `SETTLEMENT_SEED=<seed> cargo test -p mmts-core --test settlement -- --nocapture`.
+
+use std::collections::BTreeMap;
+
+use mmts_core::indoubt::{after_accepts, after_promises, Acceptor, Answer, Ballot, Next, Outcome};
+use mmts_core::NodeId;
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Precommit { txn: usize, ts: i64 },
+    Promise { txn: usize, ballot: Ballot, since: i64 },
+    Accept { txn: usize, ballot: Ballot, since: i64, outcome: Outcome },
+    Answer { txn: usize, from: usize, answer: Answer, phase: u8 },
+    Decided { txn: usize, outcome: Outcome },
+}
+
+/// A resolver's attempt in progress on one node.
+struct Attempt {
+    ballot: Ballot,
+    phase: u8,
+    proposed: Outcome,
+    answers: BTreeMap<usize, Answer>,
+    started: u64,
+}
+
+#[derive(Default)]
+struct Node {
+    up: bool,
+    started_at: i64,
+    /// In memory: lost on a crash.
+    records: BTreeMap<usize, Acceptor>,
+    /// Durable: how each transaction ended here (None: still prepared).
+    ended: BTreeMap<usize, Outcome>,
+    /// Coordinator side, in memory: transactions precommitted, with their accepted voters.
+    precommits: BTreeMap<usize, (i64, Vec<usize>)>,
+    attempts: BTreeMap<usize, Attempt>,
+    round: u32,
+}
+
+struct Txn {
+    coordinator: usize,
+    since: i64,
+    acknowledged: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    size: usize,
+    nodes: Vec<Node>,
+    txns: Vec<Txn>,
+    /// (deliver at, to, message)
+    net: Vec<(u64, usize, Msg)>,
+    now: u64,
+    faults: bool,
+    /// Links cut (a, b), both ways.
+    cut: Vec<(usize, usize)>,
+}
+
+/// How far apart a restart and a transaction's start must be for a node to answer about it
+/// without a record (the shell's clock margin, here in simulated time).
+const MARGIN: i64 = 5;
+
+impl Sim {
+    fn new(seed: u64, size: usize, txns: usize) -> Sim {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let nodes = (0..size).map(|_| Node { up: true, started_at: -1000, ..Node::default() }).collect();
+        let txns = (0..txns)
+            .map(|i| Txn { coordinator: rng.below(size as u64) as usize, since: (i as i64) * 3, acknowledged: false })
+            .collect();
+        Sim { rng, size, nodes, txns, net: Vec::new(), now: 0, faults: true, cut: Vec::new() }
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        if from == to {
+            self.receive(to, msg);
+            return;
+        }
+        if self.faults && (self.rng.chance(10) || self.cut.contains(&(from.min(to), from.max(to)))) {
+            return; // lost
+        }
+        let copies = if self.faults && self.rng.chance(5) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(if self.faults { 20 } else { 3 });
+            self.net.push((self.now + delay, to, msg.clone()));
+        }
+    }
+
+    fn broadcast(&mut self, from: usize, msg: Msg) {
+        for to in 0..self.size {
+            self.send(from, to, msg.clone());
+        }
+    }
+
+    /// The answer node `n` gives to a request about `txn` made at `since`.
+    fn acceptor_answer(&mut self, n: usize, txn: usize, since: i64, f: impl FnOnce(&mut Acceptor) -> Answer) -> Answer {
+        let node = &mut self.nodes[n];
+        if !node.records.contains_key(&txn) && node.started_at > since - MARGIN {
+            return Answer::Unknown;
+        }
+        let record = node.records.entry(txn).or_default();
+        if let Some(o) = node.ended.get(&txn) {
+            record.decide(*o);
+        }
+        f(record)
+    }
+
+    fn end(&mut self, n: usize, txn: usize, outcome: Outcome) {
+        let node = &mut self.nodes[n];
+        if let Some(previous) = node.ended.get(&txn) {
+            assert_eq!(*previous, outcome, "txn {txn} ended twice differently on node {n}");
+            return;
+        }
+        node.ended.insert(txn, outcome);
+        node.records.entry(txn).or_default().decide(outcome);
+        node.precommits.remove(&txn);
+        node.attempts.remove(&txn);
+    }
+
+    fn receive(&mut self, n: usize, msg: Msg) {
+        if !self.nodes[n].up {
+            return;
+        }
+        match msg {
+            Msg::Precommit { txn, ts } => {
+                let (since, c) = (self.txns[txn].since, self.txns[txn].coordinator);
+                let answer = self.acceptor_answer(n, txn, since, |a| {
+                    a.accept(Ballot::coordinator(NodeId(c as u32 + 1)), Outcome::Commit { ts })
+                });
+                self.send(n, c, Msg::Answer { txn, from: n, answer, phase: 0 });
+            }
+            Msg::Promise { txn, ballot, since } => {
+                let answer = self.acceptor_answer(n, txn, since, |a| a.promise(ballot));
+                self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 1 });
+            }
+            Msg::Accept { txn, ballot, since, outcome } => {
+                let answer = self.acceptor_answer(n, txn, since, |a| a.accept(ballot, outcome));
+                self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 2 });
+            }
+            Msg::Decided { txn, outcome } => self.end(n, txn, outcome),
+            Msg::Answer { txn, from, answer, phase: 0 } => {
+                let size = self.size;
+                let Some((ts, voters)) = self.nodes[n].precommits.get_mut(&txn) else { return };
+                if answer == Answer::Accepted && !voters.contains(&from) {
+                    voters.push(from);
+                }
+                if voters.len() * 2 > size {
+                    let outcome = Outcome::Commit { ts: *ts };
+                    self.end(n, txn, outcome);
+                    self.txns[txn].acknowledged = true;
+                    self.broadcast(n, Msg::Decided { txn, outcome });
+                }
+            }
+            Msg::Answer { txn, from, answer, phase } => {
+                let size = self.size;
+                let Some(attempt) = self.nodes[n].attempts.get_mut(&txn) else { return };
+                if attempt.phase != phase {
+                    return;
+                }
+                attempt.answers.insert(from, answer);
+                let answers: Vec<(NodeId, Answer)> =
+                    attempt.answers.iter().map(|(k, v)| (NodeId(*k as u32 + 1), *v)).collect();
+                let (ballot, proposed) = (attempt.ballot, attempt.proposed);
+                if phase == 1 {
+                    match after_promises(size, &answers) {
+                        Next::Decided(o) => self.settled(n, txn, o),
+                        Next::Propose(o) => {
+                            let attempt = self.nodes[n].attempts.get_mut(&txn).expect("attempt");
+                            attempt.phase = 2;
+                            attempt.proposed = o;
+                            attempt.answers.clear();
+                            let since = self.txns[txn].since;
+                            self.broadcast(n, Msg::Accept { txn, ballot, since, outcome: o });
+                        }
+                        Next::Retry { above } => {
+                            let node = &mut self.nodes[n];
+                            node.round = node.round.max(above);
+                        }
+                    }
+                } else if let Some(o) = after_accepts(size, proposed, &answers) {
+                    self.settled(n, txn, o);
+                }
+            }
+        }
+    }
+
+    fn settled(&mut self, n: usize, txn: usize, outcome: Outcome) {
+        self.end(n, txn, outcome);
+        self.broadcast(n, Msg::Decided { txn, outcome });
+    }
+
+    /// Node `n` starts (or restarts) settling `txn`.
+    fn resolve(&mut self, n: usize, txn: usize) {
+        let node = &mut self.nodes[n];
+        node.round += 1;
+        let ballot = Ballot { round: node.round, node: n as u32 };
+        node.attempts.insert(
+            txn,
+            Attempt { ballot, phase: 1, proposed: Outcome::Abort, answers: BTreeMap::new(), started: self.now },
+        );
+        let since = self.txns[txn].since;
+        self.broadcast(n, Msg::Promise { txn, ballot, since });
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        // Deliver what is due, in a random order among equals.
+        let mut due = Vec::new();
+        self.net.retain(|(at, to, m)| {
+            if *at <= self.now {
+                due.push((*to, m.clone()));
+                false
+            } else {
+                true
+            }
+        });
+        while !due.is_empty() {
+            let i = self.rng.below(due.len() as u64) as usize;
+            let (to, m) = due.swap_remove(i);
+            self.receive(to, m);
+        }
+        // Coordinators start their transactions (a coordinator may instead roll back).
+        for txn in 0..self.txns.len() {
+            let (c, since) = (self.txns[txn].coordinator, self.txns[txn].since);
+            if since == self.now as i64 && self.nodes[c].up {
+                if self.rng.chance(15) {
+                    self.settled(c, txn, Outcome::Abort);
+                } else {
+                    let ts = since * 10 + 1;
+                    let answer = self.acceptor_answer(c, txn, since, |a| {
+                        a.accept(Ballot::coordinator(NodeId(c as u32 + 1)), Outcome::Commit { ts })
+                    });
+                    if answer == Answer::Accepted {
+                        self.nodes[c].precommits.insert(txn, (ts, vec![c]));
+                        self.broadcast(c, Msg::Precommit { txn, ts });
+                    }
+                }
+            }
+        }
+        // Nodes settle what they hold prepared for a while (any node, any time: the worst case).
+        for n in 0..self.size {
+            if !self.nodes[n].up {
+                continue;
+            }
+            for txn in 0..self.txns.len() {
+                let started = self.txns[txn].since;
+                let stale = self.nodes[n].attempts.get(&txn).is_none_or(|a| self.now - a.started > 30);
+                if started + 10 < self.now as i64
+                    && !self.nodes[n].ended.contains_key(&txn)
+                    && stale
+                    && self.rng.chance(if self.faults { 5 } else { 20 })
+                {
+                    self.resolve(n, txn);
+                }
+            }
+        }
+        if !self.faults {
+            return;
+        }
+        // Faults: crash, restart, cut and heal links.
+        let n = self.rng.below(self.size as u64) as usize;
+        if self.rng.chance(2) && self.nodes[n].up {
+            let node = &mut self.nodes[n];
+            node.up = false;
+            node.records.clear();
+            node.precommits.clear();
+            node.attempts.clear();
+        } else if self.rng.chance(10) && !self.nodes[n].up {
+            self.nodes[n].up = true;
+            self.nodes[n].started_at = self.now as i64;
+        }
+        if self.rng.chance(2) {
+            let a = self.rng.below(self.size as u64) as usize;
+            let b = self.rng.below(self.size as u64) as usize;
+            if a != b {
+                self.cut.push((a.min(b), a.max(b)));
+            }
+        }
+        if self.rng.chance(5) {
+            self.cut.clear();
+        }
+    }
+
+    fn check_agreement(&self) {
+        for txn in 0..self.txns.len() {
+            let outcomes: Vec<Outcome> = self.nodes.iter().filter_map(|n| n.ended.get(&txn).copied()).collect();
+            for o in &outcomes {
+                let same = match (o, outcomes[0]) {
+                    (Outcome::Abort, Outcome::Abort) => true,
+                    (Outcome::Commit { .. }, Outcome::Commit { .. }) => true,
+                    _ => false,
+                };
+                assert!(same, "txn {txn}: outcomes differ across nodes: {outcomes:?}");
+            }
+            if self.txns[txn].acknowledged {
+                assert!(
+                    outcomes.iter().all(|o| matches!(o, Outcome::Commit { .. })),
+                    "txn {txn}: acknowledged but rolled back somewhere"
+                );
+            }
+        }
+    }
+}
+
+fn run(seed: u64) {
+    let size = if seed % 3 == 0 { 5 } else { 3 };
+    let mut sim = Sim::new(seed, size, 12);
+    for _ in 0..400 {
+        sim.step();
+        sim.check_agreement();
+    }
+    // Faults stop: everything comes back, and every transaction ends everywhere.
+    sim.faults = false;
+    sim.cut.clear();
+    for n in 0..size {
+        if !sim.nodes[n].up {
+            sim.nodes[n].up = true;
+            sim.nodes[n].started_at = sim.now as i64;
+        }
+    }
+    // A node that restarted after a transaction began may have forgotten accepting it, and
+    // takes no part: a transaction ends for sure only while a majority never forgot it.
+    let settleable: Vec<usize> = (0..sim.txns.len())
+        .filter(|&t| {
+            let since = sim.txns[t].since;
+            sim.nodes.iter().filter(|n| n.started_at <= since - MARGIN).count() * 2 > size
+        })
+        .collect();
+    let open = |sim: &Sim| {
+        let mut open = Vec::new();
+        for n in 0..size {
+            for &t in &settleable {
+                if !sim.nodes[n].ended.contains_key(&t) {
+                    open.push((n, t));
+                }
+            }
+        }
+        open
+    };
+    for _ in 0..2000 {
+        sim.step();
+        sim.check_agreement();
+        if open(&sim).is_empty() {
+            return;
+        }
+    }
+    let mut open = open(&sim);
+    open.truncate(10);
+    panic!("seed {seed}: transactions still in doubt after the faults stopped (node, txn): {open:?}");
+}
+
+#[test]
+fn settlement_is_safe_and_ends_under_faults() {
+    if let Some(seed) = std::env::var("SETTLEMENT_SEED").ok().and_then(|s| s.parse().ok()) {
+        run(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("SETTLEMENT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    for seed in 1..=seeds {
+        let outcome = std::panic::catch_unwind(|| run(seed));
+        if let Err(e) = outcome {
+            let message = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("seed {seed} failed (replay: SETTLEMENT_SEED={seed}): {message}");
+        }
+    }
+}

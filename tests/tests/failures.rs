@@ -1,0 +1,380 @@
+//! Failures: a node cut off or killed, a link cut, a coordinator dying in the middle of a
+//! commit. Nothing acknowledged is lost, nothing diverges, nothing stays in doubt.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// The cluster's heartbeat_recv_timeout in these tests.
+const SILENCE: Duration = Duration::from_millis(1000);
+
+fn start(schema: &str) -> Cluster {
+    let cluster = ClusterBuilder::new(3)
+        .set("multimaster.heartbeat_send_timeout", "100")
+        .set("multimaster.heartbeat_recv_timeout", &SILENCE.as_millis().to_string())
+        .start();
+    for node in cluster.nodes() {
+        node.execute(&format!("CREATE EXTENSION mmts; {schema}"));
+    }
+    cluster.wait_replicating(WAIT);
+    cluster
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+fn count(node: &Node, sql: &str) -> i64 {
+    node.query_value(sql).and_then(|v| v.parse().ok()).unwrap_or(-1)
+}
+
+fn state(node: &Node) -> String {
+    node.query_value("SELECT state FROM mtm.get_cluster_state()").unwrap_or_default()
+}
+
+/// Tries `sql` on `node` until it succeeds; returns how long that took.
+fn until_it_works(node: &Node, sql: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match node.try_connect(Duration::from_secs(2)).and_then(|mut c| c.batch_execute(sql)) {
+            Ok(()) => return started.elapsed(),
+            Err(e) if started.elapsed() > timeout => panic!("node {}: {sql}: still failing: {e}", node.id),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Waits until `node` runs no prepared transaction any more; returns how long that took.
+fn until_no_prepared(node: &Node, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    wait_for(&format!("no prepared transactions on node {}", node.id), timeout, || {
+        count(node, "SELECT count(*) FROM pg_prepared_xacts") == 0
+    });
+    started.elapsed()
+}
+
+/// A node cut off from the others refuses writes within about heartbeat_recv_timeout while
+/// the other two go on; healed, it catches up and takes writes again.
+#[test]
+fn the_minority_refuses_writes_and_rejoins_when_healed() {
+    let cluster = start("CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    cluster.node(3).execute("INSERT INTO t VALUES (0, 'before')");
+    let generation = |n: &Node| count(n, "SELECT generation FROM mtm.get_cluster_state()");
+    let generation_before = generation(cluster.node(1));
+
+    cluster.isolate(3);
+    let cut = Instant::now();
+    // Node 3 refuses writes, with the SQLSTATE and hint of a node out of the cluster.
+    let mut c3 = cluster.node(3).connect();
+    let refusal = loop {
+        match c3.batch_execute("INSERT INTO t VALUES (-1, 'isolated')") {
+            Err(e) if sqlstate(&e) == "55000" => break e,
+            _ if cut.elapsed() > Duration::from_secs(10) => panic!("node 3 still takes writes 10 s after the cut"),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let detected = cut.elapsed();
+    let db = refusal.as_db_error().expect("a server error");
+    assert!(db.message().contains("does not accept writes"), "{}", db.message());
+    assert!(db.hint().is_some_and(|h| h.contains("online node")), "{:?}", db.hint());
+    assert_eq!(state(cluster.node(3)), "isolated");
+    // Reads still work there.
+    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM t WHERE id = 0"), 1);
+    // The majority goes on.
+    let resumed = until_it_works(cluster.node(1), "INSERT INTO t VALUES (1, 'majority')", Duration::from_secs(10));
+    for i in 2..=50 {
+        cluster.node(1 + i % 2).execute(&format!("INSERT INTO t VALUES ({i}, 'majority')"));
+    }
+    assert_eq!(
+        cluster.node(1).query_value("SELECT members::text FROM mtm.get_cluster_state()").as_deref(),
+        Some("{1,2}")
+    );
+    assert!(generation(cluster.node(1)) > generation_before);
+
+    cluster.heal_all();
+    let healed = Instant::now();
+    wait_for("node 3 online again", WAIT, || state(cluster.node(3)) == "online");
+    let back = healed.elapsed();
+    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM t"), 51, "node 3 caught up");
+    until_it_works(cluster.node(3), "INSERT INTO t VALUES (100, 'back')", Duration::from_secs(10));
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM t"), 52, "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM t WHERE id = -1"), 0);
+    }
+    eprintln!(
+        "minority: node 3 refused writes {} ms after the cut; the majority committed again after {} ms; node 3 online {} ms after healing",
+        detected.as_millis(),
+        resumed.as_millis(),
+        back.as_millis()
+    );
+    assert!(detected < 5 * SILENCE, "detection took {detected:?}");
+}
+
+/// The coordinator dies after its peers prepared: the transaction ends the same way on every
+/// node, committed if the coordinator had a majority's precommit, rolled back if not, with no
+/// prepared transaction left, without waiting for the coordinator.
+#[test]
+fn a_dead_coordinators_transaction_ends_alike_everywhere() {
+    let mut cluster = start("CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    for (failpoint, id, committed) in [("before_commit", 1, true), ("before_precommit", 2, false)] {
+        let node1 = cluster.node(1).connstr();
+        let client = std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&node1, postgres::NoTls).expect("connect");
+            c.batch_execute(&format!("SET multimaster.failpoint = '{failpoint}'")).unwrap();
+            // Ends when the node is killed.
+            let _ = c.batch_execute(&format!("INSERT INTO t VALUES ({id}, '{failpoint}')"));
+        });
+        for node in &cluster.nodes()[1..] {
+            wait_for(&format!("prepared on node {}", node.id), WAIT, || {
+                count(node, "SELECT count(*) FROM pg_prepared_xacts") == 1
+            });
+        }
+        // The failpoint is reached right after the votes (before_precommit) or the precommit.
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.node_mut(1).kill9();
+        let killed = Instant::now();
+        let _ = client.join();
+        for node in &cluster.nodes()[1..] {
+            until_no_prepared(node, 10 * SILENCE);
+        }
+        let settled = killed.elapsed();
+        let expected = i64::from(committed);
+        for node in &cluster.nodes()[1..] {
+            assert_eq!(
+                count(node, &format!("SELECT count(*) FROM t WHERE id = {id}")),
+                expected,
+                "{failpoint}: node {}",
+                node.id
+            );
+        }
+        // The coordinator comes back and ends its own copy the same way.
+        cluster.node_mut(1).start();
+        cluster.wait_replicating(WAIT);
+        until_no_prepared(cluster.node(1), WAIT);
+        assert_eq!(
+            count(cluster.node(1), &format!("SELECT count(*) FROM t WHERE id = {id}")),
+            expected,
+            "{failpoint}: node 1"
+        );
+        eprintln!(
+            "coordinator killed at {failpoint}: {} on nodes 2 and 3 within {} ms",
+            if committed { "committed" } else { "rolled back" },
+            settled.as_millis()
+        );
+        assert!(settled < 2 * SILENCE + Duration::from_secs(3), "settling took {settled:?}");
+    }
+}
+
+/// Transfers between accounts from every node while, every few seconds, a node is killed and
+/// restarted, a node is cut off and healed, or one link is cut and healed. Every read on every
+/// node that answers sees the right total; at the end every acknowledged transfer is on every
+/// node, the nodes are identical, and nothing is left prepared.
+#[test]
+fn bank_transfers_survive_crashes_and_partitions() {
+    const ACCOUNTS: i64 = 20;
+    const TOTAL: i64 = ACCOUNTS * 1000;
+    let mut cluster = start(
+        "CREATE TABLE accounts(id bigint PRIMARY KEY, balance bigint NOT NULL);
+         CREATE TABLE transfers(id bigint PRIMARY KEY, src bigint, dst bigint, amount bigint)",
+    );
+    cluster.node(1).execute(&format!("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, {ACCOUNTS}) g"));
+    let seconds: u64 = std::env::var("MMTS_FAULT_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let ports: Vec<(usize, String)> = cluster.nodes().iter().map(|n| (n.id, n.connstr())).collect();
+    let stop = AtomicBool::new(false);
+    let acknowledged = Mutex::new(HashSet::new());
+    let refused = Mutex::new(HashSet::new());
+    let errors = Mutex::new(BTreeMap::<String, u64>::new());
+    let bad_reads = Mutex::new(Vec::new());
+    let next_id = AtomicU64::new(1);
+    let mut log = Vec::new();
+    /// Stops the clients however the fault schedule ends (a failed check panics in it).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        for (node_id, connstr) in &ports {
+            for writer in 0..2 {
+                let (stop, acknowledged, refused, errors, next_id) =
+                    (&stop, &acknowledged, &refused, &errors, &next_id);
+                s.spawn(move || {
+                    let mut seed = (*node_id * 7 + writer + 1) as u64 * 0x9E37_79B9;
+                    let mut rand = move |n: i64| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed % n as u64) as i64
+                    };
+                    let mut client: Option<postgres::Client> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(c) = client.as_mut().filter(|c| !c.is_closed()) else {
+                            client = connect(connstr);
+                            if client.is_none() {
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            continue;
+                        };
+                        let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
+                        let src = 1 + rand(ACCOUNTS);
+                        let dst = 1 + (src + rand(ACCOUNTS - 1)) % ACCOUNTS;
+                        let amount = 1 + rand(50);
+                        let result = c.batch_execute(&format!(
+                            "BEGIN;
+                             UPDATE accounts SET balance = balance - {amount} WHERE id = {src};
+                             UPDATE accounts SET balance = balance + {amount} WHERE id = {dst};
+                             INSERT INTO transfers VALUES ({id}, {src}, {dst}, {amount});
+                             COMMIT"
+                        ));
+                        match result {
+                            Ok(()) => {
+                                acknowledged.lock().unwrap().insert(id);
+                            }
+                            Err(e) => {
+                                let code = sqlstate(&e);
+                                // Refused for sure (the others may have any outcome).
+                                if ["40001", "40P01", "55000"].contains(&code.as_str()) {
+                                    refused.lock().unwrap().insert(id);
+                                }
+                                *errors
+                                    .lock()
+                                    .unwrap()
+                                    .entry(if code.is_empty() { "connection".into() } else { code })
+                                    .or_default() += 1;
+                                let _ = c.batch_execute("ROLLBACK");
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                    }
+                });
+            }
+            let (stop, bad_reads) = (&stop, &bad_reads);
+            s.spawn(move || {
+                let mut client: Option<postgres::Client> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    match client.as_mut().filter(|c| !c.is_closed()) {
+                        Some(c) => {
+                            if let Ok(row) = c.query_one("SELECT sum(balance)::bigint FROM accounts", &[]) {
+                                let total: i64 = row.get(0);
+                                if total != TOTAL {
+                                    bad_reads.lock().unwrap().push((*node_id, total));
+                                }
+                            }
+                        }
+                        None => client = connect(connstr),
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            });
+        }
+
+        // The fault schedule: one fault every 10 s, each lasting 5 s, in turn.
+        let started = Instant::now();
+        let mut round = 0;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            std::thread::sleep(Duration::from_secs(5));
+            let victim = 1 + round % 3;
+            match round % 3 {
+                0 => {
+                    cluster.node_mut(victim).kill9();
+                    std::thread::sleep(Duration::from_secs(5));
+                    let restarted = Instant::now();
+                    cluster.node_mut(victim).start();
+                    wait_for("the restarted node online", WAIT, || state(cluster.node(victim)) == "online");
+                    log.push(format!(
+                        "kill -9 node {victim}: online {} ms after restart",
+                        restarted.elapsed().as_millis()
+                    ));
+                }
+                1 => {
+                    cluster.isolate(victim);
+                    std::thread::sleep(Duration::from_secs(4));
+                    let node = cluster.node(victim);
+                    let write = node
+                        .try_connect(Duration::from_secs(2))
+                        .and_then(|mut c| c.batch_execute("UPDATE accounts SET balance = balance WHERE id = 1"));
+                    let code = write.as_ref().err().map(sqlstate).unwrap_or_default();
+                    assert_eq!(code, "55000", "isolated node {victim} took a write: {write:?}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    cluster.heal_all();
+                    let healed = Instant::now();
+                    wait_for("the healed node online", WAIT, || state(cluster.node(victim)) == "online");
+                    log.push(format!(
+                        "node {victim} cut off: refused writes; online {} ms after healing",
+                        healed.elapsed().as_millis()
+                    ));
+                }
+                _ => {
+                    let other = 1 + victim % 3;
+                    cluster.cut(victim, other);
+                    std::thread::sleep(Duration::from_secs(5));
+                    cluster.heal_all();
+                    let healed = Instant::now();
+                    wait_for("all online after a link cut", WAIT, || {
+                        cluster.nodes().iter().all(|n| state(n) == "online")
+                    });
+                    log.push(format!(
+                        "link {victim}-{other} cut: all online {} ms after healing",
+                        healed.elapsed().as_millis()
+                    ));
+                }
+            }
+            round += 1;
+        }
+    });
+
+    cluster.heal_all();
+    cluster.wait_replicating(WAIT);
+    for node in cluster.nodes() {
+        until_no_prepared(node, WAIT);
+    }
+    let acknowledged = acknowledged.into_inner().unwrap();
+    let refused = refused.into_inner().unwrap();
+    eprintln!(
+        "bank under faults: {} s, {} transfers acknowledged, errors {:?}",
+        seconds,
+        acknowledged.len(),
+        errors.lock().unwrap()
+    );
+    for line in &log {
+        eprintln!("  {line}");
+    }
+    assert!(bad_reads.lock().unwrap().is_empty(), "reads with a wrong total: {:?}", bad_reads.lock().unwrap());
+    assert!(acknowledged.len() > 100, "only {} transfers acknowledged", acknowledged.len());
+    let mut snapshots = Vec::new();
+    for node in cluster.nodes() {
+        let mut c = node.connect();
+        let ids: HashSet<i64> =
+            c.query("SELECT id FROM transfers", &[]).unwrap().iter().map(|r| r.get::<_, i64>(0)).collect();
+        let missing: Vec<_> = acknowledged.difference(&ids).take(10).collect();
+        assert!(missing.is_empty(), "node {}: acknowledged transfers missing: {missing:?}", node.id);
+        let present: Vec<_> = refused.intersection(&ids).take(10).collect();
+        assert!(present.is_empty(), "node {}: refused transfers present: {present:?}", node.id);
+        let accounts: Vec<(i64, i64)> = c
+            .query("SELECT id, balance FROM accounts ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(accounts.iter().map(|a| a.1).sum::<i64>(), TOTAL, "node {}", node.id);
+        let mut ids: Vec<i64> = ids.into_iter().collect();
+        ids.sort();
+        snapshots.push((node.id, accounts, ids));
+    }
+    for (id, accounts, transfers) in &snapshots[1..] {
+        assert_eq!(accounts, &snapshots[0].1, "accounts on node {id} differ from node 1");
+        assert_eq!(transfers, &snapshots[0].2, "transfers on node {id} differ from node 1");
+    }
+}
+
+fn connect(connstr: &str) -> Option<postgres::Client> {
+    let mut config: postgres::Config = connstr.parse().ok()?;
+    config.connect_timeout(Duration::from_secs(2));
+    config.connect(postgres::NoTls).ok()
+}
