@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use mmts_core::conflict::{remote_wins, Version};
 use mmts_core::indoubt::Outcome;
 use mmts_core::membership::{bit, format_mask, Mask, State};
-use mmts_core::replication::format_lsn;
-use mmts_core::twopc::{on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX};
+use mmts_core::twopc::{
+    dependencies_met, on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX,
+};
 use mmts_core::wire::{Message, Value};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -147,6 +148,10 @@ impl Applier {
                     .all(|&x| unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(x)) })
         };
         let (ready, still): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting).into_iter().partition(due);
+        if ready.is_empty() {
+            self.waiting = still;
+            return Vec::new();
+        }
         self.waiting = still;
         ready.into_iter().filter_map(|w| self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up)).collect()
     }
@@ -211,19 +216,12 @@ impl Applier {
                     }
                 }
                 twophase::clock_observe(commit_time);
+                self.ended(end_lsn);
                 Some(self.finished(commit_time))
             }
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
                 let preparing = self.preparing.take().unwrap_or_default();
                 self.in_transaction = false;
-                if preparing.key.is_some() && !self.wait_for_dependencies(xid, &preparing, keep_up) {
-                    let vote = Vote::No {
-                        sqlstate: SERIALIZATION_FAILURE.into(),
-                        message: "this node has not yet applied what the transaction depends on".into(),
-                    };
-                    self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
-                    return Some(self.finished(prepare_time));
-                }
                 self.prepare(xid, end_lsn, prepare_time, preparing, keep_up)
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
@@ -262,6 +260,7 @@ impl Applier {
                 twophase::clock_observe(commit_time);
                 // The coordinator returns COMMIT to its client once every peer said this.
                 self.signal_finished(xid, true);
+                self.ended(end_lsn);
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
@@ -283,6 +282,7 @@ impl Applier {
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
                 twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Abort));
+                self.ended(end_lsn);
                 if gucs::synchronous() {
                     // The coordinator reports the rollback once no node holds the rows any more
                     // (a retry at once would otherwise lose to the leftover).
@@ -304,11 +304,21 @@ impl Applier {
             Message::LogicalMessage { transactional: false, prefix, content, lsn } if prefix == SIGNAL_PREFIX => {
                 if let Ok(Signal::Resolved { origin, xid, outcome }) = Signal::decode(&content) {
                     self.carry_out(origin, xid, outcome, lsn, keep_up);
+                    self.ended(lsn);
                 }
                 None
             }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
         }
+    }
+
+    fn set_aside(&mut self, w: Waiting) {
+        self.waiting.push(w);
+    }
+
+    /// The peer's transactions have ended here as far as `end` in its stream.
+    fn ended(&self, end: u64) {
+        crate::status::update(self.peer, |p| p.ended_lsn = p.ended_lsn.max(end));
     }
 
     /// Prepares the peer's transaction `xid` now if it is set aside: its outcome has come.
@@ -360,6 +370,19 @@ impl Applier {
         }
     }
 
+    /// Why the coordinator may have written over rows older than this node's: it had not
+    /// applied all this node committed while it was not a member (it was catching up).
+    fn stale(&self, preparing: &Preparing) -> Option<String> {
+        let need = twophase::must_have_applied(NodeId(self.peer));
+        let seen = preparing.after.iter().find(|(n, _)| n.0 == self.me).map_or(0, |(_, lsn)| *lsn);
+        (seen < need).then(|| {
+            format!(
+                "node {} had not yet applied all that node {} committed while it was catching up",
+                self.peer, self.me
+            )
+        })
+    }
+
     /// Why this node cannot vote yes on a transaction whose coordinator counted `members`.
     fn membership_differs(&self, members: Mask) -> Option<String> {
         let Mode::Multimaster(config) = gucs::mode() else { return None };
@@ -376,49 +399,6 @@ impl Applier {
             ))
         } else {
             None
-        }
-    }
-
-    /// Waits until this node has applied, from every other node, as much as the coordinator
-    /// had when it prepared the transaction: what it read is then here too, and its changes
-    /// land over the same rows. A member gives up (and votes no) after half the coordinator's
-    /// shortest wait; a node catching up must apply it and waits as long as it takes.
-    fn wait_for_dependencies(&self, xid: u32, preparing: &Preparing, keep_up: &mut dyn FnMut()) -> bool {
-        let member = preparing.members & bit(NodeId(self.me)) != 0;
-        let started = Instant::now();
-        let mut next_log = Duration::from_secs(1);
-        loop {
-            let behind: Vec<String> = preparing
-                .after
-                .iter()
-                .filter(|(n, lsn)| n.0 != self.me && n.0 != self.peer && crate::receiver::applied_from(n.0) < *lsn)
-                .map(|(n, lsn)| format!("node {n} up to {}", format_lsn(*lsn)))
-                .collect();
-            if behind.is_empty() {
-                return true;
-            }
-            let waited = started.elapsed();
-            if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
-                return false;
-            }
-            if waited >= next_log {
-                next_log *= 2;
-                log(format!(
-                    "mmts: transaction {xid} of node {} has waited {} ms for this node to apply {}",
-                    self.peer,
-                    waited.as_millis(),
-                    behind.join(", ")
-                ));
-            }
-            keep_up();
-            nap(1);
-            if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
-                ereport!(
-                    PgLogLevel::ERROR,
-                    PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
-                    "mmts: receiver stopping while a transaction waits for its dependencies"
-                );
-            }
         }
     }
 
@@ -457,11 +437,44 @@ impl Applier {
         // A member votes; a node that is not (catching up) must apply it whatever it takes.
         let member = preparing.members & bit(NodeId(self.me)) != 0;
         if key.is_some() && member {
-            if let Some(message) = self.membership_differs(preparing.members) {
+            if let Some(message) = self.membership_differs(preparing.members).or_else(|| self.stale(&preparing)) {
                 let vote = Vote::No { sqlstate: SERIALIZATION_FAILURE.into(), message };
                 self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
                 return Some(self.finished(prepare_time));
             }
+        }
+        // What the coordinator had applied of the other streams must be applied here first,
+        // so that the transaction's changes land over the rows it saw. Until then it is set
+        // aside (its own stream goes on); a member gives up after half the coordinator's
+        // shortest wait, a node catching up waits as long as it takes.
+        let skip = [NodeId(self.me), NodeId(self.peer)];
+        if key.is_some() && !dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip) {
+            let waited = first_attempt.elapsed();
+            if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
+                let vote = Vote::No {
+                    sqlstate: SERIALIZATION_FAILURE.into(),
+                    message: format!("node {} has not yet applied what the transaction depends on", self.me),
+                };
+                self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+                return Some(self.finished(prepare_time));
+            }
+            if waited >= Duration::from_secs(1) && !preparing.reported {
+                preparing.reported = true;
+                log(format!(
+                    "mmts: transaction {xid} of node {} has waited {} ms for this node to apply what it depends on",
+                    self.peer,
+                    waited.as_millis()
+                ));
+            }
+            self.set_aside(Waiting {
+                xid,
+                end_lsn,
+                prepare_time,
+                preparing,
+                holders: Vec::new(),
+                recheck: Instant::now(),
+            });
+            return None;
         }
         let gid = self.gid(xid);
         self.synchronous = key.is_some();
@@ -566,7 +579,7 @@ impl Applier {
                     },
                     // Half the coordinator's shortest wait: the reason reaches it in time.
                     _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
-                        self.waiting.push(Waiting {
+                        self.set_aside(Waiting {
                             xid,
                             end_lsn,
                             prepare_time,

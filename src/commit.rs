@@ -49,6 +49,8 @@ struct Pending {
     coordinator: Coordinator,
     /// The application's own PREPARE TRANSACTION: only the votes are awaited.
     application: bool,
+    /// The members it is prepared on.
+    members: Mask,
 }
 
 #[derive(Default)]
@@ -533,7 +535,7 @@ fn start_two_phase(gid: CString, application: bool) {
     let members = refuse_unless_online();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let key = Key { ts: twophase::clock_next(), node: config.node_id };
-    let after = config.peers().map(|n| (n.id, crate::receiver::applied_from(n.id.0))).collect();
+    let after = config.peers().map(|n| (n.id, status::applied(n.id.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let slot = match twophase::register(xid, key, procno) {
@@ -554,7 +556,7 @@ fn start_two_phase(gid: CString, application: bool) {
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let deadline = key.ts + gucs::vote_timeout_us(ran);
     let coordinator = Coordinator::new(config.nodes.len(), live, key.ts, deadline);
-    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application }));
+    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members }));
 }
 
 // ---- finishing, before the client hears ----------------------------------------------------
@@ -785,6 +787,7 @@ fn finish(mut p: Pending) {
             failpoint("before_commit");
             finish_prepared(&p.gid, true);
             twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
+            twophase::committed_without(p.members, unsafe { pg_sys::XactLastCommitEnd });
             twophase::clock_observe(now());
             // COMMIT returns once every live peer has committed too.
             let late = wait_finished(&mut p);

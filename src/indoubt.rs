@@ -222,6 +222,10 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
     if !own {
         twophase::unregister_applied(origin.0, Some(xid));
         twophase::emit(&Signal::Resolved { origin, xid, outcome }, false);
+        if commit {
+            // Every node must have applied this far before it writes again.
+            twophase::committed_without(0, unsafe { pg_sys::GetXLogInsertRecPtr() });
+        }
     }
     if done {
         log(format!(

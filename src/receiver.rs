@@ -49,37 +49,6 @@ pub fn origin_name(node: u32) -> String {
     format!("mtm_node_{node}")
 }
 
-thread_local! {
-    static ORIGINS: std::cell::RefCell<std::collections::HashMap<u32, pg_sys::RepOriginId>> = Default::default();
-}
-
-/// How far this node has applied node `node`'s stream: the end of the last of its transactions
-/// prepared or committed here (0: nothing yet).
-pub fn applied_from(node: u32) -> u64 {
-    let cached = ORIGINS.with(|o| o.borrow().get(&node).copied());
-    let id = cached.unwrap_or_else(|| {
-        let name = std::ffi::CString::new(origin_name(node)).expect("no NUL");
-        let id = unsafe {
-            if pg_sys::IsTransactionState() {
-                pg_sys::replorigin_by_name(name.as_ptr(), true)
-            } else {
-                pg_sys::StartTransactionCommand();
-                let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
-                pg_sys::CommitTransactionCommand();
-                id
-            }
-        };
-        if id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            ORIGINS.with(|o| o.borrow_mut().insert(node, id));
-        }
-        id
-    });
-    if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-        return 0;
-    }
-    unsafe { pg_sys::replorigin_get_progress(id, false) }
-}
-
 fn log(msg: String) {
     ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
 }
@@ -143,6 +112,8 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
 
     // Transactions of the peer prepared by an earlier run of this worker are no longer tracked.
     twophase::unregister_applied(peer_id, None);
+    let applied = unsafe { pg_sys::replorigin_session_get_progress(false) };
+    status::update(peer_id, |p| p.ended_lsn = applied);
 
     let mut backoff = Duration::from_millis(200);
     let mut resolver = Resolver::new();
@@ -170,7 +141,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         if !BackgroundWorker::wait_latch(Some(backoff)) {
             break;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -28,9 +28,18 @@ pub struct PeerStatus {
     pub transactions_applied: u64,
     /// The receiver has applied what the peer had to send when it connected.
     pub caught_up: bool,
+    /// End LSN (in the peer's WAL) of the last of its transactions committed or rolled back
+    /// here: those end in stream order (prepares may not).
+    pub ended_lsn: u64,
     /// The peer's last heartbeat, and when it came (0: never).
     pub report: Report,
     pub report_time: pg_sys::TimestampTz,
+}
+
+/// How far this node has applied node `id`'s stream: the end of the last of its
+/// transactions committed or rolled back here (see `mmts_core::twopc::dependencies_met`).
+pub fn applied(id: u32) -> u64 {
+    peer(id).ended_lsn
 }
 
 #[derive(Clone, Copy)]

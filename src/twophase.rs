@@ -113,6 +113,9 @@ pub struct Shared {
     record_uses: u64,
     /// When shared memory was set up: the records are empty from then on.
     started_at: i64,
+    /// Per node (index id - 1): the end of the last commit this node wrote for a transaction
+    /// that node did not take part in.
+    committed_without: [u64; MAX_NODES as usize],
 }
 
 impl Default for Shared {
@@ -125,6 +128,7 @@ impl Default for Shared {
             records: [Record::default(); RECORDS],
             record_uses: 0,
             started_at: unsafe { pg_sys::GetCurrentTimestamp() },
+            committed_without: [0; MAX_NODES as usize],
         }
     }
 }
@@ -177,6 +181,24 @@ pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) 
     };
     s.records[i].used_at = now;
     f(&mut s.records[i].acceptor)
+}
+
+/// This node committed, ending at `end` in its WAL, a transaction that the nodes outside
+/// `members` did not take part in: before one of them coordinates a transaction, it must have
+/// applied this node's stream that far (see [`must_have_applied`]).
+pub fn committed_without(members: mmts_core::membership::Mask, end: u64) {
+    let mut s = SHARED.exclusive();
+    for (i, e) in s.committed_without.iter_mut().enumerate() {
+        if members & (1 << i) == 0 {
+            *e = (*e).max(end);
+        }
+    }
+}
+
+/// How far node `node` must have applied this node's stream to write (see
+/// [`committed_without`]): otherwise it may not have seen some rows this node committed.
+pub fn must_have_applied(node: NodeId) -> u64 {
+    SHARED.share().committed_without[node.0 as usize - 1]
 }
 
 /// How transaction `xid` of node `origin` ended here, when this node knows.

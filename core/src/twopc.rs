@@ -59,6 +59,14 @@ pub fn on_conflict(applying: Key, holder: Option<Key>) -> OnConflict {
     }
 }
 
+/// Whether this node has applied, of every other node's stream, the transactions ended
+/// (committed or rolled back) that the coordinator had when it prepared: `need` lists, per
+/// node, the end LSN of the last one; `have` gives this node's. `skip`: this node and the
+/// transaction's own stream (applied in order anyway).
+pub fn dependencies_met(need: &[(NodeId, u64)], mut have: impl FnMut(NodeId) -> u64, skip: [NodeId; 2]) -> bool {
+    need.iter().filter(|(n, _)| !skip.contains(n)).all(|(n, lsn)| have(*n) >= *lsn)
+}
+
 /// A peer's answer after trying to prepare a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Vote {
@@ -73,9 +81,9 @@ pub enum Vote {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Signal {
     /// Written by a coordinator inside its transaction: the members (see
-    /// [`crate::membership`]) must vote on it. `after` is, for other nodes, how far the
-    /// coordinator had applied their streams when it prepared (their end LSNs): a node
-    /// applies it only once it has applied as much, so that it sees what the transaction saw.
+    /// [`crate::membership`]) must vote on it. `after` is how far the coordinator had applied
+    /// the other nodes' streams when it prepared: a node applies the transaction only once it
+    /// has applied as much (see [`dependencies_met`]), so that it sees what the transaction saw.
     Coordinated {
         key: Key,
         members: Mask,
@@ -491,6 +499,18 @@ mod tests {
             c.on_peer_lost(n(i));
         }
         assert!(!c.all_finished(), "2 of 5 know the commit: not a majority");
+    }
+
+    #[test]
+    fn dependencies_are_every_other_stream_applied_far_enough() {
+        let need = [(n(2), 90), (n(3), 500)];
+        assert!(!dependencies_met(&need, |_| 100, [n(1), n(4)]));
+        assert!(dependencies_met(&need, |_| 100, [n(1), n(3)]));
+        assert!(dependencies_met(&need, |n| if n == n2() { 90 } else { 500 }, [n(1), n(4)]));
+    }
+
+    fn n2() -> NodeId {
+        n(2)
     }
 
     #[test]
