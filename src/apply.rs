@@ -226,19 +226,7 @@ impl Applier {
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 self.prepare_set_aside(xid, keep_up);
-                let gid = self.gid(xid);
-                let found = PgTryBuilder::new(|| unsafe {
-                    start_transaction();
-                    set_origin_position(end_lsn, commit_time);
-                    twophase::finish_prepared(&gid, true);
-                    pg_sys::CommitTransactionCommand();
-                    true
-                })
-                .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
-                    unsafe { pg_sys::AbortCurrentTransaction() };
-                    false
-                })
-                .execute();
+                let found = finish_at(&self.gid(xid), true, end_lsn, commit_time);
                 if found {
                     twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
                 } else if twophase::decided(NodeId(self.peer), xid).is_some() {
@@ -347,19 +335,8 @@ impl Applier {
             Outcome::Commit { ts } => (true, ts),
             Outcome::Abort => (false, unsafe { pg_sys::GetCurrentTimestamp() }),
         };
-        let done = PgTryBuilder::new(|| unsafe {
-            start_transaction();
-            // The commit records the settled timestamp, as on every node.
-            set_origin_position(lsn, time);
-            twophase::finish_prepared(&gid, commit);
-            pg_sys::CommitTransactionCommand();
-            true
-        })
-        .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            false
-        })
-        .execute();
+        // The commit records the settled timestamp, as on every node.
+        let done = finish_at(&gid, commit, lsn, time);
         twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
         if done {
             twophase::unregister_applied(origin.0, Some(xid));
@@ -447,7 +424,11 @@ impl Applier {
         // so that the transaction's changes land over the rows it saw. Until then it is set
         // aside (its own stream goes on); a member gives up after half the coordinator's
         // shortest wait, a node catching up waits as long as it takes.
-        let skip = [NodeId(self.me), NodeId(self.peer)];
+        let partition = match gucs::mode() {
+            Mode::Multimaster(config) => crate::status::current(config).view.partition,
+            Mode::Standalone => 0,
+        };
+        let skip = |n: NodeId| n.0 == self.me || n.0 == self.peer || partition & bit(n) == 0;
         if key.is_some() && !dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip) {
             let waited = first_attempt.elapsed();
             if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
@@ -978,6 +959,23 @@ unsafe fn invalidate_named_table(row: &[Value]) {
             pg_sys::CacheInvalidateRelcacheByRelid(relid);
         }
     }
+}
+
+/// COMMIT (or ROLLBACK) PREPARED `gid` as the peer's stream says at `end_lsn`, recording `time`
+/// (the commit timestamp); `false` when `gid` is not prepared here.
+fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) -> bool {
+    PgTryBuilder::new(|| unsafe {
+        start_transaction();
+        set_origin_position(end_lsn, time);
+        twophase::finish_prepared(gid, commit);
+        pg_sys::CommitTransactionCommand();
+        true
+    })
+    .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        false
+    })
+    .execute()
 }
 
 /// Sleeps `ms` milliseconds on the latch.

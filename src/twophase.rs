@@ -474,14 +474,16 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
 }
 
 /// How far apart the nodes' clocks may be for [`forgotten`].
-const CLOCK_MARGIN_US: i64 = 1_000_000;
+const CLOCK_MARGIN_US: i64 = 100_000;
 
 /// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
-/// and forgotten it: it has no record of it and restarted after it began (the records live in
-/// shared memory).
+/// and forgotten it: it has no record of it, did not prepare it since it started, and started
+/// after the transaction began (the records live in shared memory). Assumes the nodes' clocks
+/// agree within [`CLOCK_MARGIN_US`], as NTP keeps them.
 fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     let s = SHARED.share();
-    let known = s.records.iter().any(|r| r.origin == origin.0 && r.xid == xid);
+    let known = s.records.iter().any(|r| r.origin == origin.0 && r.xid == xid)
+        || s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
     !known && s.started_at > since - CLOCK_MARGIN_US
 }
 
