@@ -106,7 +106,7 @@ impl Resolver {
             let id = peer.id.0;
             if !self.conns.contains_key(&id) {
                 let app = format!("{}_resolver", status::application_name(config.node_id.0));
-                match Connection::connect(&format!("{} connect_timeout=2", peer.conninfo), &app, false) {
+                match Connection::connect(&peer.conninfo.to_string(), &app, false) {
                     Ok(c) => {
                         self.conns.insert(id, c);
                     }

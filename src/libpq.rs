@@ -90,7 +90,7 @@ impl Connection {
         // Later keywords win, and `dbname` is expanded as a whole connection string, so the
         // user's own connect_timeout (inside it) overrides the default.
         let options = c"-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
-        let values = [c"10".as_ptr(), conninfo.as_ptr(), app.as_ptr(), options.as_ptr(), c"database".as_ptr()];
+        let values = [c"2".as_ptr(), conninfo.as_ptr(), app.as_ptr(), options.as_ptr(), c"database".as_ptr()];
         let n = if replication { keys.len() } else { keys.len() - 1 };
         let mut keywords: Vec<*const c_char> = keys[..n].iter().map(|k| k.as_ptr()).collect();
         let mut values: Vec<*const c_char> = values[..n].to_vec();
