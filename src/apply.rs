@@ -226,7 +226,11 @@ impl Applier {
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 self.prepare_set_aside(xid, keep_up);
+                let members = twophase::applied_members(self.peer, xid);
                 let found = finish_at(&self.gid(xid), true, end_lsn, commit_time);
+                if let (true, Some(members)) = (found, members) {
+                    twophase::committed_without(members, NodeId(self.peer), end_lsn);
+                }
                 if found {
                     twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
                 } else if twophase::decided(NodeId(self.peer), xid).is_some() {
@@ -339,6 +343,10 @@ impl Applier {
         let done = finish_at(&gid, commit, lsn, time);
         twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
         if done {
+            if commit {
+                // Announced in the peer's stream: everyone must have applied that far to write.
+                twophase::committed_without(0, NodeId(self.peer), lsn);
+            }
             twophase::unregister_applied(origin.0, Some(xid));
             log(format!(
                 "mmts: {} transaction {xid} of node {origin} as the cluster settled it",
@@ -351,13 +359,12 @@ impl Applier {
     /// applied all this node committed while it was not a member (it was catching up).
     fn stale(&self, preparing: &Preparing) -> Option<String> {
         let need = twophase::must_have_applied(NodeId(self.peer));
-        let seen = preparing.after.iter().find(|(n, _)| n.0 == self.me).map_or(0, |(_, lsn)| *lsn);
-        (seen < need).then(|| {
-            format!(
-                "node {} had not yet applied all that node {} committed while it was catching up",
-                self.peer, self.me
-            )
-        })
+        let seen = |p: u32| preparing.after.iter().find(|(n, _)| n.0 == p).map_or(0, |(_, lsn)| *lsn);
+        let behind = (1..=need.len() as u32).find(|&p| p != self.peer && seen(p) < need[p as usize - 1])?;
+        Some(format!(
+            "node {} had not yet applied all of node {behind}'s transactions that node {} committed while it was catching up",
+            self.peer, self.me
+        ))
     }
 
     /// Why this node cannot vote yes on a transaction whose coordinator counted `members`.
@@ -517,7 +524,7 @@ impl Applier {
         twophase::set_applying(self.peer, None);
         let vote = match outcome {
             Ok(local_xid) => {
-                twophase::register_applied(local_xid, key, self.peer, xid);
+                twophase::register_applied(local_xid, key, self.peer, xid, preparing.members);
                 Vote::Yes { proposal: twophase::clock_next() }
             }
             Err((code, _, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {

@@ -787,7 +787,7 @@ fn finish(mut p: Pending) {
             failpoint("before_commit");
             finish_prepared(&p.gid, true);
             twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
-            twophase::committed_without(p.members, unsafe { pg_sys::XactLastCommitEnd });
+            twophase::committed_without(p.members, me, unsafe { pg_sys::XactLastCommitEnd });
             twophase::clock_observe(now());
             // COMMIT returns once every live peer has committed too.
             let late = wait_finished(&mut p);

@@ -224,7 +224,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
         twophase::emit(&Signal::Resolved { origin, xid, outcome }, false);
         if commit {
             // Every node must have applied this far before it writes again.
-            twophase::committed_without(0, unsafe { pg_sys::GetXLogInsertRecPtr() });
+            twophase::committed_without(0, me, unsafe { pg_sys::GetXLogInsertRecPtr() });
         }
     }
     if done {

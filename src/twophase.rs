@@ -37,9 +37,11 @@ struct Entry {
     key: Key,
     /// Backend coordinating it (its `pgprocno`), or -1 for a peer's transaction.
     procno: i32,
-    /// For a peer's transaction: that node and its xid there.
+    /// For a peer's transaction: that node and its xid there, and the members it is
+    /// prepared on.
     origin: u32,
     origin_xid: u32,
+    members: u64,
     /// Peers that voted yes / accepted its precommit / said they finished (bit n-1 for node n).
     yes: u64,
     accepted: u64,
@@ -60,6 +62,7 @@ impl Default for Entry {
             procno: -1,
             origin: 0,
             origin_xid: 0,
+            members: 0,
             yes: 0,
             accepted: 0,
             finished: 0,
@@ -113,9 +116,9 @@ pub struct Shared {
     record_uses: u64,
     /// When shared memory was set up: the records are empty from then on.
     started_at: i64,
-    /// Per node (index id - 1): the end of the last commit this node wrote for a transaction
-    /// that node did not take part in.
-    committed_without: [u64; MAX_NODES as usize],
+    /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
+    /// committed that q did not take part in.
+    committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
 }
 
 impl Default for Shared {
@@ -128,7 +131,7 @@ impl Default for Shared {
             records: [Record::default(); RECORDS],
             record_uses: 0,
             started_at: unsafe { pg_sys::GetCurrentTimestamp() },
-            committed_without: [0; MAX_NODES as usize],
+            committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
 }
@@ -183,21 +186,22 @@ pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) 
     f(&mut s.records[i].acceptor)
 }
 
-/// This node committed, ending at `end` in its WAL, a transaction that the nodes outside
-/// `members` did not take part in: before one of them coordinates a transaction, it must have
-/// applied this node's stream that far (see [`must_have_applied`]).
-pub fn committed_without(members: mmts_core::membership::Mask, end: u64) {
+/// This node committed a transaction of `stream`'s (ending at `end` there) that the nodes
+/// outside `members` did not take part in: before one of them coordinates a transaction, it
+/// must have applied `stream` that far (see [`must_have_applied`]).
+pub fn committed_without(members: mmts_core::membership::Mask, stream: NodeId, end: u64) {
     let mut s = SHARED.exclusive();
-    for (i, e) in s.committed_without.iter_mut().enumerate() {
-        if members & (1 << i) == 0 {
+    for (q, row) in s.committed_without.iter_mut().enumerate() {
+        if members & (1 << q) == 0 {
+            let e = &mut row[stream.0 as usize - 1];
             *e = (*e).max(end);
         }
     }
 }
 
-/// How far node `node` must have applied this node's stream to write (see
+/// How far node `node` must have applied each node's stream (index id - 1) to write (see
 /// [`committed_without`]): otherwise it may not have seen some rows this node committed.
-pub fn must_have_applied(node: NodeId) -> u64 {
+pub fn must_have_applied(node: NodeId) -> [u64; MAX_NODES as usize] {
     SHARED.share().committed_without[node.0 as usize - 1]
 }
 
@@ -335,11 +339,20 @@ pub fn wounded_lately(procno: i32) -> Option<u32> {
 }
 
 /// Registers a peer's transaction (`origin_xid` on node `origin`) prepared here as `xid`.
-pub fn register_applied(xid: u32, key: Key, origin: u32, origin_xid: u32) {
+pub fn register_applied(xid: u32, key: Key, origin: u32, origin_xid: u32, members: u64) {
     let mut s = SHARED.exclusive();
     if let Some(e) = s.entries.iter_mut().find(|e| !e.used) {
-        *e = Entry { used: true, xid, key, procno: -1, origin, origin_xid, ..Entry::default() };
+        *e = Entry { used: true, xid, key, procno: -1, origin, origin_xid, members, ..Entry::default() };
     }
+}
+
+/// The members a peer's transaction prepared here is prepared on.
+pub fn applied_members(origin: u32, origin_xid: u32) -> Option<u64> {
+    let s = SHARED.share();
+    s.entries
+        .iter()
+        .find(|e| e.used && e.procno < 0 && e.origin == origin && e.origin_xid == origin_xid)
+        .map(|e| e.members)
 }
 
 /// Forgets a peer's transaction once finished here; with `origin_xid` `None`, all of that
