@@ -132,6 +132,19 @@ impl Applier {
         self.in_transaction
     }
 
+    /// A new connection to the peer: what was half received is sent again; the transactions
+    /// set aside stay (the stream resumes after them).
+    pub fn reset_stream(&mut self) {
+        unsafe {
+            if pg_sys::IsTransactionState() {
+                pg_sys::AbortCurrentTransaction();
+            }
+        }
+        self.relations.clear();
+        self.in_transaction = false;
+        self.preparing = None;
+    }
+
     /// Whether transactions are set aside for locks.
     pub fn has_waiting(&self) -> bool {
         !self.waiting.is_empty()

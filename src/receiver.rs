@@ -117,10 +117,14 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
 
     let mut backoff = Duration::from_millis(200);
     let mut resolver = Resolver::new();
+    // Kept across reconnects: transactions it set aside are not sent again.
+    let mut applier = Applier::new(peer_id, config.node_id.0);
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
-        let result = stream(&peer.conninfo.to_string(), &application_name, config, peer_id, &mut resolver);
+        let result =
+            stream(&peer.conninfo.to_string(), &application_name, config, peer_id, &mut resolver, &mut applier);
+        applier.reset_stream();
         status::update(peer_id, |p| {
             p.connected = false;
             p.caught_up = false;
@@ -152,6 +156,7 @@ fn stream(
     config: &ClusterConfig,
     peer_id: u32,
     resolver: &mut Resolver,
+    applier: &mut Applier,
 ) -> Result<(), PqError> {
     // One receiver settles this node's own transactions in doubt: the first peer's.
     let own_orphans = config.peers().next().is_some_and(|n| n.id.0 == peer_id);
@@ -170,7 +175,7 @@ fn stream(
 
     let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
     let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
-    let mut applier = Applier::new(peer_id, config.node_id.0);
+    applier.reset_stream();
     let mut link = Link {
         conn,
         peer_id,
