@@ -190,15 +190,13 @@ fn stream(
     // a shutdown.
     let mut progress = Progress::new(start);
     let mut caught_up = false;
+    let connected_at = unsafe { pg_sys::GetCurrentTimestamp() };
     loop {
         link.read_available()?;
         outbox.push(std::mem::take(&mut link.replies));
         let busy = Instant::now();
         let mut finished = Vec::new();
-        let mut idle = false;
         while let Some((end, message)) = link.backlog.pop_front() {
-            // A keepalive with nothing after it: everything the peer had is applied.
-            idle = message.is_none();
             // While a large transaction is applied, signals are still delivered and the peer
             // still hears from this node.
             let mut keep_up = || {
@@ -227,7 +225,16 @@ fn stream(
         }
         finished.extend(applier.retry_waiting(&mut || link.keep_up(&progress)));
         outbox.push(applier.take_signals());
-        if idle && !applier.has_waiting() && !applier.in_transaction() && !caught_up {
+        // Caught up: received as far as the peer's WAL reached when it last reported (a report
+        // sent since this connection began), with nothing left to apply.
+        let (report, reported_at) = status::last_report(peer_id);
+        if !caught_up
+            && reported_at >= connected_at
+            && progress.received_lsn() >= report.wal_end
+            && link.backlog.is_empty()
+            && !applier.has_waiting()
+            && !applier.in_transaction()
+        {
             caught_up = true;
             status::update(peer_id, |p| p.caught_up = true);
         }

@@ -71,6 +71,12 @@ pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
     f(&mut PEERS.exclusive().peers[id as usize - 1]);
 }
 
+/// Peer `id`'s last heartbeat and when it came (0: none yet).
+pub fn last_report(id: u32) -> (Report, pg_sys::TimestampTz) {
+    let p = peer(id);
+    (p.report, p.report_time)
+}
+
 /// Whether this node's receiver is streaming from peer `id` now.
 pub fn connected(id: u32) -> bool {
     peer(id).connected
@@ -120,7 +126,8 @@ pub fn current(config: &ClusterConfig) -> Current {
             None => false,
         });
     let view = membership::view(me, size, sees, ready, &reports);
-    let report = Report { sees, partition: view.partition, members: view.members, ready };
+    let wal_end = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+    let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end };
     let mut generation = shared.generation;
     if view.members != shared.members {
         let mut shared = PEERS.exclusive();

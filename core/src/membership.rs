@@ -42,6 +42,9 @@ pub struct Report {
     pub members: Mask,
     /// It has applied what its peers that are caught up had to send when it connected.
     pub ready: bool,
+    /// Its WAL flushed up to here when it sent the report: a receiver has caught up with it
+    /// once it has received as far.
+    pub wal_end: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +149,7 @@ mod tests {
     }
 
     fn report(sees: &[u32], partition: &[u32], members: &[u32], ready: bool) -> Option<Report> {
-        Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready })
+        Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready, wal_end: 0 })
     }
 
     #[test]
@@ -226,7 +229,13 @@ mod tests {
         for me in 1..=5u32 {
             let reports: Vec<Option<Report>> = (1..=5u32)
                 .map(|n| {
-                    (n != me).then_some(Report { sees: rows[n as usize - 1], partition: 0, members: 0, ready: true })
+                    (n != me).then_some(Report {
+                        sees: rows[n as usize - 1],
+                        partition: 0,
+                        members: 0,
+                        ready: true,
+                        wal_end: 0,
+                    })
                 })
                 .collect();
             let v = view(NodeId(me), 5, rows[me as usize - 1], true, &reports);

@@ -19,7 +19,7 @@ use crate::NodeId;
 
 /// Prefix of the logical decoding messages that carry [`Signal`]s.
 pub const SIGNAL_PREFIX: &str = "mmts";
-const SIGNAL_VERSION: u8 = 2;
+const SIGNAL_VERSION: u8 = 3;
 
 /// The next reading of a hybrid logical clock that last gave (or saw) `last`, when the
 /// physical clock says `physical`: never below the physical clock, always above `last`.
@@ -531,7 +531,10 @@ mod tests {
     fn signals_round_trip_and_bad_bytes_are_errors() {
         let signals = [
             Signal::Coordinated { key: Key { ts: 5, node: n(1) }, members: 0b111, after: vec![(n(2), 77)] },
-            Signal::Heartbeat { from: n(2), report: Report { sees: 3, partition: 3, members: 3, ready: true } },
+            Signal::Heartbeat {
+                from: n(2),
+                report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9 },
+            },
             Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
             Signal::Vote {
                 origin: n(1),
