@@ -624,9 +624,11 @@ impl Cluster {
                     .unwrap_or(false)
             });
         }
-        // With the extension created, also until every node counts all of them as members.
-        for node in &running {
-            wait_for(&format!("node {} online with {} members", node.id, peers + 1), timeout, || {
+        // With the extension created, also until every node counts all of them as members,
+        // and still does a second later (while nodes join, membership changes for a heartbeat
+        // or two).
+        let all_online = || {
+            running.iter().all(|node| {
                 let Ok(mut c) = node.try_connect(Duration::from_secs(2)) else { return false };
                 match c.query_one(
                     "SELECT state = 'online' AND cardinality(members) > $1 FROM mtm.get_cluster_state()",
@@ -638,8 +640,14 @@ impl Cluster {
                             || e.code() == Some(&postgres::error::SqlState::INVALID_SCHEMA_NAME)
                     }
                 }
-            });
-        }
+            })
+        };
+        wait_for(&format!("all {} nodes online members, twice a second apart", peers + 1), timeout, || {
+            all_online() && {
+                std::thread::sleep(Duration::from_secs(1));
+                all_online()
+            }
+        });
     }
 
     /// Stops every node cleanly.
