@@ -317,10 +317,6 @@ impl Applier {
         }
     }
 
-    fn set_aside(&mut self, w: Waiting) {
-        self.waiting.push(w);
-    }
-
     /// The peer's transactions have ended here as far as `end` in its stream.
     fn ended(&self, end: u64) {
         crate::status::update(self.peer, |p| p.ended_lsn = p.ended_lsn.max(end));
@@ -467,7 +463,7 @@ impl Applier {
                     waited.as_millis()
                 ));
             }
-            self.set_aside(Waiting {
+            self.waiting.push(Waiting {
                 xid,
                 end_lsn,
                 prepare_time,
@@ -580,7 +576,7 @@ impl Applier {
                     },
                     // Half the coordinator's shortest wait: the reason reaches it in time.
                     _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
-                        self.set_aside(Waiting {
+                        self.waiting.push(Waiting {
                             xid,
                             end_lsn,
                             prepare_time,

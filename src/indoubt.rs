@@ -26,7 +26,11 @@ const EVERY: Duration = Duration::from_secs(1);
 /// How long a node's answer may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The settling done by the receiver from `peer`.
 pub struct Resolver {
+    peer: NodeId,
+    /// This node's own transactions are settled by one receiver: the first peer's.
+    own: bool,
     /// Connections to the peers, for requests (made when first needed).
     conns: HashMap<u32, Connection>,
     round: u32,
@@ -34,14 +38,16 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new() -> Resolver {
-        Resolver { conns: HashMap::new(), round: 0, last: None }
+    pub fn new(config: &ClusterConfig, peer: NodeId) -> Resolver {
+        let own = config.peers().next().is_some_and(|n| n.id == peer);
+        Resolver { peer, own, conns: HashMap::new(), round: 0, last: None }
     }
 
-    /// Settles what is in doubt (at most once a second): transactions of `peer` (this
-    /// receiver's) once it is out of this node's partition, and, when `own`, this node's own
-    /// whose backend is gone. Outside a transaction.
-    pub fn tick(&mut self, config: &ClusterConfig, peer: NodeId, own: bool) {
+    /// Settles what is in doubt (at most once a second): the peer's transactions once it is
+    /// out of this node's partition, and this node's own whose backend is gone. Outside a
+    /// transaction.
+    pub fn tick(&mut self, config: &ClusterConfig) {
+        let (peer, own) = (self.peer, self.own);
         if !gucs::synchronous() || self.last.is_some_and(|t| t.elapsed() < EVERY) {
             return;
         }

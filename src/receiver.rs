@@ -116,7 +116,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     status::update(peer_id, |p| p.ended_lsn = applied);
 
     let mut backoff = Duration::from_millis(200);
-    let mut resolver = Resolver::new();
+    let mut resolver = Resolver::new(config, NodeId(peer_id));
     // Kept across reconnects: transactions it set aside are not sent again.
     let mut applier = Applier::new(peer_id, config.node_id.0);
     let application_name = status::application_name(config.node_id.0);
@@ -140,8 +140,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             backoff = Duration::from_millis(200);
         }
         // The peer out of reach: its transactions in doubt here are settled with the others.
-        let own_orphans = config.peers().next().is_some_and(|n| n.id.0 == peer_id);
-        resolver.tick(config, NodeId(peer_id), own_orphans);
+        resolver.tick(config);
         if !BackgroundWorker::wait_latch(Some(backoff)) {
             break;
         }
@@ -158,8 +157,6 @@ fn stream(
     resolver: &mut Resolver,
     applier: &mut Applier,
 ) -> Result<(), PqError> {
-    // One receiver settles this node's own transactions in doubt: the first peer's.
-    let own_orphans = config.peers().next().is_some_and(|n| n.id.0 == peer_id);
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
@@ -250,7 +247,7 @@ fn stream(
             link.last_heard = link.last_heard.max(Instant::now() - heartbeat);
         }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
-            resolver.tick(config, NodeId(peer_id), own_orphans);
+            resolver.tick(config);
         }
         if link.last_heard.elapsed() > silence {
             return Err(PqError {
