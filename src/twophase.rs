@@ -162,22 +162,38 @@ pub fn clock_observe(ts: i64) {
     s.clock = hlc_observe(s.clock, ts);
 }
 
+/// A transaction's record lives in the [`WINDOW`] slots from a place its key decides: a few
+/// lookups per transaction on every node stay cheap.
+const WINDOW: usize = 32;
+
+fn window(origin: NodeId, xid: u32) -> impl Iterator<Item = usize> {
+    let start = (xid as usize).wrapping_mul(31).wrapping_add(origin.0 as usize * 0x9E37) % RECORDS;
+    (0..WINDOW).map(move |k| (start + k) % RECORDS)
+}
+
+/// The slot holding the record of transaction `xid` of node `origin`, if any.
+fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
+    window(origin, xid).find(|&i| s.records[i].origin == origin.0 && s.records[i].xid == xid)
+}
+
 /// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
-/// none: the oldest one carried out, or else the oldest, makes room).
+/// none: a free slot of its window, or else the oldest one carried out, or else the oldest).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
     let mut s = SHARED.exclusive();
     s.record_uses += 1;
     let now = s.record_uses;
-    let i = match s.records.iter().position(|r| r.origin == origin.0 && r.xid == xid) {
+    let i = match find_record(&s, origin, xid) {
         Some(i) => i,
         None => {
-            let free = s.records.iter().position(|r| r.origin == 0);
+            let free = window(origin, xid).find(|&i| s.records[i].origin == 0);
             let oldest_decided = || {
-                (0..RECORDS).filter(|&i| s.records[i].acceptor.decided.is_some()).min_by_key(|&i| s.records[i].used_at)
+                window(origin, xid)
+                    .filter(|&i| s.records[i].acceptor.decided.is_some())
+                    .min_by_key(|&i| s.records[i].used_at)
             };
             let i = free
                 .or_else(oldest_decided)
-                .unwrap_or_else(|| (0..RECORDS).min_by_key(|&i| s.records[i].used_at).expect("records"));
+                .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
             s.records[i] = Record { origin: origin.0, xid, acceptor: Acceptor::default(), used_at: now };
             i
         }
@@ -208,7 +224,7 @@ pub fn must_have_applied(node: NodeId) -> [u64; MAX_NODES as usize] {
 /// How transaction `xid` of node `origin` ended here, when this node knows.
 pub fn decided(origin: NodeId, xid: u32) -> Option<Outcome> {
     let s = SHARED.share();
-    s.records.iter().find(|r| r.origin == origin.0 && r.xid == xid).and_then(|r| r.acceptor.decided)
+    find_record(&s, origin, xid).and_then(|i| s.records[i].acceptor.decided)
 }
 
 /// What has come in for a local transaction.
@@ -495,7 +511,7 @@ const CLOCK_MARGIN_US: i64 = 100_000;
 /// agree within [`CLOCK_MARGIN_US`], as NTP keeps them.
 fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     let s = SHARED.share();
-    let known = s.records.iter().any(|r| r.origin == origin.0 && r.xid == xid)
+    let known = find_record(&s, origin, xid).is_some()
         || s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
     !known && s.started_at > since - CLOCK_MARGIN_US
 }
