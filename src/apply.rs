@@ -222,6 +222,7 @@ impl Applier {
                 None
             }
             Message::Commit { end_lsn, commit_time, .. } => {
+                self.ended(end_lsn);
                 unsafe {
                     if pg_sys::IsTransactionState() {
                         set_origin_position(end_lsn, commit_time);
@@ -229,7 +230,6 @@ impl Applier {
                     }
                 }
                 twophase::clock_observe(commit_time);
-                self.ended(end_lsn);
                 Some(self.finished(commit_time))
             }
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
@@ -239,6 +239,7 @@ impl Applier {
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 self.prepare_set_aside(xid, keep_up);
+                self.ended(end_lsn);
                 let members = twophase::applied_members(self.peer, xid);
                 let found = finish_at(&self.gid(xid), true, end_lsn, commit_time);
                 if let (true, Some(members)) = (found, members) {
@@ -265,12 +266,12 @@ impl Applier {
                 twophase::clock_observe(commit_time);
                 // The coordinator returns COMMIT to its client once every peer said this.
                 self.signal_finished(xid, true);
-                self.ended(end_lsn);
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
                 // Decided without this node's vote (a no from another node, or its deadline).
                 self.waiting.retain(|w| w.xid != xid);
+                self.ended(end_lsn);
                 let gid = self.gid(xid);
                 unsafe {
                     start_transaction();
@@ -287,7 +288,6 @@ impl Applier {
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
                 twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Abort));
-                self.ended(end_lsn);
                 if gucs::synchronous() {
                     // The coordinator reports the rollback once no node holds the rows any more
                     // (a retry at once would otherwise lose to the leftover).
@@ -309,7 +309,6 @@ impl Applier {
             Message::LogicalMessage { transactional: false, prefix, content, lsn } if prefix == SIGNAL_PREFIX => {
                 if let Ok(Signal::Resolved { origin, xid, outcome }) = Signal::decode(&content) {
                     self.carry_out(origin, xid, outcome, lsn, keep_up);
-                    self.ended(lsn);
                 }
                 None
             }
@@ -317,7 +316,9 @@ impl Applier {
         }
     }
 
-    /// The peer's transactions have ended here as far as `end` in its stream.
+    /// The peer's transactions have ended here as far as `end` in its stream. Recorded just
+    /// before the commit releases their row locks: a local transaction that waited for one of
+    /// those locks then counts it among what it depends on (see `Signal::Coordinated`).
     fn ended(&self, end: u64) {
         crate::status::update(self.peer, |p| p.ended_lsn = p.ended_lsn.max(end));
     }
@@ -343,6 +344,7 @@ impl Applier {
         if origin.0 == self.peer {
             self.prepare_set_aside(xid, keep_up);
         }
+        self.ended(lsn);
         let gid = cstring(&format!("mtm_{origin}_{xid}"));
         let (commit, time) = match outcome {
             Outcome::Commit { ts } => (true, ts),
@@ -350,7 +352,7 @@ impl Applier {
         };
         // The commit records the settled timestamp, as on every node.
         let done = finish_at(&gid, commit, lsn, time);
-        twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
+        twophase::settled(origin, xid, outcome);
         if done {
             if commit {
                 // Announced in the peer's stream: everyone must have applied that far to write.
@@ -439,12 +441,14 @@ impl Applier {
         // What the coordinator had applied of the other streams must be applied here first,
         // so that the transaction's changes land over the rows it saw. Until then it is set
         // aside (its own stream goes on); a member gives up after half the coordinator's
-        // shortest wait, a node catching up waits as long as it takes.
+        // shortest wait, a node catching up waits as long as it takes. A member need not wait
+        // for nodes out of its partition: it prepared every transaction they committed, which
+        // holds its rows until it ends. A node catching up may not have received them at all.
         let partition = match gucs::mode() {
             Mode::Multimaster(config) => crate::status::current(config).view.partition,
             Mode::Standalone => 0,
         };
-        let skip = |n: NodeId| n.0 == self.me || n.0 == self.peer || partition & bit(n) == 0;
+        let skip = |n: NodeId| n.0 == self.me || n.0 == self.peer || (member && partition & bit(n) == 0);
         if key.is_some() && !dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip) {
             let waited = first_attempt.elapsed();
             if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {

@@ -224,7 +224,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
             pg_sys::replorigin_session_origin_timestamp,
         ) = saved;
     }
-    twophase::with_acceptor(origin, xid, |a| a.decide(outcome));
+    twophase::settled(origin, xid, outcome);
     if !own {
         twophase::unregister_applied(origin.0, Some(xid));
         twophase::emit(&Signal::Resolved { origin, xid, outcome }, false);

@@ -100,6 +100,9 @@ struct Record {
     origin: u32,
     xid: u32,
     acceptor: Acceptor,
+    /// Ended as the cluster settled it, not by its coordinator: the coordinator, when it
+    /// returns, asks for the outcome. Replaced only after records its coordinator ended.
+    settled: bool,
     /// Last use, for replacing the oldest.
     used_at: u64,
 }
@@ -114,8 +117,9 @@ pub struct Shared {
     wounds: [Wound; WOUNDS],
     records: [Record; RECORDS],
     record_uses: u64,
-    /// When shared memory was set up: the records are empty from then on.
-    started_at: i64,
+    /// Since when this node may lack a record it had: when shared memory was set up, or the
+    /// last time a record still needed (undecided, or settled) had to make room.
+    forgot_at: i64,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
     committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
@@ -130,7 +134,7 @@ impl Default for Shared {
             wounds: [Wound::default(); WOUNDS],
             records: [Record::default(); RECORDS],
             record_uses: 0,
-            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
+            forgot_at: unsafe { pg_sys::GetCurrentTimestamp() },
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -177,29 +181,45 @@ fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
 }
 
 /// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
-/// none: a free slot of its window, or else the oldest one carried out, or else the oldest).
+/// none: a free slot of its window, or else the oldest one its coordinator ended, or else the
+/// oldest, which this node then counts as forgotten: see [`forgotten`]).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
     let mut s = SHARED.exclusive();
+    record_mut(&mut s, origin, xid, |r| f(&mut r.acceptor))
+}
+
+/// Records that transaction `xid` of node `origin` ended here as the cluster settled it.
+pub fn settled(origin: NodeId, xid: u32, outcome: Outcome) {
+    let mut s = SHARED.exclusive();
+    record_mut(&mut s, origin, xid, |r| {
+        r.acceptor.decide(outcome);
+        r.settled = true;
+    })
+}
+
+fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut Record) -> R) -> R {
     s.record_uses += 1;
     let now = s.record_uses;
-    let i = match find_record(&s, origin, xid) {
+    let i = match find_record(s, origin, xid) {
         Some(i) => i,
         None => {
             let free = window(origin, xid).find(|&i| s.records[i].origin == 0);
-            let oldest_decided = || {
-                window(origin, xid)
-                    .filter(|&i| s.records[i].acceptor.decided.is_some())
-                    .min_by_key(|&i| s.records[i].used_at)
+            let replaceable = |r: &Record| r.acceptor.decided.is_some() && !r.settled;
+            let oldest_replaceable =
+                || window(origin, xid).filter(|&i| replaceable(&s.records[i])).min_by_key(|&i| s.records[i].used_at);
+            let i = match free.or_else(oldest_replaceable) {
+                Some(i) => i,
+                None => {
+                    s.forgot_at = physical_now();
+                    window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window")
+                }
             };
-            let i = free
-                .or_else(oldest_decided)
-                .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
-            s.records[i] = Record { origin: origin.0, xid, acceptor: Acceptor::default(), used_at: now };
+            s.records[i] = Record { origin: origin.0, xid, used_at: now, ..Record::default() };
             i
         }
     };
     s.records[i].used_at = now;
-    f(&mut s.records[i].acceptor)
+    f(&mut s.records[i])
 }
 
 /// This node committed a transaction of `stream`'s (ending at `end` there) that the nodes
@@ -506,14 +526,15 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
 const CLOCK_MARGIN_US: i64 = 100_000;
 
 /// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
-/// and forgotten it: it has no record of it, did not prepare it since it started, and started
-/// after the transaction began (the records live in shared memory). Assumes the nodes' clocks
-/// agree within [`CLOCK_MARGIN_US`], as NTP keeps them.
+/// and forgotten it: it has no record of it, did not prepare it since, and has lost records
+/// since the transaction began (the records live in shared memory: a restart loses them all,
+/// and a full window its oldest). Assumes the nodes' clocks agree within [`CLOCK_MARGIN_US`],
+/// as NTP keeps them.
 fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     let s = SHARED.share();
     let known = find_record(&s, origin, xid).is_some()
         || s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
-    !known && s.started_at > since - CLOCK_MARGIN_US
+    !known && s.forgot_at > since - CLOCK_MARGIN_US
 }
 
 /// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes

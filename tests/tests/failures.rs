@@ -289,7 +289,8 @@ fn bank_transfers_survive_crashes_and_partitions() {
         let mut round = 0;
         while started.elapsed() < Duration::from_secs(seconds) {
             std::thread::sleep(Duration::from_secs(5));
-            let victim = 1 + round % 3;
+            // Every kind of fault hits every node in turn.
+            let victim = 1 + (round + round / 3) % 3;
             // MMTS_FAULTS=0,1,2 picks the kinds of fault (all by default).
             let kinds: Vec<usize> = std::env::var("MMTS_FAULTS")
                 .ok()
@@ -384,7 +385,14 @@ fn bank_transfers_survive_crashes_and_partitions() {
     }
     for (id, accounts, transfers) in &snapshots[1..] {
         assert_eq!(accounts, &snapshots[0].1, "accounts on node {id} differ from node 1");
-        assert_eq!(transfers, &snapshots[0].2, "transfers on node {id} differ from node 1");
+        let (mine, first): (HashSet<&i64>, HashSet<&i64>) =
+            (transfers.iter().collect(), snapshots[0].2.iter().collect());
+        let only_here: Vec<_> = mine.difference(&first).take(10).collect();
+        let only_first: Vec<_> = first.difference(&mine).take(10).collect();
+        assert!(
+            only_here.is_empty() && only_first.is_empty(),
+            "transfers only on node {id}: {only_here:?}; only on node 1: {only_first:?}"
+        );
     }
 }
 
