@@ -55,9 +55,10 @@ pub struct Applier {
     preparing: Option<Preparing>,
     /// The transaction being applied is committed synchronously (no last-writer-wins).
     synchronous: bool,
-    /// Peer's transactions that could not be prepared yet for a lock (held by a younger
-    /// transaction, or one that is not being committed): set aside while what follows in the
-    /// stream is applied, and tried again when their lock holders end.
+    /// Peer's transactions this node (a member) could not prepare yet for a lock (held by a
+    /// younger transaction, or one that is not being committed) or for what they depend on:
+    /// set aside while what follows in the stream is applied, and tried again later. They are
+    /// not voted on yet: if they are lost (a restart), their coordinator rolls them back.
     waiting: Vec<Waiting>,
     outbox: Vec<Signal>,
 }
@@ -91,6 +92,25 @@ struct Waiting {
     holders: Vec<u32>,
     /// When to look again even if they have not ended.
     recheck: Instant,
+}
+
+thread_local! {
+    /// The peer's transactions whose ROLLBACK PREPARED this receiver has received but not yet
+    /// applied (see [`rolled_back_ahead`]), and whether they were rolled back here already.
+    static ROLLED_BACK_AHEAD: std::cell::RefCell<HashMap<u32, bool>> = Default::default();
+}
+
+/// The receiver has received, further on in the stream, the rollback of the peer's
+/// transaction `xid`: it is not prepared here any more, and one prepared already is rolled
+/// back as soon as the receiver waits (see [`Applier::pause`]).
+pub fn rolled_back_ahead(xid: u32) {
+    ROLLED_BACK_AHEAD.with(|r| {
+        r.borrow_mut().entry(xid).or_insert(false);
+    });
+}
+
+fn doomed(xid: u32) -> bool {
+    ROLLED_BACK_AHEAD.with(|r| r.borrow().contains_key(&xid))
 }
 
 /// While a transaction is applied, every this many changes the receiver reads what arrived
@@ -143,6 +163,7 @@ impl Applier {
         self.relations.clear();
         self.in_transaction = false;
         self.preparing = None;
+        ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().clear());
     }
 
     /// Whether transactions are set aside for locks.
@@ -235,7 +256,14 @@ impl Applier {
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
                 let preparing = self.preparing.take().unwrap_or_default();
                 self.in_transaction = false;
-                self.prepare(xid, end_lsn, prepare_time, preparing, keep_up)
+                let catching_up = preparing.key.is_some() && preparing.members & bit(NodeId(self.me)) == 0;
+                let done = self.prepare(xid, end_lsn, prepare_time, preparing, keep_up);
+                if done.is_none() && catching_up {
+                    // Not set aside for long: see `Applier::prepare`.
+                    self.prepare_set_aside(xid, keep_up);
+                    return Some(self.finished(prepare_time));
+                }
+                done
             }
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 self.prepare_set_aside(xid, keep_up);
@@ -271,6 +299,7 @@ impl Applier {
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
                 // Decided without this node's vote (a no from another node, or its deadline).
                 self.waiting.retain(|w| w.xid != xid);
+                ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().remove(&xid));
                 self.ended(end_lsn);
                 let gid = self.gid(xid);
                 unsafe {
@@ -323,15 +352,42 @@ impl Applier {
         crate::status::update(self.peer, |p| p.ended_lsn = p.ended_lsn.max(end));
     }
 
-    /// Prepares the peer's transaction `xid` now if it is set aside: its outcome has come.
+    /// Prepares the peer's transaction `xid` now if it is set aside: its outcome has come (or
+    /// this node is catching up). Dropped instead if its rollback is further on in the stream.
     fn prepare_set_aside(&mut self, xid: u32, keep_up: &mut dyn FnMut()) {
         while let Some(i) = self.waiting.iter().position(|w| w.xid == xid) {
             let w = self.waiting.swap_remove(i);
+            if doomed(xid) {
+                break;
+            }
             if self.prepare(w.xid, w.end_lsn, w.prepare_time, w.preparing, keep_up).is_none() {
-                keep_up();
-                nap(1);
+                self.pause(keep_up);
             }
         }
+    }
+
+    /// A pause while the stream waits: reads what arrives, and rolls back the transactions
+    /// prepared here whose rollback is further on in the stream. A node catching up prepares
+    /// every transaction that comes, including those the members then roll back (for a
+    /// conflict, say): one of those may hold rows the awaited transaction needs, while its
+    /// rollback waits behind it in the stream.
+    fn pause(&mut self, keep_up: &mut dyn FnMut()) {
+        keep_up();
+        let due: Vec<u32> = ROLLED_BACK_AHEAD.with(|r| {
+            r.borrow_mut()
+                .iter_mut()
+                .filter(|(_, done)| !**done)
+                .map(|(xid, done)| {
+                    *done = true;
+                    *xid
+                })
+                .collect()
+        });
+        for xid in due {
+            // Not moving the stream's position: the rollback is applied again in its turn.
+            finish_at(&self.gid(xid), false, 0, unsafe { pg_sys::GetCurrentTimestamp() });
+        }
+        nap(1);
     }
 
     /// Carries out the outcome a resolver settled for transaction `xid` of node `origin` (this
@@ -424,6 +480,10 @@ impl Applier {
     ) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
+        if key.is_some() && doomed(xid) {
+            // Its rollback has been received already.
+            return Some(self.finished(prepare_time));
+        }
         let settled = twophase::decided(NodeId(self.peer), xid);
         if settled == Some(Outcome::Abort) {
             // Rolled back by the cluster before it reached this node.
@@ -439,19 +499,46 @@ impl Applier {
             }
         }
         // What the coordinator had applied of the other streams must be applied here first,
-        // so that the transaction's changes land over the rows it saw. Until then it is set
-        // aside (its own stream goes on); a member gives up after half the coordinator's
-        // shortest wait, a node catching up waits as long as it takes. A member need not wait
-        // for nodes out of its partition: it prepared every transaction they committed, which
-        // holds its rows until it ends. A node catching up may not have received them at all.
+        // so that the transaction's changes land over the rows it saw. A member sets it aside
+        // until then (its own stream goes on) and gives up after half the coordinator's
+        // shortest wait; it need not wait for nodes out of its partition: it prepared every
+        // transaction they committed, which holds its rows until it ends. A node catching up
+        // waits here, as long as it takes, for every stream: it may not have received those
+        // transactions at all, and one set aside would be lost in a crash once the stream's
+        // position moved past it (the members commit it without this node). It does not wait
+        // for a transaction whose rollback it has received already.
         let partition = match gucs::mode() {
             Mode::Multimaster(config) => crate::status::current(config).view.partition,
             Mode::Standalone => 0,
         };
-        let skip = |n: NodeId| n.0 == self.me || n.0 == self.peer || (member && partition & bit(n) == 0);
-        if key.is_some() && !dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip) {
+        let (me, peer) = (self.me, self.peer);
+        let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
+        let met = || dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip);
+        if key.is_some() && !member {
+            let mut reported = false;
+            while !met() {
+                if doomed(xid) {
+                    return Some(self.finished(prepare_time));
+                }
+                if !reported && first_attempt.elapsed() >= Duration::from_secs(1) {
+                    reported = true;
+                    log(format!(
+                        "mmts: transaction {xid} of node {} waits for this node to apply what it depends on",
+                        self.peer
+                    ));
+                }
+                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                    ereport!(
+                        PgLogLevel::FATAL,
+                        PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                        format!("mmts: replication from node {} stopped while catching up", self.peer)
+                    );
+                }
+                self.pause(keep_up);
+            }
+        } else if key.is_some() && !met() {
             let waited = first_attempt.elapsed();
-            if member && waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
+            if waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
                 let vote = Vote::No {
                     sqlstate: SERIALIZATION_FAILURE.into(),
                     message: format!("node {} has not yet applied what the transaction depends on", self.me),
@@ -578,7 +665,10 @@ impl Applier {
                             h.node
                         ),
                     },
-                    // Half the coordinator's shortest wait: the reason reaches it in time.
+                    // A member sets it aside for half the coordinator's shortest wait (the
+                    // reason reaches it in time); a node catching up tries again in place
+                    // until the holder ends, or its own rollback arrives (the members may have
+                    // rolled it back for this very conflict).
                     _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
                         self.waiting.push(Waiting {
                             xid,

@@ -316,6 +316,9 @@ impl Link {
                         sqlstate: None,
                     })?;
                     self.replies.extend(deliver_signal(&message, self.me));
+                    if let wire::Message::RollbackPrepared { xid, .. } = message {
+                        crate::apply::rolled_back_ahead(xid);
+                    }
                     self.backlog.push_back((end, Some(message)));
                 }
                 ServerMessage::Keepalive { end, reply_requested, .. } => {
