@@ -107,7 +107,8 @@ struct Record {
     used_at: u64,
 }
 
-const RECORDS: usize = 4096;
+/// Enough for about 40 s of transactions at 800 a second before records are replaced.
+const RECORDS: usize = 32768;
 
 #[derive(Clone, Copy)]
 pub struct Shared {
@@ -117,9 +118,11 @@ pub struct Shared {
     wounds: [Wound; WOUNDS],
     records: [Record; RECORDS],
     record_uses: u64,
-    /// Since when this node may lack a record it had: when shared memory was set up, or the
-    /// last time a record still needed (undecided, or settled) had to make room.
-    forgot_at: i64,
+    /// When shared memory was set up: records from before are lost (see [`forgotten`]).
+    started_at: i64,
+    /// The last time a record holding anything (a promise, an accepted or carried-out
+    /// outcome) made room for another.
+    evicted_at: i64,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
     committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
@@ -134,7 +137,8 @@ impl Default for Shared {
             wounds: [Wound::default(); WOUNDS],
             records: [Record::default(); RECORDS],
             record_uses: 0,
-            forgot_at: unsafe { pg_sys::GetCurrentTimestamp() },
+            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
+            evicted_at: 0,
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -182,7 +186,7 @@ fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
 
 /// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
 /// none: a free slot of its window, or else the oldest one its coordinator ended, or else the
-/// oldest, which this node then counts as forgotten: see [`forgotten`]).
+/// oldest; see [`forgotten`] for what replacing one means).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
     let mut s = SHARED.exclusive();
     record_mut(&mut s, origin, xid, |r| f(&mut r.acceptor))
@@ -207,13 +211,12 @@ fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut R
             let replaceable = |r: &Record| r.acceptor.decided.is_some() && !r.settled;
             let oldest_replaceable =
                 || window(origin, xid).filter(|&i| replaceable(&s.records[i])).min_by_key(|&i| s.records[i].used_at);
-            let i = match free.or_else(oldest_replaceable) {
-                Some(i) => i,
-                None => {
-                    s.forgot_at = physical_now();
-                    window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window")
-                }
-            };
+            let i = free
+                .or_else(oldest_replaceable)
+                .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
+            if s.records[i].origin != 0 && s.records[i].acceptor != Acceptor::default() {
+                s.evicted_at = physical_now();
+            }
             s.records[i] = Record { origin: origin.0, xid, used_at: now, ..Record::default() };
             i
         }
@@ -526,15 +529,19 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
 const CLOCK_MARGIN_US: i64 = 100_000;
 
 /// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
-/// and forgotten it: it has no record of it, did not prepare it since, and has lost records
-/// since the transaction began (the records live in shared memory: a restart loses them all,
-/// and a full window its oldest). Assumes the nodes' clocks agree within [`CLOCK_MARGIN_US`],
-/// as NTP keeps them.
+/// and forgotten it: it has no record of it, and either it restarted since the transaction
+/// began (the records live in shared memory) and has not prepared it since, or it replaced a
+/// record holding something since then (the one of this transaction, maybe: a node that
+/// committed it and then forgot must not answer as one that never heard of it). Assumes the
+/// nodes' clocks agree within [`CLOCK_MARGIN_US`], as NTP keeps them.
 fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     let s = SHARED.share();
-    let known = find_record(&s, origin, xid).is_some()
-        || s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
-    !known && s.forgot_at > since - CLOCK_MARGIN_US
+    if find_record(&s, origin, xid).is_some() {
+        return false;
+    }
+    let prepared_here = s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
+    let after = |t: i64| t > since - CLOCK_MARGIN_US;
+    (after(s.started_at) && !prepared_here) || after(s.evicted_at)
 }
 
 /// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
