@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mmts_core::config::ClusterConfig;
 use mmts_core::indoubt::{after_accepts, after_promises, Answer, Ballot, Next, Outcome};
-use mmts_core::membership::bit;
+use mmts_core::membership::{bit, State};
 use mmts_core::twopc::{decode_batch, encode_batch, Signal};
 use mmts_core::NodeId;
 use pgrx::bgworkers::BackgroundWorker;
@@ -59,8 +59,11 @@ impl Resolver {
                 }
             }
         }
-        let partition = status::current(config).view.partition;
-        if partition != 0 && partition & bit(peer) == 0 {
+        // Only an online node settles a peer's transactions: a node cut off from the others
+        // may see the coordinator gone while the majority still has it, and asks late, when
+        // the nodes that ended the transaction may have replaced their records of it.
+        let view = status::current(config).view;
+        if view.state == State::Online && view.partition & bit(peer) == 0 {
             let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
             for (gid, xid, _, since) in prepared(peer, silence) {
                 self.settle(config, peer, xid, since, &gid);

@@ -105,10 +105,13 @@ struct Record {
     settled: bool,
     /// Last use, for replacing the oldest.
     used_at: u64,
+    /// When this slot last gave up a record still needed (undecided, or settled) for
+    /// another: see [`forgotten`].
+    replaced_at: i64,
 }
 
-/// Enough for about 40 s of transactions at 800 a second before records are replaced.
-const RECORDS: usize = 32768;
+/// About 80 s of transactions at 800 a second before their records are replaced.
+const RECORDS: usize = 65536;
 
 #[derive(Clone, Copy)]
 pub struct Shared {
@@ -120,9 +123,6 @@ pub struct Shared {
     record_uses: u64,
     /// When shared memory was set up: records from before are lost (see [`forgotten`]).
     started_at: i64,
-    /// The last time a record holding anything (a promise, an accepted or carried-out
-    /// outcome) made room for another.
-    evicted_at: i64,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
     committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
@@ -138,7 +138,6 @@ impl Default for Shared {
             records: [Record::default(); RECORDS],
             record_uses: 0,
             started_at: unsafe { pg_sys::GetCurrentTimestamp() },
-            evicted_at: 0,
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -214,10 +213,10 @@ fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut R
             let i = free
                 .or_else(oldest_replaceable)
                 .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
-            if s.records[i].origin != 0 && s.records[i].acceptor != Acceptor::default() {
-                s.evicted_at = physical_now();
-            }
-            s.records[i] = Record { origin: origin.0, xid, used_at: now, ..Record::default() };
+            let old = s.records[i];
+            let needed = old.origin != 0 && !replaceable(&old) && old.acceptor != Acceptor::default();
+            let replaced_at = if needed { physical_now() } else { old.replaced_at };
+            s.records[i] = Record { origin: origin.0, xid, used_at: now, replaced_at, ..Record::default() };
             i
         }
     };
@@ -530,10 +529,12 @@ const CLOCK_MARGIN_US: i64 = 100_000;
 
 /// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
 /// and forgotten it: it has no record of it, and either it restarted since the transaction
-/// began (the records live in shared memory) and has not prepared it since, or it replaced a
-/// record holding something since then (the one of this transaction, maybe: a node that
-/// committed it and then forgot must not answer as one that never heard of it). Assumes the
-/// nodes' clocks agree within [`CLOCK_MARGIN_US`], as NTP keeps them.
+/// began (the records live in shared memory) and has not prepared it since, or a slot where
+/// its record would be gave up an undecided or settled record since then (the one of this
+/// transaction, maybe). Records of transactions their coordinator ended are replaced without
+/// this: peers settle a transaction within seconds of losing its coordinator (see
+/// `indoubt::Resolver`), long before. Assumes the nodes' clocks agree within
+/// [`CLOCK_MARGIN_US`], as NTP keeps them.
 fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     let s = SHARED.share();
     if find_record(&s, origin, xid).is_some() {
@@ -541,7 +542,7 @@ fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     }
     let prepared_here = s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
     let after = |t: i64| t > since - CLOCK_MARGIN_US;
-    (after(s.started_at) && !prepared_here) || after(s.evicted_at)
+    (after(s.started_at) && !prepared_here) || window(origin, xid).any(|i| after(s.records[i].replaced_at))
 }
 
 /// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
