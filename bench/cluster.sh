@@ -28,8 +28,9 @@ for i in 1 2 3; do start_server "node$i" $((BASE + i)) "$(node_conf "$i")"; done
 echo "==> pgbench tables (scale $SCALE) on every node, data loaded on node 1 and replicated"
 for i in 1 2 3; do
   p=$((BASE + i))
-  pgbench -q -i -I dtp -s "$SCALE" -h 127.0.0.1 -p "$p" -U postgres postgres >/dev/null 2>&1
-  q "$p" "CREATE EXTENSION mmts; ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+  # Each node's schema is made locally, before the nodes form a cluster.
+  PGOPTIONS="-c multimaster.replicate_ddl=off" pgbench -q -i -I dtp -s "$SCALE" -h 127.0.0.1 -p "$p" -U postgres postgres >/dev/null 2>&1
+  PGOPTIONS="-c multimaster.replicate_ddl=off" q "$p" "CREATE EXTENSION mmts; ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
 done
 for i in 1 2 3; do
   until [ "$(q $((BASE + i)) "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")" -ge 2 ]; do sleep 0.2; done

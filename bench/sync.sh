@@ -61,8 +61,9 @@ echo "==> pgbench tables (scale $SCALE) on every node, data loaded on node 1 of 
 for c in sync async; do
   for i in 1 2 3; do
     p=$(port "$c" "$i")
-    pgb -q -i -I dtp -s "$SCALE" -p "$p" >/dev/null 2>&1
-    q "$p" "CREATE EXTENSION mmts; ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
+    # Each node's schema is made locally, before the nodes form a cluster.
+    PGOPTIONS="-c multimaster.replicate_ddl=off" pgb -q -i -I dtp -s "$SCALE" -p "$p" >/dev/null 2>&1
+    PGOPTIONS="-c multimaster.replicate_ddl=off" q "$p" "CREATE EXTENSION mmts; ALTER TABLE pgbench_history REPLICA IDENTITY FULL"
   done
 done
 # Writes need the mesh (in sync mode, a majority of connected nodes): wait until every node

@@ -28,6 +28,7 @@ use crate::{gucs, twophase};
 use mmts_core::config::Mode;
 
 /// A table as the peer described it.
+#[derive(Clone)]
 struct RemoteRelation {
     schema: String,
     name: String,
@@ -65,7 +66,10 @@ pub struct Applier {
 
 #[derive(Default)]
 struct Preparing {
+    /// Its changes, schema changes and descriptions of tables, in order.
     changes: Vec<Message>,
+    /// Tables described again in it, with their description before it.
+    described: Vec<(u32, Option<RemoteRelation>)>,
     /// Set when the peer coordinates it synchronously: this node must vote.
     key: Option<Key>,
     /// The members its coordinator counted, and how far it had applied the other nodes.
@@ -200,12 +204,25 @@ impl Applier {
     /// `keep_up` is called now and then while a large transaction is applied.
     pub fn apply(&mut self, message: Message, keep_up: &mut dyn FnMut()) -> Option<Applied> {
         if let Some(preparing) = &mut self.preparing {
-            if matches!(
-                message,
-                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. }
-            ) {
-                preparing.changes.push(message);
-                return None;
+            match &message {
+                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. } => {
+                    preparing.changes.push(message);
+                    return None;
+                }
+                Message::LogicalMessage { .. } if ddl_signal(&message).is_some() => {
+                    preparing.changes.push(message);
+                    return None;
+                }
+                Message::Relation(r) => {
+                    // Described now for the transactions that follow, and again where it
+                    // stands in this one when it is applied (its changes before a schema
+                    // change use the description from before).
+                    if !preparing.described.iter().any(|(id, _)| *id == r.id) {
+                        preparing.described.push((r.id, self.relations.get(&r.id).cloned()));
+                    }
+                    preparing.changes.push(message.clone());
+                }
+                _ => {}
             }
         }
         match message {
@@ -222,8 +239,7 @@ impl Applier {
                 None
             }
             Message::Relation(r) => {
-                let columns = r.columns.into_iter().map(|c| c.name).collect();
-                self.relations.insert(r.id, RemoteRelation { schema: r.schema, name: r.name, columns });
+                self.describe(&r);
                 None
             }
             Message::Insert { relation, new } => {
@@ -325,13 +341,18 @@ impl Applier {
                 Some(self.finished(rollback_time))
             }
             Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
-                if let (Ok(Signal::Coordinated { key, members, after }), Some(p)) =
-                    (Signal::decode(&content), &mut self.preparing)
-                {
-                    twophase::clock_observe(key.ts);
-                    p.key = Some(key);
-                    p.members = members;
-                    p.after = after;
+                match (Signal::decode(&content), &mut self.preparing) {
+                    (Ok(Signal::Coordinated { key, members, after }), Some(p)) => {
+                        twophase::clock_observe(key.ts);
+                        p.key = Some(key);
+                        p.members = members;
+                        p.after = after;
+                    }
+                    (Ok(Signal::Ddl { role, search_path, statement }), None) => {
+                        unsafe { start_transaction() };
+                        crate::ddl::run(&role, &search_path, &statement);
+                    }
+                    _ => {}
                 }
                 None
             }
@@ -570,6 +591,15 @@ impl Applier {
             twophase::set_applying(self.peer, key);
         }
         unsafe { AWAITED = None };
+        // Tables described again inside the transaction start from their earlier description;
+        // the latest ones are put back afterwards.
+        let latest = (!preparing.described.is_empty()).then(|| self.relations.clone());
+        for (id, before) in &preparing.described {
+            match before {
+                Some(r) => self.relations.insert(*id, r.clone()),
+                None => self.relations.remove(id),
+            };
+        }
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
             // A synchronous transaction does not wait long for a lock without looking at who
             // holds it (see `on_lock_wait_timer`).
@@ -606,6 +636,9 @@ impl Applier {
             Err((code, message, awaited))
         })
         .execute();
+        if let Some(latest) = latest {
+            self.relations = latest;
+        }
         self.synchronous = false;
         // A cancel raised by the timer for a lock wait that ended before it was acted on (or
         // one raised again as the wait was being canceled) must not stop the receiver at its
@@ -717,7 +750,13 @@ impl Applier {
     }
 
     fn apply_change(&mut self, message: &Message) {
+        if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(message) {
+            unsafe { start_transaction() };
+            crate::ddl::run(&role, &search_path, &statement);
+            return;
+        }
         match message {
+            Message::Relation(r) => self.describe(r),
             Message::Insert { relation, new } => self.change(*relation, Change::Insert, None, Some(new)),
             Message::Update { relation, old, new } => self.change(*relation, Change::Update, old.as_deref(), Some(new)),
             Message::Delete { relation, old } => self.change(*relation, Change::Delete, Some(old), None),
@@ -726,6 +765,11 @@ impl Applier {
             }
             _ => {}
         }
+    }
+
+    fn describe(&mut self, r: &mmts_core::wire::Relation) {
+        let columns = r.columns.iter().map(|c| c.name.clone()).collect();
+        self.relations.insert(r.id, RemoteRelation { schema: r.schema.clone(), name: r.name.clone(), columns });
     }
 
     fn finished(&mut self, commit_time: pg_sys::TimestampTz) -> Applied {
@@ -1251,5 +1295,15 @@ unsafe fn store_values(
             }
         }
         pg_sys::ExecStoreVirtualTuple(slot);
+    }
+}
+
+/// The schema change a transactional message of the peer carries, if it is one.
+fn ddl_signal(message: &Message) -> Option<Signal> {
+    match message {
+        Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
+            Signal::decode(content).ok().filter(|s| matches!(s, Signal::Ddl { .. }))
+        }
+        _ => None,
     }
 }

@@ -84,7 +84,14 @@ fn is_client() -> bool {
 }
 
 fn active() -> bool {
-    gucs::synchronous() && is_client()
+    gucs::synchronous() && is_client() && gucs::in_replicated_database()
+}
+
+/// Refuses the first write of a transaction while this node does not accept writes.
+pub fn refuse_unless_writable() {
+    if active() && !session(|s| s.wrote) {
+        refuse_unless_online();
+    }
 }
 
 /// Notes that the current transaction writes a replicated table.
@@ -210,8 +217,11 @@ unsafe extern "C-unwind" fn process_utility(
     if is_client() && matches!(gucs::mode(), Mode::Multimaster(_)) {
         unsafe { refuse_reserved_gid(stmt) };
     }
+    let ddl = unsafe { crate::ddl::before(pstmt, query_string) };
     if !active() {
-        return run();
+        run();
+        ddl.finish();
+        return;
     }
     // Transaction control is left alone: ROLLBACK must work, and a COMMIT of a wounded
     // transaction fails (and ends it) when its PREPARE is refused.
@@ -245,6 +255,7 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     run();
+    ddl.finish();
     if context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && at_top_level() {
         mark_implicit();
     }

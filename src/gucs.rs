@@ -22,6 +22,8 @@ pub static HEARTBEAT_RECV_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000
 pub static IGNORE_TABLES_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TWOPC_MIN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
+/// Off: this session's schema changes stay on this node (see `ddl`).
+pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 
@@ -39,6 +41,30 @@ pub enum CommitMode {
 /// Whether this server commits write transactions synchronously across the cluster.
 pub fn synchronous() -> bool {
     matches!(mode(), Mode::Multimaster(_)) && COMMIT_MODE.get() == CommitMode::Sync
+}
+
+/// The database this node replicates: the one its own connection string names (libpq's
+/// default, the user name, when it names none).
+pub fn replicated_database(config: &config::ClusterConfig) -> &str {
+    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("this node is configured");
+    me.conninfo.get("dbname").or(me.conninfo.get("user")).unwrap_or("postgres")
+}
+
+/// Whether this backend's database is the one mmts replicates.
+pub fn in_replicated_database() -> bool {
+    thread_local! {
+        static ANSWER: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+    }
+    let Mode::Multimaster(config) = mode() else { return false };
+    if unsafe { pg_sys::MyDatabaseId } == pg_sys::InvalidOid {
+        return false;
+    }
+    ANSWER.with(|a| {
+        *a.get_or_init(|| unsafe {
+            let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+            !name.is_null() && CStr::from_ptr(name).to_bytes() == replicated_database(config).as_bytes()
+        })
+    })
 }
 
 /// Highest node id mmts accepts.
@@ -172,6 +198,14 @@ pub fn define(strict: bool) {
         c"",
         &IGNORE_TABLES_WITHOUT_PK,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.replicate_ddl",
+        c"Run this session's schema changes (DDL, GRANT, COMMENT, roles) on every node; off: on this node only.",
+        c"",
+        &REPLICATE_DDL,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 mod apply;
 mod commit;
+mod ddl;
 mod executor_hook;
 mod functions;
 mod gucs;

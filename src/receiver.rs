@@ -76,10 +76,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             )
         };
     }
-    // The database this node replicates: the one its own connection string names (libpq's
-    // default, the user name, when it names none).
-    let user = me.conninfo.get("user");
-    BackgroundWorker::connect_worker_to_spi(Some(me.conninfo.get("dbname").or(user).unwrap_or("postgres")), user);
+    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
 
     let origin = BackgroundWorker::transaction(|| {
         let slot = slot_name(peer_id);

@@ -149,7 +149,18 @@ pub enum Signal {
         voter: NodeId,
         committed: bool,
     },
+    /// Written inside a transaction where a statement that changes the schema (or roles,
+    /// privileges, comments) ran: every node runs `statement` at that point of the transaction,
+    /// as `role`, with `search_path`.
+    Ddl {
+        role: String,
+        search_path: String,
+        statement: String,
+    },
 }
+
+/// The largest encoded signal accepted (a DDL statement's text must fit).
+pub const MAX_SIGNAL: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignalError {
@@ -173,7 +184,7 @@ impl Signal {
         if version != SIGNAL_VERSION {
             return Err(SignalError::Version(version));
         }
-        let config = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+        let config = bincode::config::standard().with_limit::<MAX_SIGNAL>();
         match bincode::serde::decode_from_slice::<Signal, _>(body, config) {
             Ok((signal, used)) if used == body.len() => Ok(signal),
             Ok((_, used)) => Err(SignalError::Malformed(format!("{} trailing bytes", body.len() - used))),
@@ -543,6 +554,11 @@ mod tests {
                 vote: Vote::No { sqlstate: "40001".into(), message: "conflict".into() },
             },
             Signal::Finished { origin: n(1), xid: 7, voter: n(2), committed: true },
+            Signal::Ddl {
+                role: "alice".into(),
+                search_path: "\"$user\", public".into(),
+                statement: "CREATE TABLE t (id serial PRIMARY KEY, note text DEFAULT 'é')".into(),
+            },
         ];
         for s in signals {
             let bytes = s.encode();

@@ -312,6 +312,15 @@ impl Node {
         self.connect().batch_execute(sql).unwrap_or_else(|e| panic!("node {}: {sql}: {}", self.id, describe(&e)));
     }
 
+    /// Runs statements on this node only: schema changes are not replicated (setting up each
+    /// node before the cluster forms).
+    pub fn execute_local(&self, sql: &str) {
+        let mut client = self.connect();
+        for step in ["SET multimaster.replicate_ddl = off", sql] {
+            client.batch_execute(step).unwrap_or_else(|e| panic!("node {}: {step}: {}", self.id, describe(&e)));
+        }
+    }
+
     /// The first column of the first row of `sql`, as text (NULL as `None`).
     pub fn query_value(&self, sql: &str) -> Option<String> {
         let rows =

@@ -22,7 +22,7 @@ fn start(schema: &str) -> Cluster {
     }
     let cluster = builder.start();
     for node in cluster.nodes() {
-        node.execute(&format!("CREATE EXTENSION mmts; {schema}"));
+        node.execute_local(&format!("CREATE EXTENSION mmts; {schema}"));
     }
     cluster.wait_replicating(WAIT);
     cluster

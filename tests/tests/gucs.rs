@@ -169,7 +169,7 @@ fn cluster_info_shows_settings_without_passwords() {
     assert!(!conn.contains("hunter2") && conn.contains("password=********"), "{conn}");
     assert!(conn.contains("user=u"), "{conn}");
     // conn_strings itself is for superusers only; the function is for everybody.
-    node.execute("CREATE ROLE alice LOGIN");
+    node.execute_local("CREATE ROLE alice LOGIN");
     let mut alice = mmts_tests::postgres::Config::new();
     alice.host("127.0.0.1").port(node.port()).user("alice").dbname("postgres");
     let mut alice = alice.connect(mmts_tests::postgres::NoTls).unwrap();

@@ -16,7 +16,7 @@ fn nodes_start_and_answer() {
         assert_eq!(node.query_value("SHOW cluster_name").unwrap(), format!("node{}", node.id));
     }
     // Each node is its own server: a table made on one is absent on the others.
-    cluster.node(1).execute("CREATE TABLE only_here(x int)");
+    cluster.node(1).execute_local("CREATE TABLE only_here(x int)");
     assert_eq!(cluster.node(2).query_value("SELECT to_regclass('only_here')::text"), None);
 }
 
@@ -24,7 +24,7 @@ fn nodes_start_and_answer() {
 fn killed_node_is_down_and_restarts() {
     let mut cluster = ClusterBuilder::new(2).proxies(false).start();
     for node in cluster.nodes() {
-        node.execute("CREATE EXTENSION mmts; CREATE TABLE t(x int PRIMARY KEY)");
+        node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(x int PRIMARY KEY)");
     }
     // Writes need a majority (here: both nodes) online.
     cluster.wait_replicating(Duration::from_secs(60));
@@ -56,7 +56,7 @@ fn peer_query(cluster: &mmts_tests::Cluster, from: usize, to: usize) -> Result<S
 fn cut_link_blocks_traffic_and_heals() {
     let cluster = ClusterBuilder::new(3).start();
     for node in cluster.nodes() {
-        node.execute("CREATE EXTENSION dblink");
+        node.execute_local("CREATE EXTENSION dblink");
     }
     assert_eq!(peer_query(&cluster, 1, 2).unwrap(), "node2");
 
@@ -99,7 +99,7 @@ fn established_connection_is_blackholed_then_closed_on_heal() {
 #[test]
 fn delayed_link_adds_latency() {
     let cluster = ClusterBuilder::new(2).start();
-    cluster.node(1).execute("CREATE EXTENSION dblink");
+    cluster.node(1).execute_local("CREATE EXTENSION dblink");
     let t = Instant::now();
     peer_query(&cluster, 1, 2).unwrap();
     let fast = t.elapsed();

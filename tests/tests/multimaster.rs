@@ -23,7 +23,7 @@ fn checksum(node: &Node) -> String {
 fn start(n: usize) -> Cluster {
     let cluster = ClusterBuilder::new(n).set("multimaster.mode", "async").start();
     for node in cluster.nodes() {
-        node.execute("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+        node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
     }
     cluster.wait_replicating(WAIT);
     cluster
@@ -214,7 +214,7 @@ fn tables_without_a_key_follow_the_setting() {
     // Off (the default): a write that could not be replicated faithfully is refused.
     let cluster = start(2);
     for node in cluster.nodes() {
-        node.execute("CREATE TABLE nokey(x int)");
+        node.execute_local("CREATE TABLE nokey(x int)");
     }
     let err = cluster.node(1).connect().batch_execute("INSERT INTO nokey VALUES (1)").unwrap_err();
     let db = err.as_db_error().unwrap();
@@ -232,7 +232,7 @@ fn tables_without_a_key_follow_the_setting() {
         .set("multimaster.ignore_tables_without_pk", "on")
         .start();
     for node in cluster.nodes() {
-        node.execute("CREATE TABLE nokey(x int); CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+        node.execute_local("CREATE TABLE nokey(x int); CREATE TABLE t(id bigint PRIMARY KEY, v text)");
     }
     cluster.wait_replicating(WAIT);
     cluster.node(1).execute("INSERT INTO nokey VALUES (1); INSERT INTO t VALUES (1, 'after')");
@@ -249,7 +249,7 @@ fn tables_without_a_key_follow_the_setting() {
 fn make_table_local_and_back() {
     let cluster = start(3);
     for node in cluster.nodes() {
-        node.execute("CREATE TABLE marker(id bigint PRIMARY KEY)");
+        node.execute_local("CREATE TABLE marker(id bigint PRIMARY KEY)");
     }
     let (n1, n2, n3) = (cluster.node(1), cluster.node(2), cluster.node(3));
     // Only superusers change what is replicated.

@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(60);
 fn start(n: usize, schema: &str) -> Cluster {
     let cluster = ClusterBuilder::new(n).start();
     for node in cluster.nodes() {
-        node.execute(&format!("CREATE EXTENSION mmts; {schema}"));
+        node.execute_local(&format!("CREATE EXTENSION mmts; {schema}"));
     }
     cluster.wait_replicating(WAIT);
     cluster
@@ -137,7 +137,7 @@ fn commit_timestamps_agree_and_grow_with_causality() {
 #[test]
 fn one_peer_voting_no_rolls_back_everywhere() {
     let cluster = start(3, T);
-    cluster.node(2).execute("ALTER TABLE t ADD CONSTRAINT only_on_node_2 CHECK (v <> 'forbidden')");
+    cluster.node(2).execute_local("ALTER TABLE t ADD CONSTRAINT only_on_node_2 CHECK (v <> 'forbidden')");
     let mut c = cluster.node(1).connect();
     let e = c.execute("INSERT INTO t VALUES (1, 'forbidden')", &[]).unwrap_err();
     let text = describe(&e);
@@ -309,7 +309,7 @@ fn votes_go_through_wal_when_the_peer_user_is_not_a_superuser() {
     }
     cluster.start_all();
     for node in cluster.nodes() {
-        node.execute(&format!(
+        node.execute_local(&format!(
             "CREATE ROLE mmts_peer LOGIN REPLICATION; CREATE EXTENSION mmts; {T}; GRANT ALL ON t TO mmts_peer"
         ));
     }

@@ -60,14 +60,14 @@ fn start(args: &Args) -> Result<(), String> {
         println!("    node {node} up on port {}", cluster.node(node).port());
     }
     println!("==> cluster started in {:.1} s", t.elapsed().as_secs_f64());
-    // No DDL replication yet: the table is created on every node before anything is written.
     for node in cluster.nodes() {
-        node.execute(
-            "CREATE EXTENSION IF NOT EXISTS mmts; CREATE TABLE IF NOT EXISTS demo(id int PRIMARY KEY, written_on text)",
-        );
+        node.execute_local("CREATE EXTENSION IF NOT EXISTS mmts");
     }
     // Slots are made as the receivers start: writes count from when every node streams.
     cluster.wait_replicating(std::time::Duration::from_secs(30));
+    // Schema changes are replicated: the table is created once, on node 1.
+    cluster.node(1).execute("CREATE TABLE IF NOT EXISTS demo(id int PRIMARY KEY, written_on text)");
+    println!("==> node 1: CREATE TABLE demo (runs on every node in the same commit)");
     for node in cluster.nodes() {
         node.execute(&format!("INSERT INTO demo VALUES ({0}, 'node{0}') ON CONFLICT DO NOTHING", node.id));
         println!("==> node {}: wrote row {} into table demo", node.id, node.id);

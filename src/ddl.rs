@@ -1,0 +1,388 @@
+//! Replication of schema changes, and sequences that never collide across nodes.
+//!
+//! A statement run by a client in the replicated database that changes the schema (CREATE /
+//! ALTER / DROP of any object, GRANT / REVOKE, COMMENT, roles, …) is written into its
+//! transaction as a [`Signal::Ddl`] carrying its text, the role that ran it and the session's
+//! search_path. Peers run it at the same point of the same transaction, so it is prepared and
+//! committed with the transaction's row changes (or fails it everywhere). The statement's own
+//! inner statements (those of a CREATE TABLE, of an extension script) are not sent on their
+//! own; statements inside functions and DO blocks are, since the peers do not run those.
+//!
+//! Statements about this node only (VACUUM, CHECKPOINT, ALTER SYSTEM, CREATE DATABASE, …) run
+//! here only, statements on temporary objects are never sent, and statements that cannot run
+//! inside a transaction on the peers are refused (see [`classify`]).
+//! `SET multimaster.replicate_ddl = off` (superusers) keeps a session's statements local.
+//!
+//! New sequences get step [`gucs::MAX_NODES`] and a start offset by node id on each node
+//! (unless the statement sets its own INCREMENT), so no two nodes hand out the same value.
+
+use std::cell::Cell;
+use std::ffi::{c_char, CStr, CString};
+
+use mmts_core::config::Mode;
+use mmts_core::twopc::{Signal, MAX_SIGNAL};
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use crate::{commit, gucs, twophase};
+
+thread_local! {
+    /// Replicated statements under way in this backend: what they run inside is not sent.
+    static CAPTURING: Cell<u32> = const { Cell::new(0) };
+    /// This backend (an applier) is running a peer's statement.
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What happens to a utility statement run by a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// Runs on this node only.
+    Local,
+    /// Runs on every node.
+    Replicated,
+    /// Refused: it cannot run inside a transaction on the peers.
+    Refused(&'static str),
+}
+
+/// What [`before`] decided for a statement; [`Capture::finish`] completes it once the
+/// statement has run.
+pub struct Capture {
+    /// The statement's text, to send once it has run (unless it touched temporary objects).
+    pending: Option<String>,
+    /// Counted in `CAPTURING`.
+    counted: bool,
+    /// Whether the transaction had touched temporary objects before the statement.
+    temp_before: bool,
+}
+
+const TEMP_FLAG: i32 = pg_sys::XACT_FLAGS_ACCESSEDTEMPNAMESPACE as i32;
+
+impl Capture {
+    fn none() -> Capture {
+        Capture { pending: None, counted: false, temp_before: false }
+    }
+
+    /// After the statement ran: sends it unless it touched temporary objects.
+    pub fn finish(mut self) {
+        let Some(statement) = self.pending.take() else { return };
+        let temp = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
+        if !temp {
+            send(statement);
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if self.counted {
+            CAPTURING.with(|c| c.set(c.get() - 1));
+        }
+        if self.temp_before {
+            unsafe { pg_sys::MyXactFlags |= TEMP_FLAG };
+        }
+    }
+}
+
+/// Before a utility statement runs (any backend of a multimaster node): adjusts new
+/// sequences and a peer's CREATE TABLE AS, refuses what cannot be replicated, and notes what
+/// must be sent.
+pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> Capture {
+    let Mode::Multimaster(config) = gucs::mode() else { return Capture::none() };
+    if !gucs::in_replicated_database() {
+        return Capture::none();
+    }
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateSeqStmt => spread_sequence(stmt.cast(), config.node_id.0),
+            pg_sys::NodeTag::T_CreateTableAsStmt if APPLYING.with(Cell::get) => {
+                // The rows come from the peer's stream, as inserts (kept local, and so
+                // computed here, when tables without a key stay local).
+                let ctas = stmt as *mut pg_sys::CreateTableAsStmt;
+                if (*ctas).objtype == pg_sys::ObjectType::OBJECT_TABLE && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
+                    (*(*ctas).into).skipData = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let client = unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND };
+    if !client
+        || APPLYING.with(Cell::get)
+        || CAPTURING.with(Cell::get) > 0
+        || unsafe { pg_sys::creating_extension }
+        || !gucs::REPLICATE_DDL.get()
+    {
+        return Capture::none();
+    }
+    match unsafe { classify(stmt) } {
+        Kind::Local => Capture::none(),
+        Kind::Refused(what) => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("mmts cannot replicate {what}"),
+                "mmts",
+            )
+            .set_detail("It cannot run inside a transaction on the other nodes.")
+            .set_hint(
+                "Run it without CONCURRENTLY (replicated), or, as a superuser, SET multimaster.replicate_ddl = off and run it on every node.",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+        Kind::Replicated => {
+            commit::refuse_unless_writable();
+            CAPTURING.with(|c| c.set(c.get() + 1));
+            let text = unsafe { statement_text(pstmt, query_string) };
+            if unsafe { (*stmt).type_ } == pg_sys::NodeTag::T_CreateTableAsStmt {
+                // Sent first: its rows follow in the stream, and the peers need the table.
+                let into = unsafe { (*(stmt as *mut pg_sys::CreateTableAsStmt)).into };
+                let temp = unsafe { (*(*into).rel).relpersistence } == pg_sys::RELPERSISTENCE_TEMP as c_char;
+                if !temp {
+                    send(text);
+                }
+                return Capture { pending: None, counted: true, temp_before: false };
+            }
+            // Whether the statement itself touches temporary objects is seen after it ran.
+            let temp_before = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
+            unsafe { pg_sys::MyXactFlags &= !TEMP_FLAG };
+            Capture { pending: Some(text), counted: true, temp_before }
+        }
+    }
+}
+
+/// Writes `statement` into the transaction for the peers.
+fn send(statement: String) {
+    let (role, search_path) = unsafe {
+        let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false));
+        let path = pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false);
+        let path = if path.is_null() { String::new() } else { CStr::from_ptr(path).to_string_lossy().into_owned() };
+        (role.to_string_lossy().into_owned(), path)
+    };
+    let signal = Signal::Ddl { role, search_path, statement };
+    let size = signal.encode().len();
+    if size > MAX_SIGNAL {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("statement too long for mmts to replicate ({size} bytes encoded, at most {MAX_SIGNAL})"),
+            "mmts",
+        )
+        .set_hint("Split it into smaller statements.")
+        .report(PgLogLevel::ERROR);
+    }
+    twophase::emit(&signal, true);
+    commit::note_write();
+}
+
+/// The text of the statement `pstmt` within `query_string` (which may hold several).
+unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_char) -> String {
+    if query_string.is_null() {
+        return String::new();
+    }
+    let all = unsafe { CStr::from_ptr(query_string) }.to_bytes();
+    let (location, len) = unsafe { ((*pstmt).stmt_location, (*pstmt).stmt_len) };
+    let start = (location.max(0) as usize).min(all.len());
+    let end = if len > 0 { (start + len as usize).min(all.len()) } else { all.len() };
+    String::from_utf8_lossy(&all[start..end]).trim().to_string()
+}
+
+/// Whether `stmt` is about this node only, runs everywhere, or cannot be replicated.
+unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
+    use pg_sys::NodeTag::*;
+    unsafe {
+        match (*stmt).type_ {
+            // Transaction control, sessions, cursors, DML-like statements (their rows are
+            // replicated), maintenance, and objects outside the replicated database.
+            T_TransactionStmt
+            | T_DoStmt
+            | T_CallStmt
+            | T_ExplainStmt
+            | T_CopyStmt
+            | T_TruncateStmt
+            | T_PrepareStmt
+            | T_ExecuteStmt
+            | T_DeallocateStmt
+            | T_VariableSetStmt
+            | T_VariableShowStmt
+            | T_DiscardStmt
+            | T_ListenStmt
+            | T_UnlistenStmt
+            | T_NotifyStmt
+            | T_LoadStmt
+            | T_CheckPointStmt
+            | T_VacuumStmt
+            | T_ClusterStmt
+            | T_ReindexStmt
+            | T_LockStmt
+            | T_ConstraintsSetStmt
+            | T_FetchStmt
+            | T_DeclareCursorStmt
+            | T_ClosePortalStmt
+            | T_AlterSystemStmt
+            | T_CreatedbStmt
+            | T_DropdbStmt
+            | T_AlterDatabaseStmt
+            | T_AlterDatabaseSetStmt
+            | T_AlterDatabaseRefreshCollStmt
+            | T_CreateTableSpaceStmt
+            | T_DropTableSpaceStmt
+            | T_AlterTableSpaceOptionsStmt
+            | T_CreateSubscriptionStmt
+            | T_AlterSubscriptionStmt
+            | T_DropSubscriptionStmt
+            | T_CreatePublicationStmt
+            | T_AlterPublicationStmt => Kind::Local,
+            // mmts itself is created on each node.
+            T_CreateExtensionStmt => own_extension((*(stmt as *mut pg_sys::CreateExtensionStmt)).extname),
+            T_AlterExtensionStmt => own_extension((*(stmt as *mut pg_sys::AlterExtensionStmt)).extname),
+            T_AlterExtensionContentsStmt => own_extension((*(stmt as *mut pg_sys::AlterExtensionContentsStmt)).extname),
+            T_IndexStmt if (*(stmt as *mut pg_sys::IndexStmt)).concurrent => Kind::Refused("CREATE INDEX CONCURRENTLY"),
+            T_AlterTableStmt if detaches_concurrently(stmt.cast()) => {
+                Kind::Refused("ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY")
+            }
+            T_DropStmt => {
+                let drop = stmt as *mut pg_sys::DropStmt;
+                if (*drop).concurrent {
+                    Kind::Refused("DROP INDEX CONCURRENTLY")
+                } else if (*drop).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
+                    && names((*drop).objects).iter().any(|n| n == "mmts")
+                {
+                    Kind::Local
+                } else {
+                    Kind::Replicated
+                }
+            }
+            _ => Kind::Replicated,
+        }
+    }
+}
+
+unsafe fn detaches_concurrently(stmt: *mut pg_sys::AlterTableStmt) -> bool {
+    let cmds = unsafe { (*stmt).cmds };
+    let n = if cmds.is_null() { 0 } else { unsafe { (*cmds).length } };
+    (0..n).any(|i| unsafe {
+        let cmd = pg_sys::list_nth(cmds, i) as *mut pg_sys::AlterTableCmd;
+        (*cmd).subtype == pg_sys::AlterTableType::AT_DetachPartition
+            && !(*cmd).def.is_null()
+            && (*((*cmd).def as *mut pg_sys::PartitionCmd)).concurrent
+    })
+}
+
+fn own_extension(name: *mut c_char) -> Kind {
+    if !name.is_null() && unsafe { CStr::from_ptr(name) }.to_bytes() == b"mmts" {
+        Kind::Local
+    } else {
+        Kind::Replicated
+    }
+}
+
+/// The names in a list of `String` nodes (other nodes are skipped).
+unsafe fn names(list: *mut pg_sys::List) -> Vec<String> {
+    let n = if list.is_null() { 0 } else { unsafe { (*list).length } };
+    (0..n)
+        .filter_map(|i| unsafe {
+            let node = pg_sys::list_nth(list, i) as *mut pg_sys::Node;
+            (!node.is_null() && (*node).type_ == pg_sys::NodeTag::T_String)
+                .then(|| CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// Gives a new sequence step [`gucs::MAX_NODES`] and a start shifted by `node - 1` (from its
+/// START, else its MINVALUE, else 1), unless it sets its own INCREMENT.
+unsafe fn spread_sequence(stmt: *mut pg_sys::CreateSeqStmt, node: u32) {
+    unsafe {
+        let options = (*stmt).options;
+        let n = if options.is_null() { 0 } else { (*options).length };
+        let mut start = None;
+        let mut minvalue = None;
+        for i in 0..n {
+            let def = pg_sys::list_nth(options, i) as *mut pg_sys::DefElem;
+            match CStr::from_ptr((*def).defname).to_bytes() {
+                b"increment" => return,
+                b"start" => start = Some(def),
+                b"minvalue" if !(*def).arg.is_null() => minvalue = Some(pg_sys::defGetInt64(def)),
+                _ => {}
+            }
+        }
+        let shift = node as i64 - 1;
+        let first = match start {
+            Some(def) => pg_sys::defGetInt64(def),
+            None => minvalue.unwrap_or(1),
+        }
+        .saturating_add(shift);
+        let value = integer_node(first);
+        match start {
+            Some(def) => (*def).arg = value,
+            None => (*stmt).options = pg_sys::lappend((*stmt).options, def_elem(c"start", value).cast()),
+        }
+        let step = integer_node(gucs::MAX_NODES as i64);
+        (*stmt).options = pg_sys::lappend((*stmt).options, def_elem(c"increment", step).cast());
+    }
+}
+
+unsafe fn def_elem(name: &CStr, value: *mut pg_sys::Node) -> *mut pg_sys::DefElem {
+    unsafe { pg_sys::makeDefElem(pg_sys::pstrdup(name.as_ptr()), value, -1) }
+}
+
+/// An Integer node, or a Float one (as the parser makes) beyond 32 bits.
+unsafe fn integer_node(v: i64) -> *mut pg_sys::Node {
+    unsafe {
+        match i32::try_from(v) {
+            Ok(small) => pg_sys::makeInteger(small).cast(),
+            Err(_) => {
+                let text = CString::new(v.to_string()).expect("digits");
+                pg_sys::makeFloat(pg_sys::pstrdup(text.as_ptr())).cast()
+            }
+        }
+    }
+}
+
+/// Runs a peer's statement (an applier, inside the transaction being applied) as `role`
+/// with `search_path`.
+pub fn run(role: &str, search_path: &str, statement: &str) {
+    struct Applying;
+    impl Drop for Applying {
+        fn drop(&mut self) {
+            APPLYING.with(|a| a.set(false));
+        }
+    }
+    let role_c = CString::new(role).unwrap_or_default();
+    let path_c = CString::new(search_path).unwrap_or_default();
+    unsafe {
+        // An unknown role is an error here, as it would be for the statement.
+        let role_id = pg_sys::get_role_oid(role_c.as_ptr(), false);
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        let old_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_owned();
+        set_search_path(&path_c);
+        pg_sys::SetUserIdAndSecContext(role_id, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        APPLYING.with(|a| a.set(true));
+        let _applying = Applying;
+        // An error ends the transaction, which puts the user, the setting and the snapshot back.
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        Spi::run(statement).unwrap_or_else(|e| {
+            ereport!(PgLogLevel::ERROR, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("mmts: {e}"));
+        });
+        pg_sys::PopActiveSnapshot();
+        pg_sys::SetUserIdAndSecContext(user, context);
+        set_search_path(&old_path);
+    }
+}
+
+/// The applier's search_path is set with the highest priority (see `receiver`): so is this.
+unsafe fn set_search_path(value: &CStr) {
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+}

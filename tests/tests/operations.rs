@@ -1,0 +1,170 @@
+//! Operations: schema changes replicated inside the synchronous commit, sequences that never
+//! hand out the same value on two nodes.
+
+use std::time::Duration;
+
+use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn start(n: usize, mode: &str) -> Cluster {
+    let cluster = ClusterBuilder::new(n).set("multimaster.mode", mode).start();
+    for node in cluster.nodes() {
+        node.execute_local("CREATE EXTENSION mmts");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster
+}
+
+fn value(node: &Node, sql: &str) -> String {
+    node.query_value(sql).unwrap_or_default()
+}
+
+fn on_every_node(cluster: &Cluster, sql: &str, expected: &str) {
+    for node in cluster.nodes() {
+        assert_eq!(value(node, sql), expected, "node {}: {sql}", node.id);
+    }
+}
+
+fn error(node: &Node, sql: &str) -> (String, String, String) {
+    let e = node.connect().batch_execute(sql).expect_err(sql);
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {}", describe(&e)));
+    (db.code().code().to_string(), db.message().to_string(), db.hint().unwrap_or_default().to_string())
+}
+
+/// DDL on any node is on every node when its COMMIT returns, and data written right after it
+/// on any node replicates.
+#[test]
+fn schema_changes_run_on_every_node_in_the_same_commit() {
+    let cluster = start(3, "sync");
+    let (n1, n2, n3) = (cluster.node(1), cluster.node(2), cluster.node(3));
+
+    n1.execute("CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    n2.execute("INSERT INTO t VALUES (2, 'two')");
+    n3.execute("ALTER TABLE t ADD COLUMN w int DEFAULT 7; CREATE INDEX t_v ON t(v)");
+    n1.execute("INSERT INTO t VALUES (1, 'one', 1)");
+    on_every_node(&cluster, "SELECT string_agg(id || ':' || v || ':' || w, ',' ORDER BY id) FROM t", "1:one:1,2:two:7");
+    on_every_node(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname = 't_v'", "1");
+
+    // Schema changes and rows in one transaction, a table changed between its rows, a
+    // schema and the session's search_path, views, functions, comments.
+    n2.execute(
+        "BEGIN;
+         CREATE SCHEMA app;
+         SET LOCAL search_path = app, public;
+         CREATE TABLE items(id int PRIMARY KEY);
+         INSERT INTO items VALUES (1);
+         ALTER TABLE items ADD COLUMN label text NOT NULL DEFAULT 'none';
+         INSERT INTO items VALUES (2, 'b');
+         CREATE VIEW labelled AS SELECT id, label FROM items WHERE label <> 'none';
+         CREATE FUNCTION twice(x int) RETURNS int LANGUAGE sql AS 'SELECT 2 * x';
+         COMMENT ON TABLE items IS 'made on node 2';
+         COMMIT",
+    );
+    on_every_node(&cluster, "SELECT string_agg(id || label, ',' ORDER BY id) FROM app.items", "1none,2b");
+    on_every_node(&cluster, "SELECT string_agg(label, ',') FROM app.labelled", "b");
+    on_every_node(&cluster, "SELECT app.twice(21)", "42");
+    on_every_node(&cluster, "SELECT obj_description('app.items'::regclass)", "made on node 2");
+
+    // CREATE TABLE AS: the rows come once, from the node that ran it.
+    n3.execute("CREATE TABLE t_copy AS SELECT id, v FROM t");
+    on_every_node(&cluster, "SELECT count(*) FROM t_copy", "2");
+
+    // Roles, privileges and ownership follow the role that ran the statement.
+    n1.execute("CREATE ROLE alice LOGIN; GRANT CREATE, USAGE ON SCHEMA public TO alice");
+    let mut alice = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=alice dbname=postgres", n3.port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    alice.batch_execute("CREATE TABLE owned(id int PRIMARY KEY); INSERT INTO owned VALUES (1)").unwrap();
+    on_every_node(&cluster, "SELECT tableowner || count(*) OVER () FROM pg_tables WHERE tablename = 'owned'", "alice1");
+    n2.execute("GRANT SELECT ON t TO alice");
+    on_every_node(&cluster, "SELECT has_table_privilege('alice', 't', 'SELECT')", "t");
+
+    // Temporary objects stay on their node, and a transaction that only made one commits
+    // without the peers.
+    n1.execute("CREATE TEMP TABLE scratch(x int); INSERT INTO scratch VALUES (1); DROP TABLE scratch");
+    n1.execute("BEGIN; CREATE TEMP TABLE scratch(x int) ON COMMIT DROP; COMMIT");
+
+    // A statement that fails on a peer fails everywhere.
+    n2.execute_local("CREATE TABLE clash(x int)");
+    let (code, message, _) = error(n1, "CREATE TABLE clash(id int PRIMARY KEY)");
+    assert_eq!(code, "42P07", "{message}");
+    assert_eq!(value(n1, "SELECT to_regclass('clash') IS NULL"), "t");
+    assert_eq!(value(n3, "SELECT to_regclass('clash') IS NULL"), "t");
+
+    // What cannot run in a transaction on the peers is refused, unless run locally.
+    let (code, message, hint) = error(n1, "CREATE INDEX CONCURRENTLY t_w ON t(w)");
+    assert_eq!(code, "0A000");
+    assert!(message.contains("CREATE INDEX CONCURRENTLY"), "{message}");
+    assert!(hint.contains("multimaster.replicate_ddl"), "{hint}");
+    for node in cluster.nodes() {
+        node.execute_local("CREATE INDEX CONCURRENTLY t_w ON t(w)");
+    }
+    on_every_node(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname = 't_w'", "1");
+    // Only superusers keep schema changes local.
+    let e = alice.batch_execute("SET multimaster.replicate_ddl = off").unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{}", describe(&e));
+    // Maintenance runs where it is run.
+    n1.execute("VACUUM ANALYZE t");
+    n1.execute("CHECKPOINT");
+
+    n2.execute("DROP TABLE t_copy; DROP SCHEMA app CASCADE");
+    on_every_node(&cluster, "SELECT to_regclass('t_copy') IS NULL AND to_regnamespace('app') IS NULL", "t");
+    on_every_node(&cluster, "SELECT count(*) FROM pg_prepared_xacts", "0");
+}
+
+/// Sequences made on any node (serial, identity, plain) hand out values of their own on each
+/// node: concurrent inserts on every node never collide.
+#[test]
+fn serial_inserts_from_all_nodes_never_collide() {
+    let cluster = start(3, "sync");
+    cluster.node(2).execute(
+        "CREATE TABLE s(id serial PRIMARY KEY, node int);
+         CREATE TABLE i(id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, node int);
+         CREATE SEQUENCE plain START 100",
+    );
+    for node in cluster.nodes() {
+        let id = node.id;
+        assert_eq!(
+            value(node, "SELECT string_agg(start_value || '/' || increment_by, ',' ORDER BY sequencename) FROM pg_sequences WHERE schemaname = 'public'"),
+            format!("{id}/64,{}/64,{id}/64", 99 + id),
+            "node {id}"
+        );
+    }
+    const ROWS: usize = 150;
+    std::thread::scope(|scope| {
+        for node in cluster.nodes() {
+            scope.spawn(move || {
+                let mut c = node.connect();
+                for _ in 0..ROWS {
+                    c.batch_execute(&format!(
+                        "INSERT INTO s(node) VALUES ({0}); INSERT INTO i(node) VALUES ({0})",
+                        node.id
+                    ))
+                    .unwrap_or_else(|e| panic!("node {}: {}", node.id, describe(&e)));
+                }
+            });
+        }
+    });
+    let total = (ROWS * cluster.nodes().len()).to_string();
+    for table in ["s", "i"] {
+        on_every_node(&cluster, &format!("SELECT count(DISTINCT id) FROM {table}"), &total);
+        // Each node's values are its own residue.
+        on_every_node(&cluster, &format!("SELECT count(*) FROM {table} WHERE (id - node) % 64 <> 0"), "0");
+    }
+    let plain: Vec<String> = cluster.nodes().iter().map(|n| value(n, "SELECT nextval('plain')")).collect();
+    assert_eq!(plain, ["100", "101", "102"]);
+}
+
+/// In asynchronous mode schema changes follow the rows, in order.
+#[test]
+fn schema_changes_replicate_in_async_mode() {
+    let cluster = start(2, "async");
+    cluster.node(1).execute("CREATE TABLE a(id int PRIMARY KEY); INSERT INTO a VALUES (1)");
+    cluster.node(1).execute("ALTER TABLE a ADD COLUMN v text; INSERT INTO a VALUES (2, 'two')");
+    wait_for("the table and both rows on node 2", WAIT, || {
+        value(cluster.node(2), "SELECT string_agg(id || coalesce(v, '-'), ',' ORDER BY id) FROM a") == "1-,2two"
+    });
+}
