@@ -110,6 +110,16 @@ fn schema_changes_run_on_every_node_in_the_same_commit() {
     n1.execute("VACUUM ANALYZE t");
     n1.execute("CHECKPOINT");
 
+    // Other databases are not replicated: their writes and schema changes stay here.
+    n1.execute("CREATE DATABASE other");
+    let mut other = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=postgres dbname=other", n1.port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    other.batch_execute("CREATE TABLE here(id int PRIMARY KEY); INSERT INTO here VALUES (1)").unwrap();
+    assert_eq!(value(n2, "SELECT count(*) FROM pg_database WHERE datname = 'other'"), "0");
+
     n2.execute("DROP TABLE t_copy; DROP SCHEMA app CASCADE");
     on_every_node(&cluster, "SELECT to_regclass('t_copy') IS NULL AND to_regnamespace('app') IS NULL", "t");
     on_every_node(&cluster, "SELECT count(*) FROM pg_prepared_xacts", "0");
