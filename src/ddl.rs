@@ -54,17 +54,21 @@ pub struct Capture {
     counted: bool,
     /// Whether the transaction had touched temporary objects before the statement.
     temp_before: bool,
+    /// The session's replication origin while the statement's own rows are kept from the
+    /// peers (an extension's script: the peers run it too).
+    origin: Option<pg_sys::RepOriginId>,
 }
 
 const TEMP_FLAG: i32 = pg_sys::XACT_FLAGS_ACCESSEDTEMPNAMESPACE as i32;
 
 impl Capture {
     fn none() -> Capture {
-        Capture { pending: None, counted: false, temp_before: false }
+        Capture { pending: None, counted: false, temp_before: false, origin: None }
     }
 
     /// After the statement ran: sends it unless it touched temporary objects.
     pub fn finish(mut self) {
+        self.restore_origin();
         let Some(statement) = self.pending.take() else { return };
         let temp = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
         if !temp {
@@ -73,8 +77,17 @@ impl Capture {
     }
 }
 
+impl Capture {
+    fn restore_origin(&mut self) {
+        if let Some(origin) = self.origin.take() {
+            unsafe { pg_sys::replorigin_session_origin = origin };
+        }
+    }
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
+        self.restore_origin();
         if self.counted {
             CAPTURING.with(|c| c.set(c.get() - 1));
         }
@@ -142,12 +155,23 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
                 if !temp {
                     send(text);
                 }
-                return Capture { pending: None, counted: true, temp_before: false };
+                return Capture { pending: None, counted: true, temp_before: false, origin: None };
             }
+            // Rows an extension's script writes are written by the script on every node:
+            // marked as not to be replicated (the output plugin skips what has an origin).
+            let origin = matches!(
+                unsafe { (*stmt).type_ },
+                pg_sys::NodeTag::T_CreateExtensionStmt | pg_sys::NodeTag::T_AlterExtensionStmt
+            )
+            .then(|| unsafe {
+                let saved = pg_sys::replorigin_session_origin;
+                pg_sys::replorigin_session_origin = pg_sys::DoNotReplicateId as pg_sys::RepOriginId;
+                saved
+            });
             // Whether the statement itself touches temporary objects is seen after it ran.
             let temp_before = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
             unsafe { pg_sys::MyXactFlags &= !TEMP_FLAG };
-            Capture { pending: Some(text), counted: true, temp_before }
+            Capture { pending: Some(text), counted: true, temp_before, origin }
         }
     }
 }

@@ -178,3 +178,29 @@ fn schema_changes_replicate_in_async_mode() {
         value(cluster.node(2), "SELECT string_agg(id || coalesce(v, '-'), ',' ORDER BY id) FROM a") == "1-,2two"
     });
 }
+
+/// An extension whose script writes rows: every node runs the script, and the rows are not
+/// replicated on top of that.
+#[test]
+fn extensions_are_created_on_every_node_once() {
+    let pg_config = std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+    let out = std::process::Command::new(&pg_config).arg("--sharedir").output().expect("pg_config");
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
+    let files = [
+        ("mmts_test_rows.control", "default_version = '1.0'\nrelocatable = true\n"),
+        (
+            "mmts_test_rows--1.0.sql",
+            "CREATE TABLE ext_settings(k text PRIMARY KEY, v text);\nINSERT INTO ext_settings VALUES ('mode', 'on');\n",
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("writing {name} into {}: {e}", dir.display()));
+    }
+    let cluster = start(3, "sync");
+    cluster.node(1).execute("CREATE EXTENSION mmts_test_rows");
+    on_every_node(&cluster, "SELECT string_agg(k || '=' || v, ',') FROM ext_settings", "mode=on");
+    cluster.node(3).execute("INSERT INTO ext_settings VALUES ('later', 'x')");
+    on_every_node(&cluster, "SELECT count(*) FROM ext_settings", "2");
+    cluster.node(2).execute("DROP EXTENSION mmts_test_rows");
+    on_every_node(&cluster, "SELECT to_regclass('ext_settings') IS NULL", "t");
+}
