@@ -30,6 +30,14 @@ CREATE TABLE mtm.local_tables (
 COMMENT ON TABLE mtm.local_tables IS 'mmts: tables kept local to each node';
 GRANT SELECT ON mtm.local_tables TO PUBLIC;
 
+-- Nodes removed from the cluster (see mtm.drop_node). Replicated, like mtm.local_tables.
+CREATE TABLE mtm.dropped_nodes (
+    node_id int PRIMARY KEY CHECK (node_id BETWEEN 1 AND 64),
+    dropped_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE mtm.dropped_nodes IS 'mmts: nodes removed from the cluster';
+GRANT SELECT ON mtm.dropped_nodes TO PUBLIC;
+
 CREATE FUNCTION mtm.require_superuser(what text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN

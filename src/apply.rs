@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use mmts_core::conflict::{remote_wins, Version};
 use mmts_core::indoubt::Outcome;
 use mmts_core::membership::{bit, format_mask, Mask, State};
+use mmts_core::replication::format_lsn;
 use mmts_core::twopc::{
     dependencies_met, on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX,
 };
@@ -264,6 +265,11 @@ impl Applier {
                     if pg_sys::IsTransactionState() {
                         set_origin_position(end_lsn, commit_time);
                         pg_sys::CommitTransactionCommand();
+                    } else {
+                        // Nothing to apply (e.g. only catalog changes): applied as far as here
+                        // all the same, also after a restart (transactions of other nodes that
+                        // depend on this stream wait for that).
+                        pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64);
                     }
                 }
                 twophase::clock_observe(commit_time);
@@ -543,9 +549,22 @@ impl Applier {
                 }
                 if !reported && first_attempt.elapsed() >= Duration::from_secs(1) {
                     reported = true;
+                    let unmet: Vec<String> = preparing
+                        .after
+                        .iter()
+                        .filter(|(n, lsn)| !skip(*n) && crate::status::applied(n.0) < *lsn)
+                        .map(|(n, lsn)| {
+                            format!(
+                                "node {n} as far as {} (applied here: {})",
+                                format_lsn(*lsn),
+                                format_lsn(crate::status::applied(n.0))
+                            )
+                        })
+                        .collect();
                     log(format!(
-                        "mmts: transaction {xid} of node {} waits for this node to apply what it depends on",
-                        self.peer
+                        "mmts: transaction {xid} of node {} waits for this node to apply what it depends on: {}",
+                        self.peer,
+                        unmet.join(", ")
                     ));
                 }
                 if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
@@ -1196,6 +1215,14 @@ unsafe extern "C-unwind" fn on_lock_wait_timer() {
         let lock = (*pg_sys::MyProc).waitLock;
         if lock.is_null() {
             return; // not waiting: look again next time
+        }
+        // Locks held for an instant inside an operation (extending a table, a page) are no
+        // conflict between transactions: wait them out.
+        let kind = (*lock).tag.locktag_type as u32;
+        if kind == pg_sys::LockTagType::LOCKTAG_RELATION_EXTEND as u32
+            || kind == pg_sys::LockTagType::LOCKTAG_PAGE as u32
+        {
+            return;
         }
         AWAITED = Some(((*lock).tag, (*pg_sys::MyProc).waitLockMode));
         pg_sys::InterruptPending = 1;

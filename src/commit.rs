@@ -516,12 +516,13 @@ fn refuse_unless_online() -> Mask {
     }
     let me = config.node_id;
     let why = match (view.state, view.excluded_by) {
+        (State::Dropped, _) => "it was dropped from the cluster (mtm.drop_node)".to_string(),
         (State::Recovery, _) => "it is catching up with the cluster (recovery)".to_string(),
         (_, Some(by)) => format!("it is isolated: node {by} does not count it in the cluster"),
         _ => format!(
             "it is isolated: it is in no majority of nodes that all reach each other and report to it (it reaches nodes {} of {})",
             format_mask(cur.report.sees),
-            config.nodes.len()
+            status::configured(config).count_ones()
         ),
     };
     ErrorReport::new(
@@ -546,7 +547,7 @@ fn start_two_phase(gid: CString, application: bool) {
     let members = refuse_unless_online();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let key = Key { ts: twophase::clock_next(), node: config.node_id };
-    let after = config.peers().map(|n| (n.id, status::applied(n.id.0))).collect();
+    let after = status::peers(config).map(|n| (n.id, status::applied(n.id.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let slot = match twophase::register(xid, key, procno) {
@@ -566,7 +567,8 @@ fn start_two_phase(gid: CString, application: bool) {
     // Peers apply a large transaction for about as long as it ran here.
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let deadline = key.ts + gucs::vote_timeout_us(ran);
-    let coordinator = Coordinator::new(config.nodes.len(), live, key.ts, deadline);
+    let size = status::configured(config).count_ones() as usize;
+    let coordinator = Coordinator::new(size, live, key.ts, deadline);
     session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members }));
 }
 
@@ -735,7 +737,7 @@ fn precommit(p: &mut Pending, ts: i64) {
     let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
     loop {
         let accepted = twophase::votes(p.slot, p.xid).accepted.len() + 1;
-        if accepted * 2 > config.nodes.len() {
+        if accepted * 2 > status::configured(config).count_ones() as usize {
             return;
         }
         if now() >= deadline || interrupted() {

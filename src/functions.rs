@@ -16,7 +16,7 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
         Mode::Standalone => rows.push(("mode".into(), Some("standalone".into()))),
         Mode::Multimaster(c) => {
             rows.push(("mode".into(), Some("multimaster".into())));
-            rows.push(("nodes".into(), Some(c.nodes.len().to_string())));
+            rows.push(("nodes".into(), Some(crate::status::configured(c).count_ones().to_string())));
         }
     }
     for name in gucs::NAMES {

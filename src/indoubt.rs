@@ -29,8 +29,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The settling done by the receiver from `peer`.
 pub struct Resolver {
     peer: NodeId,
-    /// This node's own transactions are settled by one receiver: the first peer's.
-    own: bool,
     /// Connections to the peers, for requests (made when first needed).
     conns: HashMap<u32, Connection>,
     round: u32,
@@ -38,16 +36,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(config: &ClusterConfig, peer: NodeId) -> Resolver {
-        let own = config.peers().next().is_some_and(|n| n.id == peer);
-        Resolver { peer, own, conns: HashMap::new(), round: 0, last: None }
+    pub fn new(peer: NodeId) -> Resolver {
+        Resolver { peer, conns: HashMap::new(), round: 0, last: None }
     }
 
     /// Settles what is in doubt (at most once a second): the peer's transactions once it is
     /// out of this node's partition, and this node's own whose backend is gone. Outside a
     /// transaction.
     pub fn tick(&mut self, config: &ClusterConfig) {
-        let (peer, own) = (self.peer, self.own);
+        let peer = self.peer;
+        // This node's own transactions are settled by one receiver: the first peer's.
+        let own = status::peers(config).next().is_some_and(|n| n.id == peer);
         if !gucs::synchronous() || self.last.is_some_and(|t| t.elapsed() < EVERY) {
             return;
         }
@@ -73,7 +72,7 @@ impl Resolver {
 
     /// One attempt to settle transaction `xid` of node `origin`, prepared here as `gid`.
     fn settle(&mut self, config: &ClusterConfig, origin: NodeId, xid: u32, since: i64, gid: &str) {
-        let size = config.nodes.len();
+        let size = status::configured(config).count_ones() as usize;
         self.round += 1;
         let ballot = Ballot { round: self.round, node: config.node_id.0 };
         let answers = self.ask(config, Signal::Promise { origin, xid, since, ballot });
@@ -149,7 +148,7 @@ impl Resolver {
 
 /// The prepared transactions of node `origin` here (gid, its xid there, the local xid, when
 /// it was prepared here), prepared at least `age` ago.
-fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32, i64)> {
+pub fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32, i64)> {
     let prefix = format!("mtm_{origin}_");
     let found: Result<Vec<(String, i64, i64)>, pgrx::spi::SpiError> = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {

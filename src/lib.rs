@@ -15,6 +15,7 @@ mod functions;
 mod gucs;
 mod indoubt;
 mod libpq;
+mod nodes;
 mod output_plugin;
 mod receiver;
 mod status;

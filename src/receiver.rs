@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::{ClusterConfig, Mode};
+use mmts_core::membership::bit;
 use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
 use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire;
@@ -24,7 +25,7 @@ use crate::apply::Applier;
 use crate::indoubt::Resolver;
 use crate::libpq::{Connection, CopyData, PqError};
 use crate::twophase;
-use crate::{gucs, status};
+use crate::{gucs, nodes, status};
 
 /// Registers one receiver per peer (in the postmaster, while preloading).
 pub fn register(config: &ClusterConfig) {
@@ -78,6 +79,14 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     }
     BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
 
+    let mut resolver = Resolver::new(NodeId(peer_id));
+    let dropped = BackgroundWorker::transaction(nodes::load_dropped);
+    if dropped & bit(config.node_id) != 0 {
+        return log(format!("mmts: this node was dropped from the cluster: no replication from node {peer_id}"));
+    }
+    if dropped & bit(NodeId(peer_id)) != 0 {
+        return retire(config, peer_id, &mut resolver);
+    }
     let origin = BackgroundWorker::transaction(|| {
         let slot = slot_name(peer_id);
         // A read-only statement: a logical slot cannot be made by a transaction with an xid.
@@ -113,7 +122,6 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     status::update(peer_id, |p| p.ended_lsn = applied);
 
     let mut backoff = Duration::from_millis(200);
-    let mut resolver = Resolver::new(config, NodeId(peer_id));
     // Kept across reconnects: transactions it set aside are not sent again.
     let mut applier = Applier::new(peer_id, config.node_id.0);
     let application_name = status::application_name(config.node_id.0);
@@ -126,6 +134,12 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             p.connected = false;
             p.caught_up = false;
         });
+        if status::dropped() & bit(config.node_id) != 0 {
+            return log(format!("mmts: this node was dropped from the cluster: replication from node {peer_id} stops"));
+        }
+        if status::dropped() & bit(NodeId(peer_id)) != 0 {
+            return retire(config, peer_id, &mut resolver);
+        }
         match result {
             Ok(()) => break, // asked to stop
             Err(e) => log(format!(
@@ -142,6 +156,24 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             break;
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// The peer was dropped from the cluster: once what it left in doubt here is settled, removes
+/// its slot and origin and returns (the worker then ends for good).
+fn retire(config: &ClusterConfig, peer_id: u32, resolver: &mut Resolver) {
+    log(format!("mmts: node {peer_id} was dropped from the cluster; settling what it left in doubt here"));
+    status::update(peer_id, |p| {
+        p.connected = false;
+        p.caught_up = false;
+    });
+    while !BackgroundWorker::sigterm_received() {
+        resolver.tick(config);
+        if crate::indoubt::prepared(NodeId(peer_id), Duration::ZERO).is_empty() && nodes::forget(peer_id) {
+            log(format!("mmts: node {peer_id} is gone from this node: its slot and origin are dropped"));
+            return;
+        }
+        BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
     }
 }
 
@@ -245,6 +277,10 @@ fn stream(
         }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
             resolver.tick(config);
+            nodes::refresh_dropped();
+            if status::dropped() & (bit(NodeId(peer_id)) | bit(config.node_id)) != 0 {
+                return Err(PqError { message: "a node was dropped from the cluster".into(), sqlstate: None });
+            }
         }
         if link.last_heard.elapsed() > silence {
             return Err(PqError {

@@ -7,7 +7,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 
 use mmts_core::config::ClusterConfig;
-use mmts_core::membership::{self, bit, format_mask, Mask, Report, View};
+use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
 use crate::gucs::{self, MAX_NODES};
@@ -48,11 +48,13 @@ pub struct Peers {
     /// The members this node last counted, and how many times that changed.
     members: Mask,
     generation: u64,
+    /// Nodes removed from the cluster (`mtm.dropped_nodes`, see `nodes`).
+    dropped: Mask,
 }
 
 impl Default for Peers {
     fn default() -> Self {
-        Peers { peers: [PeerStatus::default(); MAX_NODES as usize], members: 0, generation: 0 }
+        Peers { peers: [PeerStatus::default(); MAX_NODES as usize], members: 0, generation: 0, dropped: 0 }
     }
 }
 
@@ -86,6 +88,26 @@ fn peer(id: u32) -> PeerStatus {
     PEERS.share().peers[id as usize - 1]
 }
 
+/// Nodes removed from the cluster.
+pub fn dropped() -> Mask {
+    PEERS.share().dropped
+}
+
+pub fn set_dropped(mask: Mask) {
+    PEERS.exclusive().dropped = mask;
+}
+
+/// The nodes of the cluster now: those configured, less those dropped.
+pub fn configured(config: &ClusterConfig) -> Mask {
+    config.nodes.iter().fold(0, |m, n| m | bit(n.id)) & !dropped()
+}
+
+/// The peers of the cluster now (dropped ones left out).
+pub fn peers(config: &ClusterConfig) -> impl Iterator<Item = &mmts_core::config::NodeConfig> {
+    let dropped = dropped();
+    config.peers().filter(move |n| dropped & bit(n.id) == 0)
+}
+
 /// Records a peer's heartbeat.
 pub fn record_report(from: u32, report: Report) {
     if from == 0 || from > MAX_NODES as u32 {
@@ -111,21 +133,29 @@ pub fn current(config: &ClusterConfig) -> Current {
     let me = config.node_id;
     let fresh_after = now() - gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000;
     let shared = *PEERS.share();
-    let size = config.nodes.len();
+    let configured = config.nodes.iter().fold(0, |m, n| m | bit(n.id)) & !shared.dropped;
     let peer = |id: NodeId| &shared.peers[id.0 as usize - 1];
-    let reports: Vec<Option<Report>> = (1..=size as u32)
+    let reports: Vec<Option<Report>> = (1..=MAX_NODES as u32)
         .map(NodeId)
-        .map(|id| (id != me && peer(id).connected && peer(id).report_time > fresh_after).then_some(peer(id).report))
+        .map(|id| {
+            (id != me && configured & bit(id) != 0 && peer(id).connected && peer(id).report_time > fresh_after)
+                .then_some(peer(id).report)
+        })
         .collect();
-    let sees = config.peers().filter(|n| peer(n.id).connected).fold(bit(me), |m, n| m | bit(n.id));
+    let live = || config.peers().filter(|n| configured & bit(n.id) != 0 && peer(n.id).connected);
+    let sees = live().fold(bit(me), |m, n| m | bit(n.id));
     // A member stays caught up (it takes part in every commit); another node is once it has
     // heard from every peer it streams from, and applied what those caught up had sent.
     let ready = shared.members & bit(me) != 0
-        || config.peers().filter(|n| peer(n.id).connected).all(|n| match reports[n.id.0 as usize - 1] {
+        || live().all(|n| match reports[n.id.0 as usize - 1] {
             Some(r) => !r.ready || peer(n.id).caught_up,
             None => false,
         });
-    let view = membership::view(me, size, sees, ready, &reports);
+    let view = if configured & bit(me) == 0 {
+        View { partition: 0, members: 0, state: State::Dropped, excluded_by: None }
+    } else {
+        membership::view(me, configured, sees, ready, &reports)
+    };
     let wal_end = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
     let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end };
     let mut generation = shared.generation;
@@ -199,24 +229,32 @@ fn get_nodes_state() -> TableIterator<
     };
     let walsenders = walsender_clients();
     let cur = current(config);
+    let status_dropped = dropped();
     let rows: Vec<_> = config
         .nodes
         .iter()
         .map(|n| {
             let conn = n.conninfo.masked();
             if n.id == config.node_id {
-                let state = if gucs::synchronous() { cur.view.state.name() } else { "online" };
+                let state = if gucs::synchronous() || cur.view.state == State::Dropped {
+                    cur.view.state.name()
+                } else {
+                    "online"
+                };
                 return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None);
             }
             let p = peer(n.id.0);
             let walsender = walsenders.contains(&application_name(n.id.0));
+            let dropped = status_dropped & bit(n.id) != 0;
             let lag_bytes = p.peer_wal_end.saturating_sub(p.applied_lsn) as i64;
             let lag_us = if !p.connected || p.applied_commit_time == 0 || lag_bytes == 0 {
                 0
             } else {
                 (now() - p.applied_commit_time).max(0)
             };
-            let state = if !p.connected {
+            let state = if dropped {
+                "dropped"
+            } else if !p.connected {
                 "unreachable"
             } else if !gucs::synchronous() || cur.view.members & bit(n.id) != 0 {
                 "online"
@@ -264,14 +302,15 @@ fn get_cluster_state() -> TableIterator<
     let row = match gucs::mode() {
         Mode::Standalone => (0, "standalone".to_string(), 0, 0, false, Vec::new(), 0),
         Mode::Multimaster(config) => {
-            let configured = config.nodes.len() as i32;
-            let connected = 1 + config.peers().filter(|n| peer(n.id.0).connected).count() as i32;
+            let configured = configured(config);
+            let connected = 1 + peers(config).filter(|n| peer(n.id.0).connected).count() as i32;
             let cur = current(config);
-            let (state, members) = if gucs::synchronous() {
+            let (state, members) = if gucs::synchronous() || cur.view.state == State::Dropped {
                 (cur.view.state.name(), cur.view.members)
             } else {
-                ("online", config.nodes.iter().fold(0, |m, n| m | bit(n.id)))
+                ("online", configured)
             };
+            let configured = configured.count_ones() as i32;
             (
                 config.node_id.0 as i32,
                 state.to_string(),

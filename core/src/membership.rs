@@ -55,6 +55,8 @@ pub enum State {
     Recovery,
     /// Not in the majority partition (or none exists): refuses writes.
     Isolated,
+    /// Removed from the cluster (`mtm.drop_node`): refuses writes for good.
+    Dropped,
 }
 
 impl State {
@@ -63,6 +65,7 @@ impl State {
             State::Online => "online",
             State::Recovery => "recovery",
             State::Isolated => "isolated",
+            State::Dropped => "dropped",
         }
     }
 }
@@ -78,38 +81,47 @@ pub struct View {
     pub excluded_by: Option<NodeId>,
 }
 
-/// The view of node `me` in a cluster of `size` nodes, which hears from `sees` (its own bit
-/// is added), is caught up when `ready`, and has the fresh `reports` of its peers (index
-/// `node - 1`; `None` for a peer not heard from lately).
-pub fn view(me: NodeId, size: usize, sees: Mask, ready: bool, reports: &[Option<Report>]) -> View {
+/// The view of node `me` in a cluster of the `configured` nodes, which hears from `sees` (its
+/// own bit is added), is caught up when `ready`, and has the fresh `reports` of its peers
+/// (index `node - 1`; `None` for a peer not heard from lately). Nodes outside `configured`
+/// (dropped ones) count for nothing, whatever they report.
+pub fn view(me: NodeId, configured: Mask, sees: Mask, ready: bool, reports: &[Option<Report>]) -> View {
+    let size = configured.count_ones() as usize;
+    let report = |id: NodeId| -> Option<Report> {
+        if configured & bit(id) == 0 {
+            return None;
+        }
+        reports.get(id.0 as usize - 1).copied().flatten()
+    };
     let row = |n: usize| -> Mask {
         let id = NodeId(n as u32 + 1);
-        if id == me {
-            sees | bit(me)
+        if configured & bit(id) == 0 {
+            0
+        } else if id == me {
+            (sees | bit(me)) & configured
         } else {
-            reports.get(n).copied().flatten().map_or(0, |r| r.sees) | bit(id)
+            (report(id).map_or(0, |r| r.sees) | bit(id)) & configured
         }
     };
-    let rows: Vec<Mask> = (0..size).map(row).collect();
+    let rows: Vec<Mask> = (0..64).map(row).collect();
     // Nodes that hear each other both ways.
-    let adjacent: Vec<Mask> = (0..size)
-        .map(|a| (0..size).filter(|&b| rows[a] & (1 << b) != 0 && rows[b] & (1 << a) != 0).fold(0, |m, b| m | 1 << b))
+    let adjacent: Vec<Mask> = (0..64)
+        .map(|a| (0..64).filter(|&b| rows[a] & (1 << b) != 0 && rows[b] & (1 << a) != 0).fold(0, |m, b| m | 1 << b))
         .collect();
     let mut best = 0;
-    let everyone = if size >= 64 { !0 } else { (1u64 << size) - 1 };
-    largest_clique(&adjacent, 0, everyone, &mut best);
-    let majority = |m: Mask| m.count_ones() as usize * 2 > size;
+    largest_clique(&adjacent, 0, configured, &mut best);
+    let majority = |m: Mask| (m & configured).count_ones() as usize * 2 > size;
     let partition = if majority(best) { best } else { 0 };
-    let is_ready = |id: NodeId| if id == me { ready } else { reports[id.0 as usize - 1].is_some_and(|r| r.ready) };
+    let is_ready = |id: NodeId| if id == me { ready } else { report(id).is_some_and(|r| r.ready) };
     let members = nodes(partition).filter(|&n| is_ready(n)).fold(0, |m, n| m | bit(n));
     // A member that counts others without this node: it is out, whatever it computed itself.
     let excluded_by = nodes(partition & !bit(me)).find(|&n| {
-        reports[n.0 as usize - 1].is_some_and(|r| r.members & bit(n) != 0 && r.members & bit(me) == 0 && r.ready)
+        report(n).is_some_and(|r| r.members & bit(n) != 0 && r.members & bit(me) == 0 && r.ready)
             && members & bit(n) != 0
-            && reports[n.0 as usize - 1].is_some_and(|r| majority(r.members))
+            && report(n).is_some_and(|r| majority(r.members))
     });
     // Left out of a member's partition: out; only not counted yet: still catching up.
-    let left_out = excluded_by.is_some_and(|n| reports[n.0 as usize - 1].is_some_and(|r| r.partition & bit(me) == 0));
+    let left_out = excluded_by.is_some_and(|n| report(n).is_some_and(|r| r.partition & bit(me) == 0));
     let state = if partition & bit(me) == 0 || left_out {
         State::Isolated
     } else if excluded_by.is_some() {
@@ -148,6 +160,11 @@ mod tests {
         ids.iter().fold(0, |m, &i| m | bit(NodeId(i)))
     }
 
+    /// Nodes 1 to `n`.
+    fn first(n: u32) -> Mask {
+        (1 << n) - 1
+    }
+
     fn report(sees: &[u32], partition: &[u32], members: &[u32], ready: bool) -> Option<Report> {
         Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready, wal_end: 0 })
     }
@@ -156,17 +173,17 @@ mod tests {
     fn all_connected_all_online() {
         let all = &[1, 2, 3];
         let reports = [None, report(all, all, all, true), report(all, all, all, true)];
-        let v = view(NodeId(1), 3, m(all), true, &reports);
+        let v = view(NodeId(1), first(3), m(all), true, &reports);
         assert_eq!(v, View { partition: m(all), members: m(all), state: State::Online, excluded_by: None });
     }
 
     #[test]
     fn minority_is_isolated_majority_goes_on() {
         // Node 3 cut off from both others.
-        let v3 = view(NodeId(3), 3, m(&[3]), true, &[None, None, None]);
+        let v3 = view(NodeId(3), first(3), m(&[3]), true, &[None, None, None]);
         assert_eq!(v3.state, State::Isolated);
         assert_eq!(v3.partition, 0);
-        let v1 = view(NodeId(1), 3, m(&[1, 2]), true, &[None, report(&[1, 2], &[1, 2], &[1, 2], true), None]);
+        let v1 = view(NodeId(1), first(3), m(&[1, 2]), true, &[None, report(&[1, 2], &[1, 2], &[1, 2], true), None]);
         assert_eq!((v1.state, v1.members), (State::Online, m(&[1, 2])));
     }
 
@@ -176,12 +193,12 @@ mod tests {
         let r1 = report(&[1, 3], &[1, 3], &[1, 3], true);
         let r2 = report(&[2, 3], &[2, 3], &[2, 3], true);
         let r3 = report(&[1, 2, 3], &[1, 3], &[1, 3], true);
-        let v3 = view(NodeId(3), 3, m(&[1, 2, 3]), true, &[r1, r2, None]);
+        let v3 = view(NodeId(3), first(3), m(&[1, 2, 3]), true, &[r1, r2, None]);
         assert_eq!((v3.partition, v3.state), (m(&[1, 3]), State::Online));
-        let v1 = view(NodeId(1), 3, m(&[1, 3]), true, &[None, None, r3]);
+        let v1 = view(NodeId(1), first(3), m(&[1, 3]), true, &[None, None, r3]);
         assert_eq!(v1.state, State::Online);
         // Node 2 does not hear node 1's report, computes {2,3}, but node 3 counts {1,3}.
-        let v2 = view(NodeId(2), 3, m(&[2, 3]), true, &[None, None, r3]);
+        let v2 = view(NodeId(2), first(3), m(&[2, 3]), true, &[None, None, r3]);
         assert_eq!((v2.state, v2.excluded_by), (State::Isolated, Some(NodeId(3))));
     }
 
@@ -190,29 +207,34 @@ mod tests {
         let all = &[1, 2, 3];
         // Node 3 is back, not caught up yet.
         let reports = [None, report(all, all, &[1, 2], true), report(all, all, &[], false)];
-        let v1 = view(NodeId(1), 3, m(all), true, &reports);
+        let v1 = view(NodeId(1), first(3), m(all), true, &reports);
         assert_eq!((v1.partition, v1.members, v1.state), (m(all), m(&[1, 2]), State::Online));
         let v3 = view(
             NodeId(3),
-            3,
+            first(3),
             m(all),
             false,
             &[report(all, all, &[1, 2], true), report(all, all, &[1, 2], true), None],
         );
         assert_eq!(v3.state, State::Recovery);
         // Caught up: it writes once the members count it too.
-        let v3 =
-            view(NodeId(3), 3, m(all), true, &[report(all, all, &[1, 2], true), report(all, all, &[1, 2], true), None]);
+        let v3 = view(
+            NodeId(3),
+            first(3),
+            m(all),
+            true,
+            &[report(all, all, &[1, 2], true), report(all, all, &[1, 2], true), None],
+        );
         assert_eq!(v3.state, State::Recovery, "members still count {{1,2}}: wait for them");
         let reports = [None, report(all, all, &[1, 2], true), report(all, all, all, true)];
-        assert_eq!(view(NodeId(1), 3, m(all), true, &reports).members, m(all));
+        assert_eq!(view(NodeId(1), first(3), m(all), true, &reports).members, m(all));
     }
 
     #[test]
     fn two_nodes_stop_on_partition() {
-        let v = view(NodeId(1), 2, m(&[1]), true, &[None, None]);
+        let v = view(NodeId(1), first(2), m(&[1]), true, &[None, None]);
         assert_eq!(v.state, State::Isolated);
-        let v = view(NodeId(1), 2, m(&[1, 2]), true, &[None, report(&[1, 2], &[1, 2], &[1, 2], true)]);
+        let v = view(NodeId(1), first(2), m(&[1, 2]), true, &[None, report(&[1, 2], &[1, 2], &[1, 2], true)]);
         assert_eq!(v.state, State::Online);
     }
 
@@ -238,9 +260,31 @@ mod tests {
                     })
                 })
                 .collect();
-            let v = view(NodeId(me), 5, rows[me as usize - 1], true, &reports);
+            let v = view(NodeId(me), first(5), rows[me as usize - 1], true, &reports);
             assert_eq!(v.partition, m(&[1, 3, 4]), "node {me}");
         }
+    }
+
+    #[test]
+    fn dropped_nodes_count_for_nothing() {
+        // Nodes 4 and 5 of five dropped: nodes 1 and 2 are a majority of the three left,
+        // whatever the dropped ones report.
+        let left = m(&[1, 2, 3]);
+        let reports = [
+            None,
+            report(&[1, 2], &[1, 2], &[1, 2], true),
+            None,
+            report(&[4, 5], &[4, 5], &[4, 5], true),
+            report(&[4, 5], &[4, 5], &[4, 5], true),
+        ];
+        let v = view(NodeId(1), left, m(&[1, 2, 4, 5]), true, &reports);
+        assert_eq!((v.partition, v.members, v.state), (m(&[1, 2]), m(&[1, 2]), State::Online));
+        // Before the drop the same reports leave no majority of five.
+        assert_eq!(view(NodeId(1), first(5), m(&[1, 2]), true, &reports).state, State::Isolated);
+        // A dropped node that still runs (and has not heard of its drop) finds no majority.
+        let r1 = report(&[1, 2, 4], &[1, 2], &[1, 2], true);
+        let v4 = view(NodeId(4), first(5), m(&[1, 4, 5]), true, &[r1, None, None, None, reports[4]]);
+        assert_eq!(v4.state, State::Isolated);
     }
 
     #[test]

@@ -204,3 +204,79 @@ fn extensions_are_created_on_every_node_once() {
     cluster.node(2).execute("DROP EXTENSION mmts_test_rows");
     on_every_node(&cluster, "SELECT to_regclass('ext_settings') IS NULL", "t");
 }
+
+/// `mtm.drop_node`: a dead node dropped, then a live one; the others keep writing with a
+/// majority of the nodes left, and forget what they kept for the dropped ones.
+#[test]
+fn dropped_nodes_leave_the_cluster_for_good() {
+    let mut cluster = start(4, "sync");
+    cluster.node(1).execute("CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'before')");
+    let (code, _, hint) = error(cluster.node(1), "SELECT mtm.drop_node(1)");
+    assert_eq!(code, "22023");
+    assert!(hint.contains("another node"), "{hint}");
+    assert_eq!(error(cluster.node(1), "SELECT mtm.drop_node(7)").0, "22023");
+    cluster.node(1).execute("CREATE ROLE bob LOGIN");
+    let mut bob = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=bob dbname=postgres", cluster.node(1).port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    let e = bob.batch_execute("SELECT mtm.drop_node(4)").unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{}", describe(&e));
+
+    // Node 4 is gone for good: 3 of 4 nodes still write; after the drop, 2 of the 3 left do.
+    cluster.node_mut(4).stop();
+    cluster.node(1).execute("SELECT mtm.drop_node(4)");
+    let gone = |node: &Node, id: usize| {
+        wait_for(&format!("node {} forgetting node {id}", node.id), WAIT, || {
+            value(node, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'mtm_slot_{id}'")) == "0"
+                && value(node, &format!("SELECT count(*) FROM pg_replication_origin WHERE roname = 'mtm_node_{id}'"))
+                    == "0"
+        });
+    };
+    for node in &cluster.nodes()[..3] {
+        gone(node, 4);
+        wait_for("three nodes configured", WAIT, || {
+            value(node, "SELECT nodes_configured || ' ' || members::text FROM mtm.get_cluster_state()") == "3 {1,2,3}"
+        });
+        assert_eq!(value(node, "SELECT state FROM mtm.get_nodes_state() WHERE node_id = 4"), "dropped");
+    }
+    cluster.node_mut(3).stop();
+    cluster.node(2).execute("INSERT INTO t VALUES (2, 'two of three')");
+    assert_eq!(value(cluster.node(1), "SELECT v FROM t WHERE id = 2"), "two of three");
+    cluster.node_mut(3).start();
+    wait_for("node 3 back online", WAIT, || {
+        value(cluster.node(3), "SELECT state FROM mtm.get_cluster_state()") == "online"
+    });
+
+    // A live node dropped: it learns it and refuses writes; the others go on without it.
+    cluster.node(2).execute("SELECT mtm.drop_node(3)");
+    wait_for("node 3 knowing it is dropped", WAIT, || {
+        value(cluster.node(3), "SELECT state FROM mtm.get_cluster_state()") == "dropped"
+    });
+    let (code, message, _) = error(cluster.node(3), "INSERT INTO t VALUES (3, 'from a dropped node')");
+    assert_eq!(code, "55000");
+    assert!(message.contains("dropped"), "{message}");
+    for node in &cluster.nodes()[..2] {
+        gone(node, 3);
+    }
+    cluster.node(1).execute("INSERT INTO t VALUES (4, 'two of two')");
+    assert_eq!(value(cluster.node(2), "SELECT count(*) FROM t"), "3");
+    // A restart remembers the drops.
+    cluster.node_mut(1).stop();
+    cluster.node_mut(1).start();
+    let both_online = || {
+        cluster.nodes()[..2]
+            .iter()
+            .all(|n| value(n, "SELECT state || ' ' || nodes_configured FROM mtm.get_cluster_state()") == "online 2")
+    };
+    wait_for("nodes 1 and 2 online again", WAIT, || {
+        both_online() && {
+            std::thread::sleep(Duration::from_secs(1));
+            both_online()
+        }
+    });
+    cluster.node(1).execute("INSERT INTO t VALUES (5, 'after restart')");
+    assert_eq!(value(cluster.node(2), "SELECT count(*) FROM t"), "4");
+    assert_eq!(value(cluster.node(3), "SELECT count(*) FROM t"), "2");
+}
