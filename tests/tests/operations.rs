@@ -280,3 +280,83 @@ fn dropped_nodes_leave_the_cluster_for_good() {
     assert_eq!(value(cluster.node(2), "SELECT count(*) FROM t"), "4");
     assert_eq!(value(cluster.node(3), "SELECT count(*) FROM t"), "2");
 }
+
+/// Schema changes while the other nodes write to the same table: the change goes through
+/// (retried on 40001, as any conflicting transaction), writers see only 40001 at worst, and
+/// every node ends with the same rows and columns.
+#[test]
+fn schema_changes_under_a_write_load() {
+    let cluster = start(3, "sync");
+    cluster.node(1).execute("CREATE TABLE load(id bigint PRIMARY KEY, node int, v int NOT NULL DEFAULT 0)");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let started = std::time::Instant::now();
+    let mut ddl_retries = 0;
+    std::thread::scope(|scope| {
+        for node in &cluster.nodes()[1..] {
+            let (stop, written) = (&stop, &written);
+            scope.spawn(move || {
+                let mut c = node.connect();
+                let mut i = 0i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let id = i * 10 + node.id as i64;
+                    match c.batch_execute(&format!("INSERT INTO load(id, node) VALUES ({id}, {})", node.id)) {
+                        Ok(()) => {
+                            written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) if e.code().map(|c| c.code()) == Some("40001") => {}
+                        Err(e) => panic!("node {}: {}", node.id, describe(&e)),
+                    }
+                }
+            });
+        }
+        // Writers stop however this ends (a failed assertion too).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        std::thread::sleep(Duration::from_millis(500));
+        for ddl in [
+            "ALTER TABLE load ADD COLUMN note text",
+            "CREATE INDEX load_node ON load(node)",
+            "ALTER TABLE load ALTER COLUMN v SET DEFAULT 7",
+        ] {
+            let mut c = cluster.node(1).connect();
+            loop {
+                match c.batch_execute(ddl) {
+                    Ok(()) => break,
+                    Err(e) if e.code().map(|c| c.code()) == Some("40001") => {
+                        if ddl_retries < 5 {
+                            eprintln!("{ddl}: {}", describe(&e));
+                        }
+                        ddl_retries += 1;
+                        assert!(
+                            started.elapsed() < Duration::from_secs(60),
+                            "{ddl}: still refused after {ddl_retries} tries: {}",
+                            describe(&e)
+                        );
+                    }
+                    Err(e) => panic!("{ddl}: {}", describe(&e)),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    eprintln!(
+        "3 schema changes under load: {ddl_retries} retries, {} rows written, {:?}",
+        written.load(std::sync::atomic::Ordering::Relaxed),
+        started.elapsed()
+    );
+    let rows = written.load(std::sync::atomic::Ordering::Relaxed).to_string();
+    let summary = "SELECT count(*) || ' ' || count(*) FILTER (WHERE v = 7) || ' ' || \
+                   (SELECT count(*) FROM pg_indexes WHERE indexname = 'load_node') || ' ' || \
+                   (SELECT count(*) FROM information_schema.columns WHERE table_name = 'load' AND column_name = 'note') \
+                   FROM load";
+    let first = value(cluster.node(1), summary);
+    assert!(first.starts_with(&format!("{rows} ")), "{first}: {rows} rows acknowledged");
+    on_every_node(&cluster, summary, &first);
+}
