@@ -32,7 +32,7 @@ use std::time::Duration;
 use mmts_core::config::Mode;
 use mmts_core::indoubt::{Answer, Ballot, Outcome};
 use mmts_core::membership::{self, bit, format_mask, Mask, State};
-use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote};
+use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote, SERIALIZATION_FAILURE};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
@@ -51,6 +51,8 @@ struct Pending {
     application: bool,
     /// The members it is prepared on.
     members: Mask,
+    /// Its priority in conflicts (its key's timestamp).
+    priority: i64,
 }
 
 #[derive(Default)]
@@ -68,6 +70,10 @@ struct Session {
     pending: Option<Pending>,
     /// Hide the "there is no transaction in progress" WARNING while marking.
     quiet: bool,
+    /// The priority of this session's last transaction, rolled back for a conflict, and when:
+    /// a retry soon after keeps it, so that it is not always the youngest and does not lose
+    /// every conflict (a schema change under a steady write load, a hot row).
+    retry: Option<(i64, std::time::Instant)>,
 }
 
 thread_local! {
@@ -123,6 +129,22 @@ pub fn install() {
         PREV_EMIT_LOG = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Interrupts held off while it lives (released on unwind too).
+struct HeldInterrupts;
+
+impl HeldInterrupts {
+    fn hold() -> HeldInterrupts {
+        unsafe { pg_sys::InterruptHoldoffCount += 1 };
+        HeldInterrupts
+    }
+}
+
+impl Drop for HeldInterrupts {
+    fn drop(&mut self) {
+        unsafe { pg_sys::InterruptHoldoffCount = pg_sys::InterruptHoldoffCount.saturating_sub(1) };
     }
 }
 
@@ -231,7 +253,14 @@ unsafe extern "C-unwind" fn process_utility(
     unsafe {
         match (*stmt).type_ {
             pg_sys::NodeTag::T_TransactionStmt => {
-                if transaction_statement(stmt.cast()) {
+                // A cancel (a peer's transaction wounding this one) must not fail a COMMIT
+                // before it is turned into PREPARE: the block would stay open, aborted. Held
+                // off until then, it fails the PREPARE, which ends the transaction.
+                let go_on = {
+                    let _held = HeldInterrupts::hold();
+                    transaction_statement(stmt.cast())
+                };
+                if go_on {
                     run();
                 }
                 return;
@@ -541,12 +570,19 @@ fn refuse_unless_online() -> Mask {
     unreachable!()
 }
 
+/// How soon a retry must come to keep the priority of the transaction it retries.
+const RETRY_WINDOW: Duration = Duration::from_secs(2);
+
 /// Just before PREPARE: the transaction's key, its coordinator, and the signal for the peers.
 fn start_two_phase(gid: CString, application: bool) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let members = refuse_unless_online();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
-    let key = Key { ts: twophase::clock_next(), node: config.node_id };
+    let ts = twophase::clock_next();
+    let priority = session(|s| s.retry.take())
+        .filter(|(_, at)| at.elapsed() < RETRY_WINDOW)
+        .map_or(ts, |(earlier, _)| earlier.min(ts));
+    let key = Key { ts: priority, node: config.node_id };
     let after = status::peers(config).map(|n| (n.id, status::applied(n.id.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
@@ -566,10 +602,10 @@ fn start_two_phase(gid: CString, application: bool) {
     let live = membership::nodes(members).filter(|&id| id != config.node_id);
     // Peers apply a large transaction for about as long as it ran here.
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    let deadline = key.ts + gucs::vote_timeout_us(ran);
+    let deadline = ts + gucs::vote_timeout_us(ran);
     let size = status::configured(config).count_ones() as usize;
-    let coordinator = Coordinator::new(size, live, key.ts, deadline);
-    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members }));
+    let coordinator = Coordinator::new(size, live, ts, deadline);
+    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members, priority }));
 }
 
 // ---- finishing, before the client hears ----------------------------------------------------
@@ -819,6 +855,9 @@ fn finish(mut p: Pending) {
             twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
             // The peers roll back too before the client hears (and retries).
             wait_finished(&mut p);
+            if reason.sqlstate == SERIALIZATION_FAILURE {
+                session(|s| s.retry = Some((p.priority, std::time::Instant::now())));
+            }
             let message = match reason.node {
                 Some(node) => format!("mmts: transaction rolled back on all nodes: node {node}: {}", reason.message),
                 None => format!("mmts: transaction rolled back on all nodes: {}", reason.message),

@@ -187,7 +187,12 @@ fn concurrent_writers_of_one_row_have_exactly_one_winner() {
                     let t = Instant::now();
                     let outcome = match c.batch_execute("COMMIT") {
                         Ok(()) => "commit".to_string(),
-                        Err(e) => sqlstate(&e),
+                        Err(e) => {
+                            // As a careful client does: the transaction may be left aborted
+                            // (a cancel that lands as COMMIT arrives).
+                            c.batch_execute("ROLLBACK").unwrap();
+                            sqlstate(&e)
+                        }
                     };
                     slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::Relaxed);
                     results.lock().unwrap()[round].push(outcome);
