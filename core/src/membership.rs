@@ -103,10 +103,11 @@ pub fn view(me: NodeId, configured: Mask, sees: Mask, ready: bool, reports: &[Op
             (report(id).map_or(0, |r| r.sees) | bit(id)) & configured
         }
     };
-    let rows: Vec<Mask> = (0..64).map(row).collect();
+    let top = 64 - configured.leading_zeros() as usize;
+    let rows: Vec<Mask> = (0..top).map(row).collect();
     // Nodes that hear each other both ways.
-    let adjacent: Vec<Mask> = (0..64)
-        .map(|a| (0..64).filter(|&b| rows[a] & (1 << b) != 0 && rows[b] & (1 << a) != 0).fold(0, |m, b| m | 1 << b))
+    let adjacent: Vec<Mask> = (0..top)
+        .map(|a| (0..top).filter(|&b| rows[a] & (1 << b) != 0 && rows[b] & (1 << a) != 0).fold(0, |m, b| m | 1 << b))
         .collect();
     let mut best = 0;
     largest_clique(&adjacent, 0, configured, &mut best);
