@@ -65,6 +65,39 @@ BEGIN
      WHERE c.oid = relation AND l.schema_name = n.nspname AND l.table_name = c.relname;
 END $$;
 
+-- Gives every sequence of this database (mmts's own aside) step 64 and this node's values
+-- (those equal to the node id modulo 64), continuing above its last value; returns each
+-- sequence and the next value it hands out here. Runs on this node only: call it on every node
+-- after loading data made without mmts (a pg_dump's sequences say INCREMENT BY 1). The step
+-- is the highest node id mmts accepts (see ddl.rs).
+CREATE FUNCTION mtm.alter_sequences() RETURNS TABLE (sequence regclass, next_value bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    node int := nullif(current_setting('multimaster.node_id', true), '')::int;
+    s record;
+    base bigint;
+BEGIN
+    PERFORM mtm.require_superuser('mtm.alter_sequences');
+    IF coalesce(node, 0) < 1 THEN
+        RAISE EXCEPTION 'mmts: this server is not a multimaster node'
+            USING ERRCODE = '55000', HINT = 'Set multimaster.node_id and multimaster.conn_strings.';
+    END IF;
+    PERFORM pg_catalog.set_config('multimaster.replicate_ddl', 'off', true);
+    FOR s IN
+        SELECT format('%I.%I', p.schemaname, p.sequencename)::regclass AS seq, p.last_value, p.start_value
+          FROM pg_catalog.pg_sequences p
+         WHERE p.schemaname NOT IN ('mtm', 'pg_catalog', 'information_schema')
+           AND p.schemaname NOT LIKE 'pg\_temp\_%' AND p.increment_by > 0
+         ORDER BY 1
+    LOOP
+        base := coalesce(s.last_value, s.start_value - 1);
+        sequence := s.seq;
+        next_value := base + 1 + ((node - (base + 1)) % 64 + 64) % 64;
+        EXECUTE format('ALTER SEQUENCE %s INCREMENT BY 64 RESTART WITH %s', s.seq, next_value);
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
 -- The commit timestamp of a transaction, by its xid on this node (e.g. a row's xmin). A
 -- transaction committed synchronously has the same commit timestamp on every node.
 CREATE FUNCTION mtm.get_commit_timestamp(xid) RETURNS timestamptz

@@ -166,6 +166,28 @@ fn serial_inserts_from_all_nodes_never_collide() {
     }
     let plain: Vec<String> = cluster.nodes().iter().map(|n| value(n, "SELECT nextval('plain')")).collect();
     assert_eq!(plain, ["100", "101", "102"]);
+
+    // Sequences loaded from a dump say INCREMENT BY 1 (left alone): the same values on every
+    // node, until mtm.alter_sequences() on each node spreads them.
+    for node in cluster.nodes() {
+        node.execute_local("CREATE SEQUENCE dumped INCREMENT BY 1 START 1000");
+    }
+    assert_eq!(value(cluster.node(1), "SELECT nextval('dumped')"), "1000");
+    assert_eq!(value(cluster.node(2), "SELECT nextval('dumped')"), "1000");
+    for node in cluster.nodes() {
+        assert_eq!(
+            value(node, "SELECT next_value FROM mtm.alter_sequences() WHERE sequence = 'dumped'::regclass"),
+            (1024 + node.id).to_string()
+        );
+    }
+    let spread: Vec<String> =
+        cluster.nodes().iter().map(|n| value(n, "SELECT nextval('dumped') || ',' || nextval('dumped')")).collect();
+    assert_eq!(spread, ["1025,1089", "1026,1090", "1027,1091"]);
+    // mmts's own sequences and the other nodes' are untouched by a node's call.
+    assert_eq!(
+        value(cluster.node(1), "SELECT count(*) FROM mtm.alter_sequences() WHERE sequence::text LIKE 'mtm.%'"),
+        "0"
+    );
 }
 
 /// In asynchronous mode schema changes follow the rows, in order.
