@@ -60,10 +60,19 @@ pub fn in_replicated_database() -> bool {
         return false;
     }
     ANSWER.with(|a| {
-        *a.get_or_init(|| unsafe {
-            let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-            !name.is_null() && CStr::from_ptr(name).to_bytes() == replicated_database(config).as_bytes()
-        })
+        if let Some(answer) = a.get() {
+            return *answer;
+        }
+        // Looked up in the catalog, so only inside a running transaction (this may be asked
+        // while one aborts: then nothing was written through mmts, the hooks having asked
+        // first).
+        if unsafe { !pg_sys::IsTransactionState() } {
+            return false;
+        }
+        let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
+        let answer =
+            !name.is_null() && unsafe { CStr::from_ptr(name) }.to_bytes() == replicated_database(config).as_bytes();
+        *a.get_or_init(|| answer)
     })
 }
 
