@@ -41,8 +41,8 @@ enum Kind {
     Local,
     /// Runs on every node.
     Replicated,
-    /// Refused: it cannot run inside a transaction on the peers.
-    Refused(&'static str),
+    /// Refused: it cannot be run the same way on the peers.
+    Refused { what: &'static str, why: &'static str, hint: &'static str },
 }
 
 /// What [`before`] decided for a statement; [`Capture::finish`] completes it once the
@@ -131,16 +131,14 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
     }
     match unsafe { classify(stmt) } {
         Kind::Local => Capture::none(),
-        Kind::Refused(what) => {
+        Kind::Refused { what, why, hint } => {
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!("mmts cannot replicate {what}"),
                 "mmts",
             )
-            .set_detail("It cannot run inside a transaction on the other nodes.")
-            .set_hint(
-                "Run it without CONCURRENTLY (replicated), or, as a superuser, SET multimaster.replicate_ddl = off and run it on every node.",
-            )
+            .set_detail(why)
+            .set_hint(hint)
             .report(PgLogLevel::ERROR);
             unreachable!()
         }
@@ -211,11 +209,23 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c
     String::from_utf8_lossy(&all[start..end]).trim().to_string()
 }
 
+const NOT_IN_A_TRANSACTION: &str = "It cannot run inside a transaction on the other nodes.";
+const WITHOUT_CONCURRENTLY: &str = "Run it without CONCURRENTLY (replicated), or, as a superuser, SET multimaster.replicate_ddl = off and run it on every node.";
+
+fn concurrently(what: &'static str) -> Kind {
+    Kind::Refused { what, why: NOT_IN_A_TRANSACTION, hint: WITHOUT_CONCURRENTLY }
+}
+
 /// Whether `stmt` is about this node only, runs everywhere, or cannot be replicated.
 unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
     use pg_sys::NodeTag::*;
     unsafe {
         match (*stmt).type_ {
+            T_ExplainStmt if explains_table_creation(stmt.cast()) => Kind::Refused {
+                what: "EXPLAIN ANALYZE of CREATE TABLE AS",
+                why: "It would make the table on this node only.",
+                hint: "Run the CREATE TABLE AS itself (replicated), then EXPLAIN its query.",
+            },
             // Transaction control, sessions, cursors, DML-like statements (their rows are
             // replicated), maintenance, and objects outside the replicated database.
             T_TransactionStmt
@@ -261,14 +271,14 @@ unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
             T_CreateExtensionStmt => own_extension((*(stmt as *mut pg_sys::CreateExtensionStmt)).extname),
             T_AlterExtensionStmt => own_extension((*(stmt as *mut pg_sys::AlterExtensionStmt)).extname),
             T_AlterExtensionContentsStmt => own_extension((*(stmt as *mut pg_sys::AlterExtensionContentsStmt)).extname),
-            T_IndexStmt if (*(stmt as *mut pg_sys::IndexStmt)).concurrent => Kind::Refused("CREATE INDEX CONCURRENTLY"),
+            T_IndexStmt if (*(stmt as *mut pg_sys::IndexStmt)).concurrent => concurrently("CREATE INDEX CONCURRENTLY"),
             T_AlterTableStmt if detaches_concurrently(stmt.cast()) => {
-                Kind::Refused("ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY")
+                concurrently("ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY")
             }
             T_DropStmt => {
                 let drop = stmt as *mut pg_sys::DropStmt;
                 if (*drop).concurrent {
-                    Kind::Refused("DROP INDEX CONCURRENTLY")
+                    concurrently("DROP INDEX CONCURRENTLY")
                 } else if (*drop).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
                     && names((*drop).objects).iter().any(|n| n == "mmts")
                 {
@@ -279,6 +289,26 @@ unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
             }
             _ => Kind::Replicated,
         }
+    }
+}
+
+/// Whether `stmt` is an EXPLAIN ANALYZE of CREATE TABLE AS / SELECT INTO (which makes the table).
+unsafe fn explains_table_creation(stmt: *mut pg_sys::ExplainStmt) -> bool {
+    unsafe {
+        let query = (*stmt).query;
+        if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query {
+            return false;
+        }
+        let utility = (*(query as *mut pg_sys::Query)).utilityStmt;
+        if utility.is_null() || (*utility).type_ != pg_sys::NodeTag::T_CreateTableAsStmt {
+            return false;
+        }
+        let options = (*stmt).options;
+        let n = if options.is_null() { 0 } else { (*options).length };
+        (0..n).any(|i| {
+            let def = pg_sys::list_nth(options, i) as *mut pg_sys::DefElem;
+            CStr::from_ptr((*def).defname).to_bytes() == b"analyze" && pg_sys::defGetBoolean(def)
+        })
     }
 }
 

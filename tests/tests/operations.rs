@@ -102,6 +102,9 @@ fn schema_changes_run_on_every_node_in_the_same_commit() {
     for node in cluster.nodes() {
         node.execute_local("CREATE INDEX CONCURRENTLY t_w ON t(w)");
     }
+    let (code, message, _) = error(n1, "EXPLAIN ANALYZE CREATE TABLE t_plan AS SELECT * FROM t");
+    assert_eq!(code, "0A000", "{message}");
+    assert_eq!(value(n1, "SELECT to_regclass('t_plan') IS NULL"), "t");
     on_every_node(&cluster, "SELECT count(*) FROM pg_indexes WHERE indexname = 't_w'", "1");
     // Only superusers keep schema changes local.
     let e = alice.batch_execute("SET multimaster.replicate_ddl = off").unwrap_err();
