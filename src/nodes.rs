@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use mmts_core::config::Mode;
 use mmts_core::membership::{bit, Mask};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -24,34 +25,39 @@ use crate::{commit, gucs, receiver, status};
 /// How often receivers look at `mtm.dropped_nodes`.
 const EVERY: Duration = Duration::from_secs(1);
 
-/// Reads `mtm.dropped_nodes` into shared memory (inside a transaction); returns the nodes in it.
+/// Runs `f` in a transaction of its own, with a snapshot for its queries (outside one).
+fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
+    // An error ends the transaction and the worker's loop (or `forget`'s catch) goes on.
+    let f = std::panic::AssertUnwindSafe(f);
+    BackgroundWorker::transaction(move || unsafe {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let whole = f; // captured whole, so as the unwind-safe wrapper
+        let result = (whole.0)();
+        pg_sys::PopActiveSnapshot();
+        result
+    })
+}
+
+/// Reads `mtm.dropped_nodes` into shared memory (outside a transaction); returns the nodes in it.
 pub fn load_dropped() -> Mask {
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let mask = Spi::connect(|client| {
-        let exists = client
-            .select("SELECT pg_catalog.to_regclass('mtm.dropped_nodes') IS NOT NULL", None, &[])
-            .ok()
-            .and_then(|rows| rows.first().get::<bool>(1).ok().flatten())
-            .unwrap_or(false);
-        if !exists {
+    let mask = in_transaction(|| {
+        // No table yet (CREATE EXTENSION mmts not run here): nothing dropped.
+        let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.dropped_nodes') IS NOT NULL");
+        if !exists.ok().flatten().unwrap_or(false) {
             return 0;
         }
-        client
-            .select(
-                "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
-                None,
-                &[],
-            )
-            .ok()
-            .and_then(|rows| rows.first().get::<i64>(1).ok().flatten())
-            .unwrap_or(0) as Mask
-    });
-    unsafe { pg_sys::PopActiveSnapshot() };
+        Spi::get_one::<i64>(
+            "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+    }) as Mask;
     status::set_dropped(mask);
     mask
 }
 
-/// Calls [`load_dropped`] in a transaction of its own, at most every [`EVERY`].
+/// Calls [`load_dropped`] at most every [`EVERY`].
 pub fn refresh_dropped() {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -60,11 +66,7 @@ pub fn refresh_dropped() {
         return;
     }
     LAST.with(|l| l.set(Some(Instant::now())));
-    unsafe {
-        pg_sys::StartTransactionCommand();
-        load_dropped();
-        pg_sys::CommitTransactionCommand();
-    }
+    load_dropped();
 }
 
 /// Removes what this node keeps for dropped node `peer` (called by its receiver, outside a
@@ -74,50 +76,37 @@ pub fn refresh_dropped() {
 pub fn forget(peer: u32) -> bool {
     let slot = receiver::slot_name(peer);
     let origin = CString::new(receiver::origin_name(peer)).expect("no NUL");
-    let done = PgTryBuilder::new(|| unsafe {
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let active = Spi::get_one_with_args::<i32>(
-            "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[slot.as_str().into()],
-        )
-        .ok()
-        .flatten();
-        if let Some(pid) = active {
-            // The peer's walsender: it no longer has anything to send.
-            let _ = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_terminate_backend($1)", &[pid.into()]);
-        }
-        pg_sys::PopActiveSnapshot();
-        pg_sys::CommitTransactionCommand();
-        if active.is_some() {
-            return false;
-        }
-        let exists = {
-            pg_sys::StartTransactionCommand();
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            let found = Spi::get_one_with_args::<bool>(
-                "SELECT true FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+    PgTryBuilder::new(|| unsafe {
+        // None: no slot; Some(0): nobody streams from it; Some(pid): the peer's walsender.
+        let streamer = in_transaction(|| {
+            Spi::get_one_with_args::<i32>(
+                "SELECT coalesce(active_pid, 0) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
                 &[slot.as_str().into()],
             )
-            .ok()
-            .flatten()
-            .is_some();
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-            found
-        };
-        if exists {
-            let name = CString::new(slot.as_str()).expect("no NUL");
-            pg_sys::ReplicationSlotDrop(name.as_ptr(), true);
+        })
+        .ok()
+        .flatten();
+        match streamer {
+            Some(0) => {
+                let name = CString::new(slot.as_str()).expect("no NUL");
+                pg_sys::ReplicationSlotDrop(name.as_ptr(), true);
+            }
+            Some(pid) => {
+                // It no longer has anything to send; the slot goes once it has stopped.
+                in_transaction(|| {
+                    Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_terminate_backend($1)", &[pid.into()])
+                })
+                .ok();
+                return false;
+            }
+            None => {}
         }
         if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             // This receiver set the origin up for its session: release it to drop it.
             pg_sys::replorigin_session_reset();
             pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         }
-        pg_sys::StartTransactionCommand();
-        pg_sys::replorigin_drop_by_name(origin.as_ptr(), true, true);
-        pg_sys::CommitTransactionCommand();
+        in_transaction(|| pg_sys::replorigin_drop_by_name(origin.as_ptr(), true, true));
         true
     })
     .catch_others(|e| {
@@ -134,8 +123,7 @@ pub fn forget(peer: u32) -> bool {
         );
         false
     })
-    .execute();
-    done
+    .execute()
 }
 
 /// Removes node `node_id` from the cluster for good (superusers only). Run on any other node

@@ -80,7 +80,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
 
     let mut resolver = Resolver::new(NodeId(peer_id));
-    let dropped = BackgroundWorker::transaction(nodes::load_dropped);
+    let dropped = nodes::load_dropped();
     if dropped & bit(config.node_id) != 0 {
         return log(format!("mmts: this node was dropped from the cluster: no replication from node {peer_id}"));
     }
