@@ -38,6 +38,16 @@ CREATE TABLE mtm.dropped_nodes (
 COMMENT ON TABLE mtm.dropped_nodes IS 'mmts: nodes removed from the cluster';
 GRANT SELECT ON mtm.dropped_nodes TO PUBLIC;
 
+-- Nodes added to the running cluster (see mtm.add_node), with the connection string the
+-- other nodes reach each of them by. Replicated. Not readable by every user: a connection
+-- string may hold a password.
+CREATE TABLE mtm.added_nodes (
+    node_id int PRIMARY KEY CHECK (node_id BETWEEN 1 AND 64),
+    conn_string text NOT NULL,
+    added_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE mtm.added_nodes IS 'mmts: nodes added to the running cluster';
+
 CREATE FUNCTION mtm.require_superuser(what text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN

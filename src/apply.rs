@@ -454,7 +454,10 @@ impl Applier {
     fn stale(&self, preparing: &Preparing) -> Option<String> {
         let need = twophase::must_have_applied(NodeId(self.peer));
         let seen = |p: u32| preparing.after.iter().find(|(n, _)| n.0 == p).map_or(0, |(_, lsn)| *lsn);
-        let behind = (1..=need.len() as u32).find(|&p| p != self.peer && seen(p) < need[p as usize - 1])?;
+        // A dropped node's stream is not counted (see `nodes::drop_node`).
+        let dropped = crate::status::dropped();
+        let behind = (1..=need.len() as u32)
+            .find(|&p| p != self.peer && dropped & bit(NodeId(p)) == 0 && seen(p) < need[p as usize - 1])?;
         Some(format!(
             "node {} had not yet applied all of node {behind}'s transactions that node {} committed while it was catching up",
             self.peer, self.me
@@ -1005,8 +1008,8 @@ impl Applier {
             return *node;
         }
         let Mode::Multimaster(config) = gucs::mode() else { return 0 };
-        let node = config
-            .peers()
+        let node = crate::status::known(config)
+            .into_iter()
             .find(|n| {
                 let name = cstring(&crate::receiver::origin_name(n.id.0));
                 unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) == origin }

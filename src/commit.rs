@@ -583,7 +583,8 @@ fn start_two_phase(gid: CString, application: bool) {
         .filter(|(_, at)| at.elapsed() < RETRY_WINDOW)
         .map_or(ts, |(earlier, _)| earlier.min(ts));
     let key = Key { ts: priority, node: config.node_id };
-    let after = status::peers(config).map(|n| (n.id, status::applied(n.id.0))).collect();
+    let others = status::configured(config) & !bit(config.node_id);
+    let after = membership::nodes(others).map(|n| (n, status::applied(n.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let slot = match twophase::register(xid, key, procno) {

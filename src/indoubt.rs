@@ -46,7 +46,7 @@ impl Resolver {
     pub fn tick(&mut self, config: &ClusterConfig) {
         let peer = self.peer;
         // This node's own transactions are settled by one receiver: the first peer's.
-        let own = status::peers(config).next().is_some_and(|n| n.id == peer);
+        let own = mmts_core::membership::nodes(status::configured(config) & !bit(config.node_id)).next() == Some(peer);
         if !gucs::synchronous() || self.last.is_some_and(|t| t.elapsed() < EVERY) {
             return;
         }
@@ -110,7 +110,7 @@ impl Resolver {
             twophase::DELIVERY_SETTING,
             encode_batch(std::slice::from_ref(&request))
         );
-        for peer in config.peers().filter(|n| status::connected(n.id.0)) {
+        for peer in status::peers(config).into_iter().filter(|n| status::connected(n.id.0)) {
             let id = peer.id.0;
             if !self.conns.contains_key(&id) {
                 let app = format!("{}_resolver", status::application_name(config.node_id.0));

@@ -21,12 +21,18 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use crate::{commit, gucs, receiver, status};
+use mmts_core::replication::format_lsn;
+use mmts_core::NodeId;
+
+fn log(message: String) {
+    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
+}
 
 /// How often receivers look at `mtm.dropped_nodes`.
 const EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `f` in a transaction of its own, with a snapshot for its queries (outside one).
-fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
+pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
     // An error ends the transaction and the worker's loop (or `forget`'s catch) goes on.
     let f = std::panic::AssertUnwindSafe(f);
     BackgroundWorker::transaction(move || unsafe {
@@ -38,27 +44,57 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
     })
 }
 
-/// Reads `mtm.dropped_nodes` into shared memory (outside a transaction); returns the nodes in it.
-pub fn load_dropped() -> Mask {
-    let mask = in_transaction(|| {
-        // No table yet (CREATE EXTENSION mmts not run here): nothing dropped.
-        let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.dropped_nodes') IS NOT NULL");
+/// Reads `mtm.dropped_nodes` and `mtm.added_nodes` into shared memory (outside a
+/// transaction), and starts the receivers of added nodes not started yet; returns the
+/// dropped nodes.
+pub fn load_nodes() -> Mask {
+    let (dropped, added) = in_transaction(|| {
+        // No tables yet (CREATE EXTENSION mmts not run here): nothing dropped or added.
+        let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.added_nodes') IS NOT NULL");
         if !exists.ok().flatten().unwrap_or(false) {
-            return 0;
+            return (0, Vec::new());
         }
-        Spi::get_one::<i64>(
+        let dropped = Spi::get_one::<i64>(
             "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
         )
         .ok()
         .flatten()
-        .unwrap_or(0)
-    }) as Mask;
-    status::set_dropped(mask);
-    mask
+        .unwrap_or(0) as Mask;
+        let added = Spi::connect(|client| {
+            client
+                .select("SELECT node_id, conn_string FROM mtm.added_nodes ORDER BY node_id", None, &[])
+                .map(|rows| {
+                    rows.filter_map(|r| Some((r.get::<i32>(1).ok()?? as u32, r.get::<String>(2).ok()??))).collect()
+                })
+                .unwrap_or_default()
+        });
+        (dropped, added)
+    });
+    status::set_nodes(dropped, &added);
+    start_added_receivers(&added, dropped);
+    dropped
 }
 
-/// Calls [`load_dropped`] at most every [`EVERY`].
-pub fn refresh_dropped() {
+/// Starts, once per server start, the receiver of each node added to the cluster that is not
+/// in `multimaster.conn_strings` (those have theirs from the start).
+fn start_added_receivers(added: &[(u32, String)], dropped: Mask) {
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    for &(id, _) in added {
+        let configured = config.nodes.iter().any(|n| n.id.0 == id);
+        if configured || dropped & bit(NodeId(id)) != 0 || !status::claim_receiver(id) {
+            continue;
+        }
+        if receiver::start(id) {
+            log(format!("mmts: node {id} was added to the cluster: its receiver started"));
+        } else {
+            status::unclaim_receiver(id);
+            log(format!("mmts: cannot start the receiver for added node {id}; raise max_worker_processes (retrying)"));
+        }
+    }
+}
+
+/// Calls [`load_nodes`] at most every [`EVERY`].
+pub fn refresh_nodes() {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
     }
@@ -66,7 +102,7 @@ pub fn refresh_dropped() {
         return;
     }
     LAST.with(|l| l.set(Some(Instant::now())));
-    load_dropped();
+    load_nodes();
 }
 
 /// Removes what this node keeps for dropped node `peer` (called by its receiver, outside a
@@ -131,17 +167,8 @@ pub fn forget(peer: u32) -> bool {
 /// of it.
 #[pg_extern(volatile)]
 fn drop_node(node_id: i32) {
-    let Mode::Multimaster(config) = gucs::mode() else {
-        refuse(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "this server is not a multimaster node", None);
-    };
-    if !unsafe { pg_sys::superuser() } {
-        refuse(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied for mtm.drop_node",
-            Some("Only superusers may change the nodes of the cluster."),
-        );
-    }
-    let Some(node) = config.nodes.iter().find(|n| n.id.0 as i32 == node_id) else {
+    let config = cluster_admin("mtm.drop_node");
+    let Some(node) = status::known(config).into_iter().find(|n| n.id.0 as i32 == node_id) else {
         refuse(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             &format!("there is no node {node_id} in the cluster"),
@@ -184,4 +211,202 @@ fn refuse(code: PgSqlErrorCode, message: &str, hint: Option<&str>) -> ! {
     }
     report.report(PgLogLevel::ERROR);
     unreachable!()
+}
+
+/// Adds a node to the running cluster (superusers only) and returns its id: the next free one.
+/// `conn_string` is how the other nodes reach it. Every node then starts a receiver for it
+/// and makes the slot it will stream from; the node itself is made from a copy of one node
+/// (`pg_basebackup`) that [`join_node`], run on that node, lets go at a point of its own.
+#[pg_extern(volatile)]
+fn add_node(conn_string: &str) -> i32 {
+    let config = cluster_admin("mtm.add_node");
+    if let Err(e) = mmts_core::conninfo::ConnInfo::parse(conn_string) {
+        refuse(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &format!("invalid connection string for the new node: {e}"),
+            Some("Give a libpq connection string, e.g. 'host=node4 dbname=postgres user=postgres'."),
+        );
+    }
+    if conn_string.len() >= status::CONN_STRING_MAX {
+        refuse(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            &format!("the connection string is longer than {} bytes", status::CONN_STRING_MAX - 1),
+            None,
+        );
+    }
+    let known = status::known(config).iter().fold(status::dropped(), |m, n| m | bit(n.id));
+    let id = 64 - known.leading_zeros() + 1;
+    if id > gucs::MAX_NODES as u32 {
+        refuse(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            &format!("a cluster has at most {} node ids", gucs::MAX_NODES),
+            None,
+        );
+    }
+    // This node needs room for one more peer (the others say so in their logs).
+    let peers = status::configured(config).count_ones() as i32;
+    let needs = [
+        ("max_replication_slots", unsafe { pg_sys::max_replication_slots }, peers + 1),
+        ("max_wal_senders", unsafe { pg_sys::max_wal_senders }, peers + 2),
+        ("max_worker_processes", unsafe { pg_sys::max_worker_processes }, peers + mmts_core::config::EXTRA_WORKERS),
+    ];
+    for (setting, have, need) in needs {
+        if have < need {
+            refuse(
+                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                &format!("{setting} = {have} leaves no room for node {id}: {need} needed"),
+                Some(&format!("Raise {setting} on every node (restarting them one at a time), then add the node.")),
+            );
+        }
+    }
+    // Committed on every live node, as a write of a replicated table.
+    commit::note_write();
+    Spi::run_with_args(
+        "INSERT INTO mtm.added_nodes(node_id, conn_string) VALUES ($1, $2)",
+        &[(id as i32).into(), conn_string.into()],
+    )
+    .unwrap_or_else(|e| refuse(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &e.to_string(), None));
+    ereport!(
+        PgLogLevel::NOTICE,
+        PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+        format!("node {id} added to the cluster"),
+        format!(
+            "Copy a node with pg_basebackup -R, give the copy multimaster.node_id = {id}, the connection strings of all {id} nodes and recovery_target_name = 'mtm_join_{id}_from_<node copied>', start it, then run SELECT mtm.join_node({id}) on the node copied."
+        )
+    );
+    id as i32
+}
+
+/// How long [`join_node`] waits for each thing it needs.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Lets node `node_id`, a copy of this node being recovered with `recovery_target_name =
+/// 'mtm_join_<node_id>_from_<this node>'`, go at a point where this node's state is whole
+/// (superusers only): a restore point of that name, whose position is returned. The copy
+/// stops there, promotes itself, and streams each node's changes from where this node's
+/// copy ends: this node's from the restore point, the others' from this node's replication
+/// origins (each of the other nodes must have made its slot for the new node by then).
+///
+/// The point is taken when no receiver here holds a transaction set aside (applied out of
+/// stream order): otherwise a stream's position would be past a transaction the copy lacks.
+#[pg_extern(volatile)]
+fn join_node(node_id: i32) -> String {
+    let config = cluster_admin("mtm.join_node");
+    let me = config.node_id;
+    let id = node_id as u32;
+    let configured = status::configured(config);
+    if id == me.0 || !(1..=gucs::MAX_NODES as u32).contains(&id) || configured & bit(NodeId(id)) == 0 {
+        refuse(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &format!("node {node_id} is not a node this node can let join"),
+            Some("Add the node with mtm.add_node first; run mtm.join_node on the node it is a copy of."),
+        );
+    }
+    if status::connected(id) {
+        refuse(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            &format!("node {id} has joined already: this node streams from it"),
+            None,
+        );
+    }
+    let view = status::current(config).view;
+    let others = configured & !bit(NodeId(id));
+    if view.state != mmts_core::membership::State::Online || view.members != others {
+        refuse(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            &format!(
+                "node {id} can join only while every other node is an online member (members now: {})",
+                mmts_core::membership::format_mask(view.members)
+            ),
+            Some("Wait until mtm.get_cluster_state() shows all other nodes as members."),
+        );
+    }
+    // Every other node's slot for the new node must start before what this node applied of
+    // that node's stream: the new node streams from there.
+    let slot = receiver::slot_name(id);
+    for peer in status::peers(config).into_iter().filter(|n| n.id.0 != id) {
+        let query = format!(
+            "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}' AND confirmed_flush_lsn IS NOT NULL"
+        );
+        let start = wait_for_value(&format!("node {}'s slot for node {id}", peer.id), || {
+            let mut conn = crate::libpq::Connection::connect(&peer.conninfo.to_string(), "mmts_join", false).ok()?;
+            conn.query_value(&query, Duration::from_secs(5)).ok().flatten()
+        });
+        let origin = receiver::origin_name(peer.id.0);
+        wait_for_value(&format!("this node to apply node {}'s changes as far as {start}", peer.id), || {
+            let done = Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.pg_replication_origin_progress($1, false) >= $2::pg_lsn",
+                &[origin.as_str().into(), start.as_str().into()],
+            );
+            done.ok().flatten().filter(|&d| d)
+        });
+    }
+    wait_for_value(&format!("this node's slot for node {id}"), || {
+        Spi::get_one_with_args::<bool>(
+            "SELECT true FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
+            &[slot.as_str().into()],
+        )
+        .ok()
+        .flatten()
+    });
+    let name = CString::new(join_point_name(id, me.0)).expect("no NUL");
+    let end = wait_for_value("a moment with no transaction set aside", || {
+        let end =
+            status::with_set_asides_held(|held| (!held).then(|| unsafe { pg_sys::XLogRestorePoint(name.as_ptr()) }));
+        end.inspect(|&end| unsafe { pg_sys::XLogFlush(end) })
+    });
+    log(format!("mmts: node {id} may join at {} (restore point {:?})", format_lsn(end), name));
+    format_lsn(end)
+}
+
+/// The name of the restore point a copy of node `donor` stops at to join as node `node`.
+fn join_point_name(node: u32, donor: u32) -> String {
+    format!("mtm_join_{node}_from_{donor}")
+}
+
+/// Where the copy this node was made from ends in node `donor`'s WAL, if this node joined
+/// the cluster as a copy of `donor` (see [`join_node`]): the end of the join's restore point,
+/// where recovery stopped, as the history file of the timeline it then began says.
+pub fn joined_from(me: u32, donor: u32) -> Option<u64> {
+    let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
+    let history = std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history")).ok()?;
+    let reason = format!("at restore point \"{}\"", join_point_name(me, donor));
+    history.lines().filter(|l| l.ends_with(&reason)).find_map(|line| {
+        let lsn = line.split('\t').nth(1)?;
+        let (hi, lo) = lsn.trim().split_once('/')?;
+        Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    })
+}
+
+/// Calls `f` every 10 ms until it has a value; gives up with an error after [`JOIN_WAIT`].
+fn wait_for_value<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let since = Instant::now();
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        if since.elapsed() > JOIN_WAIT {
+            refuse(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                &format!("gave up waiting for {what} after {} s", JOIN_WAIT.as_secs()),
+                Some("See the server logs of the nodes; mtm.join_node can be run again."),
+            );
+        }
+        crate::apply::nap(10);
+    }
+}
+
+/// The cluster's configuration, for a function that changes the cluster (superusers only).
+fn cluster_admin(function: &str) -> &'static mmts_core::config::ClusterConfig {
+    let Mode::Multimaster(config) = gucs::mode() else {
+        refuse(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "this server is not a multimaster node", None);
+    };
+    if !unsafe { pg_sys::superuser() } {
+        refuse(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            &format!("permission denied for {function}"),
+            Some("Only superusers may change the nodes of the cluster."),
+        );
+    }
+    config
 }

@@ -30,16 +30,25 @@ use crate::{gucs, nodes, status};
 /// Registers one receiver per peer (in the postmaster, while preloading).
 pub fn register(config: &ClusterConfig) {
     for peer in config.peers() {
-        BackgroundWorkerBuilder::new(&format!("mmts receiver from node {}", peer.id))
-            .set_type("mmts receiver")
-            .set_library("mmts")
-            .set_function("mmts_receiver_main")
-            .set_argument(Some(pg_sys::Datum::from(peer.id.0 as i64)))
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(Some(Duration::from_secs(5)))
-            .load();
+        worker(peer.id.0).load();
     }
+}
+
+/// Starts the receiver for a node added to the running cluster; false if no worker could be
+/// started (see `max_worker_processes`).
+pub fn start(peer_id: u32) -> bool {
+    worker(peer_id).load_dynamic().is_ok()
+}
+
+fn worker(peer_id: u32) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(&format!("mmts receiver from node {peer_id}"))
+        .set_type("mmts receiver")
+        .set_library("mmts")
+        .set_function("mmts_receiver_main")
+        .set_argument(Some(pg_sys::Datum::from(peer_id as i64)))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
 }
 
 pub fn slot_name(node: u32) -> String {
@@ -61,7 +70,6 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
-    let peer = config.nodes.iter().find(|n| n.id.0 == peer_id).expect("peer configured");
     // As PostgreSQL's apply workers: only replica triggers fire, names are always qualified,
     // and applied transactions commit asynchronously (the peer learns that a position is
     // durable here only once the local WAL is flushed past its commit: see `Progress`).
@@ -80,35 +88,34 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
 
     let mut resolver = Resolver::new(NodeId(peer_id));
-    let dropped = nodes::load_dropped();
+    let dropped = nodes::load_nodes();
     if dropped & bit(config.node_id) != 0 {
         return log(format!("mmts: this node was dropped from the cluster: no replication from node {peer_id}"));
     }
     if dropped & bit(NodeId(peer_id)) != 0 {
         return retire(config, peer_id, &mut resolver);
     }
+    let Some(peer) = status::node(config, peer_id) else {
+        return log(format!("mmts: node {peer_id} is neither configured nor added: no replication from it"));
+    };
+    let mut slot = SlotMaker::new(peer_id);
+    slot.tick();
     let origin = BackgroundWorker::transaction(|| {
-        let slot = slot_name(peer_id);
-        // A read-only statement: a logical slot cannot be made by a transaction with an xid.
-        Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'mmts', false, true)
-                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-                    None,
-                    &[slot.as_str().into()],
-                )
-                .map(|_| ())
-        })
-        .expect("create the slot for the peer");
         let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
         unsafe {
-            let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
+            let mut id = pg_sys::replorigin_by_name(name.as_ptr(), true);
             if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-                pg_sys::replorigin_create(name.as_ptr())
-            } else {
-                id
+                id = pg_sys::replorigin_create(name.as_ptr());
             }
+            // A node that joined as a copy of the peer has the peer's changes up to where the
+            // copy ends, and none after (see `nodes::join_node`).
+            if pg_sys::replorigin_get_progress(id, false) == 0 {
+                if let Some(end) = nodes::joined_from(config.node_id.0, peer_id) {
+                    pg_sys::replorigin_advance(id, end, pg_sys::InvalidXLogRecPtr as u64, false, true);
+                    log(format!("mmts: this node joined as a copy of node {peer_id} ending at {}", format_lsn(end)));
+                }
+            }
+            id
         }
     });
     unsafe {
@@ -127,8 +134,15 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
-        let result =
-            stream(&peer.conninfo.to_string(), &application_name, config, peer_id, &mut resolver, &mut applier);
+        let result = stream(
+            &peer.conninfo.to_string(),
+            &application_name,
+            config,
+            peer_id,
+            &mut resolver,
+            &mut applier,
+            &mut slot,
+        );
         applier.reset_stream();
         status::update(peer_id, |p| {
             p.connected = false;
@@ -152,6 +166,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         }
         // The peer out of reach: its transactions in doubt here are settled with the others.
         resolver.tick(config);
+        slot.tick();
         if !BackgroundWorker::wait_latch(Some(backoff)) {
             break;
         }
@@ -185,6 +200,7 @@ fn stream(
     peer_id: u32,
     resolver: &mut Resolver,
     applier: &mut Applier,
+    slot: &mut SlotMaker,
 ) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id);
@@ -231,6 +247,7 @@ fn stream(
                 outbox.heartbeat(config);
             };
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
+            report_set_aside(peer_id, applier);
             outbox.push(applier.take_signals());
             progress.received(end);
             if done.is_some() {
@@ -250,6 +267,7 @@ fn stream(
             }
         }
         finished.extend(applier.retry_waiting(&mut || link.keep_up(&progress)));
+        report_set_aside(peer_id, applier);
         outbox.push(applier.take_signals());
         // Caught up: received as far as the peer's WAL reached when it last reported (a report
         // sent since this connection began), with nothing left to apply.
@@ -277,7 +295,8 @@ fn stream(
         }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
             resolver.tick(config);
-            nodes::refresh_dropped();
+            slot.tick();
+            nodes::refresh_nodes();
             if status::dropped() & (bit(NodeId(peer_id)) | bit(config.node_id)) != 0 {
                 return Err(PqError { message: "a node was dropped from the cluster".into(), sqlstate: None });
             }
@@ -307,6 +326,103 @@ fn stream(
         unsafe { pg_sys::QueryCancelPending = 0 };
         pgrx::check_for_interrupts!();
         link.conn.consume_input()?;
+    }
+}
+
+/// Makes the slot `mtm_slot_<peer>` the peer streams this node's changes from, in a worker of
+/// its own: making a logical slot waits until every transaction running then has ended, and
+/// some of those may be prepared transactions this receiver is to finish (a node that joined
+/// as a copy of another starts with that node's prepared transactions).
+struct SlotMaker {
+    peer_id: u32,
+    ready: bool,
+    worker: Option<pgrx::bgworkers::DynamicBackgroundWorker>,
+    last_look: Option<Instant>,
+}
+
+impl SlotMaker {
+    fn new(peer_id: u32) -> SlotMaker {
+        SlotMaker { peer_id, ready: false, worker: None, last_look: None }
+    }
+
+    /// Looks (at most once a second, outside a transaction) whether the slot exists, and
+    /// starts the worker that makes it when none is at work.
+    fn tick(&mut self) {
+        if self.ready || self.last_look.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_look = Some(Instant::now());
+        let slot = slot_name(self.peer_id);
+        self.ready = nodes::in_transaction(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL)",
+                &[slot.as_str().into()],
+            )
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        let at_work = self
+            .worker
+            .as_ref()
+            .is_some_and(|w| !matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped)));
+        if self.ready || at_work {
+            return;
+        }
+        let worker = BackgroundWorkerBuilder::new(&format!("mmts slot maker for node {}", self.peer_id))
+            .set_type("mmts slot maker")
+            .set_library("mmts")
+            .set_function("mmts_slot_maker_main")
+            .set_argument(Some(pg_sys::Datum::from(self.peer_id as i64)))
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(None)
+            .load_dynamic();
+        match worker {
+            Ok(w) => self.worker = Some(w),
+            Err(_) => log(format!(
+                "mmts: no background worker free to make the slot for node {}; raise max_worker_processes (retrying)",
+                self.peer_id
+            )),
+        }
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn mmts_slot_maker_main(arg: pg_sys::Datum) {
+    let peer_id = arg.value() as u32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
+    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
+    let slot = slot_name(peer_id);
+    BackgroundWorker::transaction(|| {
+        // A read-only statement: a logical slot cannot be made by a transaction with an xid.
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'mmts', false, true)
+                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                    None,
+                    &[slot.as_str().into()],
+                )
+                .map(|_| ())
+        })
+        .expect("create the slot for the peer");
+    });
+}
+
+/// Tells `nodes::join_node` whether this receiver holds transactions set aside. Called after
+/// each step of the applier, so before it prepares or commits a later transaction of the
+/// stream (which moves the stream's position past the one set aside).
+fn report_set_aside(peer_id: u32, applier: &Applier) {
+    thread_local! {
+        static REPORTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    let held = applier.has_waiting();
+    if held != REPORTED.with(|r| r.replace(held)) {
+        status::update(peer_id, |p| p.set_aside = held);
     }
 }
 

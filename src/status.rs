@@ -6,7 +6,8 @@ use mmts_core::replication::format_lsn;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 
-use mmts_core::config::ClusterConfig;
+use mmts_core::config::{ClusterConfig, NodeConfig};
+use mmts_core::conninfo::ConnInfo;
 use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
@@ -34,6 +35,9 @@ pub struct PeerStatus {
     /// The peer's last heartbeat, and when it came (0: never).
     pub report: Report,
     pub report_time: pg_sys::TimestampTz,
+    /// The receiver holds transactions of the peer set aside, so the stream's position here
+    /// is past transactions not yet prepared (see `nodes::join_node`).
+    pub set_aside: bool,
 }
 
 /// How far this node has applied node `id`'s stream: the end of the last of its
@@ -50,11 +54,22 @@ pub struct Peers {
     generation: u64,
     /// Nodes removed from the cluster (`mtm.dropped_nodes`, see `nodes`).
     dropped: Mask,
+    /// Nodes added to the cluster since it was configured (`mtm.added_nodes`).
+    added: Mask,
+    /// Added nodes whose receiver this node has started.
+    receivers: Mask,
 }
 
 impl Default for Peers {
     fn default() -> Self {
-        Peers { peers: [PeerStatus::default(); MAX_NODES as usize], members: 0, generation: 0, dropped: 0 }
+        Peers {
+            peers: [PeerStatus::default(); MAX_NODES as usize],
+            members: 0,
+            generation: 0,
+            dropped: 0,
+            added: 0,
+            receivers: 0,
+        }
     }
 }
 
@@ -63,9 +78,28 @@ unsafe impl PGRXSharedMemory for Peers {}
 
 static PEERS: PgLwLock<Peers> = unsafe { PgLwLock::new(c"mmts peers") };
 
+/// The longest connection string of an added node (`mtm.add_node` refuses longer ones).
+pub const CONN_STRING_MAX: usize = 1024;
+
+/// Connection strings of the nodes added since the cluster was configured, by node id.
+#[derive(Clone, Copy)]
+pub struct AddedNodes([[u8; CONN_STRING_MAX]; MAX_NODES as usize]);
+
+impl Default for AddedNodes {
+    fn default() -> Self {
+        AddedNodes([[0; CONN_STRING_MAX]; MAX_NODES as usize])
+    }
+}
+
+// SAFETY: plain old data, no pointers.
+unsafe impl PGRXSharedMemory for AddedNodes {}
+
+static ADDED: PgLwLock<AddedNodes> = unsafe { PgLwLock::new(c"mmts added nodes") };
+
 /// Reserves the shared memory; called from `_PG_init` while preloading.
 pub fn init() {
     pg_shmem_init!(PEERS);
+    pg_shmem_init!(ADDED);
 }
 
 /// Updates what is known about peer `id` (1-based).
@@ -93,19 +127,77 @@ pub fn dropped() -> Mask {
     PEERS.share().dropped
 }
 
-pub fn set_dropped(mask: Mask) {
-    PEERS.exclusive().dropped = mask;
+/// Records the nodes dropped from the cluster and those added to it (id and connection
+/// string; see `nodes`).
+pub fn set_nodes(dropped: Mask, added: &[(u32, String)]) {
+    let mut strings = ADDED.exclusive();
+    let mut mask = 0;
+    for (id, conn) in added.iter().filter(|(id, c)| (1..=MAX_NODES as u32).contains(id) && c.len() < CONN_STRING_MAX) {
+        let slot = &mut strings.0[*id as usize - 1];
+        slot.fill(0);
+        slot[..conn.len()].copy_from_slice(conn.as_bytes());
+        mask |= bit(NodeId(*id));
+    }
+    drop(strings);
+    let mut shared = PEERS.exclusive();
+    shared.dropped = dropped;
+    shared.added = mask;
 }
 
-/// The nodes of the cluster now: those configured, less those dropped.
+/// Claims the start of the receiver for added node `id`: true once per server start.
+pub fn claim_receiver(id: u32) -> bool {
+    let mut shared = PEERS.exclusive();
+    let claimed = shared.receivers & bit(NodeId(id)) == 0;
+    shared.receivers |= bit(NodeId(id));
+    claimed
+}
+
+/// Gives the claim back (the receiver could not be started).
+pub fn unclaim_receiver(id: u32) {
+    PEERS.exclusive().receivers &= !bit(NodeId(id));
+}
+
+fn configured_mask(config: &ClusterConfig, shared: &Peers) -> Mask {
+    (config.nodes.iter().fold(0, |m, n| m | bit(n.id)) | shared.added) & !shared.dropped
+}
+
+/// The nodes of the cluster now: those configured or added, less those dropped.
 pub fn configured(config: &ClusterConfig) -> Mask {
-    config.nodes.iter().fold(0, |m, n| m | bit(n.id)) & !dropped()
+    configured_mask(config, &PEERS.share())
 }
 
-/// The peers of the cluster now (dropped ones left out).
-pub fn peers(config: &ClusterConfig) -> impl Iterator<Item = &mmts_core::config::NodeConfig> {
-    let dropped = dropped();
-    config.peers().filter(move |n| dropped & bit(n.id) == 0)
+/// Node `id` as configured (`multimaster.conn_strings`) or added (`mtm.added_nodes`), dropped
+/// or not.
+pub fn node(config: &ClusterConfig, id: u32) -> Option<NodeConfig> {
+    if let Some(n) = config.nodes.iter().find(|n| n.id.0 == id) {
+        return Some(n.clone());
+    }
+    if !(1..=MAX_NODES as u32).contains(&id) || PEERS.share().added & bit(NodeId(id)) == 0 {
+        return None;
+    }
+    let bytes = ADDED.share().0[id as usize - 1];
+    let text =
+        String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())]).into_owned();
+    ConnInfo::parse(&text).ok().map(|conninfo| NodeConfig { id: NodeId(id), conninfo })
+}
+
+/// Every node configured or added, dropped ones too.
+pub fn known(config: &ClusterConfig) -> Vec<NodeConfig> {
+    let added = PEERS.share().added;
+    let mask = config.nodes.iter().fold(added, |m, n| m | bit(n.id));
+    membership::nodes(mask).filter_map(|id| node(config, id.0)).collect()
+}
+
+/// The other nodes of the cluster now (dropped ones left out, added ones in).
+pub fn peers(config: &ClusterConfig) -> Vec<NodeConfig> {
+    membership::nodes(configured(config) & !bit(config.node_id)).filter_map(|id| node(config, id.0)).collect()
+}
+
+/// Holds every receiver's report of set-aside transactions still while `f` runs, and tells
+/// `f` whether a receiver holds any now.
+pub fn with_set_asides_held<R>(f: impl FnOnce(bool) -> R) -> R {
+    let shared = PEERS.exclusive();
+    f(shared.peers.iter().any(|p| p.set_aside))
 }
 
 /// Records a peer's heartbeat.
@@ -133,7 +225,7 @@ pub fn current(config: &ClusterConfig) -> Current {
     let me = config.node_id;
     let fresh_after = now() - gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000;
     let shared = *PEERS.share();
-    let configured = config.nodes.iter().fold(0, |m, n| m | bit(n.id)) & !shared.dropped;
+    let configured = configured_mask(config, &shared);
     let peer = |id: NodeId| &shared.peers[id.0 as usize - 1];
     let reports: Vec<Option<Report>> = (1..=MAX_NODES as u32)
         .map(NodeId)
@@ -142,13 +234,13 @@ pub fn current(config: &ClusterConfig) -> Current {
                 .then_some(peer(id).report)
         })
         .collect();
-    let live = || config.peers().filter(|n| configured & bit(n.id) != 0 && peer(n.id).connected);
-    let sees = live().fold(bit(me), |m, n| m | bit(n.id));
+    let live = || membership::nodes(configured & !bit(me)).filter(|&n| peer(n).connected);
+    let sees = live().fold(bit(me), |m, n| m | bit(n));
     // A member stays caught up (it takes part in every commit); another node is once it has
     // heard from every peer it streams from, and applied what those caught up had sent.
     let ready = shared.members & bit(me) != 0
-        || live().all(|n| match reports[n.id.0 as usize - 1] {
-            Some(r) => !r.ready || peer(n.id).caught_up,
+        || live().all(|n| match reports[n.0 as usize - 1] {
+            Some(r) => !r.ready || peer(n).caught_up,
             None => false,
         });
     let view = if configured & bit(me) == 0 {
@@ -230,8 +322,7 @@ fn get_nodes_state() -> TableIterator<
     let walsenders = walsender_clients();
     let cur = current(config);
     let status_dropped = dropped();
-    let rows: Vec<_> = config
-        .nodes
+    let rows: Vec<_> = known(config)
         .iter()
         .map(|n| {
             let conn = n.conninfo.masked();
@@ -303,7 +394,7 @@ fn get_cluster_state() -> TableIterator<
         Mode::Standalone => (0, "standalone".to_string(), 0, 0, false, Vec::new(), 0),
         Mode::Multimaster(config) => {
             let configured = configured(config);
-            let connected = 1 + peers(config).filter(|n| peer(n.id.0).connected).count() as i32;
+            let connected = 1 + peers(config).iter().filter(|n| peer(n.id.0).connected).count() as i32;
             let cur = current(config);
             let (state, members) = if gucs::synchronous() || cur.view.state == State::Dropped {
                 (cur.view.state.name(), cur.view.members)

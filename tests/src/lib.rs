@@ -186,6 +186,10 @@ pub struct Node {
     port: u16,
     dir: PathBuf,
     running: bool,
+    /// What the harness wrote into postgresql.conf.
+    conf: Vec<(String, String)>,
+    /// Joins a running cluster later (see [`ClusterBuilder::joining`]).
+    joining: bool,
 }
 
 impl Node {
@@ -419,6 +423,7 @@ pub struct ClusterBuilder {
     base_port: Option<u16>,
     common: Vec<(String, String)>,
     per_node: BTreeMap<usize, Vec<(String, String)>>,
+    joining: Vec<usize>,
 }
 
 impl ClusterBuilder {
@@ -431,7 +436,16 @@ impl ClusterBuilder {
             base_port: None,
             common: Vec::new(),
             per_node: BTreeMap::new(),
+            joining: Vec::new(),
         }
+    }
+
+    /// Node `id` joins the running cluster later (see [`Cluster::copy_node`]): it is left out
+    /// of the other nodes' `multimaster.conn_strings` (so ids above it must join too), and
+    /// [`Cluster::start_all`] does not start it.
+    pub fn joining(mut self, id: usize) -> Self {
+        self.joining.push(id);
+        self
     }
 
     /// Whether to set `multimaster.node_id` / `multimaster.conn_strings` (default yes).
@@ -485,7 +499,8 @@ impl ClusterBuilder {
             run_ok(Command::new("cp").arg("-a").arg(template()).arg(node_dir.join("data")));
             give_to_server_user(&node_dir);
             let port = self.base_port.map(|b| b + id as u16 - 1).unwrap_or_else(free_port);
-            nodes.push(Node { id, port, dir: node_dir, running: false });
+            let joining = self.joining.contains(&id);
+            nodes.push(Node { id, port, dir: node_dir, running: false, conf: Vec::new(), joining });
         }
         let mut links = BTreeMap::new();
         if self.proxies {
@@ -498,7 +513,9 @@ impl ClusterBuilder {
                 }
             }
         }
-        for node in &nodes {
+        let ports: Vec<(usize, u16)> = nodes.iter().map(|n| (n.id, n.port)).collect();
+        let ids: Vec<usize> = nodes.iter().map(|n| n.id).collect();
+        for node in &mut nodes {
             let socket_dir = node.dir.display().to_string();
             let mut conf: Vec<(String, String)> =
                 BASE_CONF.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -506,10 +523,12 @@ impl ClusterBuilder {
             conf.push(("unix_socket_directories".into(), format!("'{socket_dir}'")));
             conf.push(("cluster_name".into(), format!("'node{}'", node.id)));
             if self.multimaster {
-                let conn_strings: Vec<String> = nodes
+                let conn_strings: Vec<String> = ids
                     .iter()
-                    .map(|peer| {
-                        let port = links.get(&(node.id, peer.id)).map(Proxy::port).unwrap_or(peer.port);
+                    .filter(|&&peer| node.joining || !self.joining.contains(&peer))
+                    .map(|&peer| {
+                        let peer = &ports[peer - 1];
+                        let port = links.get(&(node.id, peer.0)).map(Proxy::port).unwrap_or(peer.1);
                         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
                     })
                     .collect();
@@ -519,6 +538,7 @@ impl ClusterBuilder {
             conf.extend(self.common.iter().cloned());
             conf.extend(self.per_node.get(&node.id).into_iter().flatten().cloned());
             node.append_conf(&conf);
+            node.conf = conf;
         }
         Cluster { nodes, links, dir, keep }
     }
@@ -557,10 +577,43 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts every node but those joining later.
     pub fn start_all(&mut self) {
-        for node in &mut self.nodes {
+        for node in self.nodes.iter_mut().filter(|n| !n.joining) {
             node.start();
         }
+    }
+
+    /// Makes node `id` a copy of running node `from` (`pg_basebackup -R`: a standby of it),
+    /// with its own settings and then `extra` in postgresql.conf; does not start it.
+    pub fn copy_node(&mut self, id: usize, from: usize, extra: &[(&str, &str)]) {
+        let port = self.node(from).port;
+        let node = self.node_mut(id);
+        node.stop();
+        let data = node.data_dir();
+        let _ = fs::remove_dir_all(&data);
+        run_ok(
+            server_command(&bindir().join("pg_basebackup"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-R",
+                    "-D",
+                ])
+                .arg(&data),
+        );
+        let mut conf = node.conf.clone();
+        conf.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        node.append_conf(&conf);
+        node.joining = false;
     }
 
     /// Node `id` (1-based).

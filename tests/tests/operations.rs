@@ -385,3 +385,127 @@ fn schema_changes_under_a_write_load() {
     assert!(first.starts_with(&format!("{rows} ")), "{first}: {rows} rows acknowledged");
     on_every_node(&cluster, summary, &first);
 }
+
+/// A fourth node joins a running 3-node cluster while all three take writes: added on node 1,
+/// copied from it with pg_basebackup, let go at a join point; it ends with every row any node
+/// acknowledged, as every other node does, and takes writes itself. Then a node is dropped
+/// and the three left go on.
+#[test]
+fn a_node_joins_under_a_write_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = ClusterBuilder::new(4).joining(4).start();
+    for node in &cluster.nodes()[..3] {
+        node.execute_local("CREATE EXTENSION mmts");
+    }
+    cluster.wait_replicating(WAIT);
+    let seed_rows: i64 = std::env::var("MMTS_JOIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    cluster.node(1).execute(&format!(
+        "CREATE TABLE load(id bigint PRIMARY KEY, node int NOT NULL, v text NOT NULL);
+         INSERT INTO load SELECT -g, 0, md5(g::text) FROM generate_series(1, {seed_rows}) g"
+    ));
+    let seed_size = value(cluster.node(1), "SELECT pg_size_pretty(pg_database_size('postgres'))");
+    cluster.node(1).execute("CREATE ROLE carol LOGIN");
+    let mut carol = mmts_tests::postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=carol dbname=postgres", cluster.node(1).port()),
+        mmts_tests::postgres::NoTls,
+    )
+    .unwrap();
+    for sql in ["SELECT mtm.add_node('host=127.0.0.1')", "SELECT mtm.join_node(4)"] {
+        let e = carol.batch_execute(sql).unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {}", describe(&e));
+    }
+    assert_eq!(error(cluster.node(1), "SELECT mtm.add_node('hots=node4')").0, "22023");
+    assert_eq!(error(cluster.node(1), "SELECT mtm.join_node(3)").0, "55000");
+
+    let stop = AtomicBool::new(false);
+    let acknowledged = std::sync::Mutex::new(Vec::<i64>::new());
+    let joined = std::thread::scope(|scope| {
+        let writer = |node: &Node| {
+            let (stop, acknowledged) = (&stop, &acknowledged);
+            let id = node.id as i64;
+            let mut c = node.connect();
+            move || {
+                let mut i = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = id * 1_000_000_000 + i;
+                    match c.batch_execute(&format!("INSERT INTO load VALUES ({key}, {id}, 'x')")) {
+                        Ok(()) => acknowledged.lock().unwrap().push(key),
+                        // A conflict, or the node not online for a moment while the new one joins.
+                        Err(e) if matches!(e.code().map(|c| c.code()), Some("40001" | "55000")) => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("node {id}: {}", describe(&e)),
+                    }
+                }
+            }
+        };
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        for node in &cluster.nodes()[..3] {
+            scope.spawn(writer(node));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let conn4 = cluster.node(4).connstr();
+        assert_eq!(value(cluster.node(1), &format!("SELECT mtm.add_node('{conn4}')")), "4");
+        cluster.copy_node(
+            4,
+            1,
+            &[("recovery_target_name", "'mtm_join_4_from_1'"), ("recovery_target_action", "'promote'")],
+        );
+        cluster.node_mut(4).start();
+        let copied = started.elapsed();
+        let at = value(cluster.node(1), "SELECT mtm.join_node(4)");
+        assert!(at.contains('/'), "join point {at}");
+        let all_four = || {
+            cluster.nodes().iter().all(|n| {
+                value(n, "SELECT state || ' ' || members::text FROM mtm.get_cluster_state()") == "online {1,2,3,4}"
+            })
+        };
+        wait_for("all four nodes online members", WAIT, all_four);
+        let joined = started.elapsed();
+        eprintln!(
+            "node 4 joined a {seed_size} database under load: copied and started after {copied:?}, online on all nodes after {joined:?}"
+        );
+        scope.spawn(writer(cluster.node(4)));
+        std::thread::sleep(Duration::from_secs(2));
+        joined
+    });
+    let acknowledged = acknowledged.into_inner().unwrap();
+    assert!(acknowledged.iter().any(|k| k / 1_000_000_000 == 4), "node 4 wrote nothing");
+    let summary = "SELECT count(*) || ' ' || sum(id) || ' ' || md5(string_agg(id || v, ',' ORDER BY id)) FROM load";
+    let first = value(cluster.node(1), summary);
+    wait_for("every node with the same rows", WAIT, || cluster.nodes().iter().all(|n| value(n, summary) == first));
+    let expected: i64 = seed_rows + acknowledged.len() as i64;
+    let rows: i64 = value(cluster.node(4), "SELECT count(*) FROM load").parse().unwrap();
+    let keys = acknowledged.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(",");
+    let present = value(cluster.node(4), &format!("SELECT count(*) FROM load WHERE id IN ({keys})"));
+    assert_eq!(present, acknowledged.len().to_string(), "acknowledged rows on node 4");
+    assert_eq!(rows, expected, "rows on node 4: seed + acknowledged, nothing else");
+    on_every_node(&cluster, "SELECT count(*) FROM pg_prepared_xacts", "0");
+    eprintln!("{} rows written under load; join took {joined:?}", acknowledged.len());
+
+    // Node 2 stops for good and is dropped: the three left write and replicate.
+    cluster.node_mut(2).stop();
+    cluster.node(4).execute("SELECT mtm.drop_node(2)");
+    for id in [1, 3, 4] {
+        wait_for("three nodes configured", WAIT, || {
+            value(cluster.node(id), "SELECT nodes_configured || ' ' || members::text FROM mtm.get_cluster_state()")
+                == "3 {1,3,4}"
+        });
+    }
+    for id in [1, 3, 4] {
+        cluster
+            .node(id)
+            .execute(&format!("INSERT INTO load VALUES ({}, {id}, 'after the drop')", -1_000_000 - id as i64));
+    }
+    for id in [1, 3, 4] {
+        assert_eq!(value(cluster.node(id), "SELECT count(*) FROM load WHERE v = 'after the drop'"), "3", "node {id}");
+    }
+}
