@@ -350,12 +350,18 @@ fn join_node(node_id: i32) -> String {
         .flatten()
     });
     let name = CString::new(join_point_name(id, me.0)).expect("no NUL");
+    let since = Instant::now();
     let end = wait_for_value("a moment with no transaction set aside", || {
         let end =
             status::with_set_asides_held(|held| (!held).then(|| unsafe { pg_sys::XLogRestorePoint(name.as_ptr()) }));
         end.inspect(|&end| unsafe { pg_sys::XLogFlush(end) })
     });
-    log(format!("mmts: node {id} may join at {} (restore point {:?})", format_lsn(end), name));
+    log(format!(
+        "mmts: node {id} may join at {} (restore point {}, found after {} ms)",
+        format_lsn(end),
+        name.to_string_lossy(),
+        since.elapsed().as_millis()
+    ));
     format_lsn(end)
 }
 

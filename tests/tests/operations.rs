@@ -401,7 +401,9 @@ fn a_node_joins_under_a_write_load() {
     let seed_rows: i64 = std::env::var("MMTS_JOIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     cluster.node(1).execute(&format!(
         "CREATE TABLE load(id bigint PRIMARY KEY, node int NOT NULL, v text NOT NULL);
-         INSERT INTO load SELECT -g, 0, md5(g::text) FROM generate_series(1, {seed_rows}) g"
+         INSERT INTO load SELECT -g, 0, md5(g::text) FROM generate_series(1, {seed_rows}) g;
+         CREATE TABLE hot(id int PRIMARY KEY, v bigint NOT NULL);
+         INSERT INTO hot SELECT g, 0 FROM generate_series(1, 5) g"
     ));
     let seed_size = value(cluster.node(1), "SELECT pg_size_pretty(pg_database_size('postgres'))");
     cluster.node(1).execute("CREATE ROLE carol LOGIN");
@@ -419,6 +421,8 @@ fn a_node_joins_under_a_write_load() {
 
     let stop = AtomicBool::new(false);
     let acknowledged = std::sync::Mutex::new(Vec::<i64>::new());
+    // Updates of a few rows from every node: conflicts, and transactions set aside for locks.
+    let increments = std::sync::atomic::AtomicI64::new(0);
     let joined = std::thread::scope(|scope| {
         let writer = |node: &Node| {
             let (stop, acknowledged) = (&stop, &acknowledged);
@@ -447,8 +451,27 @@ fn a_node_joins_under_a_write_load() {
             }
         }
         let _stop = Stop(&stop);
+        let updater = |node: &Node| {
+            let (stop, increments) = (&stop, &increments);
+            let id = node.id;
+            let mut c = node.connect();
+            move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    match c.batch_execute(&format!("UPDATE hot SET v = v + 1 WHERE id = {}", (i + id) % 5 + 1)) {
+                        Ok(()) => {
+                            increments.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if matches!(e.code().map(|c| c.code()), Some("40001" | "40P01" | "55000")) => {}
+                        Err(e) => panic!("node {id}: {}", describe(&e)),
+                    }
+                }
+            }
+        };
         for node in &cluster.nodes()[..3] {
             scope.spawn(writer(node));
+            scope.spawn(updater(node));
         }
         std::thread::sleep(Duration::from_millis(500));
         let started = std::time::Instant::now();
@@ -488,8 +511,15 @@ fn a_node_joins_under_a_write_load() {
     let present = value(cluster.node(4), &format!("SELECT count(*) FROM load WHERE id IN ({keys})"));
     assert_eq!(present, acknowledged.len().to_string(), "acknowledged rows on node 4");
     assert_eq!(rows, expected, "rows on node 4: seed + acknowledged, nothing else");
+    let increments = increments.into_inner().to_string();
+    wait_for("every node with the same updates", WAIT, || {
+        cluster.nodes().iter().all(|n| value(n, "SELECT sum(v) FROM hot") == increments)
+    });
     on_every_node(&cluster, "SELECT count(*) FROM pg_prepared_xacts", "0");
-    eprintln!("{} rows written under load; join took {joined:?}", acknowledged.len());
+    eprintln!(
+        "{} rows and {increments} updates of 5 rows written under load; join took {joined:?}",
+        acknowledged.len()
+    );
 
     // Node 2 stops for good and is dropped: the three left write and replicate.
     cluster.node_mut(2).stop();
