@@ -21,7 +21,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use crate::{commit, gucs, receiver, status};
-use mmts_core::replication::format_lsn;
+use mmts_core::replication::{format_lsn, parse_lsn};
 use mmts_core::NodeId;
 
 fn log(message: String) {
@@ -322,7 +322,8 @@ fn join_node(node_id: i32) -> String {
         );
     }
     // Every other node's slot for the new node must start before what this node applied of
-    // that node's stream: the new node streams from there.
+    // that node's stream (applied, or found to hold nothing for this node): the new node
+    // streams from where this node's copy ends.
     let slot = receiver::slot_name(id);
     for peer in status::peers(config).into_iter().filter(|n| n.id.0 != id) {
         let query = format!(
@@ -332,14 +333,11 @@ fn join_node(node_id: i32) -> String {
             let mut conn = crate::libpq::Connection::connect(&peer.conninfo.to_string(), "mmts_join", false).ok()?;
             conn.query_value(&query, Duration::from_secs(5)).ok().flatten()
         });
-        let origin = receiver::origin_name(peer.id.0);
-        wait_for_value(&format!("this node to apply node {}'s changes as far as {start}", peer.id), || {
-            let done = Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.pg_replication_origin_progress($1, false) >= $2::pg_lsn",
-                &[origin.as_str().into(), start.as_str().into()],
-            );
-            done.ok().flatten().filter(|&d| d)
-        });
+        let start = parse_lsn(&start).unwrap_or(u64::MAX);
+        wait_for_value(
+            &format!("this node to apply node {}'s changes as far as {}", peer.id, format_lsn(start)),
+            || (status::applied_lsn(peer.id.0) >= start).then_some(()),
+        );
     }
     wait_for_value(&format!("this node's slot for node {id}"), || {
         Spi::get_one_with_args::<bool>(
@@ -377,11 +375,7 @@ pub fn joined_from(me: u32, donor: u32) -> Option<u64> {
     let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
     let history = std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history")).ok()?;
     let reason = format!("at restore point \"{}\"", join_point_name(me, donor));
-    history.lines().filter(|l| l.ends_with(&reason)).find_map(|line| {
-        let lsn = line.split('\t').nth(1)?;
-        let (hi, lo) = lsn.trim().split_once('/')?;
-        Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-    })
+    history.lines().filter(|l| l.ends_with(&reason)).find_map(|line| parse_lsn(line.split('\t').nth(1)?))
 }
 
 /// Calls `f` every 10 ms until it has a value; gives up with an error after [`JOIN_WAIT`].

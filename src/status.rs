@@ -107,6 +107,12 @@ pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
     f(&mut PEERS.exclusive().peers[id as usize - 1]);
 }
 
+/// How far this node has received peer `id`'s stream with nothing of it left to apply but
+/// what is set aside (see `PeerStatus::applied_lsn`).
+pub fn applied_lsn(id: u32) -> u64 {
+    peer(id).applied_lsn
+}
+
 /// Peer `id`'s last heartbeat and when it came (0: none yet).
 pub fn last_report(id: u32) -> (Report, pg_sys::TimestampTz) {
     let p = peer(id);

@@ -64,6 +64,13 @@ pub fn format_lsn(lsn: Lsn) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// Reads an LSN as PostgreSQL prints it (`16/B374D848`).
+pub fn parse_lsn(text: &str) -> Option<Lsn> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let (hi, lo) = (u32::from_str_radix(hi, 16).ok()?, u32::from_str_radix(lo, 16).ok()?);
+    Some(((hi as u64) << 32) | lo as u64)
+}
+
 /// Where a receiver stands in its peer's WAL. Local commits of applied transactions are
 /// asynchronous, so a position is reported as flushed only once the local commit that applied
 /// it is on disk here; positions with nothing for this node (other origins, keepalives)
@@ -185,5 +192,10 @@ mod tests {
         assert_eq!(be_u64(&r[25..]), 9);
         assert_eq!(r[33], 0);
         assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn(&format_lsn(u64::MAX)), Some(u64::MAX));
+        for bad in ["", "16", "16/", "/1", "G/1", "1/100000000", "1/2/3"] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
+        }
     }
 }

@@ -539,3 +539,64 @@ fn a_node_joins_under_a_write_load() {
         assert_eq!(value(cluster.node(id), "SELECT count(*) FROM load WHERE v = 'after the drop'"), "3", "node {id}");
     }
 }
+
+/// The join point waits while the copied node holds a peer's transaction set aside: here node
+/// 2's update waits on node 1 for a row a local transaction holds, while node 2's later
+/// transactions are applied on node 1. Had the copy been taken then, its position in node 2's
+/// stream would be past the update, which the cluster commits once the local transaction
+/// rolls back: the new node would never get it.
+#[test]
+fn the_join_point_waits_for_transactions_set_aside() {
+    let mut cluster = ClusterBuilder::new(4).joining(4).set("multimaster.twopc_min_timeout", "20000").start();
+    for node in &cluster.nodes()[..3] {
+        node.execute_local("CREATE EXTENSION mmts");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster.node(1).execute(
+        "CREATE TABLE hot(id int PRIMARY KEY, v int NOT NULL); INSERT INTO hot VALUES (1, 0);
+         CREATE TABLE other(id int PRIMARY KEY)",
+    );
+    let conn4 = cluster.node(4).connstr();
+    assert_eq!(value(cluster.node(1), &format!("SELECT mtm.add_node('{conn4}')")), "4");
+    cluster.copy_node(
+        4,
+        1,
+        &[("recovery_target_name", "'mtm_join_4_from_1'"), ("recovery_target_action", "'promote'")],
+    );
+    cluster.node_mut(4).start();
+    // Node 1's slot for node 4 and the others' are made within a second or so.
+    for id in 1..=3 {
+        wait_for("the slots for node 4", WAIT, || {
+            value(cluster.node(id), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'mtm_slot_4' AND confirmed_flush_lsn IS NOT NULL") == "1"
+        });
+    }
+    let mut holder = cluster.node(1).connect();
+    holder.batch_execute("BEGIN; UPDATE hot SET v = v WHERE id = 1").unwrap();
+    let (node1, node2) = (cluster.node(1), cluster.node(2));
+    let (joined_at, waited) = std::thread::scope(|scope| {
+        let update = scope.spawn(|| node2.connect().batch_execute("UPDATE hot SET v = v + 1 WHERE id = 1"));
+        std::thread::sleep(Duration::from_millis(500));
+        // Node 2's later transactions, applied on node 1 past the one set aside.
+        node2.execute("INSERT INTO other VALUES (1)");
+        node2.execute("INSERT INTO other VALUES (2)");
+        let join = scope.spawn(|| {
+            let started = std::time::Instant::now();
+            (value(node1, "SELECT mtm.join_node(4)"), started.elapsed())
+        });
+        // The row is free again before the new node could be a member: the update commits on
+        // nodes 1-3 alone, and the new node must have it from the copy or the stream.
+        std::thread::sleep(Duration::from_millis(300));
+        holder.batch_execute("ROLLBACK").unwrap();
+        update.join().unwrap().expect("node 2's update commits once the row is free on node 1");
+        join.join().unwrap()
+    });
+    assert!(joined_at.contains('/'), "{joined_at}");
+    wait_for("node 4 online with the others", WAIT, || {
+        cluster.nodes().iter().all(|n| value(n, "SELECT members::text FROM mtm.get_cluster_state()") == "{1,2,3,4}")
+    });
+    on_every_node(&cluster, "SELECT v || ' ' || (SELECT count(*) FROM other) FROM hot", "1 2");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "the join point was taken after {waited:?}, while the update was set aside"
+    );
+}
