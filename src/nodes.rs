@@ -112,7 +112,7 @@ pub fn refresh_nodes() {
 pub fn forget(peer: u32) -> bool {
     let slot = receiver::slot_name(peer);
     let origin = CString::new(receiver::origin_name(peer)).expect("no NUL");
-    PgTryBuilder::new(|| unsafe {
+    let done = caught(|| unsafe {
         // None: no slot; Some(0): nobody streams from it; Some(pid): the peer's walsender.
         let streamer = in_transaction(|| {
             Spi::get_one_with_args::<i32>(
@@ -144,22 +144,44 @@ pub fn forget(peer: u32) -> bool {
         }
         in_transaction(|| pg_sys::replorigin_drop_by_name(origin.as_ptr(), true, true));
         true
-    })
-    .catch_others(|e| {
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        let message = match &e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-        };
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!("mmts: cannot yet remove the slot and origin of dropped node {peer}: {message}; retrying")
-        );
+    });
+    done.unwrap_or_else(|message| {
+        log(format!("mmts: cannot yet remove the slot and origin of dropped node {peer}: {message}; retrying"));
         false
     })
-    .execute()
+}
+
+/// Runs `f` (outside a transaction); an error ends the transaction it was in and comes back
+/// as its message.
+fn caught<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+    PgTryBuilder::new(|| Ok(f()))
+        .catch_others(|e| {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match &e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            })
+        })
+        .execute()
+}
+
+/// On a node that has just joined as a copy of another (outside a transaction): gives its
+/// sequences this node's values (they hand out the copied node's), as `mtm.alter_sequences()`.
+pub fn spread_sequences_after_join() {
+    let spread = caught(|| in_transaction(|| Spi::get_one::<i64>("SELECT count(*) FROM mtm.alter_sequences()")));
+    match spread {
+        Ok(n) => log(format!(
+            "mmts: this node's sequences now hand out its own values ({} sequences)",
+            n.ok().flatten().unwrap_or(0)
+        )),
+        Err(message) => ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("mmts: cannot give this node's sequences its own values: {message}"),
+            "Run SELECT mtm.alter_sequences() on this node before writes use its sequences."
+        ),
+    }
 }
 
 /// Removes node `node_id` from the cluster for good (superusers only). Run on any other node

@@ -98,6 +98,17 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let Some(peer) = status::node(config, peer_id) else {
         return log(format!("mmts: node {peer_id} is neither configured nor added: no replication from it"));
     };
+    let joining = nodes::joined_from(config.node_id.0, peer_id).filter(|_| {
+        let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        BackgroundWorker::transaction(|| unsafe {
+            let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
+            id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId || pg_sys::replorigin_get_progress(id, false) == 0
+        })
+    });
+    if joining.is_some() {
+        // Before this node applies anything of the peer: its sequences are the peer's.
+        nodes::spread_sequences_after_join();
+    }
     let mut slot = SlotMaker::new(peer_id);
     slot.tick();
     let origin = BackgroundWorker::transaction(|| {
@@ -109,11 +120,9 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             }
             // A node that joined as a copy of the peer has the peer's changes up to where the
             // copy ends, and none after (see `nodes::join_node`).
-            if pg_sys::replorigin_get_progress(id, false) == 0 {
-                if let Some(end) = nodes::joined_from(config.node_id.0, peer_id) {
-                    pg_sys::replorigin_advance(id, end, pg_sys::InvalidXLogRecPtr as u64, false, true);
-                    log(format!("mmts: this node joined as a copy of node {peer_id} ending at {}", format_lsn(end)));
-                }
+            if let Some(end) = joining {
+                pg_sys::replorigin_advance(id, end, pg_sys::InvalidXLogRecPtr as u64, false, true);
+                log(format!("mmts: this node joined as a copy of node {peer_id} ending at {}", format_lsn(end)));
             }
             id
         }

@@ -403,7 +403,9 @@ fn a_node_joins_under_a_write_load() {
         "CREATE TABLE load(id bigint PRIMARY KEY, node int NOT NULL, v text NOT NULL);
          INSERT INTO load SELECT -g, 0, md5(g::text) FROM generate_series(1, {seed_rows}) g;
          CREATE TABLE hot(id int PRIMARY KEY, v bigint NOT NULL);
-         INSERT INTO hot SELECT g, 0 FROM generate_series(1, 5) g"
+         INSERT INTO hot SELECT g, 0 FROM generate_series(1, 5) g;
+         CREATE TABLE s(id serial PRIMARY KEY, node int NOT NULL);
+         INSERT INTO s(node) SELECT 1 FROM generate_series(1, 5)"
     ));
     let seed_size = value(cluster.node(1), "SELECT pg_size_pretty(pg_database_size('postgres'))");
     cluster.node(1).execute("CREATE ROLE carol LOGIN");
@@ -520,6 +522,14 @@ fn a_node_joins_under_a_write_load() {
         "{} rows and {increments} updates of 5 rows written under load; join took {joined:?}",
         acknowledged.len()
     );
+    // The copy's sequences hand out node 4's values, not node 1's.
+    for id in [1, 4] {
+        for _ in 0..20 {
+            cluster.node(id).execute(&format!("INSERT INTO s(node) VALUES ({id})"));
+        }
+    }
+    on_every_node(&cluster, "SELECT count(DISTINCT id) FROM s", "45");
+    on_every_node(&cluster, "SELECT count(*) FROM s WHERE id % 64 <> node", "0");
 
     // Node 2 stops for good and is dropped: the three left write and replicate.
     cluster.node_mut(2).stop();
@@ -538,6 +548,18 @@ fn a_node_joins_under_a_write_load() {
     for id in [1, 3, 4] {
         assert_eq!(value(cluster.node(id), "SELECT count(*) FROM load WHERE v = 'after the drop'"), "3", "node {id}");
     }
+    // A restarted node remembers the added node (not in its conn_strings) and streams from it.
+    cluster.node_mut(1).stop();
+    cluster.node_mut(1).start();
+    wait_for("node 1 online again with nodes 3 and 4", WAIT, || {
+        [1, 3, 4].iter().all(|&id| {
+            value(cluster.node(id), "SELECT state || ' ' || members::text FROM mtm.get_cluster_state()")
+                == "online {1,3,4}"
+        })
+    });
+    cluster.node(4).execute("INSERT INTO load VALUES (-2000000, 4, 'after the restart')");
+    assert_eq!(value(cluster.node(1), "SELECT node FROM load WHERE id = -2000000"), "4");
+    assert_eq!(value(cluster.node(1), "SELECT state FROM mtm.get_nodes_state() WHERE node_id = 4"), "online");
 }
 
 /// The join point waits while the copied node holds a peer's transaction set aside: here node
