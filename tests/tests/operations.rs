@@ -543,7 +543,7 @@ fn a_node_joins_under_a_write_load() {
     for id in [1, 3, 4] {
         cluster
             .node(id)
-            .execute(&format!("INSERT INTO load VALUES ({}, {id}, 'after the drop')", -1_000_000 - id as i64));
+            .execute(&format!("INSERT INTO load VALUES ({}, {id}, 'after the drop')", -10_000_000_000 - id as i64));
     }
     for id in [1, 3, 4] {
         assert_eq!(value(cluster.node(id), "SELECT count(*) FROM load WHERE v = 'after the drop'"), "3", "node {id}");
@@ -557,8 +557,8 @@ fn a_node_joins_under_a_write_load() {
                 == "online {1,3,4}"
         })
     });
-    cluster.node(4).execute("INSERT INTO load VALUES (-2000000, 4, 'after the restart')");
-    assert_eq!(value(cluster.node(1), "SELECT node FROM load WHERE id = -2000000"), "4");
+    cluster.node(4).execute("INSERT INTO load VALUES (-20000000000, 4, 'after the restart')");
+    assert_eq!(value(cluster.node(1), "SELECT node FROM load WHERE id = -20000000000"), "4");
     assert_eq!(value(cluster.node(1), "SELECT state FROM mtm.get_nodes_state() WHERE node_id = 4"), "online");
 }
 
