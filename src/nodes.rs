@@ -48,27 +48,31 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
 /// transaction), and starts the receivers of added nodes not started yet; returns the
 /// dropped nodes.
 pub fn load_nodes() -> Mask {
+    // mtm.added_nodes is for superusers (its connection strings may hold passwords); the
+    // receivers may run as another user.
     let (dropped, added) = in_transaction(|| {
-        // No tables yet (CREATE EXTENSION mmts not run here): nothing dropped or added.
-        let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.added_nodes') IS NOT NULL");
-        if !exists.ok().flatten().unwrap_or(false) {
-            return (0, Vec::new());
-        }
-        let dropped = Spi::get_one::<i64>(
+        as_superuser(|| {
+            // No tables yet (CREATE EXTENSION mmts not run here): nothing dropped or added.
+            let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.added_nodes') IS NOT NULL");
+            if !exists.ok().flatten().unwrap_or(false) {
+                return (0, Vec::new());
+            }
+            let dropped = Spi::get_one::<i64>(
             "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
         )
         .ok()
         .flatten()
         .unwrap_or(0) as Mask;
-        let added = Spi::connect(|client| {
-            client
-                .select("SELECT node_id, conn_string FROM mtm.added_nodes ORDER BY node_id", None, &[])
-                .map(|rows| {
-                    rows.filter_map(|r| Some((r.get::<i32>(1).ok()?? as u32, r.get::<String>(2).ok()??))).collect()
-                })
-                .unwrap_or_default()
-        });
-        (dropped, added)
+            let added = Spi::connect(|client| {
+                client
+                    .select("SELECT node_id, conn_string FROM mtm.added_nodes ORDER BY node_id", None, &[])
+                    .map(|rows| {
+                        rows.filter_map(|r| Some((r.get::<i32>(1).ok()?? as u32, r.get::<String>(2).ok()??))).collect()
+                    })
+                    .unwrap_or_default()
+            });
+            (dropped, added)
+        })
     });
     status::set_nodes(dropped, &added);
     start_added_receivers(&added, dropped);
@@ -91,6 +95,22 @@ fn start_added_receivers(added: &[(u32, String)], dropped: Mask) {
             log(format!("mmts: cannot start the receiver for added node {id}; raise max_worker_processes (retrying)"));
         }
     }
+}
+
+/// Runs `f` as the bootstrap superuser (inside a transaction: its end, an error's too, gives
+/// the session its user back).
+fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
+    let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    let result = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    result
 }
 
 /// Calls [`load_nodes`] at most every [`EVERY`].
@@ -169,7 +189,9 @@ fn caught<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String
 /// On a node that has just joined as a copy of another (outside a transaction): gives its
 /// sequences this node's values (they hand out the copied node's), as `mtm.alter_sequences()`.
 pub fn spread_sequences_after_join() {
-    let spread = caught(|| in_transaction(|| Spi::get_one::<i64>("SELECT count(*) FROM mtm.alter_sequences()")));
+    let spread = caught(|| {
+        in_transaction(|| as_superuser(|| Spi::get_one::<i64>("SELECT count(*) FROM mtm.alter_sequences()")))
+    });
     match spread {
         Ok(n) => log(format!(
             "mmts: this node's sequences now hand out its own values ({} sequences)",

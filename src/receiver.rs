@@ -63,13 +63,27 @@ fn log(msg: String) {
     ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
 }
 
+/// The start of an mmts worker: signal handlers, and the cluster's configuration (`None`
+/// when this server is not a multimaster node).
+fn worker_start() -> Option<&'static ClusterConfig> {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    match gucs::mode() {
+        Mode::Multimaster(config) => Some(config),
+        Mode::Standalone => None,
+    }
+}
+
+/// Connects a worker to the replicated database as the user of this node's connection string.
+fn connect_to_database(config: &ClusterConfig) {
+    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
+    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let peer_id = arg.value() as u32;
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let Mode::Multimaster(config) = gucs::mode() else { return };
-    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
+    let Some(config) = worker_start() else { return };
     // As PostgreSQL's apply workers: only replica triggers fire, names are always qualified,
     // and applied transactions commit asynchronously (the peer learns that a position is
     // durable here only once the local WAL is flushed past its commit: see `Progress`).
@@ -85,7 +99,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             )
         };
     }
-    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
+    connect_to_database(config);
 
     let mut resolver = Resolver::new(NodeId(peer_id));
     let dropped = nodes::load_nodes();
@@ -401,10 +415,8 @@ impl SlotMaker {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn mmts_slot_maker_main(arg: pg_sys::Datum) {
     let peer_id = arg.value() as u32;
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let Mode::Multimaster(config) = gucs::mode() else { return };
-    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
-    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
+    let Some(config) = worker_start() else { return };
+    connect_to_database(config);
     let slot = slot_name(peer_id);
     BackgroundWorker::transaction(|| {
         // A read-only statement: a logical slot cannot be made by a transaction with an xid.
