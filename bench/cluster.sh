@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Throughput of a 3-node mmts cluster against one standalone PostgreSQL, in one run.
+# Throughput of a 3-node mmts cluster in async mode (commit locally, replicate afterwards,
+# last writer wins) against one standalone PostgreSQL, in one run (bench/sync.sh compares the
+# synchronous mode).
 #
 # pgbench tpcb-like with the same total client count: CLIENTS against the standalone server,
 # and CLIENTS split over the three nodes (writes on all of them at once). Prints TPS of both,
@@ -19,7 +21,7 @@ BENCH_NAME=cluster
 
 conns=""
 for i in 1 2 3; do conns+="${conns:+, }host=127.0.0.1 port=$((BASE + i)) user=postgres dbname=postgres"; done
-node_conf() { printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'" "$1" "$conns"; }
+node_conf() { printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'\nmultimaster.mode = async" "$1" "$conns"; }
 
 echo "==> servers in $DIR: standalone on $BASE, cluster on $((BASE + 1))..$((BASE + 3))"
 start_server standalone "$BASE"

@@ -56,7 +56,12 @@ struct MmtsSession {
     memory: pg_sys::MemoryContext,
     /// The transaction being decoded changes mtm.local_tables.
     local_tables_seen: bool,
+    /// Messages not sent yet, in the protocol version negotiated (see [`send`]).
+    frame: wire::Frame,
 }
+
+/// A frame is sent once it holds this many bytes, even in the middle of a transaction.
+const FRAME_FLUSH: usize = 64 * 1024;
 
 /// The table listing the tables mmts keeps local (in schema mtm).
 const LOCAL_TABLES: &str = "local_tables";
@@ -230,17 +235,24 @@ unsafe extern "C-unwind" fn startup(
         .report(PgLogLevel::ERROR);
         unreachable!()
     });
-    if let Err(e) = wire::negotiate(wire::MIN_PROTOCOL_VERSION, max) {
+    let version = wire::negotiate(wire::MIN_PROTOCOL_VERSION, max).unwrap_or_else(|e| {
         ErrorReport::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, e.to_string(), "mmts")
             .report(PgLogLevel::ERROR);
-    }
+        unreachable!()
+    });
     let origin = match gucs::mode() {
         Mode::Multimaster(c) => c.node_id.0,
         Mode::Standalone => 0,
     };
     let memory = unsafe { (*ctx).context };
     SESSION.with(|s| {
-        s.borrow_mut().mmts = Some(MmtsSession { relations: HashMap::new(), origin, memory, local_tables_seen: false })
+        s.borrow_mut().mmts = Some(MmtsSession {
+            relations: HashMap::new(),
+            origin,
+            memory,
+            local_tables_seen: false,
+            frame: wire::Frame::new(version),
+        })
     });
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
@@ -270,13 +282,30 @@ fn origin() -> NodeId {
     NodeId(SESSION.with(|s| s.borrow().mmts.as_ref().map(|m| m.origin).unwrap_or(0)))
 }
 
-/// Sends one mmts frame.
-unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message, last: bool) {
-    let frame = wire::encode(message);
-    unsafe {
-        pg_sys::OutputPluginPrepareWrite(ctx, last);
-        pg_sys::appendBinaryStringInfo((*ctx).out, frame.as_ptr().cast(), frame.len() as i32);
-        pg_sys::OutputPluginWrite(ctx, last);
+/// Sends one mmts message. From protocol version 2 on, a transaction's messages go as one
+/// frame when it ends (one write, so one send by the walsender, instead of one per change),
+/// or in pieces of [`FRAME_FLUSH`] bytes; a message outside transactions goes at once.
+unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message) {
+    let frame = SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        let m = s.mmts.as_mut().expect("an mmts protocol session");
+        m.frame.push(message);
+        let ends = matches!(
+            message,
+            Message::Commit { .. }
+                | Message::Prepare { .. }
+                | Message::CommitPrepared { .. }
+                | Message::RollbackPrepared { .. }
+                | Message::LogicalMessage { transactional: false, .. }
+        );
+        (ends || m.frame.version() < 2 || m.frame.len() >= FRAME_FLUSH).then(|| m.frame.take())
+    });
+    if let Some(frame) = frame {
+        unsafe {
+            pg_sys::OutputPluginPrepareWrite(ctx, true);
+            pg_sys::appendBinaryStringInfo((*ctx).out, frame.as_ptr().cast(), frame.len() as i32);
+            pg_sys::OutputPluginWrite(ctx, true);
+        }
     }
 }
 
@@ -289,7 +318,7 @@ unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn:
         final_lsn: t.final_lsn,
         commit_time: unsafe { t.xact_time.commit_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
 }
 
 #[pg_guard]
@@ -306,7 +335,7 @@ unsafe extern "C-unwind" fn commit(
         end_lsn: t.end_lsn,
         commit_time: unsafe { t.xact_time.commit_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
 
@@ -332,7 +361,7 @@ unsafe extern "C-unwind" fn begin_prepare(
         end_lsn: t.end_lsn,
         prepare_time: unsafe { t.xact_time.prepare_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
 }
 
 #[pg_guard]
@@ -350,7 +379,7 @@ unsafe extern "C-unwind" fn prepare(
         end_lsn: t.end_lsn,
         prepare_time: unsafe { t.xact_time.prepare_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
 
@@ -369,7 +398,7 @@ unsafe extern "C-unwind" fn commit_prepared(
         end_lsn: t.end_lsn,
         commit_time: unsafe { t.xact_time.commit_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
 
@@ -389,7 +418,7 @@ unsafe extern "C-unwind" fn rollback_prepared(
         prepare_time,
         rollback_time: unsafe { t.xact_time.commit_time },
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
 
@@ -414,7 +443,7 @@ unsafe extern "C-unwind" fn message(
         prefix: unsafe { CStr::from_ptr(prefix) }.to_string_lossy().into_owned(),
         content,
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
 }
 
 /// Describes `rel` to the client unless this session already did (and nothing changed since);
@@ -494,7 +523,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
             m.relations.insert(relid, outputs.clone());
         }
     });
-    unsafe { send(ctx, &msg, false) };
+    unsafe { send(ctx, &msg) };
     outputs
 }
 
@@ -568,7 +597,7 @@ unsafe extern "C-unwind" fn change(
         }
         _ => return,
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
 }
 
 #[pg_guard]
@@ -591,5 +620,5 @@ unsafe extern "C-unwind" fn truncate(
         cascade: t.cascade,
         restart_identity: t.restart_seqs,
     };
-    unsafe { send(ctx, &msg, true) };
+    unsafe { send(ctx, &msg) };
 }

@@ -481,15 +481,17 @@ impl Link {
             *heard = true;
             match ServerMessage::parse(&buf).map_err(|e| PqError { message: e.to_string(), sqlstate: None })? {
                 ServerMessage::XLogData { end, data, .. } => {
-                    let message = wire::decode(data).map_err(|e| PqError {
+                    let messages = wire::decode_frame(data).map_err(|e| PqError {
                         message: format!("malformed mmts message from node {}: {e}", self.peer_id),
                         sqlstate: None,
                     })?;
-                    self.replies.extend(deliver_signal(&message, self.me));
-                    if let wire::Message::RollbackPrepared { xid, .. } = message {
-                        crate::apply::rolled_back_ahead(xid);
+                    for message in messages {
+                        self.replies.extend(deliver_signal(&message, self.me));
+                        if let wire::Message::RollbackPrepared { xid, .. } = message {
+                            crate::apply::rolled_back_ahead(xid);
+                        }
+                        self.backlog.push_back((end, Some(message)));
                     }
-                    self.backlog.push_back((end, Some(message)));
                 }
                 ServerMessage::Keepalive { end, reply_requested, .. } => {
                     self.backlog.push_back((end, None));

@@ -1,7 +1,9 @@
 //! The multimaster wire protocol: what the `mmts` output plugin sends to mmts receivers.
 //!
-//! A frame is one byte of protocol version followed by a bincode-encoded [`Message`]. Decoding
-//! never panics: malformed, truncated or oversized input and trailing bytes are errors.
+//! A frame is one byte of protocol version followed, in version 1, by one bincode-encoded
+//! [`Message`]; in version 2, by a message count and that many messages (a walsender sends one
+//! frame per transaction instead of one per change). Decoding never panics: malformed,
+//! truncated or oversized input and trailing bytes are errors.
 //! Receivers announce the versions they speak in [`Message::Hello`]; [`negotiate`] picks the
 //! highest version both sides speak.
 
@@ -9,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
 
-/// The protocol version this build speaks (and the only one so far).
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The oldest version this build still understands.
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// Largest frame accepted; a decoder allocates no more than this for one message.
@@ -152,6 +154,8 @@ pub enum WireError {
     Malformed(String),
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
+    #[error("a frame of {0} messages where one was expected")]
+    NotOne(usize),
     #[error(
         "no common protocol version: peer speaks {0} to {1}, this node {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
     )]
@@ -162,25 +166,95 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
-/// Encodes `message` as one frame.
+/// Encodes `message` as a frame of its own.
 pub fn encode(message: &Message) -> Vec<u8> {
-    let mut frame = vec![PROTOCOL_VERSION];
-    bincode::serde::encode_into_std_write(message, &mut frame, config()).expect("writing to a Vec cannot fail");
-    frame
+    let mut frame = Frame::new(PROTOCOL_VERSION);
+    frame.push(message);
+    frame.take()
 }
 
-/// Decodes one frame.
+/// A frame being built, in the version negotiated with the client.
+#[derive(Debug)]
+pub struct Frame {
+    version: u8,
+    messages: u32,
+    body: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(version: u8) -> Frame {
+        Frame { version, messages: 0, body: Vec::new() }
+    }
+
+    /// Adds a message. A version 1 frame holds one: take it before the next.
+    pub fn push(&mut self, message: &Message) {
+        debug_assert!(self.version >= 2 || self.messages == 0, "version 1 frames hold one message");
+        bincode::serde::encode_into_std_write(message, &mut self.body, config()).expect("writing to a Vec cannot fail");
+        self.messages += 1;
+    }
+
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// How many bytes of messages it holds.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// The frame's bytes; the builder is empty again.
+    pub fn take(&mut self) -> Vec<u8> {
+        let mut frame = vec![self.version];
+        if self.version >= 2 {
+            bincode::serde::encode_into_std_write(self.messages, &mut frame, config()).expect("writing to a Vec");
+        }
+        frame.append(&mut self.body);
+        self.messages = 0;
+        frame
+    }
+}
+
+/// Decodes a frame of one message.
 pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
-    let (&version, body) = frame.split_first().ok_or(WireError::Empty)?;
+    let mut messages = decode_frame(frame)?;
+    match messages.len() {
+        1 => Ok(messages.pop().expect("one")),
+        n => Err(WireError::NotOne(n)),
+    }
+}
+
+/// Decodes a frame: its messages, in order.
+pub fn decode_frame(frame: &[u8]) -> Result<Vec<Message>, WireError> {
+    let (&version, mut body) = frame.split_first().ok_or(WireError::Empty)?;
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return Err(WireError::Version(version));
     }
-    let (message, used) = bincode::serde::decode_from_slice::<Message, _>(body, config())
-        .map_err(|e| WireError::Malformed(e.to_string()))?;
-    if used != body.len() {
-        return Err(WireError::Trailing(body.len() - used));
+    let malformed = |e: bincode::error::DecodeError| WireError::Malformed(e.to_string());
+    let count = if version >= 2 {
+        let (count, used) = bincode::serde::decode_from_slice::<u32, _>(body, config()).map_err(malformed)?;
+        body = &body[used..];
+        count
+    } else {
+        1
+    };
+    // Every message takes at least a byte: a count beyond that is malformed (and allocates nothing).
+    if count as usize > body.len() {
+        return Err(WireError::Malformed(format!("{count} messages in {} bytes", body.len())));
     }
-    Ok(message)
+    let mut messages = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (message, used) = bincode::serde::decode_from_slice::<Message, _>(body, config()).map_err(malformed)?;
+        body = &body[used..];
+        messages.push(message);
+    }
+    if !body.is_empty() {
+        return Err(WireError::Trailing(body.len()));
+    }
+    Ok(messages)
 }
 
 /// The version to speak with a peer that announced `min..=max`.
@@ -274,6 +348,30 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_holds_many_messages() {
+        let all = every_kind();
+        let mut frame = Frame::new(PROTOCOL_VERSION);
+        for m in &all {
+            frame.push(m);
+        }
+        let bytes = frame.take();
+        assert!(frame.is_empty());
+        assert_eq!(decode_frame(&bytes), Ok(all.clone()));
+        assert_eq!(decode(&bytes), Err(WireError::NotOne(all.len())));
+        for len in 0..bytes.len() {
+            assert!(decode_frame(&bytes[..len]).is_err(), "truncated to {len} bytes decoded");
+        }
+        // Version 1: one message, no count.
+        let mut v1 = Frame::new(1);
+        v1.push(&all[0]);
+        let bytes = v1.take();
+        assert_eq!(bytes[0], 1);
+        assert_eq!(decode_frame(&bytes), Ok(vec![all[0].clone()]));
+        // A count far beyond the bytes that follow.
+        assert!(matches!(decode_frame(&[2, 0xFC, 0xFF, 0xFF, 0xFF, 0x7F]), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
     fn truncated_frames_are_errors() {
         for message in every_kind() {
             let frame = encode(&message);
@@ -297,7 +395,7 @@ mod tests {
     #[test]
     fn huge_length_prefix_does_not_allocate() {
         // Variant 13 (LogicalMessage) with a string length of 2^62: must fail, not abort.
-        let frame = [PROTOCOL_VERSION, 13, 1, 99, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0x40];
+        let frame = [PROTOCOL_VERSION, 1, 13, 1, 99, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0x40];
         assert!(matches!(decode(&frame), Err(WireError::Malformed(_))));
     }
 
@@ -312,7 +410,10 @@ mod tests {
     /// and whatever decodes re-encodes to the same frame.
     #[test]
     fn fuzz_decoder() {
-        let seeds: Vec<Vec<u8>> = every_kind().iter().map(encode).collect();
+        let mut seeds: Vec<Vec<u8>> = every_kind().iter().map(encode).collect();
+        let mut batch = Frame::new(PROTOCOL_VERSION);
+        every_kind().iter().take(4).for_each(|m| batch.push(m));
+        seeds.push(batch.take());
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
             state ^= state << 13;
@@ -341,6 +442,11 @@ mod tests {
             }
             if let Ok(message) = decode(&frame) {
                 assert_eq!(decode(&encode(&message)), Ok(message));
+            }
+            if let Ok(messages) = decode_frame(&frame) {
+                let mut again = Frame::new(PROTOCOL_VERSION);
+                messages.iter().for_each(|m| again.push(m));
+                assert_eq!(decode_frame(&again.take()), Ok(messages));
             }
         }
     }

@@ -267,18 +267,31 @@ fn native_subscription_two_phase() {
     assert_eq!(count(s, "SELECT count(*) FROM acct WHERE id = 2"), 0);
 }
 
-/// Decodes what slot `slot` holds in the mmts protocol.
+/// Decodes what slot `slot` holds in the mmts protocol (and consumes it): the same messages
+/// in version 1 (a frame per message) and in this build's version (a frame per transaction).
 fn mmts_changes(node: &Node, slot: &str) -> Vec<Message> {
     let mut client = node.connect();
-    client
-        .query(
-            &format!("SELECT data FROM pg_logical_slot_get_binary_changes('{slot}', NULL, NULL, 'mmts_protocol', '1')"),
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| wire::decode(r.get::<_, &[u8]>(0)).expect("valid frame"))
-        .collect()
+    let mut frames = |function: &str, version: u8| -> Vec<Vec<Message>> {
+        client
+            .query(&format!("SELECT data FROM {function}('{slot}', NULL, NULL, 'mmts_protocol', '{version}')"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let frame = r.get::<_, &[u8]>(0);
+                assert_eq!(frame[0], version, "a frame in the version negotiated");
+                wire::decode_frame(frame).expect("valid frame")
+            })
+            .collect()
+    };
+    let one_each = frames("pg_logical_slot_peek_binary_changes", 1);
+    let batched = frames("pg_logical_slot_get_binary_changes", wire::PROTOCOL_VERSION);
+    assert!(one_each.iter().all(|f| f.len() == 1));
+    let messages: Vec<Message> = one_each.into_iter().flatten().collect();
+    let transactions =
+        messages.iter().filter(|m| matches!(m, Message::Begin { .. } | Message::BeginPrepare { .. })).count();
+    assert!(batched.len() <= messages.len() - transactions, "{} frames for {} messages", batched.len(), messages.len());
+    assert_eq!(batched.into_iter().flatten().collect::<Vec<_>>(), messages);
+    messages
 }
 
 #[test]
