@@ -11,7 +11,7 @@ use std::ffi::{c_char, CString};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use mmts_core::conflict::{remote_wins, Version};
+use mmts_core::conflict::{remote_wins, writer_had_seen, Version};
 use mmts_core::indoubt::Outcome;
 use mmts_core::membership::{bit, format_mask, Mask, State};
 use mmts_core::replication::format_lsn;
@@ -63,6 +63,9 @@ pub struct Applier {
     /// not voted on yet: if they are lost (a restart), their coordinator rolls them back.
     waiting: Vec<Waiting>,
     outbox: Vec<Signal>,
+    /// What the writer of the transaction being applied had applied of the other nodes
+    /// (`Signal::Seen`, asynchronous mode).
+    seen: Vec<(NodeId, i64)>,
 }
 
 #[derive(Default)]
@@ -150,6 +153,7 @@ impl Applier {
             synchronous: false,
             waiting: Vec::new(),
             outbox: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -231,6 +235,7 @@ impl Applier {
                 // The local transaction starts with the first change (an empty one costs nothing).
                 self.in_transaction = true;
                 self.remote_time = time;
+                self.seen.clear();
                 None
             }
             Message::BeginPrepare { prepare_time, .. } => {
@@ -265,6 +270,8 @@ impl Applier {
                     if pg_sys::IsTransactionState() {
                         set_origin_position(end_lsn, commit_time);
                         pg_sys::CommitTransactionCommand();
+                        // Local transactions that see its rows from now on say so (`Signal::Seen`).
+                        crate::status::update(self.peer, |p| p.applied_commit_time = commit_time);
                     } else {
                         // Nothing to apply (e.g. only catalog changes): applied as far as here
                         // all the same, also after a restart (transactions of other nodes that
@@ -358,6 +365,7 @@ impl Applier {
                         unsafe { start_transaction() };
                         crate::ddl::run(&role, &search_path, &statement);
                     }
+                    (Ok(Signal::Seen { applied }), None) => self.seen = applied,
                     _ => {}
                 }
                 None
@@ -945,7 +953,9 @@ impl Applier {
                     // Over a version written by the same peer this is the normal course of
                     // events; over another node's version, last writer wins.
                     let wins = local.node.0 == self.peer || remote_wins(remote, local);
-                    if local.node.0 != self.peer {
+                    // A version the writer had seen is simply overwritten; one it had not is
+                    // a conflict, and so is every write that loses.
+                    if !wins || !writer_had_seen(local, NodeId(self.peer), &self.seen) {
                         let what = if kind == Change::Insert { "insert_exists" } else { "update_update" };
                         self.record_conflict(rel, what, remote, Some(local), wins, new.expect("a new row"));
                     }

@@ -108,7 +108,27 @@ pub fn note_write() {
         }
         session(|s| s.wrote = true);
         install_pqcomm();
+    } else if is_client() && !gucs::synchronous() && gucs::in_replicated_database() {
+        note_async_write();
     }
+}
+
+/// In asynchronous mode, the first write of a transaction tells the peers which of the other
+/// nodes' transactions this node had applied (`Signal::Seen`), before its changes: a peer then
+/// records as a conflict only an overwrite of a version this node had not seen.
+fn note_async_write() {
+    thread_local! {
+        /// The local transaction that has told it already.
+        static TOLD: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    }
+    let Mode::Multimaster(config) = gucs::mode() else { return };
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    if TOLD.with(|t| t.replace(Some(lxid))) == Some(lxid) {
+        return;
+    }
+    let others = status::configured(config) & !bit(config.node_id);
+    let applied = membership::nodes(others).map(|n| (n, status::applied_commit_time(n.0))).collect();
+    twophase::emit(&Signal::Seen { applied }, true);
 }
 
 // ---- hooks ---------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
     f(&mut PEERS.exclusive().peers[id as usize - 1]);
 }
 
+/// Commit time (on peer `id`) of the last of its transactions applied here.
+pub fn applied_commit_time(id: u32) -> pg_sys::TimestampTz {
+    peer(id).applied_commit_time
+}
+
 /// How far this node has received peer `id`'s stream with nothing of it left to apply but
 /// what is set aside (see `PeerStatus::applied_lsn`).
 pub fn applied_lsn(id: u32) -> u64 {

@@ -17,12 +17,33 @@ pub fn remote_wins(remote: Version, local: Version) -> bool {
     remote > local
 }
 
+/// Whether the node that wrote an incoming version had the local one already: it wrote over
+/// it, in the normal course of events, and overwriting it here loses nothing (not a conflict).
+/// `seen` is, per node, the commit time of the last of that node's transactions the writer had
+/// applied when it wrote (it applies each node's transactions in their commit order, so it had
+/// every one committed up to then). A version of unknown time counts as not seen.
+pub fn writer_had_seen(local: Version, writer: NodeId, seen: &[(NodeId, i64)]) -> bool {
+    local.node == writer
+        || (local.commit_time != 0 && seen.iter().any(|&(node, time)| node == local.node && time >= local.commit_time))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn v(commit_time: i64, node: u32) -> Version {
         Version { commit_time, node: NodeId(node) }
+    }
+
+    #[test]
+    fn a_writer_had_seen_what_it_had_applied() {
+        let seen = [(NodeId(1), 100), (NodeId(3), 50)];
+        assert!(writer_had_seen(v(100, 1), NodeId(2), &seen));
+        assert!(!writer_had_seen(v(101, 1), NodeId(2), &seen), "committed after the last one applied");
+        assert!(writer_had_seen(v(20, 3), NodeId(2), &seen));
+        assert!(!writer_had_seen(v(20, 4), NodeId(2), &seen), "nothing applied of node 4");
+        assert!(writer_had_seen(v(999, 2), NodeId(2), &[]), "its own version");
+        assert!(!writer_had_seen(v(0, 1), NodeId(2), &seen), "unknown time");
     }
 
     #[test]

@@ -157,6 +157,12 @@ pub enum Signal {
         search_path: String,
         statement: String,
     },
+    /// Written at the first write of a transaction in asynchronous mode: per node, the commit
+    /// time of the last of its transactions the writing node had applied (see
+    /// [`crate::conflict::writer_had_seen`]).
+    Seen {
+        applied: Vec<(NodeId, Timestamp)>,
+    },
 }
 
 /// The largest encoded signal accepted (a DDL statement's text must fit).
@@ -559,6 +565,7 @@ mod tests {
                 search_path: "\"$user\", public".into(),
                 statement: "CREATE TABLE t (id serial PRIMARY KEY, note text DEFAULT 'é')".into(),
             },
+            Signal::Seen { applied: vec![(n(1), 12_345), (n(3), 0)] },
         ];
         for s in signals {
             let bytes = s.encode();

@@ -209,6 +209,28 @@ fn conflicting_updates_converge_and_are_recorded() {
     eprintln!("{conflicts} update/update conflicts resolved");
 }
 
+/// Updates of one row passed from node to node, each made after the previous one arrived:
+/// every node overwrites versions the writer had seen, and records no conflict.
+#[test]
+fn causally_ordered_updates_are_not_conflicts() {
+    let cluster = start(3);
+    cluster.node(1).execute("INSERT INTO t VALUES (1, 'initial')");
+    converged(&cluster);
+    for k in 0..30 {
+        let writer = cluster.node(k % 3 + 1);
+        let v = format!("write {k} on node {}", writer.id);
+        writer.connect().execute("UPDATE t SET v = $1 WHERE id = 1", &[&v]).unwrap();
+        for node in cluster.nodes() {
+            wait_for("the update everywhere", Duration::from_secs(30), || {
+                node.query_value("SELECT v FROM t WHERE id = 1").as_deref() == Some(v.as_str())
+            });
+        }
+    }
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM mtm.conflicts"), 0, "node {}", node.id);
+    }
+}
+
 #[test]
 fn tables_without_a_key_follow_the_setting() {
     // Off (the default): a write that could not be replicated faithfully is refused.
