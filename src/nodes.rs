@@ -412,6 +412,19 @@ fn join_point_name(node: u32, donor: u32) -> String {
     format!("mtm_join_{node}_from_{donor}")
 }
 
+/// Whether this node may replicate: a node added to the running cluster must have been made
+/// through a join point (a copy started any other way has another node's data without the
+/// positions that go with it: replicating would apply transactions twice or lose some).
+pub fn made_to_join(me: u32) -> bool {
+    if status::added() & bit(NodeId(me)) == 0 {
+        return true;
+    }
+    let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
+    let prefix = format!("at restore point \"mtm_join_{me}_from_");
+    std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history"))
+        .is_ok_and(|history| history.lines().any(|l| l.split('\t').nth(2).is_some_and(|r| r.starts_with(&prefix))))
+}
+
 /// Where the copy this node was made from ends in node `donor`'s WAL, if this node joined
 /// the cluster as a copy of `donor` (see [`join_node`]): the end of the join's restore point,
 /// where recovery stopped, as the history file of the timeline it then began says.

@@ -109,6 +109,15 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     if dropped & bit(NodeId(peer_id)) != 0 {
         return retire(config, peer_id, &mut resolver);
     }
+    if !nodes::made_to_join(config.node_id.0) {
+        ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("mmts: node {} was added to the cluster but this server was not made through a join point: no replication from node {peer_id}", config.node_id),
+            format!("Make the node again: pg_basebackup of another node with recovery_target_name = 'mtm_join_{}_from_<that node>', then mtm.join_node({}) there.", config.node_id, config.node_id)
+        );
+        return;
+    }
     let Some(peer) = status::node(config, peer_id) else {
         return log(format!("mmts: node {peer_id} is neither configured nor added: no replication from it"));
     };

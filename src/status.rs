@@ -155,6 +155,11 @@ pub fn set_nodes(dropped: Mask, added: &[(u32, String)]) {
     shared.added = mask;
 }
 
+/// The nodes added to the running cluster (`mtm.added_nodes`).
+pub fn added() -> Mask {
+    PEERS.share().added
+}
+
 /// Claims the start of the receiver for added node `id`: true once per server start.
 pub fn claim_receiver(id: u32) -> bool {
     let mut shared = PEERS.exclusive();

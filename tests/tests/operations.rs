@@ -622,3 +622,35 @@ fn the_join_point_waits_for_transactions_set_aside() {
         "the join point was taken after {waited:?}, while the update was set aside"
     );
 }
+
+/// A copy of a node started without the join point (here: not as a standby) has that node's
+/// data but not the positions that go with it: its receivers refuse to replicate, and say why.
+#[test]
+fn a_copy_not_made_through_a_join_point_does_not_replicate() {
+    let mut cluster = ClusterBuilder::new(4).joining(4).start();
+    for node in &cluster.nodes()[..3] {
+        node.execute_local("CREATE EXTENSION mmts");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster.node(1).execute("CREATE TABLE t(id int PRIMARY KEY)");
+    let conn4 = cluster.node(4).connstr();
+    assert_eq!(value(cluster.node(1), &format!("SELECT mtm.add_node('{conn4}')")), "4");
+    cluster.copy_node(4, 1, &[]);
+    std::fs::remove_file(cluster.node(4).data_dir().join("standby.signal")).expect("a standby copy");
+    cluster.node_mut(4).start();
+    let log = cluster.node(4).log_path();
+    wait_for("node 4 refusing to replicate", WAIT, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("was not made through a join point")
+    });
+    cluster.node(1).execute("INSERT INTO t VALUES (1)");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(value(cluster.node(4), "SELECT count(*) FROM t"), "0");
+    assert_ne!(value(cluster.node(4), "SELECT state FROM mtm.get_cluster_state()"), "online");
+    for id in 1..=3 {
+        assert_eq!(
+            value(cluster.node(id), "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'mmts_node_4'"),
+            "0",
+            "node 4 streams from node {id}"
+        );
+    }
+}
