@@ -292,9 +292,17 @@ fn stream(
             }
             finished.extend(done);
             if link.backlog.is_empty() {
+                // With nothing half-applied or set aside, every transaction of the stream
+                // that ended before what was received has ended here too, or was never for
+                // this node (its slot began after it): transactions depending on the stream
+                // as far as that need not wait.
+                let idle = !applier.in_transaction() && !applier.has_waiting();
                 status::update(peer_id, |p| {
                     p.applied_lsn = progress.applied_lsn();
                     p.peer_wal_end = p.peer_wal_end.max(end);
+                    if idle {
+                        p.ended_lsn = p.ended_lsn.max(progress.applied_lsn());
+                    }
                 });
             }
         }
