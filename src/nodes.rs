@@ -416,9 +416,11 @@ fn join_point_name(node: u32, donor: u32) -> String {
 /// through a join point (a copy started any other way has another node's data without the
 /// positions that go with it: replicating would apply transactions twice or lose some).
 pub fn made_to_join(me: u32) -> bool {
-    if status::added() & bit(NodeId(me)) == 0 {
-        return true;
-    }
+    status::added() & bit(NodeId(me)) == 0 || joined(me)
+}
+
+/// Whether this server was made through a join point to join as node `me`.
+pub fn joined(me: u32) -> bool {
     let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
     let prefix = format!("at restore point \"mtm_join_{me}_from_");
     std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history"))

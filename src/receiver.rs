@@ -132,6 +132,11 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         // Before this node applies anything of the peer: its sequences are the peer's.
         nodes::spread_sequences_after_join();
     }
+    // A node starting as usual makes the slot at once, before it writes anything the peer
+    // would miss; a node that joined as a copy, by a worker of its own (see `SlotMaker`).
+    if !nodes::joined(config.node_id.0) {
+        BackgroundWorker::transaction(|| create_slot(peer_id));
+    }
     let mut slot = SlotMaker::new(peer_id);
     slot.tick();
     let origin = BackgroundWorker::transaction(|| {
@@ -292,17 +297,9 @@ fn stream(
             }
             finished.extend(done);
             if link.backlog.is_empty() {
-                // With nothing half-applied or set aside, every transaction of the stream
-                // that ended before what was received has ended here too, or was never for
-                // this node (its slot began after it): transactions depending on the stream
-                // as far as that need not wait.
-                let idle = !applier.in_transaction() && !applier.has_waiting();
                 status::update(peer_id, |p| {
                     p.applied_lsn = progress.applied_lsn();
                     p.peer_wal_end = p.peer_wal_end.max(end);
-                    if idle {
-                        p.ended_lsn = p.ended_lsn.max(progress.applied_lsn());
-                    }
                 });
             }
         }
@@ -370,9 +367,10 @@ fn stream(
 }
 
 /// Makes the slot `mtm_slot_<peer>` the peer streams this node's changes from, in a worker of
-/// its own: making a logical slot waits until every transaction running then has ended, and
-/// some of those may be prepared transactions this receiver is to finish (a node that joined
-/// as a copy of another starts with that node's prepared transactions).
+/// its own, when the receiver did not at its start: making a logical slot waits until every
+/// transaction running then has ended, and some of those may be prepared transactions this
+/// receiver is to finish (a node that joined as a copy of another starts with that node's
+/// prepared transactions).
 struct SlotMaker {
     peer_id: u32,
     ready: bool,
@@ -434,21 +432,24 @@ pub extern "C-unwind" fn mmts_slot_maker_main(arg: pg_sys::Datum) {
     let peer_id = arg.value() as u32;
     let Some(config) = worker_start() else { return };
     connect_to_database(config);
+    BackgroundWorker::transaction(|| create_slot(peer_id));
+}
+
+/// Makes the slot `mtm_slot_<peer>` unless it exists (inside a transaction).
+fn create_slot(peer_id: u32) {
     let slot = slot_name(peer_id);
-    BackgroundWorker::transaction(|| {
-        // A read-only statement: a logical slot cannot be made by a transaction with an xid.
-        Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'mmts', false, true)
-                      WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-                    None,
-                    &[slot.as_str().into()],
-                )
-                .map(|_| ())
-        })
-        .expect("create the slot for the peer");
-    });
+    // A read-only statement: a logical slot cannot be made by a transaction with an xid.
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT pg_catalog.pg_create_logical_replication_slot($1, 'mmts', false, true)
+                  WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                None,
+                &[slot.as_str().into()],
+            )
+            .map(|_| ())
+    })
+    .expect("create the slot for the peer");
 }
 
 /// Tells `nodes::join_node` whether this receiver holds transactions set aside. Called after
