@@ -16,6 +16,16 @@ fn start(n: usize, mode: &str) -> Cluster {
     cluster
 }
 
+/// Nodes 1-3 running with the extension, node 4 configured to join them later.
+fn three_nodes_and_one_to_join(builder: ClusterBuilder) -> Cluster {
+    let cluster = builder.joining(4).start();
+    for node in &cluster.nodes()[..3] {
+        node.execute_local("CREATE EXTENSION mmts");
+    }
+    cluster.wait_replicating(WAIT);
+    cluster
+}
+
 fn value(node: &Node, sql: &str) -> String {
     node.query_value(sql).unwrap_or_default()
 }
@@ -393,11 +403,7 @@ fn schema_changes_under_a_write_load() {
 #[test]
 fn a_node_joins_under_a_write_load() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut cluster = ClusterBuilder::new(4).joining(4).start();
-    for node in &cluster.nodes()[..3] {
-        node.execute_local("CREATE EXTENSION mmts");
-    }
-    cluster.wait_replicating(WAIT);
+    let mut cluster = three_nodes_and_one_to_join(ClusterBuilder::new(4));
     let seed_rows: i64 = std::env::var("MMTS_JOIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     cluster.node(1).execute(&format!(
         "CREATE TABLE load(id bigint PRIMARY KEY, node int NOT NULL, v text NOT NULL);
@@ -569,11 +575,7 @@ fn a_node_joins_under_a_write_load() {
 /// rolls back: the new node would never get it.
 #[test]
 fn the_join_point_waits_for_transactions_set_aside() {
-    let mut cluster = ClusterBuilder::new(4).joining(4).set("multimaster.twopc_min_timeout", "20000").start();
-    for node in &cluster.nodes()[..3] {
-        node.execute_local("CREATE EXTENSION mmts");
-    }
-    cluster.wait_replicating(WAIT);
+    let mut cluster = three_nodes_and_one_to_join(ClusterBuilder::new(4).set("multimaster.twopc_min_timeout", "20000"));
     cluster.node(1).execute(
         "CREATE TABLE hot(id int PRIMARY KEY, v int NOT NULL); INSERT INTO hot VALUES (1, 0);
          CREATE TABLE other(id int PRIMARY KEY)",
@@ -627,11 +629,7 @@ fn the_join_point_waits_for_transactions_set_aside() {
 /// data but not the positions that go with it: its receivers refuse to replicate, and say why.
 #[test]
 fn a_copy_not_made_through_a_join_point_does_not_replicate() {
-    let mut cluster = ClusterBuilder::new(4).joining(4).start();
-    for node in &cluster.nodes()[..3] {
-        node.execute_local("CREATE EXTENSION mmts");
-    }
-    cluster.wait_replicating(WAIT);
+    let mut cluster = three_nodes_and_one_to_join(ClusterBuilder::new(4));
     cluster.node(1).execute("CREATE TABLE t(id int PRIMARY KEY)");
     let conn4 = cluster.node(4).connstr();
     assert_eq!(value(cluster.node(1), &format!("SELECT mtm.add_node('{conn4}')")), "4");
