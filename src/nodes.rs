@@ -409,7 +409,11 @@ fn join_node(node_id: i32) -> String {
 
 /// The name of the restore point a copy of node `donor` stops at to join as node `node`.
 fn join_point_name(node: u32, donor: u32) -> String {
-    format!("mtm_join_{node}_from_{donor}")
+    format!("{}{donor}", join_point_prefix(node))
+}
+
+fn join_point_prefix(node: u32) -> String {
+    format!("mtm_join_{node}_from_")
 }
 
 /// Whether this node may replicate: a node added to the running cluster must have been made
@@ -421,20 +425,28 @@ pub fn made_to_join(me: u32) -> bool {
 
 /// Whether this server was made through a join point to join as node `me`.
 pub fn joined(me: u32) -> bool {
-    let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
-    let prefix = format!("at restore point \"mtm_join_{me}_from_");
-    std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history"))
-        .is_ok_and(|history| history.lines().any(|l| l.split('\t').nth(2).is_some_and(|r| r.starts_with(&prefix))))
+    join_point(me).is_some()
 }
 
 /// Where the copy this node was made from ends in node `donor`'s WAL, if this node joined
-/// the cluster as a copy of `donor` (see [`join_node`]): the end of the join's restore point,
-/// where recovery stopped, as the history file of the timeline it then began says.
+/// the cluster as a copy of `donor` (see [`join_node`]).
 pub fn joined_from(me: u32, donor: u32) -> Option<u64> {
+    join_point(me).filter(|&(d, _)| d == donor).map(|(_, end)| end)
+}
+
+/// The join point this server was made through to join as node `me`: the node copied and
+/// the end of the restore point, where recovery stopped, as the history file of the timeline
+/// it then began says (`<timeline>\t<switch point>\tat restore point "<name>"`).
+fn join_point(me: u32) -> Option<(u32, u64)> {
     let timeline = unsafe { pg_sys::GetWALInsertionTimeLine() };
     let history = std::fs::read_to_string(format!("pg_wal/{timeline:08X}.history")).ok()?;
-    let reason = format!("at restore point \"{}\"", join_point_name(me, donor));
-    history.lines().filter(|l| l.ends_with(&reason)).find_map(|line| parse_lsn(line.split('\t').nth(1)?))
+    let prefix = format!("at restore point \"{}", join_point_prefix(me));
+    history.lines().find_map(|line| {
+        let mut fields = line.split('\t').skip(1);
+        let end = parse_lsn(fields.next()?)?;
+        let donor = fields.next()?.strip_prefix(&prefix)?.strip_suffix('"')?.parse().ok()?;
+        Some((donor, end))
+    })
 }
 
 /// Calls `f` every 10 ms until it has a value; gives up with an error after [`JOIN_WAIT`].
