@@ -9,6 +9,9 @@
 //!   delay it; [`Node::kill9`] crashes a node and [`Node::start`] brings it back.
 //! - On a panic the tail of every node's server log is printed; servers and temp dirs are
 //!   removed however the test ends.
+//! - A cluster that lives longer than `MMTS_TEST_TIMEOUT` seconds (default 300) is taken for
+//!   a hung test: its [`Watchdog`] prints what every server is doing, stops them and ends the
+//!   test process, so a hang fails the suite at once instead of stalling it.
 
 pub mod proxy;
 
@@ -18,8 +21,8 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use postgres;
@@ -97,20 +100,40 @@ pub fn bindir() -> &'static Path {
 }
 
 /// A port nobody listens on now. Ports are handed out in increasing order per process, from a
-/// base derived from the process id, so that parallel tests and test binaries rarely collide.
+/// base derived from the process id, so that parallel tests and test binaries rarely collide;
+/// all below the kernel's ephemeral range, so that a stopped node's port is never taken by
+/// some outgoing connection's local end before the node starts again.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 10000;
+    let high = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&h| h > LOW + 1000)
+        .unwrap_or(32768);
+    let blocks = ((high - LOW) / 100) as u32;
     let _ =
-        NEXT.compare_exchange(0, 20000 + (std::process::id() % 400) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
+        NEXT.compare_exchange(0, LOW + (std::process::id() % blocks) as u16 * 100, Ordering::SeqCst, Ordering::SeqCst);
     loop {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        if port > 60000 {
-            NEXT.store(20000, Ordering::SeqCst);
+        if port >= high {
+            NEXT.store(LOW, Ordering::SeqCst);
             continue;
         }
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
+    }
+}
+
+/// Sets a stop flag when dropped, also when a panic unwinds: load threads in a
+/// `thread::scope` that run until the flag is set then end, instead of keeping the scope (and
+/// the failing test) waiting for them forever.
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -540,7 +563,9 @@ impl ClusterBuilder {
             node.append_conf(&conf);
             node.conf = conf;
         }
-        Cluster { nodes, links, dir, keep }
+        // Kept clusters are for people (mmts-cluster, debugging): no time limit.
+        let watchdog = (!keep).then(|| Watchdog::start(&nodes));
+        Cluster { nodes, links, dir, keep, _watchdog: watchdog }
     }
 
     /// Builds and starts every node; panics (with server logs) if one does not start.
@@ -574,6 +599,84 @@ pub struct Cluster {
     links: BTreeMap<(usize, usize), Proxy>,
     dir: TempDir,
     keep: bool,
+    _watchdog: Option<Watchdog>,
+}
+
+/// Ends the test process if its cluster outlives the test timeout: prints each server's
+/// activity, prepared transactions and log tail, stops the servers and exits with status 1.
+struct Watchdog {
+    dropped: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(nodes: &[Node]) -> Watchdog {
+        let timeout = std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(300u64);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let servers: Vec<(usize, u16, PathBuf)> = nodes.iter().map(|n| (n.id, n.port, n.dir.clone())).collect();
+        let flag = dropped.clone();
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            while Instant::now() < deadline {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Straight to stderr: the test harness's output capture would swallow eprintln!.
+            let mut report =
+                format!("===== {test}: still running after {timeout} s (MMTS_TEST_TIMEOUT): taken as hung =====\n");
+            for (id, port, dir) in &servers {
+                let log = fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let _ = write!(
+                    report,
+                    "----- node {id}: activity -----\n{}\n----- node {id} server log (tail) -----\n{}\n",
+                    Watchdog::activity(*port),
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                );
+            }
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), report.as_bytes());
+            for (_, _, dir) in &servers {
+                if dir.join("data/postmaster.pid").exists() {
+                    let _ = run(server_command(&bindir().join("pg_ctl")).arg("-D").arg(dir.join("data")).args([
+                        "-w",
+                        "-m",
+                        "immediate",
+                        "stop",
+                    ]));
+                }
+            }
+            std::process::exit(1);
+        });
+        Watchdog { dropped }
+    }
+
+    fn activity(port: u16) -> String {
+        let cfg = format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2 options='-c statement_timeout=2000'"
+        );
+        let sql = "SELECT format('%s %s %s %s/%s %s', pid, backend_type, state, wait_event_type, wait_event, \
+                   left(regexp_replace(query, '\\s+', ' ', 'g'), 100)) FROM pg_stat_activity \
+                   UNION ALL SELECT format('prepared %s %s', gid, prepared) FROM pg_prepared_xacts";
+        match postgres::Client::connect(&cfg, postgres::NoTls).and_then(|mut c| c.simple_query(sql)) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("(cannot ask: {e})"),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Cluster {

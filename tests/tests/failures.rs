@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node};
+use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The cluster's heartbeat_recv_timeout in these tests.
@@ -200,14 +200,8 @@ fn bank_transfers_survive_crashes_and_partitions() {
     let bad_reads = Mutex::new(Vec::new());
     let next_id = AtomicU64::new(1);
     let mut log = Vec::new();
-    /// Stops the clients however the fault schedule ends (a failed check panics in it).
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     std::thread::scope(|s| {
+        // The clients stop however the fault schedule ends (a failed check panics in it).
         let _stop = StopOnDrop(&stop);
         for (node_id, connstr) in &ports {
             for writer in 0..2 {

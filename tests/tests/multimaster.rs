@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node};
+use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -74,6 +74,8 @@ fn restarted_and_crashed_nodes_catch_up_under_load() {
     let mut cluster = start(3);
     let stop = AtomicBool::new(false);
     let acknowledged = std::thread::scope(|s| {
+        // The writers stop however this ends (a node that does not restart panics here).
+        let _stop = StopOnDrop(&stop);
         let writers: Vec<_> = (1..=3)
             .map(|id| {
                 let node = cluster.node(id);

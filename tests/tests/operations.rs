@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node};
+use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -347,13 +347,7 @@ fn schema_changes_under_a_write_load() {
             });
         }
         // Writers stop however this ends (a failed assertion too).
-        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let _stop = Stop(&stop);
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(500));
         for ddl in [
             "ALTER TABLE load ADD COLUMN note text",
@@ -452,13 +446,7 @@ fn a_node_joins_under_a_write_load() {
                 }
             }
         };
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop = Stop(&stop);
+        let _stop = StopOnDrop(&stop);
         let updater = |node: &Node| {
             let (stop, increments) = (&stop, &increments);
             let id = node.id;

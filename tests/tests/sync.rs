@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node};
+use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -273,6 +273,7 @@ fn a_large_transaction_commits_while_small_ones_go_on() {
     let done = AtomicBool::new(false);
     let committed = Mutex::new(Vec::new());
     std::thread::scope(|s| {
+        let _done = StopOnDrop(&done);
         s.spawn(|| {
             let mut c = cluster.node(2).connect();
             let mut i = 0i64;
