@@ -270,9 +270,17 @@ impl Node {
         Err(format!("{}{}{new}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
+    /// Starts the server; panics with its log if it does not start. A port held by some other
+    /// socket for a moment is waited for (up to 5 s).
     pub fn start(&mut self) {
-        if let Err(log) = self.try_start() {
-            panic!("node {} did not start:\n{log}", self.id);
+        for attempt in 1.. {
+            match self.try_start() {
+                Ok(()) => return,
+                Err(log) if attempt < 6 && log.contains("could not bind") => {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(log) => panic!("node {} did not start:\n{log}", self.id),
+            }
         }
     }
 
@@ -530,7 +538,11 @@ impl ClusterBuilder {
             for a in &nodes {
                 for b in &nodes {
                     if a.id != b.id {
-                        let proxy = Proxy::start(free_port(), b.addr()).expect("start proxy");
+                        // free_port only saw the port free a moment ago: take the next if it is gone.
+                        let proxy = (0..20)
+                            .map(|_| Proxy::start(free_port(), b.addr()))
+                            .find_map(Result::ok)
+                            .expect("start proxy: no free port");
                         links.insert((a.id, b.id), proxy);
                     }
                 }
