@@ -25,6 +25,9 @@ pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Off: this session's schema changes stay on this node (see `ddl`).
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Async mode: how long (ms) a walsender that has sent everything waits before it looks for
+/// more (see `output_plugin::commit`).
+pub static ASYNC_BATCH_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 
 /// How write transactions commit across the cluster (`multimaster.mode`).
@@ -117,6 +120,7 @@ pub const NAMES: &[&str] = &[
     "multimaster.twopc_prepare_ratio",
     "multimaster.use_raftable",
     "multimaster.mode",
+    "multimaster.async_batch_delay",
 ];
 
 /// Defines the GUCs. When `strict`, a value in postgresql.conf that PostgreSQL could not
@@ -159,6 +163,15 @@ pub fn define(strict: bool) {
             setting: &HEARTBEAT_SEND_TIMEOUT,
             min: 1,
             max: i32::MAX,
+            context: GucContext::Sighup,
+            flags: GucFlags::UNIT_MS,
+        },
+        IntGuc {
+            name: c"multimaster.async_batch_delay",
+            short: c"In async mode, how long a walsender that has sent every committed transaction waits before sending more, so that what commits meanwhile goes to the peer at once.",
+            setting: &ASYNC_BATCH_DELAY,
+            min: 0,
+            max: 1000,
             context: GucContext::Sighup,
             flags: GucFlags::UNIT_MS,
         },
