@@ -332,3 +332,30 @@ fn prepared_transactions_travel_as_prepared() {
     wait_for("later row on node 2", WAIT, || count(n2, "SELECT count(*) FROM t WHERE id = 3") == 1);
     assert_eq!(count(n2, "SELECT count(*) FROM t WHERE id = 2"), 0);
 }
+
+/// `multimaster.async_batch_delay`: a walsender that has sent everything waits before it sends
+/// more. A lone write goes at once; one committed during the wait follows when the wait ends.
+#[test]
+fn async_batches_wait_after_sending() {
+    let cluster =
+        ClusterBuilder::new(3).set("multimaster.mode", "async").set("multimaster.async_batch_delay", "'1s'").start();
+    for node in cluster.nodes() {
+        node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    }
+    cluster.wait_replicating(WAIT);
+    let (node1, node2) = (cluster.node(1), cluster.node(2));
+    assert_eq!(node1.query_value("SHOW multimaster.async_batch_delay").as_deref(), Some("1s"));
+    // Whatever the walsenders sent last, their wait is over.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    node1.execute("INSERT INTO t VALUES (1, 'lone')");
+    wait_for("the lone write on node 2", WAIT, || count(node2, "SELECT count(*) FROM t") == 1);
+    let lone = t.elapsed();
+    let t = Instant::now();
+    node1.execute("INSERT INTO t VALUES (2, 'during the wait')");
+    wait_for("the second write on node 2", WAIT, || count(node2, "SELECT count(*) FROM t") == 2);
+    let batched = t.elapsed();
+    eprintln!("lone write on node 2 after {lone:?}, the next after {batched:?}");
+    assert!(lone < Duration::from_millis(700), "a lone write waited {lone:?}");
+    assert!(batched > Duration::from_millis(250), "the write during the wait went at once ({batched:?})");
+}
