@@ -12,6 +12,7 @@
 #
 #   bench/cluster.sh                 (needs mmts installed: scripts/install.sh)
 #   SCALE=10 CLIENTS=6 SECONDS_=30 bench/cluster.sh
+#   NODE_CONF="multimaster.async_batch_delay = 0" bench/cluster.sh   (more settings for the nodes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-10}
@@ -23,7 +24,9 @@ BENCH_NAME=cluster
 
 conns=""
 for i in 1 2 3; do conns+="${conns:+, }host=127.0.0.1 port=$((BASE + i)) user=postgres dbname=postgres"; done
-node_conf() { printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'\nmultimaster.mode = async" "$1" "$conns"; }
+node_conf() {
+  printf "multimaster.node_id = %s\nmultimaster.conn_strings = '%s'\nmultimaster.mode = async\n%s" "$1" "$conns" "${NODE_CONF:-}"
+}
 
 echo "==> servers in $DIR: standalone on $BASE, cluster on $((BASE + 1))..$((BASE + 3))"
 start_server standalone "$BASE"
