@@ -842,7 +842,7 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for node in &self.nodes {
-                eprintln!("----- node {} server log (tail) -----\n{}", node.id, node.log_tail(40));
+                eprintln!("----- node {} server log (tail) -----\n{}", node.id, node.log_tail(100));
             }
         }
         for node in &mut self.nodes {
