@@ -9,7 +9,7 @@
 //!   delay it; [`Node::kill9`] crashes a node and [`Node::start`] brings it back.
 //! - On a panic the tail of every node's server log is printed; servers and temp dirs are
 //!   removed however the test ends.
-//! - A cluster that lives longer than `MMTS_TEST_TIMEOUT` seconds (default 300) is taken for
+//! - A cluster that lives longer than `MMTS_TEST_TIMEOUT` seconds (default 600) is taken for
 //!   a hung test: its [`Watchdog`] prints what every server is doing, stops them and ends the
 //!   test process, so a hang fails the suite at once instead of stalling it.
 
@@ -622,7 +622,7 @@ struct Watchdog {
 
 impl Watchdog {
     fn start(nodes: &[Node]) -> Watchdog {
-        let timeout = std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(300u64);
+        let timeout = std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600u64);
         let dropped = Arc::new(AtomicBool::new(false));
         let servers: Vec<(usize, u16, PathBuf)> = nodes.iter().map(|n| (n.id, n.port, n.dir.clone())).collect();
         let flag = dropped.clone();
