@@ -348,7 +348,8 @@ unsafe extern "C-unwind" fn commit(
 /// walsender that is behind never sleeps. (The latch is not waited on: every commit sets it.)
 unsafe fn batch_delay(ctx: *mut pg_sys::LogicalDecodingContext) {
     let delay = crate::gucs::ASYNC_BATCH_DELAY.get();
-    if delay == 0 || crate::gucs::synchronous() || SESSION.with(|s| s.borrow().mmts.is_none()) {
+    let walsender = unsafe { pg_sys::am_walsender };
+    if delay == 0 || !walsender || crate::gucs::synchronous() || SESSION.with(|s| s.borrow().mmts.is_none()) {
         return;
     }
     unsafe {
