@@ -26,7 +26,7 @@ pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Async mode: how long (ms) a walsender that has sent everything waits before it looks for
-/// more (see `output_plugin::commit`).
+/// more (see `output_plugin::batch_delay`).
 pub static ASYNC_BATCH_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 
