@@ -22,7 +22,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use postgres;
@@ -124,6 +124,20 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// `pg_ctl -D data`, run as the server user.
+fn pg_ctl(data: &Path) -> Command {
+    let mut c = server_command(&bindir().join("pg_ctl"));
+    c.arg("-D").arg(data);
+    c
+}
+
+/// The last `lines` lines of a server log.
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Sets a stop flag when dropped, also when a panic unwinds: load threads in a
@@ -250,9 +264,7 @@ impl Node {
     }
 
     fn pg_ctl(&self) -> Command {
-        let mut c = server_command(&bindir().join("pg_ctl"));
-        c.arg("-D").arg(self.data_dir());
-        c
+        pg_ctl(&self.data_dir())
     }
 
     /// Starts the server and waits until it accepts connections; on failure returns the
@@ -383,9 +395,7 @@ impl Node {
 
     /// The last `lines` lines of the server log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.log_path(), lines)
     }
 
     pub fn is_running(&self) -> bool {
@@ -595,8 +605,7 @@ pub fn stop_kept(dir: &Path) -> usize {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let data = entry.path().join("data");
         if data.join("postmaster.pid").exists() {
-            let out =
-                run(server_command(&bindir().join("pg_ctl")).arg("-D").arg(&data).args(["-w", "-m", "fast", "stop"]));
+            let out = run(pg_ctl(&data).args(["-w", "-m", "fast", "stop"]));
             if out.status.success() {
                 stopped += 1;
             }
@@ -616,52 +625,42 @@ pub struct Cluster {
 
 /// Ends the test process if its cluster outlives the test timeout: prints each server's
 /// activity, prepared transactions and log tail, stops the servers and exits with status 1.
+/// Dropping it (with the cluster) ends its thread.
 struct Watchdog {
-    dropped: Arc<AtomicBool>,
+    _alive: std::sync::mpsc::Sender<()>,
 }
 
 impl Watchdog {
     fn start(nodes: &[Node]) -> Watchdog {
         let timeout = std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600u64);
-        let dropped = Arc::new(AtomicBool::new(false));
-        let servers: Vec<(usize, u16, PathBuf)> = nodes.iter().map(|n| (n.id, n.port, n.dir.clone())).collect();
-        let flag = dropped.clone();
+        let (alive, dropped) = std::sync::mpsc::channel::<()>();
+        let servers: Vec<(usize, u16, PathBuf, PathBuf)> =
+            nodes.iter().map(|n| (n.id, n.port, n.data_dir(), n.log_path())).collect();
         let test = std::thread::current().name().unwrap_or("?").to_owned();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(timeout);
-            while Instant::now() < deadline {
-                if flag.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
+            if dropped.recv_timeout(Duration::from_secs(timeout)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return;
             }
             // Straight to stderr: the test harness's output capture would swallow eprintln!.
             let mut report =
                 format!("===== {test}: still running after {timeout} s (MMTS_TEST_TIMEOUT): taken as hung =====\n");
-            for (id, port, dir) in &servers {
-                let log = fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
+            for (id, port, _, log) in &servers {
                 let _ = write!(
                     report,
                     "----- node {id}: activity -----\n{}\n----- node {id} server log (tail) -----\n{}\n",
                     Watchdog::activity(*port),
-                    lines[lines.len().saturating_sub(60)..].join("\n")
+                    log_tail(log, 60)
                 );
             }
             let _ = std::io::Write::write_all(&mut std::io::stderr(), report.as_bytes());
-            for (_, _, dir) in &servers {
-                if dir.join("data/postmaster.pid").exists() {
-                    let _ = run(server_command(&bindir().join("pg_ctl")).arg("-D").arg(dir.join("data")).args([
-                        "-w",
-                        "-m",
-                        "immediate",
-                        "stop",
-                    ]));
+            for (_, _, data, _) in &servers {
+                if data.join("postmaster.pid").exists() {
+                    let _ = run(pg_ctl(data).args(["-w", "-m", "immediate", "stop"]));
                 }
             }
             std::process::exit(1);
         });
-        Watchdog { dropped }
+        Watchdog { _alive: alive }
     }
 
     fn activity(port: u16) -> String {
@@ -682,12 +681,6 @@ impl Watchdog {
                 .join("\n"),
             Err(e) => format!("(cannot ask: {e})"),
         }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.dropped.store(true, Ordering::SeqCst);
     }
 }
 

@@ -21,7 +21,12 @@ fn checksum(node: &Node) -> String {
 }
 
 fn start(n: usize) -> Cluster {
-    let cluster = ClusterBuilder::new(n).set("multimaster.mode", "async").start();
+    start_with(ClusterBuilder::new(n))
+}
+
+/// Starts an async cluster from `builder`, with the extension and table `t` on every node.
+fn start_with(builder: ClusterBuilder) -> Cluster {
+    let cluster = builder.set("multimaster.mode", "async").start();
     for node in cluster.nodes() {
         node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
     }
@@ -337,12 +342,7 @@ fn prepared_transactions_travel_as_prepared() {
 /// more. A lone write goes at once; one committed during the wait follows when the wait ends.
 #[test]
 fn async_batches_wait_after_sending() {
-    let cluster =
-        ClusterBuilder::new(3).set("multimaster.mode", "async").set("multimaster.async_batch_delay", "'1s'").start();
-    for node in cluster.nodes() {
-        node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, v text)");
-    }
-    cluster.wait_replicating(WAIT);
+    let cluster = start_with(ClusterBuilder::new(3).set("multimaster.async_batch_delay", "'1s'"));
     let (node1, node2) = (cluster.node(1), cluster.node(2));
     assert_eq!(node1.query_value("SHOW multimaster.async_batch_delay").as_deref(), Some("1s"));
     // Whatever the walsenders sent last, their wait is over.
