@@ -5,14 +5,14 @@
 //! replica triggers behave as for any replicated change. Commits carry the peer's replication
 //! origin, end LSN and commit time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, CString};
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use mmts_core::conflict::{remote_wins, writer_had_seen, Version};
-use mmts_core::indoubt::Outcome;
+use mmts_core::indoubt::{Ballot, Outcome};
 use mmts_core::membership::{bit, format_mask, Mask, State};
 use mmts_core::replication::format_lsn;
 use mmts_core::twopc::{
@@ -66,6 +66,11 @@ pub struct Applier {
     /// What the writer of the transaction being applied had applied of the other nodes
     /// (`Signal::Seen`, asynchronous mode).
     seen: Vec<(NodeId, i64)>,
+    /// The peer's transactions whose PREPARE this process received, until they end.
+    received: HashSet<u32>,
+    /// The peer's transactions committed here on their precommit, until their COMMIT
+    /// PREPARED arrives (see [`Applier::commit_early`]).
+    committed_early: HashSet<u32>,
 }
 
 #[derive(Default)]
@@ -154,6 +159,8 @@ impl Applier {
             waiting: Vec::new(),
             outbox: Vec::new(),
             seen: Vec::new(),
+            received: HashSet::new(),
+            committed_early: HashSet::new(),
         }
     }
 
@@ -283,6 +290,7 @@ impl Applier {
                 Some(self.finished(commit_time))
             }
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
+                self.received.insert(xid);
                 let preparing = self.preparing.take().unwrap_or_default();
                 self.in_transaction = false;
                 let catching_up = preparing.key.is_some() && preparing.members & bit(NodeId(self.me)) == 0;
@@ -297,36 +305,46 @@ impl Applier {
             Message::CommitPrepared { xid, end_lsn, commit_time, .. } => {
                 self.prepare_set_aside(xid, keep_up);
                 self.ended(end_lsn);
+                let received = self.received.remove(&xid);
+                let early = self.committed_early.remove(&xid);
                 let members = twophase::applied_members(self.peer, xid);
-                let found = finish_at(&self.gid(xid), true, end_lsn, commit_time);
-                if let (true, Some(members)) = (found, members) {
+                let found = !early && finish_at(&self.gid(xid), true, end_lsn, commit_time);
+                if let (true, Some(members)) = (found || early, members) {
                     twophase::committed_without(members, NodeId(self.peer), end_lsn);
                 }
                 if found {
                     twophase::with_acceptor(NodeId(self.peer), xid, |a| a.decide(Outcome::Commit { ts: commit_time }));
-                } else if twophase::decided(NodeId(self.peer), xid).is_some() {
-                    // Settled here already (see `carry_out`).
-                    unsafe { pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64) };
                 } else {
-                    // Committed without this node's yes: it was not asked (it was out of reach
-                    // when the transaction was prepared) and could not prepare it when it came.
-                    ereport!(
-                        PgLogLevel::WARNING,
-                        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                        format!(
-                            "mmts: node {} committed its transaction {xid}, which this node did not prepare; this node lacks its changes",
-                            self.peer
-                        )
-                    );
+                    // Applied as far as here all the same.
+                    unsafe { pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64) };
+                    if received && twophase::decided(NodeId(self.peer), xid).is_none() {
+                        // Committed without this node's yes: it was not asked (it was out of
+                        // reach when the transaction was prepared) and could not prepare it
+                        // when it came. (Settled here already, or committed on its precommit,
+                        // it is decided.)
+                        ereport!(
+                            PgLogLevel::WARNING,
+                            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                            format!(
+                                "mmts: node {} committed its transaction {xid}, which this node did not prepare; this node lacks its changes",
+                                self.peer
+                            )
+                        );
+                    }
                 }
                 twophase::unregister_applied(self.peer, Some(xid));
                 twophase::clock_observe(commit_time);
+                if early {
+                    // Said "finished" when it committed.
+                    return None;
+                }
                 // The coordinator returns COMMIT to its client once every peer said this.
                 self.signal_finished(xid, true);
                 Some(self.finished(commit_time))
             }
             Message::RollbackPrepared { xid, end_lsn, prepare_time, rollback_time, .. } => {
                 // Decided without this node's vote (a no from another node, or its deadline).
+                self.received.remove(&xid);
                 self.waiting.retain(|w| w.xid != xid);
                 ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().remove(&xid));
                 self.ended(end_lsn);
@@ -371,10 +389,16 @@ impl Applier {
                 None
             }
             Message::LogicalMessage { transactional: false, prefix, content, lsn } if prefix == SIGNAL_PREFIX => {
-                if let Ok(Signal::Resolved { origin, xid, outcome }) = Signal::decode(&content) {
-                    self.carry_out(origin, xid, outcome, lsn, keep_up);
+                match Signal::decode(&content) {
+                    Ok(Signal::Resolved { origin, xid, outcome }) => {
+                        self.carry_out(origin, xid, outcome, lsn, keep_up);
+                        None
+                    }
+                    Ok(Signal::Precommit { origin, xid, ts }) if origin.0 == self.peer => {
+                        self.commit_early(xid, ts, lsn, keep_up)
+                    }
+                    _ => None,
                 }
-                None
             }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
         }
@@ -455,6 +479,37 @@ impl Applier {
                 if commit { "committed" } else { "rolled back" }
             ));
         }
+    }
+
+    /// Commits the peer's transaction `xid` at `ts` on its precommit (at `lsn` in the stream)
+    /// when that is already the outcome: this node accepted the precommit (see
+    /// `twophase::answer`), its coordinator accepted it before sending it, and the two are a
+    /// majority of the cluster (three nodes or fewer). The coordinator commits meanwhile, at
+    /// the same timestamp (see `commit_origin`), and hears "finished" one step sooner.
+    fn commit_early(&mut self, xid: u32, ts: i64, lsn: u64, keep_up: &mut dyn FnMut()) -> Option<Applied> {
+        let Mode::Multimaster(config) = gucs::mode() else { return None };
+        let commit = Outcome::Commit { ts };
+        let peer = NodeId(self.peer);
+        let chosen = crate::status::configured(config).count_ones() <= 3
+            && twophase::with_acceptor(peer, xid, |a| {
+                a.decided.is_none() && a.accepted == Some((Ballot::coordinator(peer), commit))
+            });
+        if !chosen {
+            return None;
+        }
+        self.prepare_set_aside(xid, keep_up);
+        self.ended(lsn);
+        // Not moving the stream's position: it moves with the COMMIT PREPARED further on.
+        let done = finish_at(&self.gid(xid), true, 0, ts);
+        // The outcome, also when it is not prepared here (received again after a restart).
+        twophase::with_acceptor(peer, xid, |a| a.decide(commit));
+        if !done {
+            return None;
+        }
+        self.committed_early.insert(xid);
+        twophase::clock_observe(ts);
+        self.signal_finished(xid, true);
+        Some(self.finished(ts))
     }
 
     /// Why the coordinator may have written over rows older than this node's: it had not
@@ -1011,7 +1066,8 @@ impl Applier {
 
     /// The node whose changes carry replication origin `origin` here (0 for unknown origins).
     fn node_of_origin(&mut self, origin: pg_sys::RepOriginId) -> u32 {
-        if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        if origin == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId || crate::commit_origin::is_commit_origin(origin)
+        {
             return self.me;
         }
         if let Some(node) = self.origins.get(&origin) {

@@ -607,7 +607,9 @@ fn start_two_phase(gid: CString, application: bool) {
     let after = membership::nodes(others).map(|n| (n, status::applied(n.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
-    let slot = match twophase::register(xid, key, procno) {
+    let size = status::configured(config).count_ones();
+    let wake = twophase::Wake { participants: members & !bit(config.node_id), size };
+    let slot = match twophase::register(xid, key, procno, wake) {
         Ok(slot) => slot,
         Err(twophase::Refused::Wounded(by)) => wounded_error(by),
         Err(twophase::Refused::Full) => {
@@ -624,8 +626,7 @@ fn start_two_phase(gid: CString, application: bool) {
     // Peers apply a large transaction for about as long as it ran here.
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let deadline = ts + gucs::vote_timeout_us(ran);
-    let size = status::configured(config).count_ones() as usize;
-    let coordinator = Coordinator::new(size, live, ts, deadline);
+    let coordinator = Coordinator::new(size as usize, live, ts, deadline);
     session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members, priority }));
 }
 
@@ -846,8 +847,9 @@ fn finish(mut p: Pending) {
                 twophase::unregister(p.slot, p.xid);
                 return;
             }
-            // The commit record's time is the commit timestamp every node records: make it
-            // no lower than the largest proposal (a wait only as long as clock skew).
+            // Every node records `ts` as the commit timestamp; this node's clock passes it
+            // first (a wait only as long as clock skew), so that what it commits later, or
+            // what its client does after COMMIT, gets a later timestamp.
             let limit = now() + 1_000_000;
             while now() < ts.min(limit) {
                 std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
@@ -855,7 +857,8 @@ fn finish(mut p: Pending) {
             failpoint("before_precommit");
             precommit(&mut p, ts);
             failpoint("before_commit");
-            finish_prepared(&p.gid, true);
+            // Recording `ts` itself: a peer may commit at `ts` before this node does.
+            crate::commit_origin::commit_prepared_at(&p.gid, ts);
             twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
             twophase::committed_without(p.members, me, unsafe { pg_sys::XactLastCommitEnd });
             twophase::clock_observe(now());

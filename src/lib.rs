@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 mod apply;
 mod commit;
+mod commit_origin;
 mod ddl;
 mod executor_hook;
 mod functions;
@@ -42,6 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
         gucs::check_at_startup();
         status::init();
         twophase::init();
+        commit_origin::init();
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
             receiver::register(config);
             executor_hook::install();

@@ -290,7 +290,11 @@ fn add_node(conn_string: &str) -> i32 {
     // This node needs room for one more peer (the others say so in their logs).
     let peers = status::configured(config).count_ones() as i32;
     let needs = [
-        ("max_replication_slots", unsafe { pg_sys::max_replication_slots }, peers + 1),
+        (
+            "max_replication_slots",
+            unsafe { pg_sys::max_replication_slots },
+            peers + 1 + mmts_core::config::COMMIT_ORIGINS,
+        ),
         ("max_wal_senders", unsafe { pg_sys::max_wal_senders }, peers + 2),
         ("max_worker_processes", unsafe { pg_sys::max_worker_processes }, peers + mmts_core::config::EXTRA_WORKERS),
     ];

@@ -181,13 +181,14 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     cb.stream_truncate_cb = pgo.stream_truncate_cb;
 }
 
-/// The never-forward rule: skip everything that carries a replication origin.
+/// The never-forward rule: skip everything that carries a replication origin, except the
+/// origins this node's own transactions commit under (see `commit_origin`).
 #[pg_guard]
 unsafe extern "C-unwind" fn filter_by_origin(
     _ctx: *mut pg_sys::LogicalDecodingContext,
     origin_id: pg_sys::RepOriginId,
 ) -> bool {
-    origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+    origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId && !crate::commit_origin::is_commit_origin(origin_id)
 }
 
 /// The value of option `name` given to this decoding session, if any.

@@ -146,6 +146,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
                 id = pg_sys::replorigin_create(name.as_ptr());
             }
+            crate::commit_origin::create();
             // A node that joined as a copy of the peer has the peer's changes up to where the
             // copy ends, and none after (see `nodes::join_node`).
             if let Some(end) = joining {

@@ -42,6 +42,8 @@ struct Entry {
     origin: u32,
     origin_xid: u32,
     members: u64,
+    /// For a local transaction: when its backend wants to be woken.
+    wake: Wake,
     /// Peers that voted yes / accepted its precommit / said they finished (bit n-1 for node n).
     yes: u64,
     accepted: u64,
@@ -63,6 +65,7 @@ impl Default for Entry {
             origin: 0,
             origin_xid: 0,
             members: 0,
+            wake: Wake::default(),
             yes: 0,
             accepted: 0,
             finished: 0,
@@ -270,15 +273,39 @@ pub enum Refused {
     Wounded(u32),
 }
 
+/// What a coordinating backend waits for, so that it is woken only when that may be there
+/// (and otherwise looks every few milliseconds): every participant's vote (or a no), a
+/// majority's acceptance of its precommit, or every participant's "finished".
+#[derive(Clone, Copy, Default)]
+pub struct Wake {
+    /// The peers taking part (none: wake on everything).
+    pub participants: u64,
+    /// The number of nodes of the cluster.
+    pub size: u32,
+}
+
+impl Wake {
+    fn due(&self, what: &Delivery, before: &Entry, after: &Entry) -> bool {
+        let all = |mask: u64| self.participants == 0 || mask & self.participants == self.participants;
+        let majority = |mask: u64| (mask.count_ones() + 1) * 2 > self.size;
+        match what {
+            Delivery::Vote(Vote::No { .. }) => true,
+            Delivery::Vote(Vote::Yes { .. }) => all(after.yes) && !all(before.yes),
+            Delivery::Accepted => majority(after.accepted) && !majority(before.accepted),
+            Delivery::Finished => all(after.finished) && !all(before.finished),
+        }
+    }
+}
+
 /// Registers a local transaction entering two-phase commit, coordinated by the backend with
 /// `procno`. Returns the slot.
-pub fn register(xid: u32, key: Key, procno: i32) -> Result<usize, Refused> {
+pub fn register(xid: u32, key: Key, procno: i32, wake: Wake) -> Result<usize, Refused> {
     let mut s = SHARED.exclusive();
     if let Some(w) = s.wounds.iter().find(|w| w.xid == xid) {
         return Err(Refused::Wounded(w.by));
     }
     let slot = s.entries.iter().position(|e| !e.used).ok_or(Refused::Full)?;
-    s.entries[slot] = Entry { used: true, xid, key, procno, ..Entry::default() };
+    s.entries[slot] = Entry { used: true, xid, key, procno, wake, ..Entry::default() };
     Ok(slot)
 }
 
@@ -448,16 +475,18 @@ pub fn votes(slot: usize, xid: u32) -> Votes {
     v
 }
 
-/// Delivers a peer's signal about local transaction `xid` and wakes its backend.
+/// Delivers a peer's signal about local transaction `xid`, and wakes its backend when what it
+/// waits for may be complete (see [`Wake`]).
 pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
     let procno = {
         let mut s = SHARED.exclusive();
         let Some(e) = s.entries.iter_mut().find(|e| e.used && e.xid == xid && e.procno >= 0) else { return };
+        let before = *e;
         let bit = 1u64 << (voter.0 - 1);
-        match what {
+        match &what {
             Delivery::Vote(Vote::Yes { proposal }) => {
                 e.yes |= bit;
-                e.max_proposal = e.max_proposal.max(proposal);
+                e.max_proposal = e.max_proposal.max(*proposal);
             }
             Delivery::Vote(Vote::No { sqlstate, message }) => {
                 if e.no_node == 0 {
@@ -475,6 +504,9 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
             }
             Delivery::Finished => e.finished |= bit,
             Delivery::Accepted => e.accepted |= bit,
+        }
+        if !e.wake.due(&what, &before, e) {
+            return;
         }
         e.procno
     };

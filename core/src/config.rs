@@ -106,6 +106,10 @@ fn prerequisite(setting: &'static str, message: String, hint: String) -> ConfigE
 /// Background workers mmts needs besides the per-peer receivers (the monitor).
 pub const EXTRA_WORKERS: i32 = 1;
 
+/// Replication origins a node's coordinating backends commit under (each takes one of
+/// `max_replication_slots`' origin states, besides one per peer for its receiver).
+pub const COMMIT_ORIGINS: i32 = 4;
+
 /// The library name as it must appear in `shared_preload_libraries` / `output_plugin_libraries`.
 pub const LIBRARY: &str = "mmts";
 
@@ -206,7 +210,7 @@ pub fn validate(settings: &Settings) -> Result<(Mode, Vec<Notice>), ConfigError>
     }
     let peers = n - 1;
     let needs: [(&'static str, i32, i32); 3] = [
-        ("max_replication_slots", settings.max_replication_slots, peers),
+        ("max_replication_slots", settings.max_replication_slots, peers + COMMIT_ORIGINS),
         ("max_wal_senders", settings.max_wal_senders, peers),
         ("max_worker_processes", settings.max_worker_processes, peers + EXTRA_WORKERS),
     ];

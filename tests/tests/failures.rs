@@ -136,9 +136,11 @@ fn a_dead_coordinators_transaction_ends_alike_everywhere() {
             // Ends when the node is killed.
             let _ = c.batch_execute(&format!("INSERT INTO t VALUES ({id}, '{failpoint}')"));
         });
+        // (In a 3-node cluster a peer commits as soon as it accepts the precommit.)
         for node in &cluster.nodes()[1..] {
             wait_for(&format!("prepared on node {}", node.id), WAIT, || {
                 count(node, "SELECT count(*) FROM pg_prepared_xacts") == 1
+                    || count(node, &format!("SELECT count(*) FROM t WHERE id = {id}")) == 1
             });
         }
         // The failpoint is reached right after the votes (before_precommit) or the precommit.

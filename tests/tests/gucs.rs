@@ -112,8 +112,8 @@ fn server_prerequisites() {
     );
     assert_refused(
         &[("max_replication_slots", "1")],
-        "max_replication_slots is 1, but a 3-node mmts cluster needs at least 2",
-        "Set max_replication_slots to at least 2",
+        "max_replication_slots is 1, but a 3-node mmts cluster needs at least 6",
+        "Set max_replication_slots to at least 6",
     );
     assert_refused(
         &[("max_wal_senders", "1")],

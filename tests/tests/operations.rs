@@ -209,7 +209,12 @@ fn schema_changes_replicate_in_async_mode() {
     let cluster = start(2, "async");
     cluster.node(1).execute("CREATE TABLE a(id int PRIMARY KEY); INSERT INTO a VALUES (1)");
     cluster.node(1).execute("ALTER TABLE a ADD COLUMN v text; INSERT INTO a VALUES (2, 'two')");
-    wait_for("the table and both rows on node 2", WAIT, || {
+    // The change is applied a little later: the query on the rows must wait for the column.
+    wait_for("the new column on node 2", WAIT, || {
+        value(cluster.node(2), "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('a') AND attname = 'v'")
+            == "1"
+    });
+    wait_for("both rows on node 2", WAIT, || {
         value(cluster.node(2), "SELECT string_agg(id || coalesce(v, '-'), ',' ORDER BY id) FROM a") == "1-,2two"
     });
 }

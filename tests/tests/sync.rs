@@ -107,18 +107,25 @@ fn every_client_path_commits_on_all_nodes_before_returning() {
 }
 
 /// Every node records the same commit timestamp for a transaction; causally later ones have
-/// larger ones.
+/// larger ones. In a 3-node cluster the peers commit on the precommit, in a 4-node one when the
+/// coordinator's COMMIT PREPARED reaches them.
 #[test]
 fn commit_timestamps_agree_and_grow_with_causality() {
-    let cluster = start(3, T);
+    for n in [3, 4] {
+        commit_timestamps_agree(n);
+    }
+}
+
+fn commit_timestamps_agree(n: usize) {
+    let cluster = start(n, T);
     let mut last = String::new();
     for i in 0..30i64 {
-        let origin = cluster.node(1 + (i as usize % 3));
+        let origin = cluster.node(1 + (i as usize % n));
         origin.execute(&format!("INSERT INTO t VALUES ({i}, 'x')"));
         let sql = format!("SELECT mtm.get_commit_timestamp(xmin)::text FROM t WHERE id = {i}");
         let ts: Vec<String> = cluster.nodes().iter().map(|n| n.query_value(&sql).unwrap_or_default()).collect();
         assert!(!ts[0].is_empty(), "no commit timestamp for row {i}");
-        assert!(ts.iter().all(|t| *t == ts[0]), "row {i}: commit timestamps differ between nodes: {ts:?}");
+        assert!(ts.iter().all(|t| *t == ts[0]), "{n} nodes, row {i}: commit timestamps differ between nodes: {ts:?}");
         let later = count(
             cluster.node(2),
             &format!(
