@@ -35,3 +35,40 @@ CONF
 
 # q PORT SQL: one value.
 q() { psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "$2"; }
+
+# cpu_snapshot FILE: "pid ticks role" for every process on the machine now (CPU ticks, user +
+# system), with its role from its command line.
+cpu_snapshot() {
+  ps -eo pid=,args= | awk '
+    { pid = $1; role = "other"
+      if ($0 ~ /mmts receiver/) role = "receivers"
+      else if ($0 ~ /walsender/) role = "walsenders"
+      else if ($0 ~ /pgbench/) role = "pgbench"
+      else if ($0 ~ /postgres: postgres postgres/) role = "backends"
+      else if ($0 ~ /postgres/) role = "other-postgres"
+      roles[pid] = role }
+    END {
+      for (p in roles) {
+        f = "/proc/" p "/stat"
+        if ((getline line < f) > 0) { sub(/.*\) /, "", line); split(line, a, " "); print p, a[12] + a[13], roles[p] }
+        close(f)
+      } }' > "$1"
+}
+
+# cpu_per_txn BEFORE AFTER TXNS: milliseconds of CPU per transaction between two snapshots,
+# by role ("backends" counts client backends and mmts's signal connections alike).
+cpu_per_txn() {
+  awk -v txns="$3" -v hz="$(getconf CLK_TCK)" '
+    NR == FNR { before[$1] = $2; next }
+    { d = $2 - (($1 in before) ? before[$1] : 0); by[$3] += d; all += d }
+    END {
+      if (txns <= 0) { print "n/a"; exit }
+      out = sprintf("total %.2f:", all * 1000 / hz / txns)
+      n = split("backends receivers walsenders pgbench other-postgres other", order, " ")
+      for (i = 1; i <= n; i++) {
+        ms = by[order[i]] * 1000 / hz / txns
+        if (ms >= 0.005) out = out sprintf(" %s %.2f", order[i], ms)
+      }
+      print out
+    }' "$1" "$2"
+}

@@ -9,6 +9,8 @@
 #    40001: in sync mode, concurrent updates of one row on two nodes) are retried by pgbench
 #    (--max-tries); prints TPS, the ratio to standalone, failed transactions, retries and
 #    aborted clients.
+#    Also the CPU each committed transaction cost, by kind of process (client backends,
+#    receivers, walsenders, pgbench), from /proc over the middle of each run.
 # 2. Commit latency: one client, one autocommit single-row UPDATE of a random account, against
 #    the standalone server and node 1 of the sync cluster; prints both averages and the
 #    difference (what two-phase commit across the cluster adds to a commit).
@@ -125,7 +127,9 @@ retries() { sum_field '^total number of retries:' 5 "$@"; }
 aborted() { cat "$@" | grep -c 'aborted in command' || true; }
 
 # run NAME PROTOCOL CLIENTS PORT...: pgbench tpcb-like on every PORT at once, CLIENTS each;
-# outputs in $DIR/NAME.<port>.out. A run with aborted clients exits non-zero: keep going.
+# outputs in $DIR/NAME.<port>.out, and CPU snapshots of the machine 2 s after the start and
+# 2 s before the end ($DIR/NAME.cpu0, .cpu1). A run with aborted clients exits non-zero: keep
+# going.
 run() {
   local name=$1 proto=$2 clients=$3 p
   shift 3
@@ -133,11 +137,18 @@ run() {
     pgb -n -M "$proto" --max-tries="$MAX_TRIES" --failures-detailed -c "$clients" -j "$clients" -T "$DURATION" \
       -p "$p" > "$DIR/$name.$p.out" 2>&1 &
   done
+  if [ "$DURATION" -gt 6 ]; then
+    sleep 2
+    cpu_snapshot "$DIR/$name.cpu0"
+    sleep $((DURATION - 4))
+    cpu_snapshot "$DIR/$name.cpu1"
+  fi
   wait || true
 }
 
 per_node=$(( (CLIENTS + 2) / 3 ))
 results=()
+cpu=()
 for proto in simple extended; do
   echo "==> $proto protocol: standalone, $CLIENTS clients, ${DURATION}s"
   run "standalone-$proto" "$proto" "$CLIENTS" "$BASE"
@@ -150,6 +161,10 @@ for proto in simple extended; do
   for t in standalone sync async; do
     files=("$DIR/$t-$proto".*.out)
     t_tps=$(tps "${files[@]}")
+    if [ -f "$DIR/$t-$proto.cpu1" ]; then
+      cpu+=("$(printf '%-9s %-11s %s' "$proto" "$t" \
+        "$(cpu_per_txn "$DIR/$t-$proto.cpu0" "$DIR/$t-$proto.cpu1" "$(awk -v t="$t_tps" -v d="$DURATION" 'BEGIN { print t * (d - 4) }')")")")
+    fi
     results+=("$(printf '%-9s %-11s %10.1f %8.2f %8s %8s %8s %8s' "$proto" "$t" "$t_tps" \
       "$(awk -v a="$t_tps" -v b="$sa" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
       "$(failed "${files[@]}")" "$(retried "${files[@]}")" "$(retries "${files[@]}")" "$(aborted "${files[@]}")")")
@@ -176,6 +191,11 @@ for r in "${results[@]}"; do echo "$r"; done
 echo "(TPS of a cluster: sum over its 3 nodes; failed: transactions that failed after $MAX_TRIES tries;"
 echo " retried: transactions that needed a retry (serialization failure); aborted: pgbench clients"
 echo " stopped by an error that is not retried)"
+if [ ${#cpu[@]} -gt 0 ]; then
+  echo
+  echo "CPU per committed transaction (ms; every process on the machine, the middle $((DURATION - 4)) s of each run):"
+  for r in "${cpu[@]}"; do echo "$r"; done
+fi
 echo
 sa_lat=$(lat average standalone)
 sy_lat=$(lat average sync)
