@@ -253,8 +253,9 @@ fn stream(
     status::update(peer_id, |p| p.connected = true);
     log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start)));
 
+    reload_if_asked();
     let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
-    let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+    let mut silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
     applier.reset_stream();
     let mut link = Link {
         conn,
@@ -360,11 +361,25 @@ fn stream(
         if BackgroundWorker::sigterm_received() {
             return Ok(());
         }
+        if reload_if_asked() {
+            link.heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+            silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+        }
         // A receiver stops on SIGTERM only; a stray cancel is not a reason to restart.
         unsafe { pg_sys::QueryCancelPending = 0 };
         pgrx::check_for_interrupts!();
         link.conn.consume_input()?;
     }
+}
+
+/// Reads postgresql.conf again after a reload (`pg_reload_conf()`, SIGHUP): the heartbeat
+/// and two-phase commit settings can change without a restart. Returns whether it did.
+fn reload_if_asked() -> bool {
+    let asked = BackgroundWorker::sighup_received();
+    if asked {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+    asked
 }
 
 /// Makes the slot `mtm_slot_<peer>` the peer streams this node's changes from, in a worker of

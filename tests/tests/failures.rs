@@ -400,3 +400,22 @@ fn connect(connstr: &str) -> Option<postgres::Client> {
     config.connect_timeout(Duration::from_secs(2));
     config.connect(postgres::NoTls).ok()
 }
+
+/// The heartbeat settings are reloadable, in the receivers too: after `pg_reload_conf()` a
+/// receiver waits the new `heartbeat_recv_timeout` for a silent peer before it reconnects.
+#[test]
+fn a_configuration_reload_reaches_the_receivers() {
+    let cluster = start("CREATE TABLE t(id bigint PRIMARY KEY)");
+    let node1 = cluster.node(1);
+    node1.execute("ALTER SYSTEM SET multimaster.heartbeat_recv_timeout = 1700");
+    node1.execute("SELECT pg_reload_conf()");
+    // The receivers look for a reload every heartbeat (100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.cut(1, 2);
+    wait_for("node 1's receiver to give up on silent node 2", WAIT, || {
+        node1.log_tail(300).contains("no message from node 2 for")
+    });
+    let log = node1.log_tail(300);
+    assert!(log.contains("no message from node 2 for 1700 ms"), "{log}");
+    cluster.heal_all();
+}
