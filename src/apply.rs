@@ -490,7 +490,8 @@ impl Applier {
         let Mode::Multimaster(config) = gucs::mode() else { return None };
         let commit = Outcome::Commit { ts };
         let peer = NodeId(self.peer);
-        let chosen = crate::status::configured(config).count_ones() <= 3
+        let size = crate::status::configured(config).count_ones() as usize;
+        let chosen = mmts_core::indoubt::majority(size, 2)
             && twophase::with_acceptor(peer, xid, |a| {
                 a.decided.is_none() && a.accepted == Some((Ballot::coordinator(peer), commit))
             });

@@ -795,7 +795,7 @@ fn precommit(p: &mut Pending, ts: i64) {
     let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
     loop {
         let accepted = twophase::votes(p.slot, p.xid).accepted.len() + 1;
-        if accepted * 2 > status::configured(config).count_ones() as usize {
+        if mmts_core::indoubt::majority(status::configured(config).count_ones() as usize, accepted) {
             return;
         }
         if now() >= deadline || interrupted() {

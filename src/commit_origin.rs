@@ -109,8 +109,8 @@ pub fn is_commit_origin(id: pg_sys::RepOriginId) -> bool {
     })
 }
 
-/// The pool's ids, made first if need be.
-fn ids() -> Vec<pg_sys::RepOriginId> {
+/// The id of the pool's origin `k`, the pool made first if need be.
+fn id(k: usize) -> Option<pg_sys::RepOriginId> {
     IDS.with(|ids| {
         if ids.borrow().len() < POOL {
             let mut found = look_up();
@@ -120,7 +120,7 @@ fn ids() -> Vec<pg_sys::RepOriginId> {
             }
             *ids.borrow_mut() = found;
         }
-        ids.borrow().clone()
+        ids.borrow().get(k).copied()
     })
 }
 
@@ -170,10 +170,9 @@ impl Drop for Held {
 
 /// COMMIT PREPARED `gid` recording commit timestamp `ts` (outside a transaction).
 pub fn commit_prepared_at(gid: &CStr, ts: pg_sys::TimestampTz) {
-    let ids = ids();
     let mut held = Held::take();
     unsafe {
-        if let Some(&id) = ids.get(held.k) {
+        if let Some(id) = id(held.k) {
             pg_sys::replorigin_session_setup(id);
             held.set_up = true;
             pg_sys::replorigin_session_origin = id;

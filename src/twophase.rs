@@ -285,14 +285,16 @@ pub struct Wake {
 }
 
 impl Wake {
-    fn due(&self, what: &Delivery, before: &Entry, after: &Entry) -> bool {
+    /// `before` and `after`: the entry's (yes, accepted, finished) around the delivery.
+    fn due(&self, what: &Delivery, before: (u64, u64, u64), after: (u64, u64, u64)) -> bool {
         let all = |mask: u64| self.participants == 0 || mask & self.participants == self.participants;
-        let majority = |mask: u64| (mask.count_ones() + 1) * 2 > self.size;
+        // The acceptances of the peers, and the coordinator's own.
+        let majority = |mask: u64| mmts_core::indoubt::majority(self.size as usize, mask.count_ones() as usize + 1);
         match what {
             Delivery::Vote(Vote::No { .. }) => true,
-            Delivery::Vote(Vote::Yes { .. }) => all(after.yes) && !all(before.yes),
-            Delivery::Accepted => majority(after.accepted) && !majority(before.accepted),
-            Delivery::Finished => all(after.finished) && !all(before.finished),
+            Delivery::Vote(Vote::Yes { .. }) => all(after.0) && !all(before.0),
+            Delivery::Accepted => majority(after.1) && !majority(before.1),
+            Delivery::Finished => all(after.2) && !all(before.2),
         }
     }
 }
@@ -481,7 +483,7 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
     let procno = {
         let mut s = SHARED.exclusive();
         let Some(e) = s.entries.iter_mut().find(|e| e.used && e.xid == xid && e.procno >= 0) else { return };
-        let before = *e;
+        let before = (e.yes, e.accepted, e.finished);
         let bit = 1u64 << (voter.0 - 1);
         match &what {
             Delivery::Vote(Vote::Yes { proposal }) => {
@@ -505,7 +507,7 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
             Delivery::Finished => e.finished |= bit,
             Delivery::Accepted => e.accepted |= bit,
         }
-        if !e.wake.due(&what, &before, e) {
+        if !e.wake.due(&what, before, (e.yes, e.accepted, e.finished)) {
             return;
         }
         e.procno

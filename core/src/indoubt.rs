@@ -95,7 +95,8 @@ impl Acceptor {
     }
 }
 
-fn majority(size: usize, count: usize) -> bool {
+/// Whether `count` of a cluster of `size` nodes are a majority (of acceptors, here).
+pub fn majority(size: usize, count: usize) -> bool {
     count * 2 > size
 }
 
