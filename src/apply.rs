@@ -221,7 +221,7 @@ impl Applier {
                     preparing.changes.push(message);
                     return None;
                 }
-                Message::LogicalMessage { .. } if ddl_signal(&message).is_some() => {
+                Message::LogicalMessage { .. } if ddl_signal(self.peer, &message).is_some() => {
                     preparing.changes.push(message);
                     return None;
                 }
@@ -372,31 +372,29 @@ impl Applier {
                 Some(self.finished(rollback_time))
             }
             Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
-                match (Signal::decode(&content), &mut self.preparing) {
-                    (Ok(Signal::Coordinated { key, members, after }), Some(p)) => {
+                match (crate::provenance::admit(self.peer, &content), &mut self.preparing) {
+                    (Some(Signal::Coordinated { key, members, after }), Some(p)) => {
                         twophase::clock_observe(key.ts);
                         p.key = Some(key);
                         p.members = members;
                         p.after = after;
                     }
-                    (Ok(Signal::Ddl { role, search_path, statement }), None) => {
+                    (Some(Signal::Ddl { role, search_path, statement }), None) => {
                         unsafe { start_transaction() };
                         crate::ddl::run(&role, &search_path, &statement);
                     }
-                    (Ok(Signal::Seen { applied }), None) => self.seen = applied,
+                    (Some(Signal::Seen { applied }), None) => self.seen = applied,
                     _ => {}
                 }
                 None
             }
             Message::LogicalMessage { transactional: false, prefix, content, lsn } if prefix == SIGNAL_PREFIX => {
-                match Signal::decode(&content) {
-                    Ok(Signal::Resolved { origin, xid, outcome }) => {
+                match crate::provenance::admit(self.peer, &content) {
+                    Some(Signal::Resolved { origin, xid, outcome }) => {
                         self.carry_out(origin, xid, outcome, lsn, keep_up);
                         None
                     }
-                    Ok(Signal::Precommit { origin, xid, ts }) if origin.0 == self.peer => {
-                        self.commit_early(xid, ts, lsn, keep_up)
-                    }
+                    Some(Signal::Precommit { xid, ts, .. }) => self.commit_early(xid, ts, lsn, keep_up),
                     _ => None,
                 }
             }
@@ -836,7 +834,7 @@ impl Applier {
     }
 
     fn apply_change(&mut self, message: &Message) {
-        if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(message) {
+        if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(self.peer, message) {
             unsafe { start_transaction() };
             crate::ddl::run(&role, &search_path, &statement);
             return;
@@ -1396,10 +1394,10 @@ unsafe fn store_values(
 }
 
 /// The schema change a transactional message of the peer carries, if it is one.
-fn ddl_signal(message: &Message) -> Option<Signal> {
+fn ddl_signal(peer: u32, message: &Message) -> Option<Signal> {
     match message {
         Message::LogicalMessage { transactional: true, prefix, content, .. } if prefix == SIGNAL_PREFIX => {
-            Signal::decode(content).ok().filter(|s| matches!(s, Signal::Ddl { .. }))
+            crate::provenance::admit(peer, content).filter(|s| matches!(s, Signal::Ddl { .. }))
         }
         _ => None,
     }

@@ -38,8 +38,12 @@ fn get_cluster_info() -> TableIterator<'static, (name!(name, String), name!(valu
     TableIterator::new(rows)
 }
 
-/// `multimaster.conn_strings` as this server started with it, passwords masked.
+/// `multimaster.conn_strings` as this server started with it, passwords masked; NULL for a
+/// role that may not read it.
 fn masked_conn_strings() -> Option<String> {
+    if !gucs::may_read_conn_strings() {
+        return None;
+    }
     match gucs::mode() {
         Mode::Standalone => None,
         Mode::Multimaster(c) => Some(c.nodes.iter().map(|n| n.conninfo.masked()).collect::<Vec<_>>().join(", ")),

@@ -254,7 +254,6 @@ pub fn define(strict: bool) {
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
-    crate::twophase::define_delivery_setting();
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr());
     }
@@ -378,4 +377,11 @@ pub fn show_option(name: &str) -> Option<String> {
 
 fn int_option(name: &str) -> i32 {
     config_option(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Whether the current role may see connection strings (`multimaster.conn_strings`, the
+/// nodes'): superusers only, as for the setting itself.
+pub fn may_read_conn_strings() -> bool {
+    // SAFETY: a catalog lookup of the current user; callers run inside a transaction.
+    unsafe { pg_sys::superuser() }
 }

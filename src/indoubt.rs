@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mmts_core::config::ClusterConfig;
 use mmts_core::indoubt::{after_accepts, after_promises, Answer, Ballot, Next, Outcome};
 use mmts_core::membership::{bit, State};
-use mmts_core::twopc::{decode_batch, encode_batch, Signal};
+use mmts_core::twopc::{decode_batch, Signal};
 use mmts_core::NodeId;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
@@ -105,11 +105,7 @@ impl Resolver {
         if let Some(Signal::Answered { answer, .. }) = twophase::answer(&request, config.node_id) {
             answers.push((config.node_id, answer));
         }
-        let query = format!(
-            "SELECT pg_catalog.set_config('{}', '{}', false)",
-            twophase::DELIVERY_SETTING,
-            encode_batch(std::slice::from_ref(&request))
-        );
+        let query = twophase::delivery_query(config.node_id, std::slice::from_ref(&request));
         for peer in status::peers(config).into_iter().filter(|n| status::connected(n.id.0)) {
             let id = peer.id.0;
             if !self.conns.contains_key(&id) {
@@ -127,7 +123,11 @@ impl Resolver {
             let conn = self.conns.get_mut(&id).expect("connected");
             match conn.query_value(&query, ANSWER_TIMEOUT) {
                 Ok(Some(reply)) => {
-                    for signal in decode_batch(&reply).unwrap_or_default() {
+                    for signal in decode_batch(&reply)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|s| crate::provenance::admit_signal(id, s))
+                    {
                         if let Signal::Answered { origin: o, xid: x, voter, answer } = signal {
                             if o == origin && x == xid && voter == peer.id {
                                 answers.push((voter, answer));

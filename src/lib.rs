@@ -18,6 +18,7 @@ mod indoubt;
 mod libpq;
 mod nodes;
 mod output_plugin;
+mod provenance;
 mod receiver;
 mod status;
 mod twophase;
@@ -45,6 +46,7 @@ pub extern "C-unwind" fn _PG_init() {
         twophase::init();
         commit_origin::init();
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
+            provenance::init();
             receiver::register(config);
             executor_hook::install();
             commit::install();

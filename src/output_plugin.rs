@@ -20,6 +20,7 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
+use mmts_core::twopc::SIGNAL_PREFIX;
 use mmts_core::wire::{self, Column, Message, Relation as WireRelation, Value};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -454,16 +455,21 @@ unsafe extern "C-unwind" fn message(
     message: *const std::ffi::c_char,
 ) {
     let content = if message_size == 0 {
-        Vec::new()
+        &[][..]
     } else {
-        unsafe { std::slice::from_raw_parts(message.cast::<u8>(), message_size) }.to_vec()
+        // SAFETY: decoding hands over `message_size` bytes at `message`, valid for the call.
+        unsafe { std::slice::from_raw_parts(message.cast::<u8>(), message_size) }
     };
-    let msg = Message::LogicalMessage {
-        transactional,
-        lsn: message_lsn,
-        prefix: unsafe { CStr::from_ptr(prefix) }.to_string_lossy().into_owned(),
-        content,
+    let prefix = unsafe { CStr::from_ptr(prefix) }.to_string_lossy().into_owned();
+    // A message with mmts's prefix goes on only if mmts wrote it (see `provenance`): any role
+    // may write one with pg_logical_emit_message.
+    let content = if prefix == SIGNAL_PREFIX {
+        let Some(body) = crate::provenance::open(transactional, content, message_lsn) else { return };
+        body
+    } else {
+        content
     };
+    let msg = Message::LogicalMessage { transactional, lsn: message_lsn, prefix, content: content.to_vec() };
     unsafe { send(ctx, &msg) };
 }
 

@@ -241,7 +241,7 @@ fn stream(
     slot: &mut SlotMaker,
 ) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
-    let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id);
+    let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
     let start = unsafe { pg_sys::replorigin_session_get_progress(false) };
     conn.exec(&format!(
@@ -520,7 +520,7 @@ impl Link {
                         sqlstate: None,
                     })?;
                     for message in messages {
-                        self.replies.extend(deliver_signal(&message, self.me));
+                        self.replies.extend(deliver_signal(&message, self.peer_id, self.me));
                         if let wire::Message::RollbackPrepared { xid, .. } = message {
                             crate::apply::rolled_back_ahead(xid);
                         }
@@ -611,29 +611,23 @@ impl Drop for Waits {
 
 /// Hands a peer's vote or "finished" about one of this node's transactions to its backend;
 /// returns this node's answer to a precommit.
-fn deliver_signal(message: &wire::Message, me: u32) -> Option<Signal> {
+fn deliver_signal(message: &wire::Message, peer: u32, me: u32) -> Option<Signal> {
     let wire::Message::LogicalMessage { transactional: false, prefix, content, .. } = message else { return None };
     if prefix != SIGNAL_PREFIX {
         return None;
     }
-    match Signal::decode(content) {
-        Ok(signal) => {
-            let answer = twophase::answer(&signal, mmts_core::NodeId(me));
-            twophase::deliver_signal(signal, me);
-            answer
-        }
-        Err(e) => {
-            log(format!("mmts: ignoring a malformed signal: {e}"));
-            None
-        }
-    }
+    let signal = crate::provenance::admit(peer, content)?;
+    let answer = twophase::answer(&signal, mmts_core::NodeId(me));
+    twophase::deliver_signal(signal, me);
+    answer
 }
 
 /// Where this receiver's votes and "finished" for the peer's transactions go: straight to the
-/// peer over a plain connection (setting `multimaster.deliver_signals` there), one batch at a
-/// time; in this node's WAL when that connection is not there or fails (the peer's receiver
-/// then delivers them). Delivering twice is harmless, so a batch whose fate is unknown goes to
-/// WAL as well.
+/// peer over a plain connection (calling `mtm.deliver_signals` there), one batch at a time; in
+/// this node's WAL when that connection is not there or fails (the peer's receiver then
+/// delivers them). Delivering twice is harmless, so a batch whose fate is unknown goes to WAL
+/// as well. A batch the peer refuses because it has no `mtm` schema yet (`CREATE EXTENSION`
+/// not run there) goes to WAL, and the next is tried on the same connection.
 struct Outbox {
     conn: Option<Connection>,
     /// When this node's last heartbeat went.
@@ -642,12 +636,15 @@ struct Outbox {
     in_flight: Vec<Signal>,
     queued: Vec<Signal>,
     peer_id: u32,
+    me: NodeId,
 }
 
 impl Outbox {
-    fn new(conninfo: &str, application_name: &str, peer_id: u32) -> Outbox {
+    fn new(conninfo: &str, application_name: &str, peer_id: u32, me: NodeId) -> Outbox {
+        let outbox =
+            |conn| Outbox { conn, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id, me };
         if !gucs::synchronous() {
-            return Outbox { conn: None, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id };
+            return outbox(None);
         }
         let conn = match Connection::connect(conninfo, application_name, false) {
             Ok(c) => Some(c),
@@ -656,7 +653,7 @@ impl Outbox {
                 None
             }
         };
-        Outbox { conn, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id }
+        outbox(conn)
     }
 
     /// Sends this node's heartbeat (synchronous mode) when one is due.
@@ -701,11 +698,20 @@ impl Outbox {
         let result = result.and_then(|ready| {
             if ready && !self.queued.is_empty() {
                 self.in_flight = std::mem::take(&mut self.queued);
-                let batch = mmts_core::twopc::encode_batch(&self.in_flight);
-                conn.send(&format!("SET {} = '{batch}'", twophase::DELIVERY_SETTING))?;
+                conn.send(&twophase::delivery_query(self.me, &self.in_flight))?;
             }
             Ok(())
         });
+        // The function is not there yet: this batch goes through WAL, the next one is tried.
+        let missing = |e: &crate::libpq::PqError| matches!(e.sqlstate.as_deref(), Some("3F000" | "42883"));
+        if let Err(e) = &result {
+            if missing(e) {
+                for s in self.in_flight.drain(..) {
+                    twophase::emit(&s, false);
+                }
+                return self.pump();
+            }
+        }
         if let Err(e) = result {
             log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
             self.conn = None;

@@ -199,9 +199,12 @@ pub fn node(config: &ClusterConfig, id: u32) -> Option<NodeConfig> {
 
 /// Every node configured or added, dropped ones too.
 pub fn known(config: &ClusterConfig) -> Vec<NodeConfig> {
-    let added = PEERS.share().added;
-    let mask = config.nodes.iter().fold(added, |m, n| m | bit(n.id));
-    membership::nodes(mask).filter_map(|id| node(config, id.0)).collect()
+    membership::nodes(known_mask(config)).filter_map(|id| node(config, id.0)).collect()
+}
+
+/// The ids of [`known`].
+pub fn known_mask(config: &ClusterConfig) -> Mask {
+    config.nodes.iter().fold(PEERS.share().added, |m, n| m | bit(n.id))
 }
 
 /// The other nodes of the cluster now (dropped ones left out, added ones in).
@@ -291,6 +294,11 @@ pub fn current(config: &ClusterConfig) -> Current {
     Current { view, generation, report }
 }
 
+fn timestamp(t: pg_sys::TimestampTz) -> Option<pgrx::datum::TimestampWithTimeZone> {
+    // SAFETY: a timestamptz datum by value.
+    (t != 0).then(|| unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(t.into(), false) }).flatten()
+}
+
 fn now() -> pg_sys::TimestampTz {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
@@ -314,13 +322,14 @@ pub fn application_name(id: u32) -> String {
     format!("mmts_node_{id}")
 }
 
-/// Every configured node as this node sees it. Connection strings show no passwords.
+/// Every configured node as this node sees it. Connection strings (shown to superusers only)
+/// show no passwords.
 #[pg_extern(volatile, parallel_safe)]
 fn get_nodes_state() -> TableIterator<
     'static,
     (
         name!(node_id, i32),
-        name!(conn_string, String),
+        name!(conn_string, Option<String>),
         name!(is_self, bool),
         name!(state, String),
         name!(receiver_connected, Option<bool>),
@@ -341,7 +350,7 @@ fn get_nodes_state() -> TableIterator<
     let rows: Vec<_> = known(config)
         .iter()
         .map(|n| {
-            let conn = n.conninfo.masked();
+            let conn = gucs::may_read_conn_strings().then(|| n.conninfo.masked());
             if n.id == config.node_id {
                 let state = if gucs::synchronous() || cur.view.state == State::Dropped {
                     cur.view.state.name()
@@ -381,11 +390,7 @@ fn get_nodes_state() -> TableIterator<
                 Some(pgrx::datum::Interval::from_micros(lag_us)),
                 Some(format_lsn(p.applied_lsn)),
                 Some(p.transactions_applied as i64),
-                (p.last_message_time != 0)
-                    .then(|| unsafe {
-                        pgrx::datum::TimestampWithTimeZone::from_datum(p.last_message_time.into(), false)
-                    })
-                    .flatten(),
+                timestamp(p.last_message_time),
             )
         })
         .collect();

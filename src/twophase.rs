@@ -4,7 +4,7 @@
 //! entries also give the [`Key`] of a lock holder when a receiver's apply conflicts with it.
 //!
 //! Signals to a peer (votes, "finished" for its transactions) go straight to it: the receiver
-//! sets [`DELIVERY_SETTING`] over a plain connection there. Without that connection they are
+//! calls [`deliver_signals`] over a plain connection there. Without that connection they are
 //! logical decoding messages written to this node's WAL ([`emit`]): the walsender that serves
 //! the peer decodes them and the peer's receiver delivers them.
 //!
@@ -13,13 +13,14 @@
 //! and holds the row there), so it is canceled at once with 40001 rather than after its own
 //! PREPARE loses; see [`classify_holder`].
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, CStr};
 
 use mmts_core::config::Mode;
 use mmts_core::indoubt::{Acceptor, Answer, Ballot, Outcome};
 use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
@@ -580,75 +581,49 @@ fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
     (after(s.started_at) && !prepared_here) || window(origin, xid).any(|i| after(s.records[i].replaced_at))
 }
 
-/// The setting a peer's receiver sets, over a plain connection to this node, to hand it votes
-/// and "finished" for its transactions directly (a batch from `encode_batch`), rather than in
-/// the peer's WAL: no flush, no decoding, and no waiting behind the peer's large transactions.
-/// Superusers only; hidden.
-pub const DELIVERY_SETTING: &str = "multimaster.deliver_signals";
-static mut DELIVERY_VALUE: *mut c_char = std::ptr::null_mut();
-
-pub fn define_delivery_setting() {
-    unsafe {
-        pg_sys::DefineCustomStringVariable(
-            c"multimaster.deliver_signals".as_ptr(),
-            c"Votes and acknowledgements from a peer (set by mmts itself).".as_ptr(),
-            std::ptr::null(),
-            &raw mut DELIVERY_VALUE,
-            c"".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            (pg_sys::GUC_NO_SHOW_ALL
-                | pg_sys::GUC_NO_RESET_ALL
-                | pg_sys::GUC_NOT_IN_SAMPLE
-                | pg_sys::GUC_DISALLOW_IN_FILE) as i32,
-            Some(check_delivery),
-            None,
-            None,
-        );
+/// Votes, "finished" and acceptances for this node's transactions, heartbeats, and
+/// resolvers' requests, handed over by peer `sender` over a plain connection (a batch from
+/// `encode_batch`) rather than through its WAL: no flush, no decoding, and no waiting behind
+/// the peer's large transactions. Returns this node's answers to the requests (a batch).
+/// Superusers only (EXECUTE is revoked from PUBLIC too): the peers connect as a superuser.
+/// Every signal is bound to `sender` like one from its stream (see `provenance`); delivering
+/// a batch twice changes nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn deliver_signals(sender: i32, signals: &str) -> String {
+    // SAFETY: a plain catalog lookup of the current user, in a transaction.
+    if !unsafe { pg_sys::superuser() } {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied for function mtm.deliver_signals",
+            "mmts",
+        )
+        .set_detail("Only the cluster's nodes hand over signals, connected as a superuser.")
+        .report(PgLogLevel::ERROR);
     }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_delivery(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    let value = unsafe { *newval };
-    if value.is_null() {
-        return true;
-    }
-    let Ok(text) = unsafe { CStr::from_ptr(value) }.to_str() else { return false };
-    let Ok(signals) = decode_batch(text) else { return false };
-    // The empty value (also the one set while the setting is defined, before the mode is
-    // known: asking for it then would fix it as standalone) carries nothing.
-    if signals.is_empty() {
-        return true;
-    }
-    let Mode::Multimaster(config) = crate::gucs::mode() else { return true };
-    // Delivering twice (a value set again) changes nothing. The answers to requests become
-    // the value: `SELECT set_config(...)` returns them.
+    let Mode::Multimaster(config) = crate::gucs::mode() else { error!("mmts: this server is not a multimaster node") };
+    let signals = decode_batch(signals).unwrap_or_else(|e| {
+        ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION, format!("mmts: {e}"), "mmts")
+            .report(PgLogLevel::ERROR);
+        unreachable!()
+    });
+    let sender = u32::try_from(sender).unwrap_or(0);
     let mut answers = Vec::new();
-    for signal in signals {
+    for signal in signals.into_iter().filter_map(|s| crate::provenance::admit_signal(sender, s)) {
         answers.extend(answer(&signal, config.node_id));
         deliver_signal(signal, config.node_id.0);
     }
-    let reply = std::ffi::CString::new(encode_batch(&answers)).expect("hex");
-    unsafe {
-        // PostgreSQL 15 keeps setting strings in malloc'd memory.
-        let copy = malloc(reply.as_bytes_with_nul().len()) as *mut c_char;
-        if copy.is_null() {
-            return false;
-        }
-        std::ptr::copy_nonoverlapping(reply.as_ptr(), copy, reply.as_bytes_with_nul().len());
-        free(value.cast());
-        *newval = copy;
-    }
-    true
+    encode_batch(&answers)
 }
 
-unsafe extern "C" {
-    fn malloc(size: usize) -> *mut c_void;
-    fn free(ptr: *mut c_void);
+pgrx::extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION mtm.deliver_signals(integer, text) FROM PUBLIC;",
+    name = "deliver_signals_privileges",
+    requires = [deliver_signals]
+);
+
+/// The query a node runs on a peer to hand it `signals` (see [`deliver_signals`]).
+pub fn delivery_query(me: NodeId, signals: &[Signal]) -> String {
+    format!("SELECT mtm.deliver_signals({me}, '{}')", encode_batch(signals))
 }
 
 unsafe extern "C-unwind" {
@@ -677,7 +652,7 @@ unsafe extern "C-unwind" {
 /// current transaction; others are sent at once (flushed, without this session's replication
 /// origin, which would stop the walsenders from sending them).
 pub fn emit(signal: &Signal, transactional: bool) {
-    let bytes = signal.encode();
+    let bytes = crate::provenance::seal(transactional, &signal.encode());
     unsafe {
         let origin = pg_sys::replorigin_session_origin;
         if !transactional {

@@ -7,6 +7,7 @@ pub mod conflict;
 pub mod conninfo;
 pub mod indoubt;
 pub mod membership;
+pub mod provenance;
 pub mod replication;
 pub mod twopc;
 pub mod wire;

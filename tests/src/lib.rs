@@ -81,8 +81,9 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
-/// Makes `path` belong to the server user (when root), so servers can write there.
-fn give_to_server_user(path: &Path) {
+/// Makes `path` (and all below it) belong to the server user (when root), so servers can
+/// write there, and read files that must be their own (e.g. a TLS key).
+pub fn give_to_server_user(path: &Path) {
     if is_root() {
         run_ok(Command::new("chown").args(["-R", &format!("{SERVER_USER}:{SERVER_USER}")]).arg(path));
     }
