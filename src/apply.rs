@@ -605,30 +605,44 @@ impl Applier {
         };
         let (me, peer) = (self.me, self.peer);
         let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
-        let met = || dependencies_met(&preparing.after, |n| crate::status::applied(n.0), skip);
+        let met = || dependencies_met(&preparing.after, |n| crate::status::applied_through(n.0), skip);
         if key.is_some() && !member {
-            let mut reported = false;
+            // Shown in mtm.get_nodes_state() and logged once it lasts a few heartbeats, then
+            // logged again every WAIT_LOG_EVERY while it lasts.
+            let shown = WaitShown(self.peer);
+            let report_after = Duration::from_millis(5 * gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+            let mut logged: Option<Instant> = None;
             while !met() {
                 if doomed(xid) {
                     return Some(self.finished(prepare_time));
                 }
-                if !reported && first_attempt.elapsed() >= Duration::from_secs(1) {
-                    reported = true;
-                    let unmet: Vec<String> = preparing
+                let waited = first_attempt.elapsed();
+                if waited >= report_after && logged.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                    logged = Some(Instant::now());
+                    let unmet: Vec<(NodeId, u64)> = preparing
                         .after
                         .iter()
-                        .filter(|(n, lsn)| !skip(*n) && crate::status::applied(n.0) < *lsn)
+                        .copied()
+                        .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
+                        .collect();
+                    if let Some(&(node, lsn)) = unmet.first() {
+                        let since = unsafe { pg_sys::GetCurrentTimestamp() } - waited.as_micros() as i64;
+                        shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
+                    }
+                    let unmet: Vec<String> = unmet
+                        .iter()
                         .map(|(n, lsn)| {
                             format!(
                                 "node {n} as far as {} (applied here: {})",
                                 format_lsn(*lsn),
-                                format_lsn(crate::status::applied(n.0))
+                                format_lsn(crate::status::applied_through(n.0))
                             )
                         })
                         .collect();
                     log(format!(
-                        "mmts: transaction {xid} of node {} waits for this node to apply what it depends on: {}",
+                        "mmts: transaction {xid} of node {} has waited {:.1} s for this node to apply what it depends on: {}",
                         self.peer,
+                        waited.as_secs_f64(),
                         unmet.join(", ")
                     ));
                 }
@@ -1234,6 +1248,24 @@ pub fn nap(ms: i64) {
 
 fn log(message: String) {
     ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
+}
+
+/// How often a receiver that cannot go on logs that it still waits.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// A wait of the receiver from `self.0` shown in `mtm.get_nodes_state()` until it ends.
+struct WaitShown(u32);
+
+impl WaitShown {
+    fn set(&self, wait: crate::status::Wait) {
+        crate::status::update(self.0, |p| p.wait = wait);
+    }
+}
+
+impl Drop for WaitShown {
+    fn drop(&mut self) {
+        self.set(crate::status::Wait::default());
+    }
 }
 
 unsafe fn start_transaction() {

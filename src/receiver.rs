@@ -164,7 +164,11 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     // Transactions of the peer prepared by an earlier run of this worker are no longer tracked.
     twophase::unregister_applied(peer_id, None);
     let applied = unsafe { pg_sys::replorigin_session_get_progress(false) };
-    status::update(peer_id, |p| p.ended_lsn = applied);
+    status::update(peer_id, |p| {
+        p.ended_lsn = applied;
+        p.resumed_at = 0;
+        p.wait = status::Wait::default();
+    });
 
     let mut backoff = Duration::from_millis(200);
     // Kept across reconnects: transactions it set aside are not sent again.
@@ -243,7 +247,7 @@ fn stream(
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
-    let start = unsafe { pg_sys::replorigin_session_get_progress(false) };
+    let start = resume_point(&mut conn, config, peer_id);
     conn.exec(&format!(
         "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}')",
         slot_name(config.node_id.0),
@@ -279,11 +283,17 @@ fn stream(
         let mut finished = Vec::new();
         while let Some((end, message)) = link.backlog.pop_front() {
             // While a large transaction is applied, signals are still delivered and the peer
-            // still hears from this node.
+            // still hears from this node. While the stream waits in place between attempts (a
+            // node catching up waits for a lock or for another stream), transactions in doubt
+            // are settled: the lock may be held by one of them (this node's own, prepared
+            // before it restarted), and its outcome may be what the other stream waits for.
             let mut keep_up = || {
                 link.keep_up(&progress);
                 outbox.push(std::mem::take(&mut link.replies));
                 outbox.heartbeat(config);
+                if unsafe { !pg_sys::IsTransactionState() } {
+                    resolver.tick(config);
+                }
             };
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
             report_set_aside(peer_id, applier);
@@ -561,6 +571,34 @@ impl Link {
             }
         }
     }
+}
+
+/// Where the peer's stream resumes (see `mmts_core::replication::resume_point`): this
+/// node's replication origin, or the peer's slot for this node if that confirmed more.
+fn resume_point(conn: &mut Connection, config: &ClusterConfig, peer_id: u32) -> u64 {
+    let origin = unsafe { pg_sys::replorigin_session_get_progress(false) };
+    let query = format!(
+        "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = '{}'",
+        slot_name(config.node_id.0)
+    );
+    let confirmed = match conn.query_value(&query, Duration::from_secs(10)) {
+        Ok(value) => value.as_deref().and_then(mmts_core::replication::parse_lsn),
+        Err(e) => {
+            log(format!("mmts: cannot read node {peer_id}'s slot for this node: {e}"));
+            None
+        }
+    };
+    let start = mmts_core::replication::resume_point(origin, confirmed);
+    // (A new slot's first position is past a new origin's 0: nothing to say then.)
+    if start > origin && origin != 0 {
+        log(format!(
+            "mmts: node {peer_id}'s stream resumes at {}, where its slot says this node confirmed it, past this node's replication origin ({}): transactions that depend on what came before do not wait for it",
+            format_lsn(start),
+            format_lsn(origin)
+        ));
+    }
+    status::update(peer_id, |p| p.resumed_at = start);
+    start
 }
 
 /// What the receiver sleeps on: its latch, its connection's socket, the postmaster's death.

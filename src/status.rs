@@ -32,18 +32,41 @@ pub struct PeerStatus {
     /// End LSN (in the peer's WAL) of the last of its transactions committed or rolled back
     /// here: those end in stream order (prepares may not).
     pub ended_lsn: u64,
+    /// Where the receiver's stream last resumed: everything before took effect here.
+    pub resumed_at: u64,
     /// The peer's last heartbeat, and when it came (0: never).
     pub report: Report,
     pub report_time: pg_sys::TimestampTz,
     /// The receiver holds transactions of the peer set aside, so the stream's position here
     /// is past transactions not yet prepared (see `nodes::join_node`).
     pub set_aside: bool,
+    /// The receiver cannot go on: the peer's transaction `xid` waits (since `since`, 0: no
+    /// wait) for this node to apply node `node`'s stream as far as `lsn`.
+    pub wait: Wait,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Wait {
+    pub since: pg_sys::TimestampTz,
+    pub xid: u32,
+    pub node: u32,
+    pub lsn: u64,
 }
 
 /// How far this node has applied node `id`'s stream: the end of the last of its
-/// transactions committed or rolled back here (see `mmts_core::twopc::dependencies_met`).
+/// transactions committed or rolled back here. What this node's transactions say they
+/// depend on (`Signal::Coordinated`'s `after`).
 pub fn applied(id: u32) -> u64 {
     peer(id).ended_lsn
+}
+
+/// How far everything of node `id`'s stream has taken effect here: [`applied`], or where the
+/// stream last resumed if that is further (see `mmts_core::replication::resume_point`). What
+/// a peer's transaction that depends on that stream waits for (see
+/// `mmts_core::twopc::dependencies_met`).
+pub fn applied_through(id: u32) -> u64 {
+    let p = peer(id);
+    p.ended_lsn.max(p.resumed_at)
 }
 
 #[derive(Clone, Copy)]
@@ -339,6 +362,7 @@ fn get_nodes_state() -> TableIterator<
         name!(applied_lsn, Option<String>),
         name!(transactions_applied, Option<i64>),
         name!(last_message_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(waiting, Option<String>),
     ),
 > {
     let Mode::Multimaster(config) = gucs::mode() else {
@@ -357,7 +381,7 @@ fn get_nodes_state() -> TableIterator<
                 } else {
                     "online"
                 };
-                return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None);
+                return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None, None);
             }
             let p = peer(n.id.0);
             let walsender = walsenders.contains(&application_name(n.id.0));
@@ -391,6 +415,17 @@ fn get_nodes_state() -> TableIterator<
                 Some(format_lsn(p.applied_lsn)),
                 Some(p.transactions_applied as i64),
                 timestamp(p.last_message_time),
+                (p.wait.since != 0).then(|| {
+                    format!(
+                        "transaction {} of node {} waits since {} for this node to apply node {} as far as {} (applied: {})",
+                        p.wait.xid,
+                        n.id,
+                        timestamp(p.wait.since).map(|t| t.to_string()).unwrap_or_default(),
+                        p.wait.node,
+                        format_lsn(p.wait.lsn),
+                        format_lsn(applied_through(p.wait.node))
+                    )
+                }),
             )
         })
         .collect();

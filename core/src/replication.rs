@@ -133,9 +133,29 @@ impl Progress {
     }
 }
 
+/// Where a receiver (re)starting its stream stands in the peer's WAL: as far as its replication
+/// origin says (`origin`), or as far as the peer's slot says it confirmed (`confirmed`) if
+/// that is further. The peer's walsender resumes there whatever the receiver asks (logical
+/// decoding never sends again what a slot confirmed), and everything confirmed took effect
+/// here (see [`Progress::flushed`]) although not all of it moved the origin on disk: a
+/// position confirmed with nothing committed here for it (a transaction already ended, a
+/// rollback of one never prepared here, other origins' records) moved the origin in memory
+/// only, and a crash loses that. Counting such positions as not applied would let a
+/// transaction that depends on them wait for what never comes again.
+pub fn resume_point(origin: Lsn, confirmed: Option<Lsn>) -> Lsn {
+    origin.max(confirmed.unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_resumes_where_the_slot_confirmed() {
+        assert_eq!(resume_point(100, None), 100);
+        assert_eq!(resume_point(100, Some(50)), 100);
+        assert_eq!(resume_point(100, Some(150)), 150);
+    }
 
     #[test]
     fn flushed_waits_for_local_flush() {
