@@ -168,20 +168,14 @@ impl Drop for HeldInterrupts {
     }
 }
 
-/// Decrements the nesting level when a call returns or unwinds.
-struct Nested;
-
-impl Nested {
-    fn enter() -> Nested {
-        session(|s| s.nesting += 1);
-        Nested
-    }
-}
-
-impl Drop for Nested {
-    fn drop(&mut self) {
-        session(|s| s.nesting = s.nesting.saturating_sub(1));
-    }
+/// Runs what a hook wraps one nesting level down; an error raised inside leaves with its
+/// ErrorData whole (see `pg_internals::keeping_errors`), the level restored.
+fn nested(mut call: impl FnMut()) {
+    let leave = || session(|s| s.nesting = s.nesting.saturating_sub(1));
+    session(|s| s.nesting += 1);
+    // SAFETY: the closures capture by reference; `leave` neither fails nor panics.
+    unsafe { crate::pg_internals::keeping_errors(&mut call, leave) };
+    leave();
 }
 
 fn at_top_level() -> bool {
@@ -195,15 +189,12 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
-    {
-        let _nested = Nested::enter();
-        unsafe {
-            match PREV_RUN {
-                Some(prev) => pg_guard_ffi_boundary(|| prev(query, direction, count, execute_once)),
-                None => pg_sys::standard_ExecutorRun(query, direction, count, execute_once),
-            }
+    nested(|| unsafe {
+        match PREV_RUN {
+            Some(prev) => prev(query, direction, count, execute_once),
+            None => crate::pg_internals::standard_executor_run(query, direction, count, execute_once),
         }
-    }
+    });
     if at_top_level() {
         mark_implicit();
     }
@@ -211,15 +202,12 @@ unsafe extern "C-unwind" fn executor_run(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
-    {
-        let _nested = Nested::enter();
-        unsafe {
-            match PREV_FINISH {
-                Some(prev) => pg_guard_ffi_boundary(|| prev(query)),
-                None => pg_sys::standard_ExecutorFinish(query),
-            }
+    nested(|| unsafe {
+        match PREV_FINISH {
+            Some(prev) => prev(query),
+            None => crate::pg_internals::standard_executor_finish(query),
         }
-    }
+    });
     if at_top_level() {
         mark_implicit();
     }
@@ -237,32 +225,48 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let run = || unsafe {
-        let _nested = Nested::enter();
-        match PREV_UTILITY {
-            Some(prev) => pg_guard_ffi_boundary(|| {
-                prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
-            }),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
-        }
-    };
     let stmt = unsafe { (*pstmt).utilityStmt };
     if is_client() && matches!(gucs::mode(), Mode::Multimaster(_)) {
         unsafe { refuse_reserved_gid(stmt) };
     }
-    let ddl = unsafe { crate::ddl::before(pstmt, query_string) };
+    // Held in a cell: an error in the statement leaves this frame by longjmp, and the capture
+    // is undone (dropped) on the way (see `nested`).
+    let ddl = std::cell::RefCell::new(Some(unsafe { crate::ddl::before(pstmt, query_string) }));
+    let run = || {
+        let leave = || {
+            session(|s| s.nesting = s.nesting.saturating_sub(1));
+            drop(ddl.borrow_mut().take());
+        };
+        session(|s| s.nesting += 1);
+        // SAFETY: the closures capture by reference; `leave` neither fails nor panics.
+        unsafe {
+            crate::pg_internals::keeping_errors(
+                || match PREV_UTILITY {
+                    Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+                    None => crate::pg_internals::standard_process_utility(
+                        pstmt,
+                        query_string,
+                        read_only_tree,
+                        context,
+                        params,
+                        query_env,
+                        dest,
+                        qc,
+                    ),
+                },
+                leave,
+            )
+        };
+        session(|s| s.nesting = s.nesting.saturating_sub(1));
+    };
+    let finish_ddl = || {
+        if let Some(d) = ddl.borrow_mut().take() {
+            d.finish();
+        }
+    };
     if !active() {
         run();
-        ddl.finish();
+        finish_ddl();
         return;
     }
     // Transaction control is left alone: ROLLBACK must work, and a COMMIT of a wounded
@@ -304,7 +308,7 @@ unsafe extern "C-unwind" fn process_utility(
         }
     }
     run();
-    ddl.finish();
+    finish_ddl();
     if context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && at_top_level() {
         mark_implicit();
     }

@@ -8,7 +8,6 @@ use std::ffi::CStr;
 
 use mmts_core::config::Mode;
 use pgrx::pg_sys;
-use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
@@ -36,11 +35,13 @@ pub unsafe fn relation_id(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
     }
 }
 
-/// Whether mmts replicates writes to `rel` (a permanent table outside schema mtm).
+/// Whether mmts replicates writes to `rel` (a permanent table, partitioned or not, outside
+/// schema mtm). The rows of a partitioned table live in its partitions, which are replicated
+/// tables themselves; a write to the partitioned table is a write to them.
 pub unsafe fn replicated_table(rel: pg_sys::Relation) -> bool {
     unsafe {
         let class = &*(*rel).rd_rel;
-        class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
+        [pg_sys::RELKIND_RELATION, pg_sys::RELKIND_PARTITIONED_TABLE].contains(&(class.relkind as u8))
             && class.relpersistence == pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char
             && (*rel).rd_id.to_u32() >= pg_sys::FirstNormalObjectId
             && CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)).to_bytes() != b"mtm"
@@ -62,10 +63,14 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
             crate::commit::refuse_if_wounded();
             check_result_relations((*query).plannedstmt);
         }
-        match PREVIOUS {
-            Some(previous) => pg_guard_ffi_boundary(|| previous(query, eflags)),
-            None => pg_sys::standard_ExecutorStart(query, eflags),
-        }
+        // SAFETY: nothing here needs dropping; errors leave as raised (see `pg_internals`).
+        crate::pg_internals::keeping_errors(
+            || match PREVIOUS {
+                Some(previous) => previous(query, eflags),
+                None => crate::pg_internals::standard_executor_start(query, eflags),
+            },
+            || {},
+        );
     }
 }
 

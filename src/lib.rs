@@ -18,6 +18,7 @@ mod indoubt;
 mod libpq;
 mod nodes;
 mod output_plugin;
+mod pg_internals;
 mod provenance;
 mod receiver;
 mod status;
@@ -27,6 +28,13 @@ mod twophase;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // A PostgreSQL error crosses mmts's Rust frames as a panic, and pgrx then captures a Rust
+    // backtrace if the environment asks for one (RUST_BACKTRACE, set on many machines): it
+    // would land in every error's DETAIL, and a deep recursion through mmts's hooks would
+    // capture one per level, for minutes, deaf to cancel. Errors reach clients as PostgreSQL
+    // gives them. Set while the process is single-threaded (postmaster or a new backend),
+    // before any capture.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if !preloading && unsafe { pg_sys::creating_extension } {
         // Checked before anything is defined, so a later retry after fixing the

@@ -636,8 +636,14 @@ unsafe extern "C-unwind" fn truncate(
     change: *mut pg_sys::ReorderBufferChange,
 ) {
     let all = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
-    let rels: Vec<pg_sys::Relation> =
-        all.iter().copied().filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some()).collect();
+    // A partitioned table is listed with its partitions, which hold its rows: the peers
+    // truncate those.
+    let rels: Vec<pg_sys::Relation> = all
+        .iter()
+        .copied()
+        .filter(|rel| unsafe { (*(**rel).rd_rel).relkind } as u8 == pg_sys::RELKIND_RELATION)
+        .filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some())
+        .collect();
     if rels.is_empty() {
         return;
     }

@@ -176,15 +176,27 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
-        let result = stream(
-            &peer.conninfo.to_string(),
-            &application_name,
-            config,
-            peer_id,
-            &mut resolver,
-            &mut applier,
-            &mut slot,
-        );
+        // An error applying the peer's stream stops this worker (it starts again 5 s later);
+        // what it was shows in mtm.get_nodes_state() until the stream is applied again.
+        let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+            stream(
+                &peer.conninfo.to_string(),
+                &application_name,
+                config,
+                peer_id,
+                &mut resolver,
+                &mut applier,
+                &mut slot,
+            )
+        }))
+        .catch_others(|e| {
+            let (pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. }) = &e;
+            status::set_apply_error(peer_id, r.message());
+            e.rethrow()
+        })
+        .execute();
         applier.reset_stream();
         status::update(peer_id, |p| {
             p.connected = false;
@@ -336,6 +348,8 @@ fn stream(
             status::update(peer_id, |p| {
                 p.applied_commit_time = last.commit_time;
                 p.transactions_applied += finished.len() as u64;
+                // The stream is applied again.
+                p.apply_error_time = 0;
             });
         }
         if busy.elapsed() >= heartbeat {

@@ -14,7 +14,7 @@ use mmts_core::NodeId;
 use crate::gucs::{self, MAX_NODES};
 
 /// One peer as its receiver sees it.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct PeerStatus {
     /// The receiver is streaming from the peer now.
     pub connected: bool,
@@ -43,6 +43,48 @@ pub struct PeerStatus {
     /// The receiver cannot go on: the peer's transaction `xid` waits (since `since`, 0: no
     /// wait) for this node to apply node `node`'s stream as far as `lsn`.
     pub wait: Wait,
+    /// The error that last stopped the receiver, and when (0: none since it applied a
+    /// transaction of the peer).
+    pub apply_error: [u8; ERROR_LEN],
+    pub apply_error_time: pg_sys::TimestampTz,
+}
+
+const ERROR_LEN: usize = 240;
+
+impl Default for PeerStatus {
+    fn default() -> Self {
+        PeerStatus {
+            connected: false,
+            last_message_time: 0,
+            peer_wal_end: 0,
+            applied_lsn: 0,
+            applied_commit_time: 0,
+            transactions_applied: 0,
+            caught_up: false,
+            ended_lsn: 0,
+            resumed_at: 0,
+            report: Report::default(),
+            report_time: 0,
+            set_aside: false,
+            wait: Wait::default(),
+            apply_error: [0; ERROR_LEN],
+            apply_error_time: 0,
+        }
+    }
+}
+
+/// Records why the receiver from `id` stopped.
+pub fn set_apply_error(id: u32, message: &str) {
+    let mut end = message.len().min(ERROR_LEN);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let time = now();
+    update(id, |p| {
+        p.apply_error = [0; ERROR_LEN];
+        p.apply_error[..end].copy_from_slice(&message.as_bytes()[..end]);
+        p.apply_error_time = time;
+    });
 }
 
 #[derive(Clone, Copy, Default)]
@@ -363,6 +405,7 @@ fn get_nodes_state() -> TableIterator<
         name!(transactions_applied, Option<i64>),
         name!(last_message_time, Option<pgrx::datum::TimestampWithTimeZone>),
         name!(waiting, Option<String>),
+        name!(apply_error, Option<String>),
     ),
 > {
     let Mode::Multimaster(config) = gucs::mode() else {
@@ -381,7 +424,7 @@ fn get_nodes_state() -> TableIterator<
                 } else {
                     "online"
                 };
-                return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None, None);
+                return (n.id.0 as i32, conn, true, state.into(), None, None, None, None, None, None, None, None, None);
             }
             let p = peer(n.id.0);
             let walsender = walsenders.contains(&application_name(n.id.0));
@@ -424,6 +467,14 @@ fn get_nodes_state() -> TableIterator<
                         p.wait.node,
                         format_lsn(p.wait.lsn),
                         format_lsn(applied_through(p.wait.node))
+                    )
+                }),
+                (p.apply_error_time != 0).then(|| {
+                    let len = p.apply_error.iter().position(|&b| b == 0).unwrap_or(p.apply_error.len());
+                    format!(
+                        "{}: {}",
+                        timestamp(p.apply_error_time).map(|t| t.to_string()).unwrap_or_default(),
+                        String::from_utf8_lossy(&p.apply_error[..len])
                     )
                 }),
             )

@@ -55,16 +55,13 @@ fn is_root() -> bool {
 
 /// Runs `cmd` as the server user when we are root, as ourselves otherwise.
 fn server_command(program: &Path) -> Command {
-    let mut c = if is_root() {
+    if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", SERVER_USER, "--"]).arg(program);
         c
     } else {
         Command::new(program)
-    };
-    // Servers would otherwise put Rust backtraces into every error's DETAIL.
-    c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
-    c
+    }
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -228,6 +225,8 @@ pub struct Node {
     conf: Vec<(String, String)>,
     /// Joins a running cluster later (see [`ClusterBuilder::joining`]).
     joining: bool,
+    /// Environment variables the server starts with, besides the test's own (`None`: unset).
+    env: Vec<(String, Option<String>)>,
 }
 
 impl Node {
@@ -265,7 +264,14 @@ impl Node {
     }
 
     fn pg_ctl(&self) -> Command {
-        pg_ctl(&self.data_dir())
+        let mut c = pg_ctl(&self.data_dir());
+        for (key, value) in &self.env {
+            match value {
+                Some(v) => c.env(key, v),
+                None => c.env_remove(key),
+            };
+        }
+        c
     }
 
     /// Starts the server and waits until it accepts connections; on failure returns the
@@ -466,6 +472,7 @@ pub struct ClusterBuilder {
     common: Vec<(String, String)>,
     per_node: BTreeMap<usize, Vec<(String, String)>>,
     joining: Vec<usize>,
+    env: Vec<(String, Option<String>)>,
 }
 
 impl ClusterBuilder {
@@ -479,6 +486,7 @@ impl ClusterBuilder {
             common: Vec::new(),
             per_node: BTreeMap::new(),
             joining: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -514,6 +522,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// An environment variable every server starts with (`None`: unset). Servers otherwise
+    /// inherit the test's environment (in CI, `RUST_BACKTRACE=1`).
+    pub fn server_env(mut self, key: &str, value: Option<&str>) -> Self {
+        self.env.push((key.into(), value.map(Into::into)));
+        self
+    }
+
     /// A postgresql.conf setting for every node (the value as it is written in the file).
     pub fn set(mut self, key: &str, value: &str) -> Self {
         self.common.push((key.into(), value.into()));
@@ -542,7 +557,15 @@ impl ClusterBuilder {
             give_to_server_user(&node_dir);
             let port = self.base_port.map(|b| b + id as u16 - 1).unwrap_or_else(free_port);
             let joining = self.joining.contains(&id);
-            nodes.push(Node { id, port, dir: node_dir, running: false, conf: Vec::new(), joining });
+            nodes.push(Node {
+                id,
+                port,
+                dir: node_dir,
+                running: false,
+                conf: Vec::new(),
+                joining,
+                env: self.env.clone(),
+            });
         }
         let mut links = BTreeMap::new();
         if self.proxies {

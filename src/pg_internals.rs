@@ -1,0 +1,82 @@
+//! PostgreSQL functions mmts calls without pgrx's guard, declared by hand from the server's
+//! headers of the versions named on each declaration, and the one C helper around them.
+//!
+//! Why unguarded: pgrx's bindings catch a PostgreSQL error (longjmp), turn it into a Rust
+//! panic and raise it again later from what its `ErrorReport` holds. That loses an SQLSTATE
+//! pgrx does not know (a `RAISE … USING ERRCODE = 'P0042'` becomes XX000), the CONTEXT lines,
+//! the names of the constraint, table and column, the cursor position, and it adds a Rust
+//! backtrace to the DETAIL when the environment asks for one. mmts's hooks sit under every
+//! statement a client runs, so they call what they wrap through [`keeping_errors`]: the error
+//! reaches PostgreSQL's own handler exactly as it was raised.
+
+use std::ffi::{c_char, c_void};
+
+use pgrx::pg_sys;
+
+unsafe extern "C-unwind" {
+    // src/c/keep_errors.c
+    fn mmts_keeping_errors(
+        body: unsafe extern "C-unwind" fn(*mut c_void),
+        on_error: unsafe extern "C-unwind" fn(*mut c_void),
+        arg: *mut c_void,
+    );
+}
+
+struct Calls<B, E> {
+    body: B,
+    on_error: E,
+}
+
+unsafe extern "C-unwind" fn run_body<B: FnMut(), E: FnMut()>(arg: *mut c_void) {
+    // SAFETY: `arg` is the `Calls` that `keeping_errors` passes, alive for the whole call.
+    unsafe { ((*arg.cast::<Calls<B, E>>()).body)() }
+}
+
+unsafe extern "C-unwind" fn run_on_error<B: FnMut(), E: FnMut()>(arg: *mut c_void) {
+    // SAFETY: as in `run_body`.
+    unsafe { ((*arg.cast::<Calls<B, E>>()).on_error)() }
+}
+
+/// Runs `body`, which calls PostgreSQL functions directly (a previous hook's pointer, or the
+/// `standard_*` functions below); an error raised there runs `on_error`, then leaves by
+/// longjmp straight to PostgreSQL's handler, unchanged.
+///
+/// # Safety
+/// The error passes over this frame and the caller's without unwinding them: the closures must
+/// capture by reference, and the caller must hold no value that needs dropping across the
+/// call (undo such state in `on_error`). `on_error` must neither raise an error nor panic.
+/// Main thread only.
+pub unsafe fn keeping_errors<B: FnMut(), E: FnMut()>(body: B, on_error: E) {
+    let mut calls = Calls { body, on_error };
+    // SAFETY: the trampolines match `Calls<B, E>`, and `calls` outlives the call.
+    unsafe { mmts_keeping_errors(run_body::<B, E>, run_on_error::<B, E>, (&raw mut calls).cast::<c_void>()) }
+}
+
+// executor/executor.h and tcop/utility.h, PostgreSQL 15 to 17 (18 drops ExecutorRun's
+// `execute_once`).
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorStart"]
+    pub fn standard_executor_start(query: *mut pg_sys::QueryDesc, eflags: i32);
+    #[link_name = "standard_ExecutorRun"]
+    pub fn standard_executor_run(
+        query: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        execute_once: bool,
+    );
+    #[link_name = "standard_ExecutorFinish"]
+    pub fn standard_executor_finish(query: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ProcessUtility"]
+    #[allow(clippy::too_many_arguments)]
+    pub fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
