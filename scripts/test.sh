@@ -14,6 +14,7 @@ printf '==> cargo fmt --check\n'
 cargo fmt --all -- --check
 printf '==> unit tests (mmts-core)\n'
 cargo test -p mmts-core 2>&1 | tee -a "$log"
+bash scripts/regress-suite.sh
 printf '==> integration tests (real PostgreSQL servers)\n'
 cargo test -p mmts-tests -- --test-threads="${MMTS_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
 passed=$(grep -o '[0-9]* passed' "$log" | awk '{s += $1} END {print s + 0}')

@@ -827,14 +827,33 @@ impl Applier {
                 }
             }
             Err((code, message, _)) if !member => {
-                // Committed by the members: this node must have it, so stop and try again.
-                ErrorReport::new(
-                    code,
-                    format!("mmts: cannot apply transaction {xid} of node {}: {message}", self.peer),
-                    "mmts",
-                )
-                .report(PgLogLevel::ERROR);
-                unreachable!()
+                // Not this node's to refuse: the members decide. It tries again in place until
+                // the outcome arrives: rolled back (the members refused it too, for this very
+                // error, say), it is dropped; committed, this node must apply it, and it says
+                // why it cannot (mtm.get_nodes_state().apply_error) while it keeps trying.
+                let text = format!(
+                    "cannot apply transaction {xid} of node {}: {message} (SQLSTATE {})",
+                    self.peer,
+                    twophase::sqlstate_text(code)
+                );
+                crate::status::set_apply_error(self.peer, &text);
+                if !preparing.reported {
+                    preparing.reported = true;
+                    log(format!("mmts: {text}; trying again until its outcome arrives"));
+                }
+                let until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < until && !doomed(xid) {
+                    self.pause(keep_up);
+                }
+                self.waiting.push(Waiting {
+                    xid,
+                    end_lsn,
+                    prepare_time,
+                    preparing,
+                    holders: Vec::new(),
+                    recheck: Instant::now(),
+                });
+                return None;
             }
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
         };

@@ -503,7 +503,9 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
             }
         }
         XACT_EVENT_PRE_COMMIT => {
-            if session(|s| s.wrote) {
+            // A statement that could write and changed nothing (an UPDATE matching no row,
+            // EXPLAIN of an UPDATE) took no transaction id: there is nothing to replicate.
+            if session(|s| s.wrote) && unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner() != 0 {
                 ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                     "mmts: this write transaction cannot be committed synchronously on all nodes",

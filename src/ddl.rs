@@ -54,6 +54,9 @@ pub struct Capture {
     counted: bool,
     /// Whether the transaction had touched temporary objects before the statement.
     temp_before: bool,
+    /// The statement names objects that are not temporary: sent even when it also reached
+    /// temporary ones (a DROP … CASCADE dropping a temporary table that depends on them).
+    names_lasting: bool,
     /// The session's replication origin while the statement's own rows are kept from the
     /// peers (an extension's script: the peers run it too).
     origin: Option<pg_sys::RepOriginId>,
@@ -63,7 +66,7 @@ const TEMP_FLAG: i32 = pg_sys::XACT_FLAGS_ACCESSEDTEMPNAMESPACE as i32;
 
 impl Capture {
     fn none() -> Capture {
-        Capture { pending: None, counted: false, temp_before: false, origin: None }
+        Capture { pending: None, counted: false, temp_before: false, names_lasting: false, origin: None }
     }
 
     /// After the statement ran: sends it unless it touched temporary objects.
@@ -71,7 +74,7 @@ impl Capture {
         self.restore_origin();
         let Some(statement) = self.pending.take() else { return };
         let temp = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
-        if !temp {
+        if !temp || self.names_lasting {
             send(statement);
         }
     }
@@ -153,7 +156,13 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
                 if !temp {
                     send(text);
                 }
-                return Capture { pending: None, counted: true, temp_before: false, origin: None };
+                return Capture {
+                    pending: None,
+                    counted: true,
+                    temp_before: false,
+                    names_lasting: false,
+                    origin: None,
+                };
             }
             // Rows an extension's script writes are written by the script on every node:
             // marked as not to be replicated (the output plugin skips what has an origin).
@@ -169,7 +178,8 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
             // Whether the statement itself touches temporary objects is seen after it ran.
             let temp_before = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
             unsafe { pg_sys::MyXactFlags &= !TEMP_FLAG };
-            Capture { pending: Some(text), counted: true, temp_before, origin }
+            let names_lasting = unsafe { drops_lasting_objects(stmt) };
+            Capture { pending: Some(text), counted: true, temp_before, names_lasting, origin }
         }
     }
 }
@@ -211,6 +221,15 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c
 
 const NOT_IN_A_TRANSACTION: &str = "It cannot run inside a transaction on the other nodes.";
 const WITHOUT_CONCURRENTLY: &str = "Run it without CONCURRENTLY (replicated), or, as a superuser, SET multimaster.replicate_ddl = off and run it on every node.";
+
+/// Objects each node has its own of: databases and tablespaces (made outside transactions, on
+/// each node), publications and subscriptions (for PostgreSQL's logical replication from or to
+/// that node), and large objects (their data is not replicated). Every statement about them
+/// stays on the node it runs on.
+fn per_node(kind: pg_sys::ObjectType::Type) -> bool {
+    use pg_sys::ObjectType::*;
+    matches!(kind, OBJECT_DATABASE | OBJECT_TABLESPACE | OBJECT_PUBLICATION | OBJECT_SUBSCRIPTION | OBJECT_LARGEOBJECT)
+}
 
 fn concurrently(what: &'static str) -> Kind {
     Kind::Refused { what, why: NOT_IN_A_TRANSACTION, hint: WITHOUT_CONCURRENTLY }
@@ -279,15 +298,45 @@ unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
                 let drop = stmt as *mut pg_sys::DropStmt;
                 if (*drop).concurrent {
                     concurrently("DROP INDEX CONCURRENTLY")
-                } else if (*drop).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
-                    && names((*drop).objects).iter().any(|n| n == "mmts")
+                } else if per_node((*drop).removeType)
+                    || (*drop).removeType == pg_sys::ObjectType::OBJECT_EXTENSION
+                        && names((*drop).objects).iter().any(|n| n == "mmts")
                 {
                     Kind::Local
                 } else {
                     Kind::Replicated
                 }
             }
+            T_CommentStmt if per_node((*(stmt as *mut pg_sys::CommentStmt)).objtype) => Kind::Local,
+            T_RenameStmt if per_node((*(stmt as *mut pg_sys::RenameStmt)).renameType) => Kind::Local,
+            T_AlterOwnerStmt if per_node((*(stmt as *mut pg_sys::AlterOwnerStmt)).objectType) => Kind::Local,
+            T_GrantStmt if per_node((*(stmt as *mut pg_sys::GrantStmt)).objtype) => Kind::Local,
+            T_SecLabelStmt if per_node((*(stmt as *mut pg_sys::SecLabelStmt)).objtype) => Kind::Local,
             _ => Kind::Replicated,
+        }
+    }
+}
+
+/// Whether `stmt` drops a schema, or a relation that is not temporary (before it runs).
+unsafe fn drops_lasting_objects(stmt: *mut pg_sys::Node) -> bool {
+    use pg_sys::ObjectType::*;
+    unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return false;
+        }
+        let drop = stmt as *mut pg_sys::DropStmt;
+        match (*drop).removeType {
+            OBJECT_SCHEMA => true,
+            OBJECT_TABLE | OBJECT_VIEW | OBJECT_MATVIEW | OBJECT_SEQUENCE | OBJECT_INDEX | OBJECT_FOREIGN_TABLE => {
+                let objects = (*drop).objects;
+                (0..if objects.is_null() { 0 } else { (*objects).length }).any(|i| {
+                    let name = pg_sys::list_nth(objects, i) as *mut pg_sys::List;
+                    let relid = crate::executor_hook::relation_id(pg_sys::makeRangeVarFromNameList(name));
+                    relid != pg_sys::InvalidOid
+                        && pg_sys::get_rel_persistence(relid) != pg_sys::RELPERSISTENCE_TEMP as c_char
+                })
+            }
+            _ => false,
         }
     }
 }
@@ -411,7 +460,12 @@ pub fn run(role: &str, search_path: &str, statement: &str) {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         let old_path = CStr::from_ptr(pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false)).to_owned();
         set_search_path(&path_c);
-        pg_sys::SetUserIdAndSecContext(role_id, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        // The origin checked function bodies (a body may use its temporary objects, which the
+        // peers do not have), as a restore of pg_dump's output does not check them again.
+        set_local(c"check_function_bodies", c"off");
+        // As the role itself, like its session on the origin (no security-definer context:
+        // a CREATE FUNCTION … SET role = … validates there, and must here).
+        pg_sys::SetUserIdAndSecContext(role_id, context);
         APPLYING.with(|a| a.set(true));
         let _applying = Applying;
         // An error ends the transaction, which puts the user, the setting and the snapshot back.
@@ -427,9 +481,14 @@ pub fn run(role: &str, search_path: &str, statement: &str) {
 
 /// The applier's search_path is set with the highest priority (see `receiver`): so is this.
 unsafe fn set_search_path(value: &CStr) {
+    unsafe { set_local(c"search_path", value) }
+}
+
+/// Sets `name` for the rest of the applier's transaction, with the highest priority.
+unsafe fn set_local(name: &CStr, value: &CStr) {
     unsafe {
         pg_sys::set_config_option(
-            c"search_path".as_ptr(),
+            name.as_ptr(),
             value.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,

@@ -487,6 +487,17 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     }
     let r = unsafe { &*rel };
     let class = unsafe { &*r.rd_rel };
+    // Only plain tables' rows travel. A partitioned table (listed in a TRUNCATE with its
+    // partitions) holds none of its own; a materialized view is refreshed on every node by
+    // the replicated REFRESH statement.
+    if class.relkind as u8 != pg_sys::RELKIND_RELATION {
+        SESSION.with(|s| {
+            if let Some(m) = s.borrow_mut().mmts.as_mut() {
+                m.relations.insert(relid, None);
+            }
+        });
+        return None;
+    }
     let schema =
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
     let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
@@ -636,14 +647,8 @@ unsafe extern "C-unwind" fn truncate(
     change: *mut pg_sys::ReorderBufferChange,
 ) {
     let all = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
-    // A partitioned table is listed with its partitions, which hold its rows: the peers
-    // truncate those.
-    let rels: Vec<pg_sys::Relation> = all
-        .iter()
-        .copied()
-        .filter(|rel| unsafe { (*(**rel).rd_rel).relkind } as u8 == pg_sys::RELKIND_RELATION)
-        .filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some())
-        .collect();
+    let rels: Vec<pg_sys::Relation> =
+        all.iter().copied().filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some()).collect();
     if rels.is_empty() {
         return;
     }
