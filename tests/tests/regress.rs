@@ -139,6 +139,45 @@ fn intended() -> BTreeMap<String, String> {
     out
 }
 
+/// The errors a test's diff adds to PostgreSQL's expected output: its `ERROR:` lines on the
+/// cluster node, each once, sorted, node ids written as `N` (which peer answers first varies).
+fn added_errors(diff: &str) -> Vec<String> {
+    let mut errors: BTreeSet<String> = BTreeSet::new();
+    for line in diff.lines() {
+        let Some(error) = line.strip_prefix("+ERROR:") else { continue };
+        let mut text = String::new();
+        let mut rest = error.trim();
+        while let Some(at) = rest.find("node ") {
+            text.push_str(&rest[..at + 5]);
+            rest = &rest[at + 5..];
+            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            if digits > 0 {
+                text.push('N');
+                rest = &rest[digits..];
+            }
+        }
+        text.push_str(rest);
+        errors.insert(text);
+    }
+    errors.into_iter().collect()
+}
+
+/// The errors an intended difference is expected to add (`tests/regress/errors/<name>.txt`,
+/// one per line; none when the file is missing). `MMTS_REGRESS_BLESS=1` writes them from
+/// the run instead.
+fn expected_errors(name: &str, actual: &[String]) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("regress/errors").join(format!("{name}.txt"));
+    if std::env::var_os("MMTS_REGRESS_BLESS").is_some() {
+        let _ = fs::create_dir_all(path.parent().expect("dir"));
+        if actual.is_empty() {
+            let _ = fs::remove_file(&path);
+        } else {
+            fs::write(&path, actual.join("\n") + "\n").expect("write expected errors");
+        }
+    }
+    fs::read_to_string(&path).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
+}
+
 /// Runs the whole schedule against `node`, database `postgres`, output into `out` (made afresh).
 fn pg_regress(node: &Node, suite: &Path, out: &Path) -> Run {
     let _ = fs::remove_dir_all(out);
@@ -399,7 +438,19 @@ fn regression_suite_on_a_cluster_node() {
         match (run.results.get(*name), intended.get(*name)) {
             (Some(Outcome::Pass), None) => {}
             (Some(Outcome::Pass), Some(_)) => intended_passing.push(name.as_str()),
-            (_, Some(reason)) => intended_failing.push(format!("{name} ({reason})")),
+            (_, Some(reason)) => {
+                intended_failing.push(format!("{name} ({reason})"));
+                // It must fail the way it is listed: exactly the errors recorded for it.
+                let actual = added_errors(run.diffs.get(*name).map(String::as_str).unwrap_or(""));
+                let expected = expected_errors(name, &actual);
+                if actual != expected {
+                    let new: Vec<&String> = actual.iter().filter(|e| !expected.contains(e)).collect();
+                    let gone: Vec<&String> = expected.iter().filter(|e| !actual.contains(e)).collect();
+                    problems.push(format!(
+                        "{name} differs other than intended: errors not expected: {new:?}; expected errors missing: {gone:?}"
+                    ));
+                }
+            }
             (_, None) => unexpected.push(name.as_str()),
         }
     }
