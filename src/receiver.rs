@@ -679,7 +679,8 @@ fn deliver_signal(message: &wire::Message, peer: u32, me: u32) -> Option<Signal>
 /// this node's WAL when that connection is not there or fails (the peer's receiver then
 /// delivers them). Delivering twice is harmless, so a batch whose fate is unknown goes to WAL
 /// as well. A batch the peer refuses because it has no `mtm` schema yet (`CREATE EXTENSION`
-/// not run there) goes to WAL, and the next is tried on the same connection.
+/// not run there) goes to WAL, and so do those of the next few seconds; then the same
+/// connection is tried again.
 struct Outbox {
     conn: Option<Connection>,
     /// When this node's last heartbeat went.
@@ -689,12 +690,24 @@ struct Outbox {
     queued: Vec<Signal>,
     peer_id: u32,
     me: NodeId,
+    /// The peer has no `mtm.deliver_signals` yet: signals go through WAL until then.
+    not_before: Option<Instant>,
 }
+
+/// How long signals go through WAL after the peer lacked `mtm.deliver_signals`.
+const NO_EXTENSION_PAUSE: Duration = Duration::from_secs(5);
 
 impl Outbox {
     fn new(conninfo: &str, application_name: &str, peer_id: u32, me: NodeId) -> Outbox {
-        let outbox =
-            |conn| Outbox { conn, last_heartbeat: None, in_flight: Vec::new(), queued: Vec::new(), peer_id, me };
+        let outbox = |conn| Outbox {
+            conn,
+            last_heartbeat: None,
+            in_flight: Vec::new(),
+            queued: Vec::new(),
+            peer_id,
+            me,
+            not_before: None,
+        };
         if !gucs::synchronous() {
             return outbox(None);
         }
@@ -724,7 +737,8 @@ impl Outbox {
     }
 
     fn push(&mut self, signals: Vec<Signal>) {
-        if self.conn.is_some() {
+        let paused = self.not_before.is_some_and(|t| Instant::now() < t);
+        if self.conn.is_some() && !paused {
             self.queued.extend(signals);
         } else {
             for s in &signals {
@@ -754,14 +768,16 @@ impl Outbox {
             }
             Ok(())
         });
-        // The function is not there yet: this batch goes through WAL, the next one is tried.
+        // The function is not there yet: this batch, and those of the next few seconds, go
+        // through WAL; then the connection is tried again.
         let missing = |e: &crate::libpq::PqError| matches!(e.sqlstate.as_deref(), Some("3F000" | "42883"));
         if let Err(e) = &result {
             if missing(e) {
-                for s in self.in_flight.drain(..) {
+                self.not_before = Some(Instant::now() + NO_EXTENSION_PAUSE);
+                for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
                     twophase::emit(&s, false);
                 }
-                return self.pump();
+                return;
             }
         }
         if let Err(e) = result {
