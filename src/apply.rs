@@ -24,6 +24,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+use crate::logging::log;
 use crate::twophase::{HolderKind, LockHolder};
 use crate::{gucs, twophase};
 use mmts_core::config::Mode;
@@ -1265,10 +1266,6 @@ pub fn nap(ms: i64) {
     }
 }
 
-fn log(message: String) {
-    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
-}
-
 /// How often a receiver that cannot go on logs that it still waits.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -1304,25 +1301,21 @@ const LOCK_WAIT_MS: i32 = 1;
 static mut AWAITED: Option<(pg_sys::LOCKTAG, pg_sys::LOCKMODE)> = None;
 static mut LOCK_WAIT_TIMEOUT: i32 = -1;
 
-unsafe extern "C-unwind" {
-    // utils/timeout.h, not in pgrx's bindings.
-    fn RegisterTimeout(id: i32, handler: Option<unsafe extern "C-unwind" fn()>) -> i32;
-    fn enable_timeout_every(id: i32, fin_time: pg_sys::TimestampTz, delay_ms: i32);
-    fn disable_timeout(id: i32, keep_indicator: bool);
-}
-
 /// Arms (or disarms) the lock-wait timer, periodic while the changes are applied.
 fn lock_wait_timer(on: bool) {
+    use crate::pg_internals::{disable_timeout, enable_timeout_every, register_timeout, USER_TIMEOUT};
+    // SAFETY: guarded calls of PostgreSQL's timeout functions; the statics are this process's
+    // (main thread only).
     unsafe {
         if LOCK_WAIT_TIMEOUT < 0 {
-            const USER_TIMEOUT: i32 = 12;
-            LOCK_WAIT_TIMEOUT = RegisterTimeout(USER_TIMEOUT, Some(on_lock_wait_timer));
+            LOCK_WAIT_TIMEOUT =
+                pg_sys::ffi::pg_guard_ffi_boundary(|| register_timeout(USER_TIMEOUT, Some(on_lock_wait_timer)));
         }
         if on {
             let first = pg_sys::GetCurrentTimestamp() + LOCK_WAIT_MS as i64 * 1000;
-            enable_timeout_every(LOCK_WAIT_TIMEOUT, first, LOCK_WAIT_MS);
+            pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_every(LOCK_WAIT_TIMEOUT, first, LOCK_WAIT_MS));
         } else {
-            disable_timeout(LOCK_WAIT_TIMEOUT, false);
+            pg_sys::ffi::pg_guard_ffi_boundary(|| disable_timeout(LOCK_WAIT_TIMEOUT, false));
         }
     }
 }

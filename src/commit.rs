@@ -39,6 +39,7 @@ use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+use crate::pg_internals::{PqCommMethods, PQ_COMM_METHODS};
 use crate::{gucs, status, twophase};
 
 /// A prepared transaction to finish before the client hears of it.
@@ -638,23 +639,6 @@ fn start_two_phase(gid: CString, application: bool) {
 
 // ---- finishing, before the client hears ----------------------------------------------------
 
-/// libpq/libpq.h's `PQcommMethods`, not in pgrx's bindings.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PqCommMethods {
-    comm_reset: Option<unsafe extern "C-unwind" fn()>,
-    flush: Option<unsafe extern "C-unwind" fn() -> c_int>,
-    flush_if_writable: Option<unsafe extern "C-unwind" fn() -> c_int>,
-    is_send_pending: Option<unsafe extern "C-unwind" fn() -> bool>,
-    putmessage: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize) -> c_int>,
-    putmessage_noblock: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize)>,
-}
-
-unsafe extern "C" {
-    #[link_name = "PqCommMethods"]
-    static mut PQ_COMM_METHODS: *const PqCommMethods;
-}
-
 static mut ORIGINAL: Option<PqCommMethods> = None;
 static mut WRAPPED: PqCommMethods = PqCommMethods {
     comm_reset: None,
@@ -765,11 +749,7 @@ fn wait_finished(p: &mut Pending) -> Vec<String> {
 fn failpoint(name: &str) {
     let set = gucs::FAILPOINT.get();
     if set.as_deref().and_then(|s| s.to_str().ok()) == Some(name) {
-        ereport!(
-            PgLogLevel::LOG,
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!("mmts: failpoint {name} reached")
-        );
+        crate::logging::log(format!("mmts: failpoint {name} reached"));
         loop {
             crate::apply::nap(100);
         }

@@ -19,6 +19,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::libpq::Connection;
+use crate::logging::log;
 use crate::{gucs, status, twophase};
 
 /// How often a receiver looks for transactions in doubt.
@@ -241,8 +242,4 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
             if commit { "committed" } else { "rolled back" }
         ));
     }
-}
-
-fn log(msg: String) {
-    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
 }

@@ -16,6 +16,7 @@ mod functions;
 mod gucs;
 mod indoubt;
 mod libpq;
+mod logging;
 mod nodes;
 mod output_plugin;
 mod pg_internals;

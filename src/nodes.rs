@@ -20,13 +20,10 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+use crate::logging::log;
 use crate::{commit, gucs, receiver, status};
 use mmts_core::replication::{format_lsn, parse_lsn};
 use mmts_core::NodeId;
-
-fn log(message: String) {
-    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
-}
 
 /// How often receivers look at `mtm.dropped_nodes`.
 const EVERY: Duration = Duration::from_secs(1);

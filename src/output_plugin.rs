@@ -508,11 +508,9 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         // mmts's own bookkeeping (e.g. mtm.conflicts) is per node, and so are tables without
         // a key when multimaster.ignore_tables_without_pk is on.
         if keyless && !own {
-            ereport!(
-                PgLogLevel::LOG,
-                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-                format!("mmts: table \"{schema}\".\"{name}\" has no primary key or replica identity and stays local")
-            );
+            crate::logging::log(format!(
+                "mmts: table \"{schema}\".\"{name}\" has no primary key or replica identity and stays local"
+            ));
         }
         SESSION.with(|s| {
             if let Some(m) = s.borrow_mut().mmts.as_mut() {

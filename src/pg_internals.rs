@@ -1,5 +1,7 @@
-//! PostgreSQL functions mmts calls without pgrx's guard, declared by hand from the server's
-//! headers of the versions named on each declaration, and the one C helper around them.
+//! Everything of PostgreSQL's that mmts declares by hand (not in pgrx's bindings), each from the
+//! server's headers of the versions named on its declaration, so that supporting another
+//! version is a list of gates here; and the functions mmts calls without pgrx's guard, with the
+//! one C helper around them.
 //!
 //! Why unguarded: pgrx's bindings catch a PostgreSQL error (longjmp), turn it into a Rust
 //! panic and raise it again later from what its `ErrorReport` holds. That loses an SQLSTATE
@@ -9,7 +11,7 @@
 //! statement a client runs, so they call what they wrap through [`keeping_errors`]: the error
 //! reaches PostgreSQL's own handler exactly as it was raised.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_void};
 
 use pgrx::pg_sys;
 
@@ -79,4 +81,55 @@ unsafe extern "C-unwind" {
         dest: *mut pg_sys::DestReceiver,
         qc: *mut pg_sys::QueryCompletion,
     );
+}
+
+// access/twophase.h, PostgreSQL 15 to 18.
+unsafe extern "C-unwind" {
+    #[link_name = "FinishPreparedTransaction"]
+    pub fn finish_prepared_transaction(gid: *const c_char, is_commit: bool);
+    #[link_name = "LookupGXact"]
+    pub fn lookup_gxact(
+        gid: *const c_char,
+        prepare_at_lsn: pg_sys::XLogRecPtr,
+        prepare_time: pg_sys::TimestampTz,
+    ) -> bool;
+}
+
+// replication/message.h, PostgreSQL 15 to 17 (18 adds a `flush` argument).
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+unsafe extern "C-unwind" {
+    #[link_name = "LogLogicalMessage"]
+    pub fn log_logical_message(prefix: *const c_char, message: *const c_char, size: usize, transactional: bool) -> u64;
+}
+
+// utils/timeout.h, PostgreSQL 15 and 16 (17 adds TRANSACTION_TIMEOUT before USER_TIMEOUT).
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+pub const USER_TIMEOUT: i32 = 12;
+unsafe extern "C-unwind" {
+    #[link_name = "RegisterTimeout"]
+    pub fn register_timeout(id: i32, handler: Option<unsafe extern "C-unwind" fn()>) -> i32;
+    #[link_name = "enable_timeout_every"]
+    pub fn enable_timeout_every(id: i32, fin_time: pg_sys::TimestampTz, delay_ms: i32);
+    #[link_name = "disable_timeout"]
+    pub fn disable_timeout(id: i32, keep_indicator: bool);
+}
+
+/// libpq/libpq.h's `PQcommMethods`, PostgreSQL 15 to 17.
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PqCommMethods {
+    pub comm_reset: Option<unsafe extern "C-unwind" fn()>,
+    pub flush: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    pub flush_if_writable: Option<unsafe extern "C-unwind" fn() -> c_int>,
+    pub is_send_pending: Option<unsafe extern "C-unwind" fn() -> bool>,
+    pub putmessage: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize) -> c_int>,
+    pub putmessage_noblock: Option<unsafe extern "C-unwind" fn(c_char, *const c_char, usize)>,
+}
+
+#[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+unsafe extern "C" {
+    /// libpq/libpq.h: the backend's current client communication methods.
+    #[link_name = "PqCommMethods"]
+    pub static mut PQ_COMM_METHODS: *const PqCommMethods;
 }

@@ -10,13 +10,11 @@
 //! mmts's prefix only if [`open`] finds its tag right. [`admit`] is the one place a signal
 //! received from a peer is decoded: it takes the signal only if the peer may say it.
 
-use std::cell::Cell;
 use std::ffi::CStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use mmts_core::config::Mode;
 use mmts_core::provenance::{SignalKey, KEY_LEN};
@@ -27,6 +25,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use crate::gucs;
+use crate::logging::log_limited;
 
 const KEY_FILE: &str = "mmts_signal.key";
 
@@ -118,30 +117,4 @@ pub fn admit_signal(sender: u32, signal: Signal) -> Option<Signal> {
             None
         }
     }
-}
-
-/// How often one process logs a rejected signal at most.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
-thread_local! {
-    static LAST_LOG: Cell<Option<Instant>> = const { Cell::new(None) };
-    static SUPPRESSED: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Logs `message` unless this process logged one within [`LOG_EVERY`]; the next one logged
-/// says how many were left out.
-fn log_limited(message: String) {
-    let now = Instant::now();
-    if LAST_LOG.get().is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
-        SUPPRESSED.set(SUPPRESSED.get() + 1);
-        return;
-    }
-    LAST_LOG.set(Some(now));
-    let left_out = SUPPRESSED.replace(0);
-    let message = if left_out > 0 {
-        format!("{message} ({left_out} more like it in the last seconds not logged)")
-    } else {
-        message
-    };
-    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, message);
 }

@@ -24,6 +24,7 @@ use pgrx::prelude::*;
 use crate::apply::Applier;
 use crate::indoubt::Resolver;
 use crate::libpq::{Connection, CopyData, PqError};
+use crate::logging::log;
 use crate::twophase;
 use crate::{gucs, nodes, status};
 
@@ -57,10 +58,6 @@ pub fn slot_name(node: u32) -> String {
 
 pub fn origin_name(node: u32) -> String {
     format!("mtm_node_{node}")
-}
-
-fn log(msg: String) {
-    ereport!(PgLogLevel::LOG, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
 }
 
 /// The start of an mmts worker: signal handlers, and the cluster's configuration (`None`

@@ -345,15 +345,11 @@ pub fn current(config: &ClusterConfig) -> Current {
         generation = shared.generation;
         drop(shared);
         if changed {
-            ereport!(
-                PgLogLevel::LOG,
-                PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-                format!(
-                    "mmts: node {me} is {}: members {} (generation {generation})",
-                    view.state.name(),
-                    format_mask(view.members)
-                )
-            );
+            crate::logging::log(format!(
+                "mmts: node {me} is {}: members {} (generation {generation})",
+                view.state.name(),
+                format_mask(view.members)
+            ));
         }
     }
     Current { view, generation, report }

@@ -13,7 +13,7 @@
 //! and holds the row there), so it is canceled at once with 40001 rather than after its own
 //! PREPARE loses; see [`classify_holder`].
 
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 use mmts_core::config::Mode;
 use mmts_core::indoubt::{Acceptor, Answer, Ballot, Outcome};
@@ -626,26 +626,21 @@ pub fn delivery_query(me: NodeId, signals: &[Signal]) -> String {
     format!("SELECT mtm.deliver_signals({me}, '{}')", encode_batch(signals))
 }
 
-unsafe extern "C-unwind" {
-    // access/twophase.h, not in pgrx's bindings.
-    fn FinishPreparedTransaction(gid: *const c_char, is_commit: bool);
-    fn LookupGXact(gid: *const c_char, prepare_at_lsn: pg_sys::XLogRecPtr, prepare_time: pg_sys::TimestampTz) -> bool;
-}
-
 /// COMMIT PREPARED (or ROLLBACK PREPARED) `gid`, inside the current transaction. A missing
 /// gid is an ERROR (SQLSTATE 42704) that `PgTryBuilder` can catch.
 pub fn finish_prepared(gid: &CStr, commit: bool) {
-    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| FinishPreparedTransaction(gid.as_ptr(), commit)) }
+    // SAFETY: a guarded call of a PostgreSQL function with a NUL-terminated gid.
+    unsafe {
+        pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            crate::pg_internals::finish_prepared_transaction(gid.as_ptr(), commit)
+        })
+    }
 }
 
 /// Whether `gid` is prepared here from the prepare at `lsn` / `time` (inside a transaction).
 pub fn lookup_prepared(gid: &CStr, lsn: u64, time: pg_sys::TimestampTz) -> bool {
-    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| LookupGXact(gid.as_ptr(), lsn, time)) }
-}
-
-unsafe extern "C-unwind" {
-    // replication/message.h, not in pgrx's bindings.
-    fn LogLogicalMessage(prefix: *const c_char, message: *const c_char, size: usize, transactional: bool) -> u64;
+    // SAFETY: as in `finish_prepared`.
+    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| crate::pg_internals::lookup_gxact(gid.as_ptr(), lsn, time)) }
 }
 
 /// Writes `signal` to this node's WAL for the peers. Transactional signals travel inside the
@@ -660,7 +655,9 @@ pub fn emit(signal: &Signal, transactional: bool) {
         }
         let prefix = c"mmts";
         debug_assert_eq!(prefix.to_bytes(), SIGNAL_PREFIX.as_bytes());
-        let lsn = LogLogicalMessage(prefix.as_ptr(), bytes.as_ptr().cast(), bytes.len(), transactional);
+        let lsn = pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            crate::pg_internals::log_logical_message(prefix.as_ptr(), bytes.as_ptr().cast(), bytes.len(), transactional)
+        });
         pg_sys::replorigin_session_origin = origin;
         if !transactional {
             pg_sys::XLogFlush(lsn);
