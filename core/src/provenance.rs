@@ -14,7 +14,11 @@
 //!
 //! Whichever way a signal came, it is then *bound* to the node it came from ([`admit`]): a
 //! signal about node N's vote, answer, heartbeat, coordination or precommit is taken only from
-//! node N, and every node id it names must be a node of the cluster. Anything else is dropped.
+//! node N; every node that speaks or whose transaction it is about (sender, voter, origin,
+//! ballot) must be a node of the cluster as this node knows it; node ids in lists must be
+//! node ids at all (1 to 64; masks can hold no other). Lists and masks are not checked against
+//! the cluster itself: a node learns that a node was added a moment after its peers do, and
+//! their heartbeats and coordinations name the new node meanwhile. Anything else is dropped.
 //!
 //! Not covered by the tag: replaying a sealed message. Its bytes are in the WAL and the
 //! decoded stream, which only roles trusted anyway can read (superusers, roles with
@@ -25,7 +29,7 @@ use sha2::Sha256;
 use thiserror::Error;
 
 use crate::indoubt::Answer;
-use crate::membership::{bit, Mask, Report};
+use crate::membership::{bit, Mask};
 use crate::twopc::Signal;
 use crate::NodeId;
 
@@ -100,13 +104,6 @@ fn known_id(node: u32, known: Mask) -> Result<(), Rejected> {
     }
 }
 
-fn known_mask(mask: Mask, known: Mask) -> Result<(), Rejected> {
-    match mask & !known {
-        0 => Ok(()),
-        extra => Err(Rejected::UnknownNode(extra.trailing_zeros() + 1)),
-    }
-}
-
 fn speaks_for(claimed: NodeId, sender: NodeId) -> Result<(), Rejected> {
     if claimed == sender {
         Ok(())
@@ -115,15 +112,12 @@ fn speaks_for(claimed: NodeId, sender: NodeId) -> Result<(), Rejected> {
     }
 }
 
-fn known_list<'a>(nodes: impl ExactSizeIterator<Item = &'a NodeId>, known: Mask) -> Result<(), Rejected> {
+/// A list of node ids: at most one per node, each a node id at all.
+fn node_list<'a>(nodes: impl ExactSizeIterator<Item = &'a NodeId>) -> Result<(), Rejected> {
     if nodes.len() > MAX_NODE_ID as usize {
         return Err(Rejected::TooLong(nodes.len()));
     }
-    nodes.into_iter().try_for_each(|n| known_id(n.0, known))
-}
-
-fn known_report(r: &Report, known: Mask) -> Result<(), Rejected> {
-    known_mask(r.sees | r.partition | r.members, known)
+    nodes.into_iter().try_for_each(|n| known_id(n.0, Mask::MAX))
 }
 
 /// Whether this node takes `signal` from node `sender`, given the nodes of the cluster
@@ -131,15 +125,11 @@ fn known_report(r: &Report, known: Mask) -> Result<(), Rejected> {
 pub fn admit(signal: &Signal, sender: NodeId, known: Mask) -> Result<(), Rejected> {
     known_id(sender.0, known)?;
     match signal {
-        Signal::Coordinated { key, members, after } => {
+        Signal::Coordinated { key, after, .. } => {
             speaks_for(key.node, sender)?;
-            known_mask(*members, known)?;
-            known_list(after.iter().map(|(n, _)| n), known)
+            node_list(after.iter().map(|(n, _)| n))
         }
-        Signal::Heartbeat { from, report } => {
-            speaks_for(*from, sender)?;
-            known_report(report, known)
-        }
+        Signal::Heartbeat { from, .. } => speaks_for(*from, sender),
         Signal::Precommit { origin, .. } => speaks_for(*origin, sender),
         Signal::Promise { origin, ballot, .. } | Signal::Accept { origin, ballot, .. } => {
             known_id(origin.0, known)?;
@@ -163,7 +153,7 @@ pub fn admit(signal: &Signal, sender: NodeId, known: Mask) -> Result<(), Rejecte
         }
         Signal::Resolved { origin, .. } => known_id(origin.0, known),
         Signal::Ddl { .. } => Ok(()),
-        Signal::Seen { applied } => known_list(applied.iter().map(|(n, _)| n), known),
+        Signal::Seen { applied } => node_list(applied.iter().map(|(n, _)| n)),
     }
 }
 
@@ -171,6 +161,7 @@ pub fn admit(signal: &Signal, sender: NodeId, known: Mask) -> Result<(), Rejecte
 mod tests {
     use super::*;
     use crate::indoubt::{Ballot, Outcome};
+    use crate::membership::Report;
     use crate::twopc::{Key, Vote};
 
     const KNOWN: Mask = 0b111;
@@ -232,12 +223,18 @@ mod tests {
         assert_eq!(admit(&vote(1, 0), n(0), KNOWN), Err(Rejected::UnknownNode(0)));
         assert_eq!(admit(&vote(1, 64), n(64), KNOWN), Err(Rejected::UnknownNode(64)));
         assert!(admit(&vote(1, 64), n(64), KNOWN | 1 << 63).is_ok());
+        // A node added a moment ago may be named by peers that know of it already.
         let hb = Signal::Heartbeat { from: n(2), report: Report { members: 0b1011, ..Report::default() } };
-        assert_eq!(admit(&hb, n(2), KNOWN), Err(Rejected::UnknownNode(4)));
+        assert_eq!(admit(&hb, n(2), KNOWN), Ok(()));
+        let seen = Signal::Seen { applied: vec![(n(1), 0), (n(9), 0)] };
+        assert_eq!(admit(&seen, n(2), KNOWN), Ok(()));
         let seen = Signal::Seen { applied: (0..100).map(|_| (n(1), 0)).collect() };
         assert_eq!(admit(&seen, n(2), KNOWN), Err(Rejected::TooLong(100)));
-        let seen = Signal::Seen { applied: vec![(n(1), 0), (n(9), 0)] };
-        assert_eq!(admit(&seen, n(2), KNOWN), Err(Rejected::UnknownNode(9)));
+        let seen = Signal::Seen { applied: vec![(n(1), 0), (n(65), 0)] };
+        assert_eq!(admit(&seen, n(2), KNOWN), Err(Rejected::UnknownNode(65)));
+        let coordinated =
+            Signal::Coordinated { key: Key { ts: 1, node: n(1) }, members: 0b1111, after: vec![(n(0), 1)] };
+        assert_eq!(admit(&coordinated, n(1), KNOWN), Err(Rejected::UnknownNode(0)));
     }
 
     fn every_kind() -> Vec<Signal> {
