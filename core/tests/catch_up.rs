@@ -57,6 +57,9 @@ use mmts_core::replication::{resume_point, Progress};
 use mmts_core::twopc::dependencies_met;
 use mmts_core::NodeId;
 
+mod common;
+use common::Rng;
+
 type Lsn = u64;
 
 /// Where a restarted receiver's `ended` starts, from its origin on disk and its slot's
@@ -72,33 +75,6 @@ const SEEDS: u64 = 2000;
 /// How many seeds each test runs: `CATCH_UP_SEEDS`, or [`SEEDS`].
 fn seeds() -> u64 {
     std::env::var("CATCH_UP_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS)
-}
-
-/// xorshift64, seeded through splitmix64 so that neighbouring seeds give unrelated runs.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
 }
 
 #[derive(Debug, Clone)]
