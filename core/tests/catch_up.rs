@@ -506,8 +506,9 @@ fn a_restarted_node_catches_up() {
     assert!(total.crashes > 0 && total.slot_ahead > 0 && total.waits > 0, "{total:?}");
 }
 
-/// The rule mmts had before `resume_point`: a receiver restarted with `ended` at its origin on disk counts positions its slot
-/// confirmed (which are never sent again) as not ended; a transaction at the head of one stream
+/// The rule mmts had before `resume_point`: a receiver restarted with `ended` at its origin on
+/// disk counts positions its slot confirmed (which are never sent again) as not ended; a
+/// transaction at the head of one stream
 /// can then wait for those in the other stream, whose head waits for the first: a cycle.
 /// Everything else holds under that rule.
 ///
