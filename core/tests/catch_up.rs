@@ -508,9 +508,8 @@ fn a_restarted_node_catches_up() {
 
 /// The rule mmts had before `resume_point`: a receiver restarted with `ended` at its origin on
 /// disk counts positions its slot confirmed (which are never sent again) as not ended; a
-/// transaction at the head of one stream
-/// can then wait for those in the other stream, whose head waits for the first: a cycle.
-/// Everything else holds under that rule.
+/// transaction at the head of one stream can then wait for those in the other stream, whose
+/// head waits for the first: a cycle. Everything else holds under that rule.
 ///
 /// 19 of the 2000 seeds get stuck, each in a cycle; the first is seed 45, where node 3 crashed
 /// with stream 1's origin on disk at 18 and its slot at 21, stream 2's at 18 and 24: "head of
