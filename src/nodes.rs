@@ -322,8 +322,10 @@ fn add_node(conn_string: &str) -> i32 {
     id as i32
 }
 
-/// How long [`join_node`] waits for each thing it needs.
-const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// How long [`join_node`] waits for each thing it needs. Making a logical slot under a write
+/// load takes tens of seconds: PostgreSQL's snapshot builder moves on at each record of the
+/// running transactions, which the background writer logs every 15 s.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
 
 /// Lets node `node_id`, a copy of this node being recovered with `recovery_target_name =
 /// 'mtm_join_<node_id>_from_<this node>'`, go at a point where this node's state is whole
