@@ -341,18 +341,6 @@ fn join_node(node_id: i32) -> String {
     let config = cluster_admin("mtm.join_node");
     let me = config.node_id;
     let id = node_id as u32;
-    // Added a moment ago (here, maybe, in this very session): its row is in mtm.added_nodes
-    // before the receivers read it into shared memory (within about a second).
-    let in_table = (1..=gucs::MAX_NODES as u32).contains(&id)
-        && Spi::get_one_with_args::<bool>("SELECT true FROM mtm.added_nodes WHERE node_id = $1", &[node_id.into()])
-            .ok()
-            .flatten()
-            .unwrap_or(false);
-    if in_table {
-        wait_for_value(&format!("node {id} to be known here"), || {
-            (status::configured(config) & bit(NodeId(id)) != 0).then_some(())
-        });
-    }
     let configured = status::configured(config);
     if id == me.0 || !(1..=gucs::MAX_NODES as u32).contains(&id) || configured & bit(NodeId(id)) == 0 {
         refuse(
