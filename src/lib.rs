@@ -14,10 +14,12 @@ mod ddl;
 mod executor_hook;
 mod functions;
 mod gucs;
+mod heartbeat;
 mod indoubt;
 mod libpq;
 mod logging;
 mod nodes;
+mod outbox;
 mod output_plugin;
 mod pg_internals;
 mod provenance;
@@ -57,6 +59,7 @@ pub extern "C-unwind" fn _PG_init() {
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
             provenance::init();
             receiver::register(config);
+            heartbeat::register();
             executor_hook::install();
             commit::install();
         }

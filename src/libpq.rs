@@ -1,7 +1,7 @@
 //! Connections to a peer over libpq (the client library, linked into mmts.so): the
 //! replication connection a receiver streams from, and a plain one for signals. Only the
-//! backend's main thread uses them; every call is non-blocking except connecting, which
-//! `connect_timeout` bounds.
+//! backend's main thread uses them; every call is non-blocking except `Connection::connect`,
+//! which `connect_timeout` bounds.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
@@ -16,6 +16,11 @@ struct PGresult {
 }
 
 const CONNECTION_OK: c_int = 0;
+const CONNECTION_BAD: c_int = 1;
+const PGRES_POLLING_FAILED: c_int = 0;
+const PGRES_POLLING_READING: c_int = 1;
+const PGRES_POLLING_WRITING: c_int = 2;
+const PGRES_POLLING_OK: c_int = 3;
 const PGRES_COMMAND_OK: c_int = 1;
 const PGRES_TUPLES_OK: c_int = 2;
 const PGRES_COPY_BOTH: c_int = 8;
@@ -28,6 +33,12 @@ unsafe extern "C" {
         values: *const *const c_char,
         expand_dbname: c_int,
     ) -> *mut PGconn;
+    fn PQconnectStartParams(
+        keywords: *const *const c_char,
+        values: *const *const c_char,
+        expand_dbname: c_int,
+    ) -> *mut PGconn;
+    fn PQconnectPoll(conn: *mut PGconn) -> c_int;
     fn PQstatus(conn: *const PGconn) -> c_int;
     fn PQerrorMessage(conn: *const PGconn) -> *const c_char;
     fn PQfinish(conn: *mut PGconn);
@@ -65,6 +76,8 @@ pub struct Connection {
     conn: NonNull<PGconn>,
     /// First column of the first row of the last result that had rows.
     value: Option<String>,
+    /// While connecting without waiting: what libpq last asked to wait for.
+    polling: c_int,
 }
 
 /// What one non-blocking read of the copy stream gave.
@@ -82,6 +95,64 @@ impl Connection {
 
     /// Opens a connection to `conninfo`, a replication one (`replication=database`) or not.
     pub fn connect(conninfo: &str, application_name: &str, replication: bool) -> Result<Connection, PqError> {
+        let connection = Connection::open(conninfo, application_name, replication, PQconnectdbParams)?;
+        if unsafe { PQstatus(connection.conn.as_ptr()) } != CONNECTION_OK {
+            return Err(connection.error(None));
+        }
+        Ok(connection)
+    }
+
+    /// Starts opening a plain connection to `conninfo` without waiting: drive it with
+    /// [`Connection::poll_connect`].
+    pub fn start(conninfo: &str, application_name: &str) -> Result<Connection, PqError> {
+        let connection = Connection::open(conninfo, application_name, false, PQconnectStartParams)?;
+        if unsafe { PQstatus(connection.conn.as_ptr()) } == CONNECTION_BAD {
+            return Err(connection.error(None));
+        }
+        Ok(connection)
+    }
+
+    /// After [`Connection::start`]: `Ok(true)` once connected, `Ok(false)` while under way
+    /// (call again later; libpq is only asked to go on once the socket is ready). The caller
+    /// bounds how long it waits.
+    pub fn poll_connect(&mut self) -> Result<bool, PqError> {
+        if unsafe { PQstatus(self.conn.as_ptr()) } == CONNECTION_OK {
+            return Ok(true);
+        }
+        let wanted = match self.polling {
+            PGRES_POLLING_READING => pgrx::pg_sys::WL_SOCKET_READABLE,
+            _ => pgrx::pg_sys::WL_SOCKET_WRITEABLE,
+        };
+        // SAFETY: a zero-timeout wait on this connection's socket, no latch.
+        let ready = unsafe {
+            pgrx::pg_sys::WaitLatchOrSocket(
+                std::ptr::null_mut(),
+                (wanted | pgrx::pg_sys::WL_TIMEOUT | pgrx::pg_sys::WL_EXIT_ON_PM_DEATH) as c_int,
+                self.socket(),
+                0,
+                pgrx::pg_sys::PG_WAIT_EXTENSION,
+            )
+        } as u32
+            & wanted
+            != 0;
+        if !ready {
+            return Ok(false);
+        }
+        self.polling = unsafe { PQconnectPoll(self.conn.as_ptr()) };
+        match self.polling {
+            PGRES_POLLING_OK => Ok(true),
+            PGRES_POLLING_FAILED => Err(self.error(None)),
+            _ => Ok(false),
+        }
+    }
+
+    /// Opens a connection with `open` (libpq's blocking or non-blocking connect).
+    fn open(
+        conninfo: &str,
+        application_name: &str,
+        replication: bool,
+        open: unsafe extern "C" fn(*const *const c_char, *const *const c_char, c_int) -> *mut PGconn,
+    ) -> Result<Connection, PqError> {
         // Values travel as text: make their output unambiguous whatever the peer's settings.
         let keys = [c"connect_timeout", c"dbname", c"application_name", c"options", c"replication"];
         let conninfo =
@@ -96,13 +167,10 @@ impl Connection {
         let mut values: Vec<*const c_char> = values[..n].to_vec();
         keywords.push(std::ptr::null());
         values.push(std::ptr::null());
-        let raw = unsafe { PQconnectdbParams(keywords.as_ptr(), values.as_ptr(), 1) };
+        // SAFETY: both arrays are NULL-terminated and their strings outlive the call.
+        let raw = unsafe { open(keywords.as_ptr(), values.as_ptr(), 1) };
         let conn = NonNull::new(raw).ok_or_else(|| PqError { message: "out of memory".into(), sqlstate: None })?;
-        let connection = Connection { conn, value: None };
-        if unsafe { PQstatus(conn.as_ptr()) } != CONNECTION_OK {
-            return Err(connection.error(None));
-        }
-        Ok(connection)
+        Ok(Connection { conn, value: None, polling: PGRES_POLLING_WRITING })
     }
 
     /// Sends `command` without waiting for its result (see [`Connection::poll_result`]).

@@ -24,6 +24,7 @@ use pgrx::prelude::*;
 use crate::apply::Applier;
 use crate::indoubt::Resolver;
 use crate::libpq::{Connection, CopyData, PqError};
+use crate::outbox::Outbox;
 use crate::logging::log;
 use crate::twophase;
 use crate::{gucs, nodes, status};
@@ -62,7 +63,7 @@ pub fn origin_name(node: u32) -> String {
 
 /// The start of an mmts worker: signal handlers, and the cluster's configuration (`None`
 /// when this server is not a multimaster node).
-fn worker_start() -> Option<&'static ClusterConfig> {
+pub fn worker_start() -> Option<&'static ClusterConfig> {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     match gucs::mode() {
         Mode::Multimaster(config) => Some(config),
@@ -71,7 +72,7 @@ fn worker_start() -> Option<&'static ClusterConfig> {
 }
 
 /// Connects a worker to the replicated database as the user of this node's connection string.
-fn connect_to_database(config: &ClusterConfig) {
+pub fn connect_to_database(config: &ClusterConfig) {
     let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
     BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
 }
@@ -288,7 +289,7 @@ fn stream(
     loop {
         link.read_available()?;
         outbox.push(std::mem::take(&mut link.replies));
-        let busy = Instant::now();
+        let listened = Instant::now();
         let mut finished = Vec::new();
         while let Some((end, message)) = link.backlog.pop_front() {
             // While a large transaction is applied, signals are still delivered and the peer
@@ -299,7 +300,6 @@ fn stream(
             let mut keep_up = || {
                 link.keep_up(&progress);
                 outbox.push(std::mem::take(&mut link.replies));
-                outbox.heartbeat(config);
                 if unsafe { !pg_sys::IsTransactionState() } {
                     resolver.tick(config);
                 }
@@ -340,7 +340,6 @@ fn stream(
             caught_up = true;
             status::update(peer_id, |p| p.caught_up = true);
         }
-        outbox.heartbeat(config);
         if let Some(last) = finished.last() {
             status::update(peer_id, |p| {
                 p.applied_commit_time = last.commit_time;
@@ -349,10 +348,6 @@ fn stream(
                 p.apply_error_time = 0;
             });
         }
-        if busy.elapsed() >= heartbeat {
-            // Applying took a while: the peer was not silent, this node was not listening.
-            link.last_heard = link.last_heard.max(Instant::now() - heartbeat);
-        }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
             resolver.tick(config);
             slot.tick();
@@ -360,6 +355,11 @@ fn stream(
             if status::dropped() & (bit(NodeId(peer_id)) | bit(config.node_id)) != 0 {
                 return Err(PqError { message: "a node was dropped from the cluster".into(), sqlstate: None });
             }
+        }
+        if listened.elapsed() >= heartbeat {
+            // Applying, or settling, took a while: the peer was not silent, this node was not
+            // listening (nor asking for its replies). It has a heartbeat from now to answer.
+            link.last_heard = link.last_heard.max(Instant::now() - heartbeat);
         }
         if link.last_heard.elapsed() > silence {
             return Err(PqError {
@@ -395,7 +395,7 @@ fn stream(
 
 /// Reads postgresql.conf again after a reload (`pg_reload_conf()`, SIGHUP): the heartbeat
 /// and two-phase commit settings can change without a restart. Returns whether it did.
-fn reload_if_asked() -> bool {
+pub fn reload_if_asked() -> bool {
     let asked = BackgroundWorker::sighup_received();
     if asked {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -671,118 +671,3 @@ fn deliver_signal(message: &wire::Message, peer: u32, me: u32) -> Option<Signal>
     answer
 }
 
-/// Where this receiver's votes and "finished" for the peer's transactions go: straight to the
-/// peer over a plain connection (calling `mtm.deliver_signals` there), one batch at a time; in
-/// this node's WAL when that connection is not there or fails (the peer's receiver then
-/// delivers them). Delivering twice is harmless, so a batch whose fate is unknown goes to WAL
-/// as well. A batch the peer refuses because it has no `mtm` schema yet (`CREATE EXTENSION`
-/// not run there) goes to WAL, and so do those of the next few seconds; then the same
-/// connection is tried again.
-struct Outbox {
-    conn: Option<Connection>,
-    /// When this node's last heartbeat went.
-    last_heartbeat: Option<Instant>,
-    /// Sent, result not in yet.
-    in_flight: Vec<Signal>,
-    queued: Vec<Signal>,
-    peer_id: u32,
-    me: NodeId,
-    /// The peer has no `mtm.deliver_signals` yet: signals go through WAL until then.
-    not_before: Option<Instant>,
-}
-
-/// How long signals go through WAL after the peer lacked `mtm.deliver_signals`.
-const NO_EXTENSION_PAUSE: Duration = Duration::from_secs(5);
-
-impl Outbox {
-    fn new(conninfo: &str, application_name: &str, peer_id: u32, me: NodeId) -> Outbox {
-        let outbox = |conn| Outbox {
-            conn,
-            last_heartbeat: None,
-            in_flight: Vec::new(),
-            queued: Vec::new(),
-            peer_id,
-            me,
-            not_before: None,
-        };
-        if !gucs::synchronous() {
-            return outbox(None);
-        }
-        let conn = match Connection::connect(conninfo, application_name, false) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                log(format!("mmts: signals to node {peer_id} go through WAL: cannot connect: {e}"));
-                None
-            }
-        };
-        outbox(conn)
-    }
-
-    /// Sends this node's heartbeat (synchronous mode) when one is due.
-    fn heartbeat(&mut self, config: &ClusterConfig) {
-        let every = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
-        if !gucs::synchronous() || self.last_heartbeat.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.last_heartbeat = Some(Instant::now());
-        let report = status::current(config).report;
-        self.push(vec![Signal::Heartbeat { from: config.node_id, report }]);
-    }
-
-    fn socket(&self) -> Option<pg_sys::pgsocket> {
-        self.conn.as_ref().map(|c| c.socket())
-    }
-
-    fn push(&mut self, signals: Vec<Signal>) {
-        let paused = self.not_before.is_some_and(|t| Instant::now() < t);
-        if self.conn.is_some() && !paused {
-            self.queued.extend(signals);
-        } else {
-            for s in &signals {
-                twophase::emit(s, false);
-            }
-        }
-        self.pump();
-    }
-
-    /// Collects the last batch's result and sends the next one.
-    fn pump(&mut self) {
-        let Some(conn) = &mut self.conn else { return };
-        let result = if self.in_flight.is_empty() {
-            Ok(true)
-        } else {
-            conn.poll_result().map(|done| {
-                if done {
-                    self.in_flight.clear();
-                }
-                done
-            })
-        };
-        let result = result.and_then(|ready| {
-            if ready && !self.queued.is_empty() {
-                self.in_flight = std::mem::take(&mut self.queued);
-                conn.send(&twophase::delivery_query(self.me, &self.in_flight))?;
-            }
-            Ok(())
-        });
-        // The function is not there yet: this batch, and those of the next few seconds, go
-        // through WAL; then the connection is tried again.
-        let missing = |e: &crate::libpq::PqError| matches!(e.sqlstate.as_deref(), Some("3F000" | "42883"));
-        if let Err(e) = &result {
-            if missing(e) {
-                self.not_before = Some(Instant::now() + NO_EXTENSION_PAUSE);
-                for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
-                    twophase::emit(&s, false);
-                }
-                return;
-            }
-        }
-        if let Err(e) = result {
-            log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
-            self.conn = None;
-            for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
-                twophase::emit(&s, false);
-            }
-        }
-    }
-}

@@ -103,7 +103,7 @@ fn prerequisite(setting: &'static str, message: String, hint: String) -> ConfigE
     ConfigError { kind: ErrorKind::Prerequisite, setting, message, detail: None, hint }
 }
 
-/// Background workers mmts needs besides the per-peer receivers (the monitor).
+/// Background workers mmts needs besides the per-peer receivers (the heartbeat worker).
 pub const EXTRA_WORKERS: i32 = 1;
 
 /// Replication origins a node's coordinating backends commit under (each takes one of

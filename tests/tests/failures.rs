@@ -457,3 +457,38 @@ fn a_configuration_reload_reaches_the_receivers() {
     assert!(log.contains("no message from node 2 for 1700 ms"), "{log}");
     cluster.heal_all();
 }
+
+/// A replicated statement that runs for several heartbeat_recv_timeouts on every node (an index
+/// built over a slow expression) keeps the peers busy applying it, not gone: no node changes
+/// its members, the statement commits everywhere, and writes go on meanwhile.
+#[test]
+fn a_long_replicated_statement_changes_no_membership() {
+    let cluster = start(
+        "CREATE TABLE t(id bigint PRIMARY KEY); CREATE TABLE u(id bigint PRIMARY KEY);
+         CREATE FUNCTION slow(bigint) RETURNS bigint IMMUTABLE LANGUAGE sql AS 'SELECT $1 FROM pg_sleep(0.5)'",
+    );
+    let generation = |n: &Node| count(n, "SELECT generation FROM mtm.get_cluster_state()");
+    let before: Vec<i64> = cluster.nodes().iter().map(generation).collect();
+    // 8 rows: the index takes 4 s to build on each node, 4 heartbeat_recv_timeouts.
+    cluster.node(1).execute("INSERT INTO t SELECT generate_series(1, 8)");
+    let builder = {
+        let connstr = cluster.node(1).connstr();
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&connstr, postgres::NoTls).expect("connect node 1");
+            c.batch_execute("CREATE INDEX t_slow ON t (slow(id))")
+        })
+    };
+    let started = Instant::now();
+    let mut i = 0i64;
+    while !builder.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        i += 1;
+        cluster.node(if i % 2 == 0 { 2 } else { 3 }).execute(&format!("INSERT INTO u VALUES ({i})"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    builder.join().unwrap().expect("the index is made");
+    for (node, before) in cluster.nodes().iter().zip(before) {
+        assert_eq!(generation(node), before, "node {}: members changed: {}", node.id, node.log_tail(40));
+        assert_eq!(count(node, "SELECT count(*) FROM pg_indexes WHERE indexname = 't_slow'"), 1, "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM u"), i, "node {}", node.id);
+    }
+}
