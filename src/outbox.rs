@@ -16,7 +16,7 @@ use mmts_core::NodeId;
 use pgrx::pg_sys;
 
 use crate::libpq::{Connection, PqError};
-use crate::logging::log;
+use crate::logging::{log, log_limited};
 use crate::{gucs, twophase};
 
 pub struct Outbox {
@@ -31,6 +31,7 @@ pub struct Outbox {
     not_before: Option<Instant>,
     /// Connecting without waiting (see [`Outbox::start`]) since then.
     connecting: Option<Instant>,
+    made_without_waiting: bool,
 }
 
 /// How long signals go through WAL after the peer lacked `mtm.deliver_signals`.
@@ -60,7 +61,9 @@ impl Outbox {
     pub fn start(conninfo: &str, application_name: &str, peer_id: u32, me: NodeId) -> Outbox {
         let conn = if gucs::synchronous() {
             Connection::start(conninfo, application_name)
-                .map_err(|e| log(format!("mmts: signals to node {peer_id} go through WAL: cannot connect: {e}")))
+                .map_err(|e| {
+                    log_limited(format!("mmts: signals to node {peer_id} go through WAL: cannot connect: {e}"))
+                })
                 .ok()
         } else {
             None
@@ -70,7 +73,17 @@ impl Outbox {
     }
 
     fn with(conn: Option<Connection>, peer_id: u32, me: NodeId, connecting: Option<Instant>) -> Outbox {
-        Outbox { conn, in_flight: Vec::new(), sent_at: None, queued: Vec::new(), peer_id, me, not_before: None, connecting }
+        Outbox {
+            conn,
+            in_flight: Vec::new(),
+            sent_at: None,
+            queued: Vec::new(),
+            peer_id,
+            me,
+            not_before: None,
+            made_without_waiting: connecting.is_some(),
+            connecting,
+        }
     }
 
     pub fn socket(&self) -> Option<pg_sys::pgsocket> {
@@ -136,11 +149,15 @@ impl Outbox {
             }
             Ok(())
         });
-        // The function is not there yet: this batch, and those of the next few seconds, go
-        // through WAL; then the connection is tried again.
-        let missing = |e: &PqError| matches!(e.sqlstate.as_deref(), Some("3F000" | "42883"));
+        // The function is not there yet (or this node's user may not call it): this batch,
+        // and those of the next few seconds, go through WAL; then the connection is tried
+        // again.
+        let refused = |e: &PqError| matches!(e.sqlstate.as_deref(), Some("3F000" | "42883" | "42501"));
         if let Err(e) = &result {
-            if missing(e) {
+            if refused(e) {
+                if e.sqlstate.as_deref() == Some("42501") {
+                    log_limited(format!("mmts: signals to node {} go through WAL: {e}", self.peer_id));
+                }
                 self.not_before = Some(Instant::now() + NO_EXTENSION_PAUSE);
                 for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
                     twophase::emit(&s, false);
@@ -149,7 +166,14 @@ impl Outbox {
             }
         }
         if let Err(e) = result {
-            log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
+            let message = format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id);
+            // An outbox made without waiting is made again and again while the peer is out
+            // of reach (see `heartbeat`).
+            if self.made_without_waiting {
+                log_limited(message)
+            } else {
+                log(message)
+            }
             self.conn = None;
             for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
                 twophase::emit(&s, false);
