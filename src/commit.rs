@@ -30,9 +30,10 @@ use std::ffi::{c_char, c_int, CString};
 use std::time::Duration;
 
 use mmts_core::config::Mode;
+use mmts_core::coordinator::{Action, Coordination, Coordinator, Event, Reply};
 use mmts_core::indoubt::{Answer, Ballot, Outcome};
 use mmts_core::membership::{self, bit, format_mask, Mask, State};
-use mmts_core::twopc::{Coordinator, Decision, Key, Signal, Vote, SERIALIZATION_FAILURE};
+use mmts_core::twopc::{Key, Signal, Vote, SERIALIZATION_FAILURE};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
@@ -47,9 +48,7 @@ struct Pending {
     gid: CString,
     xid: u32,
     slot: usize,
-    coordinator: Coordinator,
-    /// The application's own PREPARE TRANSACTION: only the votes are awaited.
-    application: bool,
+    coordination: Coordination,
     /// The members it is prepared on.
     members: Mask,
     /// Its priority in conflicts (its key's timestamp).
@@ -633,8 +632,10 @@ fn start_two_phase(gid: CString, application: bool) {
     // Peers apply a large transaction for about as long as it ran here.
     let ran = now() - unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let deadline = ts + gucs::vote_timeout_us(ran);
-    let coordinator = Coordinator::new(size as usize, live, ts, deadline);
-    session(|s| s.pending = Some(Pending { gid, xid, slot, coordinator, application, members, priority }));
+    let finish_timeout = gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
+    let coordination =
+        Coordination::new(Coordinator::new(size as usize, live, ts, deadline), application, finish_timeout);
+    session(|s| s.pending = Some(Pending { gid, xid, slot, coordination, members, priority }));
 }
 
 // ---- finishing, before the client hears ----------------------------------------------------
@@ -700,27 +701,35 @@ fn wait_a_little() {
     crate::apply::nap(10);
 }
 
-/// Feeds what arrived and what the receivers see into the coordinator.
+/// Feeds what arrived, what the receivers see, and the backend's interrupts into the
+/// coordination.
 fn update(p: &mut Pending) {
     let votes = twophase::votes(p.slot, p.xid);
+    let c = &mut p.coordination;
     for node in votes.yes {
-        p.coordinator.on_vote(node, Vote::Yes { proposal: votes.max_proposal });
+        c.step(Event::Vote { node, vote: Vote::Yes { proposal: votes.max_proposal } });
     }
     if let Some((node, sqlstate, message)) = votes.no {
-        p.coordinator.on_vote(node, Vote::No { sqlstate, message });
+        c.step(Event::Vote { node, vote: Vote::No { sqlstate, message } });
+    }
+    for node in votes.accepted {
+        c.step(Event::Accepted(node));
     }
     for node in votes.finished {
-        p.coordinator.on_finished(node);
+        c.step(Event::Finished(node));
     }
     // A participant no longer reachable, or no longer a member, will not vote (or finish).
-    let members = match gucs::mode() {
-        Mode::Multimaster(config) => status::current(config).view.members,
-        Mode::Standalone => 0,
+    let (members, size) = match gucs::mode() {
+        Mode::Multimaster(config) => (status::current(config).view.members, status::configured(config).count_ones()),
+        Mode::Standalone => (0, 0),
     };
-    let lost: Vec<NodeId> =
-        p.coordinator.participants().filter(|&n| !status::connected(n.0) || members & bit(n) == 0).collect();
+    c.step(Event::ClusterSize(size as usize));
+    let lost: Vec<NodeId> = c.participants().filter(|&n| !status::connected(n.0) || members & bit(n) == 0).collect();
     for node in lost {
-        p.coordinator.on_peer_lost(node);
+        c.step(Event::PeerLost(node));
+    }
+    if interrupted() {
+        c.step(Event::Interrupted);
     }
 }
 
@@ -730,18 +739,6 @@ fn finish_prepared(gid: &CString, commit: bool) {
         twophase::finish_prepared(gid, commit);
         pg_sys::CommitTransactionCommand();
     }
-}
-
-/// Waits (at most twopc_min_timeout) until the live peers have finished the transaction the
-/// way it was decided, then forgets it; returns the peers that have not.
-fn wait_finished(p: &mut Pending) -> Vec<String> {
-    let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
-    while !p.coordinator.all_finished() && now() < deadline && !interrupted() {
-        wait_a_little();
-        update(p);
-    }
-    twophase::unregister(p.slot, p.xid);
-    p.coordinator.unfinished().map(|n| n.to_string()).collect()
 }
 
 /// For tests (`multimaster.failpoint`): the backend stops here for good, as if the node died
@@ -756,101 +753,65 @@ fn failpoint(name: &str) {
     }
 }
 
-/// Before committing: has a majority of the cluster accept "commit at `ts`" (see
-/// `mmts_core::indoubt`), so that if this node is lost from now on, the others commit it too.
-/// Without that majority in time, the outcome is left to the cluster (an ERROR for the client).
-fn precommit(p: &mut Pending, ts: i64) {
-    let Mode::Multimaster(config) = gucs::mode() else { return };
-    let me = config.node_id;
-    let commit = Outcome::Commit { ts };
-    if twophase::with_acceptor(me, p.xid, |a| a.accept(Ballot::coordinator(me), commit)) != Answer::Accepted {
-        // Another node is settling it (this node seemed lost): nothing accepted a commit yet,
-        // so it can only be rolled back.
-        finish_prepared(&p.gid, false);
-        twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
-        twophase::unregister(p.slot, p.xid);
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            "mmts: transaction rolled back on all nodes: the cluster settled it while this node was out of reach",
-            "mmts",
-        )
-        .set_hint("The transaction made no change on any node; retry it.")
-        .report(PgLogLevel::ERROR);
-    }
-    twophase::emit(&Signal::Precommit { origin: me, xid: p.xid, ts }, false);
-    let deadline = now() + gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
-    loop {
-        let accepted = twophase::votes(p.slot, p.xid).accepted.len() + 1;
-        if mmts_core::indoubt::majority(status::configured(config).count_ones() as usize, accepted) {
-            return;
-        }
-        if now() >= deadline || interrupted() {
-            break;
-        }
-        wait_a_little();
-    }
-    // Left prepared: this node's receivers settle it with the other nodes (`settle_orphans`).
-    twophase::unregister(p.slot, p.xid);
-    ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_TRANSACTION_RESOLUTION_UNKNOWN,
-        "mmts: the commit of this transaction was not confirmed by a majority of the cluster in time",
-        "mmts",
-    )
-    .set_detail("Every node voted to commit it; it is committed or rolled back on every node alike as soon as a majority of nodes reach each other.")
-    .set_hint("Check whether its changes are there before retrying it.")
-    .report(PgLogLevel::ERROR);
-}
-
-/// Waits for the votes, commits or rolls back everywhere, and reports a rollback as an ERROR.
+/// Carries out what the transaction's coordination (`mmts_core::coordinator`) asks for until
+/// the client is to hear the outcome; a rollback or an unknown outcome reaches it as an ERROR.
 fn finish(mut p: Pending) {
     let me = match gucs::mode() {
         Mode::Multimaster(config) => config.node_id,
         Mode::Standalone => NodeId(0),
     };
-    let decision = loop {
+    let reply = loop {
         update(&mut p);
-        if let Some(d) = p.coordinator.decide(now()) {
-            break d.clone();
+        match p.coordination.poll(now()) {
+            Action::Wait => wait_a_little(),
+            Action::Precommit { ts } => {
+                // Every node records `ts` as the commit timestamp; this node's clock passes it
+                // first (a wait only as long as clock skew), so that what it commits later, or
+                // what its client does after COMMIT, gets a later timestamp.
+                let limit = now() + 1_000_000;
+                while now() < ts.min(limit) {
+                    std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
+                }
+                failpoint("before_precommit");
+                let commit = Outcome::Commit { ts };
+                let took = twophase::with_acceptor(me, p.xid, |a| a.accept(Ballot::coordinator(me), commit))
+                    == Answer::Accepted;
+                if took {
+                    twophase::emit(&Signal::Precommit { origin: me, xid: p.xid, ts }, false);
+                }
+                p.coordination.step(Event::OwnAcceptance(took));
+            }
+            Action::CommitPrepared { ts } => {
+                failpoint("before_commit");
+                // Recording `ts` itself: a peer may commit at `ts` before this node does.
+                crate::commit_origin::commit_prepared_at(&p.gid, ts);
+                twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
+                twophase::committed_without(p.members, me, unsafe { pg_sys::XactLastCommitEnd });
+                twophase::clock_observe(now());
+                p.coordination.step(Event::CommittedHere);
+            }
+            Action::RollbackPrepared => {
+                finish_prepared(&p.gid, false);
+                twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
+                p.coordination.step(Event::RolledBackHere);
+            }
+            Action::Reply(reply) => break reply,
         }
-        if interrupted() {
-            // Canceled or terminated while waiting: nothing is decided, so roll back.
-            finish_prepared(&p.gid, false);
-            twophase::unregister(p.slot, p.xid);
-            pgrx::check_for_interrupts!();
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
-                "mmts: transaction rolled back on all nodes: canceled while waiting for the votes",
-                "mmts",
-            )
-            .report(PgLogLevel::ERROR);
-        }
-        wait_a_little();
     };
-    match decision {
-        Decision::Commit { ts } => {
-            if p.application {
-                // The application commits it with COMMIT PREPARED when it chooses.
-                twophase::unregister(p.slot, p.xid);
-                return;
-            }
-            // Every node records `ts` as the commit timestamp; this node's clock passes it
-            // first (a wait only as long as clock skew), so that what it commits later, or
-            // what its client does after COMMIT, gets a later timestamp.
-            let limit = now() + 1_000_000;
-            while now() < ts.min(limit) {
-                std::thread::sleep(Duration::from_micros((ts - now()).clamp(1, 1000) as u64));
-            }
-            failpoint("before_precommit");
-            precommit(&mut p, ts);
-            failpoint("before_commit");
-            // Recording `ts` itself: a peer may commit at `ts` before this node does.
-            crate::commit_origin::commit_prepared_at(&p.gid, ts);
-            twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
-            twophase::committed_without(p.members, me, unsafe { pg_sys::XactLastCommitEnd });
-            twophase::clock_observe(now());
-            // COMMIT returns once every live peer has committed too.
-            let late = wait_finished(&mut p);
+    // Left prepared after an unknown outcome: this node's receivers settle it with the other
+    // nodes (`settle_orphans`).
+    twophase::unregister(p.slot, p.xid);
+    let rolled_back = |sqlstate: PgSqlErrorCode, message: String| {
+        ErrorReport::new(sqlstate, message, "mmts")
+            .set_hint("The transaction made no change on any node; retry it.")
+            .report(PgLogLevel::ERROR)
+    };
+    match reply {
+        // The application commits it with COMMIT PREPARED when it chooses.
+        Reply::Prepared => {}
+        Reply::Committed { late } => {
             if !late.is_empty() {
+                let late: Vec<String> = late.iter().map(|n| n.to_string()).collect();
                 ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_WARNING,
                     format!("mmts: node {} has not confirmed the commit yet", late.join(", ")),
@@ -860,11 +821,7 @@ fn finish(mut p: Pending) {
                 .report(PgLogLevel::WARNING);
             }
         }
-        Decision::Abort(reason) => {
-            finish_prepared(&p.gid, false);
-            twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Abort));
-            // The peers roll back too before the client hears (and retries).
-            wait_finished(&mut p);
+        Reply::RolledBack(reason) => {
             if reason.sqlstate == SERIALIZATION_FAILURE {
                 session(|s| s.retry = Some((p.priority, std::time::Instant::now())));
             }
@@ -872,9 +829,28 @@ fn finish(mut p: Pending) {
                 Some(node) => format!("mmts: transaction rolled back on all nodes: node {node}: {}", reason.message),
                 None => format!("mmts: transaction rolled back on all nodes: {}", reason.message),
             };
-            ErrorReport::new(twophase::sqlstate_code(&reason.sqlstate), message, "mmts")
-                .set_hint("The transaction made no change on any node; retry it.")
-                .report(PgLogLevel::ERROR);
+            rolled_back(twophase::sqlstate_code(&reason.sqlstate), message);
         }
+        Reply::Canceled => {
+            pgrx::check_for_interrupts!();
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                "mmts: transaction rolled back on all nodes: canceled while waiting for the votes",
+                "mmts",
+            )
+            .report(PgLogLevel::ERROR);
+        }
+        Reply::SettledElsewhere => rolled_back(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            "mmts: transaction rolled back on all nodes: the cluster settled it while this node was out of reach".into(),
+        ),
+        Reply::Unconfirmed => ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_TRANSACTION_RESOLUTION_UNKNOWN,
+            "mmts: the commit of this transaction was not confirmed by a majority of the cluster in time",
+            "mmts",
+        )
+        .set_detail("Every node voted to commit it; it is committed or rolled back on every node alike as soon as a majority of nodes reach each other.")
+        .set_hint("Check whether its changes are there before retrying it.")
+        .report(PgLogLevel::ERROR),
     }
 }

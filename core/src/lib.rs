@@ -5,6 +5,7 @@
 pub mod config;
 pub mod conflict;
 pub mod conninfo;
+pub mod coordinator;
 pub mod indoubt;
 pub mod membership;
 pub mod provenance;

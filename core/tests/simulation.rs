@@ -90,9 +90,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 
-use mmts_core::twopc::{
-    hlc_next, hlc_observe, on_conflict, Coordinator, Decision, Key, OnConflict, Vote, SERIALIZATION_FAILURE,
-};
+use mmts_core::coordinator::{Action, Coordination, Coordinator, Decision, Event as Step};
+use mmts_core::twopc::{hlc_next, hlc_observe, on_conflict, Key, OnConflict, Vote, SERIALIZATION_FAILURE};
 use mmts_core::wire::Timestamp;
 use mmts_core::NodeId;
 
@@ -158,6 +157,8 @@ enum Msg {
     Commit { tx: TxId, ts: Timestamp },
     Abort { tx: TxId },
     Vote { tx: TxId, vote: Vote },
+    Precommit { tx: TxId, ts: Timestamp },
+    Accepted { tx: TxId },
     Finished { tx: TxId, committed: bool },
 }
 
@@ -168,6 +169,8 @@ impl Msg {
             | Msg::Commit { tx, .. }
             | Msg::Abort { tx }
             | Msg::Vote { tx, .. }
+            | Msg::Precommit { tx, .. }
+            | Msg::Accepted { tx }
             | Msg::Finished { tx, .. } => tx,
         }
     }
@@ -260,7 +263,7 @@ struct Tx {
     /// Step at which the client began it.
     started: u64,
     key: Option<Key>,
-    coord: Option<Coordinator>,
+    coord: Option<Coordination>,
     /// Participants whose vote has not reached the coordinator (and that were not lost).
     awaiting: BTreeSet<NodeId>,
     /// The largest proposal the coordinator received (its own included).
@@ -481,7 +484,10 @@ impl Sim {
         self.log(|| format!("tx{tx} prepared on node {} key {key:?} participants {live:?}", node_id(node)));
         let t = &mut self.txs[tx];
         t.key = Some(key);
-        t.coord = Some(Coordinator::new(self.cfg.nodes, live.iter().copied(), key.ts, phys + self.cfg.timeout));
+        let votes = Coordinator::new(self.cfg.nodes, live.iter().copied(), key.ts, phys + self.cfg.timeout);
+        // Messages on a cut link are held, not lost: a coordinator waits for the precommit's
+        // acceptances and the participants' "finished" until they come.
+        t.coord = Some(Coordination::new(votes, false, Timestamp::MAX / 4));
         t.awaiting = live.into_iter().collect();
         t.max_received = key.ts;
         for p in (0..self.cfg.nodes).filter(|&p| p != node) {
@@ -491,53 +497,67 @@ impl Sim {
         self.drive(tx);
     }
 
-    /// Asks the coordinator of `tx` for its decision and carries it out; tells the client.
+    /// Carries out what the coordination of `tx` asks for, until it waits; tells the client
+    /// when it replies.
     fn drive(&mut self, tx: TxId) {
         let origin = self.txs[tx].origin;
-        let now = self.phys(origin);
-        let t = &mut self.txs[tx];
-        let Some(coord) = t.coord.as_mut() else { return };
-        if t.decision.is_none() {
-            let without_deadline = coord.decide(Timestamp::MIN).is_some();
-            let Some(decision) = coord.decide(now).cloned() else { return };
-            t.timed_out = !without_deadline;
-            t.decision = Some(decision.clone());
-            let max_received = t.max_received;
-            self.log(|| format!("tx{tx} decided {decision:?}"));
-            match decision {
-                Decision::Commit { ts } => {
+        let peers: Vec<usize> = (0..self.cfg.nodes).filter(|&p| p != origin).collect();
+        loop {
+            let now = self.phys(origin);
+            let Some(coord) = self.txs[tx].coord.as_mut() else { return };
+            match coord.poll(now) {
+                Action::Wait => return,
+                Action::Precommit { ts } => {
+                    let max_received = self.txs[tx].max_received;
+                    self.decided(tx, Decision::Commit { ts });
                     self.stats.committed += 1;
                     if ts != max_received {
                         self.violation(format!(
                             "property 2: tx{tx} commits with ts {ts}, the largest proposal received is {max_received}"
                         ));
                     }
-                    self.commit_here(origin, tx, ts);
-                    for p in (0..self.cfg.nodes).filter(|&p| p != origin) {
-                        self.send(origin, p, Msg::Commit { tx, ts });
+                    self.step(tx, Step::OwnAcceptance(true));
+                    for &p in &peers {
+                        self.send(origin, p, Msg::Precommit { tx, ts });
                     }
                 }
-                Decision::Abort(reason) => {
-                    if self.txs[tx].timed_out {
+                Action::CommitPrepared { ts } => {
+                    self.commit_here(origin, tx, ts);
+                    for &p in &peers {
+                        self.send(origin, p, Msg::Commit { tx, ts });
+                    }
+                    self.step(tx, Step::CommittedHere);
+                }
+                Action::RollbackPrepared => {
+                    let decision = coord.decision().cloned().expect("decided");
+                    let Decision::Abort(reason) = &decision else { unreachable!("rolled back after a commit") };
+                    if reason.message.starts_with("no vote from") {
+                        self.txs[tx].timed_out = true;
                         self.stats.timed_out += 1;
                     } else if reason.sqlstate == SERIALIZATION_FAILURE {
                         self.stats.aborted_conflict += 1;
                     } else {
                         self.stats.aborted_no_majority += 1;
                     }
+                    self.decided(tx, decision);
                     self.rollback_here(origin, tx);
-                    for p in (0..self.cfg.nodes).filter(|&p| p != origin) {
+                    for &p in &peers {
                         self.send(origin, p, Msg::Abort { tx });
                     }
-                    self.client_sees(tx);
+                    self.step(tx, Step::RolledBackHere);
                 }
+                Action::Reply(_) => return self.client_sees(tx),
             }
         }
-        let t = &self.txs[tx];
-        let finished = t.coord.as_ref().is_some_and(|c| c.all_finished());
-        if matches!(t.decision, Some(Decision::Commit { .. })) && t.done.is_none() && finished {
-            self.client_sees(tx);
-        }
+    }
+
+    fn decided(&mut self, tx: TxId, decision: Decision) {
+        self.log(|| format!("tx{tx} decided {decision:?}"));
+        self.txs[tx].decision = Some(decision);
+    }
+
+    fn step(&mut self, tx: TxId, event: Step) {
+        self.txs[tx].coord.as_mut().expect("prepared").step(event);
     }
 
     fn client_sees(&mut self, tx: TxId) {
@@ -556,7 +576,7 @@ impl Sim {
         if t.decision.is_none() {
             t.awaiting.remove(&peer);
         }
-        t.coord.as_mut().expect("prepared").on_peer_lost(peer);
+        t.coord.as_mut().expect("prepared").step(Step::PeerLost(peer));
     }
 
     // ---- Locks and applies ------------------------------------------------------------
@@ -636,7 +656,9 @@ impl Sim {
                         self.rollback_here(node, tx);
                         self.send(node, origin, Msg::Finished { tx, committed: false });
                     }
-                    Some(TxState::Refused) => {}
+                    // It voted no; it says it finished all the same (as mmts's receivers do),
+                    // so that the coordinator does not wait for it.
+                    Some(TxState::Refused) => self.send(node, origin, Msg::Finished { tx, committed: false }),
                     other => {
                         let other = other.cloned();
                         self.violation(format!("model: tx{tx} aborted while node {} is {other:?}", node_id(node)));
@@ -644,7 +666,9 @@ impl Sim {
                 }
                 true
             }
-            Msg::Vote { .. } | Msg::Finished { .. } => unreachable!("signals are not applied"),
+            Msg::Vote { .. } | Msg::Precommit { .. } | Msg::Accepted { .. } | Msg::Finished { .. } => {
+                unreachable!("signals are not applied")
+            }
         }
     }
 
@@ -807,7 +831,16 @@ impl Sim {
                         t.max_received = t.max_received.max(proposal);
                     }
                 }
-                t.coord.as_mut().expect("prepared").on_vote(voter, vote);
+                t.coord.as_mut().expect("prepared").step(Step::Vote { node: voter, vote });
+                self.drive(tx);
+            }
+            Msg::Precommit { tx, ts } => {
+                // Every peer accepts (this model has no resolvers that would compete for it).
+                self.log(|| format!("tx{tx}: node {} accepts the precommit at {ts}", node_id(to)));
+                self.send(to, from, Msg::Accepted { tx });
+            }
+            Msg::Accepted { tx } => {
+                self.step(tx, Step::Accepted(node_id(from)));
                 self.drive(tx);
             }
             Msg::Finished { tx, committed } => {
@@ -819,7 +852,7 @@ impl Sim {
                         self.txs[tx].decision
                     ));
                 }
-                self.txs[tx].coord.as_mut().expect("prepared").on_finished(node_id(from));
+                self.step(tx, Step::Finished(node_id(from)));
                 self.drive(tx);
             }
         }
