@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, CString};
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mmts_core::conflict::{remote_wins, writer_had_seen, Version};
@@ -172,6 +173,8 @@ impl Applier {
     /// A new connection to the peer: what was half received is sent again; the transactions
     /// set aside stay (the stream resumes after them).
     pub fn reset_stream(&mut self) {
+        // SAFETY: the receiver's main thread, between messages: a transaction left open by the
+        // old stream may be aborted.
         unsafe {
             if pg_sys::IsTransactionState() {
                 pg_sys::AbortCurrentTransaction();
@@ -274,6 +277,8 @@ impl Applier {
             }
             Message::Commit { end_lsn, commit_time, .. } => {
                 self.ended(end_lsn);
+                // SAFETY: the receiver's main thread, which set up its session's replication
+                // origin at start (as replorigin_session_advance requires).
                 unsafe {
                     if pg_sys::IsTransactionState() {
                         set_origin_position(end_lsn, commit_time);
@@ -350,6 +355,8 @@ impl Applier {
                 ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().remove(&xid));
                 self.ended(end_lsn);
                 let gid = self.gid(xid);
+                // SAFETY: the receiver's main thread, its replication origin set up; `gid`
+                // outlives the block.
                 unsafe {
                     start_transaction();
                     // The prepare may have been skipped (e.g. it touched nothing replicated).
@@ -689,7 +696,7 @@ impl Applier {
         if key.is_some() {
             twophase::set_applying(self.peer, key);
         }
-        unsafe { AWAITED = None };
+        AWAITED.clear();
         // Tables described again inside the transaction start from their earlier description;
         // the latest ones are put back afterwards.
         let latest = (!preparing.described.is_empty()).then(|| self.relations.clone());
@@ -710,6 +717,8 @@ impl Applier {
                 self.apply_change(change);
             }
             lock_wait_timer(false);
+            // SAFETY: main thread, inside the transaction the changes were applied in; this is
+            // xact.c's sequence for PREPARE TRANSACTION, and `gid` outlives the block.
             unsafe {
                 start_transaction();
                 let local_xid = pg_sys::GetTopTransactionId().into_inner();
@@ -723,7 +732,7 @@ impl Applier {
         }))
         .catch_others(|e| {
             lock_wait_timer(false);
-            let awaited = unsafe { (&raw mut AWAITED).replace(None) };
+            let awaited = AWAITED.take();
             unsafe { pg_sys::AbortCurrentTransaction() };
             let (code, message) = match &e {
                 pgrx::pg_sys::panic::CaughtError::PostgresError(r)
@@ -742,10 +751,9 @@ impl Applier {
         // A cancel raised by the timer for a lock wait that ended before it was acted on (or
         // one raised again as the wait was being canceled) must not stop the receiver at its
         // next interrupt check: cancels only ever concern the apply attempt just made.
-        unsafe {
-            AWAITED = None;
-            pg_sys::QueryCancelPending = 0;
-        }
+        AWAITED.clear();
+        // SAFETY: main thread, timer disarmed; a `sig_atomic_t` PostgreSQL's handlers only set.
+        unsafe { pg_sys::QueryCancelPending = 0 };
         let Some(key) = key else {
             // Not coordinated (asynchronous mode): an error stops the receiver, as for a commit.
             if let Err((code, message, _)) = outcome {
@@ -910,6 +918,8 @@ impl Applier {
     unsafe fn open(&self, relation: u32, lock: u32) -> pg_sys::Relation {
         let remote = self.remote(relation);
         let (schema, name) = (cstring(&remote.schema), cstring(&remote.name));
+        // SAFETY: inside the applied transaction (the caller's). `rv` keeps pointers to
+        // `schema` and `name`, which outlive it; table_open returns an open relation or raises.
         unsafe {
             let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
             let relid = pg_sys::RangeVarGetRelidExtended(
@@ -944,6 +954,11 @@ impl Applier {
     }
 
     fn change(&mut self, relation: u32, kind: Change, old: Option<&[Value]>, new: Option<&[Value]>) {
+        // SAFETY: main thread, inside the applied transaction. `rel` stays open and locked until
+        // table_close below, and `desc` is its descriptor (attrs indexed below `natts`). The
+        // executor state, range table entry, result relation and slots are palloc'd in the
+        // transaction and made as ExecInitRangeTable/InitResultRelInfo expect (zeroed, tagged);
+        // `epq` is zeroed, then initialised by EvalPlanQualInit and ended before it goes.
         unsafe {
             start_transaction();
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -1082,6 +1097,8 @@ impl Applier {
 
     /// When and where the local version in `slot` was committed.
     unsafe fn version(&mut self, slot: *mut pg_sys::TupleTableSlot) -> Version {
+        // SAFETY: `slot` holds the local row just found (the caller's part); the heap tuple
+        // fetched from it has a valid header.
         unsafe {
             let mut should_free = false;
             let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
@@ -1130,6 +1147,8 @@ impl Applier {
         remote_won: bool,
         row: &[Value],
     ) {
+        // SAFETY: `rel` is open (see `change`); its schema exists while it is, so
+        // get_namespace_name does not return NULL; relname is a NUL-terminated NameData.
         let table = unsafe {
             let r = &*(*rel).rd_rel;
             let schema = std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(r.relnamespace)).to_string_lossy();
@@ -1147,6 +1166,7 @@ impl Applier {
             .collect::<Vec<_>>()
             .join(", ");
         let kept = if remote_won { "remote" } else { "local" };
+        // SAFETY: catalog lookups with static C strings, inside the applied transaction.
         let exists = unsafe {
             let ns = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
             ns != pg_sys::InvalidOid && pg_sys::get_relname_relid(c"conflicts".as_ptr(), ns) != pg_sys::InvalidOid
@@ -1163,6 +1183,7 @@ impl Applier {
             );
         } else {
             let to_ts = |t: i64| {
+                // SAFETY: a timestamptz is passed by value: the datum is the i64, no pointer.
                 (t != 0)
                     .then(|| unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(pg_sys::Datum::from(t), false) })
                     .flatten()
@@ -1200,6 +1221,8 @@ impl Applier {
     }
 
     fn truncate(&mut self, relations: &[u32], cascade: bool, restart_identity: bool) {
+        // SAFETY: main thread, inside the applied transaction; each relation opened is in `rels`
+        // (one per entry of `relations`, so list_nth stays in bounds) and is closed below.
         unsafe {
             start_transaction();
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -1227,6 +1250,8 @@ impl Applier {
 unsafe fn invalidate_named_table(row: &[Value]) {
     let (Some(Value::Text(schema)), Some(Value::Text(name))) = (row.first(), row.get(1)) else { return };
     let (schema, name) = (cstring(schema), cstring(name));
+    // SAFETY: inside the applied transaction; `rv` points into `schema` and `name`, which
+    // outlive it.
     unsafe {
         let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
         let relid = crate::executor_hook::relation_id(rv);
@@ -1239,6 +1264,8 @@ unsafe fn invalidate_named_table(row: &[Value]) {
 /// COMMIT (or ROLLBACK) PREPARED `gid` as the peer's stream says at `end_lsn`, recording `time`
 /// (the commit timestamp); `false` when `gid` is not prepared here.
 fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) -> bool {
+    // SAFETY: the receiver's main thread, outside a subtransaction; `gid` is borrowed for the
+    // call. An error is caught below, where the transaction is aborted.
     PgTryBuilder::new(|| unsafe {
         start_transaction();
         set_origin_position(end_lsn, time);
@@ -1255,6 +1282,7 @@ fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampT
 
 /// Sleeps `ms` milliseconds on the latch.
 pub fn nap(ms: i64) {
+    // SAFETY: main thread; `MyLatch` is this process's latch, set up before any mmts code runs.
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -1285,6 +1313,7 @@ impl Drop for WaitShown {
 }
 
 unsafe fn start_transaction() {
+    // SAFETY: main thread, at the top level (no transaction, or the one being applied).
     unsafe {
         if !pg_sys::IsTransactionState() {
             pg_sys::SetCurrentStatementStartTimestamp();
@@ -1298,24 +1327,88 @@ unsafe fn start_transaction() {
 const LOCK_WAIT_MS: i32 = 1;
 
 /// The lock (and mode) the apply was waiting for when the timer stopped it.
-static mut AWAITED: Option<(pg_sys::LOCKTAG, pg_sys::LOCKMODE)> = None;
-static mut LOCK_WAIT_TIMEOUT: i32 = -1;
+static AWAITED: Awaited = Awaited::new();
+
+/// The id PostgreSQL gave the lock-wait timeout (-1: not registered yet in this process).
+/// Only the main thread uses it; an atomic is simply the safe way to keep a global.
+static LOCK_WAIT_TIMEOUT: AtomicI32 = AtomicI32::new(-1);
+
+/// A cell for [`AWAITED`]. The SIGALRM handler writes it ([`on_lock_wait_timer`]), so it is
+/// made of std's atomics, which are lock-free and therefore async-signal-safe (a `Mutex` or a
+/// lazily initialised `thread_local!` is not). The main thread reads and clears it only while
+/// the timer is disarmed, so it never sees the handler's writes half done.
+struct Awaited {
+    /// Set (Release) once the fields below are written; taken (Acquire) before they are read.
+    set: AtomicBool,
+    /// `locktag_field1` to `locktag_field3`.
+    fields: [AtomicU32; 3],
+    /// `locktag_field4`, `locktag_type` and `locktag_lockmethodid`, packed.
+    rest: AtomicU32,
+    mode: AtomicI32,
+}
+
+impl Awaited {
+    const fn new() -> Awaited {
+        Awaited {
+            set: AtomicBool::new(false),
+            fields: [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)],
+            rest: AtomicU32::new(0),
+            mode: AtomicI32::new(0),
+        }
+    }
+
+    /// Records `tag` and `mode` (in the signal handler: atomics only).
+    fn put(&self, tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) {
+        self.set.store(false, Ordering::Relaxed);
+        self.fields[0].store(tag.locktag_field1, Ordering::Relaxed);
+        self.fields[1].store(tag.locktag_field2, Ordering::Relaxed);
+        self.fields[2].store(tag.locktag_field3, Ordering::Relaxed);
+        let rest = u32::from(tag.locktag_field4)
+            | u32::from(tag.locktag_type) << 16
+            | u32::from(tag.locktag_lockmethodid) << 24;
+        self.rest.store(rest, Ordering::Relaxed);
+        self.mode.store(mode, Ordering::Relaxed);
+        self.set.store(true, Ordering::Release);
+    }
+
+    /// What was recorded since the last `take` or `clear`, if anything (timer disarmed).
+    fn take(&self) -> Option<(pg_sys::LOCKTAG, pg_sys::LOCKMODE)> {
+        if !self.set.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        let rest = self.rest.load(Ordering::Relaxed);
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: self.fields[0].load(Ordering::Relaxed),
+            locktag_field2: self.fields[1].load(Ordering::Relaxed),
+            locktag_field3: self.fields[2].load(Ordering::Relaxed),
+            locktag_field4: rest as u16,
+            locktag_type: (rest >> 16) as u8,
+            locktag_lockmethodid: (rest >> 24) as u8,
+        };
+        Some((tag, self.mode.load(Ordering::Relaxed)))
+    }
+
+    fn clear(&self) {
+        self.set.store(false, Ordering::Release);
+    }
+}
 
 /// Arms (or disarms) the lock-wait timer, periodic while the changes are applied.
 fn lock_wait_timer(on: bool) {
     use crate::pg_internals::{disable_timeout, enable_timeout_every, register_timeout, USER_TIMEOUT};
-    // SAFETY: guarded calls of PostgreSQL's timeout functions; the statics are this process's
-    // (main thread only).
+    let mut id = LOCK_WAIT_TIMEOUT.load(Ordering::Relaxed);
+    // SAFETY: PostgreSQL's timeout functions, through pgrx's guard, on the main thread (they
+    // are not thread-safe); `id` is the one RegisterTimeout gave.
     unsafe {
-        if LOCK_WAIT_TIMEOUT < 0 {
-            LOCK_WAIT_TIMEOUT =
-                pg_sys::ffi::pg_guard_ffi_boundary(|| register_timeout(USER_TIMEOUT, Some(on_lock_wait_timer)));
+        if id < 0 {
+            id = pg_sys::ffi::pg_guard_ffi_boundary(|| register_timeout(USER_TIMEOUT, Some(on_lock_wait_timer)));
+            LOCK_WAIT_TIMEOUT.store(id, Ordering::Relaxed);
         }
         if on {
             let first = pg_sys::GetCurrentTimestamp() + LOCK_WAIT_MS as i64 * 1000;
-            pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_every(LOCK_WAIT_TIMEOUT, first, LOCK_WAIT_MS));
+            pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_every(id, first, LOCK_WAIT_MS));
         } else {
-            pg_sys::ffi::pg_guard_ffi_boundary(|| disable_timeout(LOCK_WAIT_TIMEOUT, false));
+            pg_sys::ffi::pg_guard_ffi_boundary(|| disable_timeout(id, false));
         }
     }
 }
@@ -1323,6 +1416,12 @@ fn lock_wait_timer(on: bool) {
 /// Runs in the SIGALRM handler: only reads this process's lock wait and raises a cancel,
 /// which the lock manager's wait loop turns into an ERROR the applier catches.
 unsafe extern "C-unwind" fn on_lock_wait_timer() {
+    // SAFETY: in a signal handler of this single-threaded process, which it interrupts.
+    // `MyProc` is this backend's PGPROC for its whole life; the LOCK its `waitLock` points to
+    // stays in shared memory while this process waits on it or holds it (a wait that ends
+    // meanwhile is harmless: see `prepare`). Only async-signal-safe things are done: atomics,
+    // stores to PostgreSQL's `sig_atomic_t` flags, and SetLatch (made for signal handlers; pgrx's
+    // guard around it only checks the thread and sets the error jump target, then restores it).
     unsafe {
         let lock = (*pg_sys::MyProc).waitLock;
         if lock.is_null() {
@@ -1336,7 +1435,7 @@ unsafe extern "C-unwind" fn on_lock_wait_timer() {
         {
             return;
         }
-        AWAITED = Some(((*lock).tag, (*pg_sys::MyProc).waitLockMode));
+        AWAITED.put(&(*lock).tag, (*pg_sys::MyProc).waitLockMode);
         pg_sys::InterruptPending = 1;
         pg_sys::QueryCancelPending = 1;
         pg_sys::SetLatch(pg_sys::MyLatch);
@@ -1351,6 +1450,10 @@ unsafe extern "C-unwind" {
 
 /// The transactions holding `tag` in a mode that conflicts with `mode`.
 unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) -> Vec<LockHolder> {
+    // SAFETY: main thread. GetLockConflicts returns `count` entries, palloc'd outside hot
+    // standby (an applier never runs in recovery), so pfree'd here. BackendIdGetProc gives a
+    // PGPROC in shared memory (or NULL); its fields are read without a lock, as PostgreSQL
+    // does, and checked against the vxid.
     unsafe {
         let mut count = 0;
         let vxids = pg_sys::GetLockConflicts(tag, mode, &mut count);
@@ -1380,6 +1483,7 @@ unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) -> Vec<Loc
 
 /// What the next local commit records as its origin's position and commit time.
 unsafe fn set_origin_position(end_lsn: u64, time: pg_sys::TimestampTz) {
+    // SAFETY: main thread; plain globals of this session, read by its next commit.
     unsafe {
         pg_sys::replorigin_session_origin_lsn = end_lsn;
         pg_sys::replorigin_session_origin_timestamp = time;
@@ -1395,6 +1499,9 @@ unsafe fn store_values(
     values: &[Value],
     base: Option<*mut pg_sys::TupleTableSlot>,
 ) {
+    // SAFETY: `slot` (and `base`) were made for `desc` (the caller's part), so their value and
+    // null arrays have `map.len()` entries, and they are distinct slots; `base` is deformed by
+    // slot_getallattrs before it is read. `text` outlives the input function, which copies it.
     unsafe {
         pg_sys::ExecClearTuple(slot);
         let natts = map.len();

@@ -36,6 +36,8 @@ pub struct Holders([i32; POOL]);
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for Holders {}
 
+// SAFETY: no other shared memory of this server is named so (the name is the lock's only
+// condition); it is attached by `pg_shmem_init!` in `init`, while preloading.
 static HOLDERS: PgLwLock<Holders> = unsafe { PgLwLock::new(c"mmts commit origins") };
 
 pub fn init() {
@@ -49,6 +51,7 @@ thread_local! {
 
 /// Makes the pool's origins that do not exist yet (inside a transaction).
 pub fn create() {
+    // SAFETY: inside a transaction (the caller's), main thread; each `name` outlives its calls.
     unsafe {
         // Held until the end of the transaction: two processes making them at once would both
         // find a name free.
@@ -65,6 +68,8 @@ pub fn create() {
 /// Runs `f` inside a transaction: the current one, or one of its own (leaving the memory
 /// context and resource owner as they were: a walsender decoding WAL has no transaction).
 fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: main thread. The memory context and resource owner saved are the caller's, which
+    // outlive the transaction; committing leaves them pointing into it, so they are put back.
     unsafe {
         if pg_sys::IsTransactionState() {
             return f();
@@ -83,6 +88,7 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
 fn look_up() -> Vec<pg_sys::RepOriginId> {
     in_transaction(|| {
         (0..POOL)
+            // SAFETY: inside a transaction; the temporary CString lives until the call returns.
             .map(|k| unsafe { pg_sys::replorigin_by_name(name(k).as_ptr(), true) })
             .filter(|&id| id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId)
             .collect()
@@ -124,6 +130,7 @@ fn id(k: usize) -> Option<pg_sys::RepOriginId> {
     })
 }
 
+// <signal.h>
 unsafe extern "C" {
     fn kill(pid: std::ffi::c_int, sig: std::ffi::c_int) -> std::ffi::c_int;
 }
@@ -137,12 +144,14 @@ struct Held {
 impl Held {
     /// Takes a free origin of the pool, waiting for one if all are in use.
     fn take() -> Held {
+        // SAFETY: a plain global, set at process start; main thread.
         let me = unsafe { pg_sys::MyProcPid };
         loop {
             {
                 let mut h = HOLDERS.exclusive();
                 // A holder that exited without giving its origin back (FATAL) holds nothing;
                 // PostgreSQL released the origin itself when the process exited.
+                // SAFETY: signal 0 only checks whether the process exists; nothing is sent.
                 let free = (0..POOL).find(|&k| h.0[k] == 0 || unsafe { kill(h.0[k], 0) } != 0);
                 if let Some(k) = free {
                     h.0[k] = me;
@@ -156,6 +165,8 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        // SAFETY: main thread; plain globals of this session, and the origin `set_up` says this
+        // session set up.
         unsafe {
             pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
             pg_sys::replorigin_session_origin_lsn = pg_sys::InvalidXLogRecPtr as u64;
@@ -171,6 +182,8 @@ impl Drop for Held {
 /// COMMIT PREPARED `gid` recording commit timestamp `ts` (outside a transaction).
 pub fn commit_prepared_at(gid: &CStr, ts: pg_sys::TimestampTz) {
     let mut held = Held::take();
+    // SAFETY: main thread, outside a transaction; origin `id` is this backend's to use (`held`)
+    // until `held` is dropped, which resets it; `gid` is borrowed for the call.
     unsafe {
         if let Some(id) = id(held.k) {
             pg_sys::replorigin_session_setup(id);

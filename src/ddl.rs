@@ -73,6 +73,7 @@ impl Capture {
     pub fn finish(mut self) {
         self.restore_origin();
         let Some(statement) = self.pending.take() else { return };
+        // SAFETY: a plain global of this backend's transaction, on its main thread.
         let temp = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
         if !temp || self.names_lasting {
             send(statement);
@@ -83,6 +84,7 @@ impl Capture {
 impl Capture {
     fn restore_origin(&mut self) {
         if let Some(origin) = self.origin.take() {
+            // SAFETY: a plain global of this session, on its main thread.
             unsafe { pg_sys::replorigin_session_origin = origin };
         }
     }
@@ -95,6 +97,7 @@ impl Drop for Capture {
             CAPTURING.with(|c| c.set(c.get() - 1));
         }
         if self.temp_before {
+            // SAFETY: a plain global of this backend's transaction, on its main thread.
             unsafe { pg_sys::MyXactFlags |= TEMP_FLAG };
         }
     }
@@ -108,6 +111,8 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
     if !gucs::in_replicated_database() {
         return Capture::none();
     }
+    // SAFETY: `pstmt` is the utility statement's plan ProcessUtility got (the caller's part);
+    // its node is read as the struct its tag names, and a peer's CREATE TABLE AS has `into`.
     let stmt = unsafe { (*pstmt).utilityStmt };
     unsafe {
         match (*stmt).type_ {
@@ -123,6 +128,7 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
             _ => {}
         }
     }
+    // SAFETY (with `creating_extension` below): plain globals, on the backend's main thread.
     let client = unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND };
     if !client
         || APPLYING.with(Cell::get)
@@ -132,6 +138,7 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
     {
         return Capture::none();
     }
+    // SAFETY: `stmt` is the valid statement node read above.
     match unsafe { classify(stmt) } {
         Kind::Local => Capture::none(),
         Kind::Refused { what, why, hint } => {
@@ -148,7 +155,9 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
         Kind::Replicated => {
             commit::refuse_unless_writable();
             CAPTURING.with(|c| c.set(c.get() + 1));
+            // SAFETY: `pstmt` and `query_string` as ProcessUtility got them (NULL-checked there).
             let text = unsafe { statement_text(pstmt, query_string) };
+            // SAFETY: the tag says which struct `stmt` is; a CREATE TABLE AS has `into` and a rel.
             if unsafe { (*stmt).type_ } == pg_sys::NodeTag::T_CreateTableAsStmt {
                 // Sent first: its rows follow in the stream, and the peers need the table.
                 let into = unsafe { (*(stmt as *mut pg_sys::CreateTableAsStmt)).into };
@@ -166,6 +175,8 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
             }
             // Rows an extension's script writes are written by the script on every node:
             // marked as not to be replicated (the output plugin skips what has an origin).
+            // SAFETY: `stmt` is valid; the session's origin is a plain global (main thread), put
+            // back by `Capture`.
             let origin = matches!(
                 unsafe { (*stmt).type_ },
                 pg_sys::NodeTag::T_CreateExtensionStmt | pg_sys::NodeTag::T_AlterExtensionStmt
@@ -176,6 +187,7 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
                 saved
             });
             // Whether the statement itself touches temporary objects is seen after it ran.
+            // SAFETY: a plain global of this backend's transaction (main thread); `stmt` is valid.
             let temp_before = unsafe { pg_sys::MyXactFlags } & TEMP_FLAG != 0;
             unsafe { pg_sys::MyXactFlags &= !TEMP_FLAG };
             let names_lasting = unsafe { drops_lasting_objects(stmt) };
@@ -186,6 +198,8 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
 
 /// Writes `statement` into the transaction for the peers.
 fn send(statement: String) {
+    // SAFETY: inside the statement's transaction. GetUserNameFromId raises rather than return
+    // NULL (noerr = false); GetConfigOption's result is checked and copied at once.
     let (role, search_path) = unsafe {
         let role = CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false));
         let path = pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false);
@@ -212,6 +226,8 @@ unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c
     if query_string.is_null() {
         return String::new();
     }
+    // SAFETY: the caller passes the statement's plan and its NUL-terminated source text, which
+    // live until the statement ends.
     let all = unsafe { CStr::from_ptr(query_string) }.to_bytes();
     let (location, len) = unsafe { ((*pstmt).stmt_location, (*pstmt).stmt_len) };
     let start = (location.max(0) as usize).min(all.len());
@@ -238,6 +254,7 @@ fn concurrently(what: &'static str) -> Kind {
 /// Whether `stmt` is about this node only, runs everywhere, or cannot be replicated.
 unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
     use pg_sys::NodeTag::*;
+    // SAFETY: the caller passes a valid parse node; each cast is to the struct its tag names.
     unsafe {
         match (*stmt).type_ {
             T_ExplainStmt if explains_table_creation(stmt.cast()) => Kind::Refused {
@@ -320,6 +337,8 @@ unsafe fn classify(stmt: *mut pg_sys::Node) -> Kind {
 /// Whether `stmt` drops a schema, or a relation that is not temporary (before it runs).
 unsafe fn drops_lasting_objects(stmt: *mut pg_sys::Node) -> bool {
     use pg_sys::ObjectType::*;
+    // SAFETY: the caller passes a valid parse node, read as a DropStmt once its tag says so;
+    // its `objects` for relations are lists of name lists (list_nth stays below `length`).
     unsafe {
         if (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
             return false;
@@ -343,6 +362,8 @@ unsafe fn drops_lasting_objects(stmt: *mut pg_sys::Node) -> bool {
 
 /// Whether `stmt` is an EXPLAIN ANALYZE of CREATE TABLE AS / SELECT INTO (which makes the table).
 unsafe fn explains_table_creation(stmt: *mut pg_sys::ExplainStmt) -> bool {
+    // SAFETY: the caller passes a valid ExplainStmt; nodes are cast as their tags say, and its
+    // options are DefElems with a NUL-terminated name (list_nth stays below `length`).
     unsafe {
         let query = (*stmt).query;
         if query.is_null() || (*query).type_ != pg_sys::NodeTag::T_Query {
@@ -362,6 +383,8 @@ unsafe fn explains_table_creation(stmt: *mut pg_sys::ExplainStmt) -> bool {
 }
 
 unsafe fn detaches_concurrently(stmt: *mut pg_sys::AlterTableStmt) -> bool {
+    // SAFETY: the caller passes a valid AlterTableStmt; its cmds are AlterTableCmds, and a
+    // DETACH PARTITION's `def` is a PartitionCmd (list_nth stays below `length`).
     let cmds = unsafe { (*stmt).cmds };
     let n = if cmds.is_null() { 0 } else { unsafe { (*cmds).length } };
     (0..n).any(|i| unsafe {
@@ -373,6 +396,7 @@ unsafe fn detaches_concurrently(stmt: *mut pg_sys::AlterTableStmt) -> bool {
 }
 
 fn own_extension(name: *mut c_char) -> Kind {
+    // SAFETY: a non-NULL extension name of a parse node is a NUL-terminated string.
     if !name.is_null() && unsafe { CStr::from_ptr(name) }.to_bytes() == b"mmts" {
         Kind::Local
     } else {
@@ -382,6 +406,8 @@ fn own_extension(name: *mut c_char) -> Kind {
 
 /// The names in a list of `String` nodes (other nodes are skipped).
 unsafe fn names(list: *mut pg_sys::List) -> Vec<String> {
+    // SAFETY: the caller passes a valid List (or NULL); entries are read as String nodes only
+    // when tagged so, and their `sval` is NUL-terminated.
     let n = if list.is_null() { 0 } else { unsafe { (*list).length } };
     (0..n)
         .filter_map(|i| unsafe {
@@ -395,6 +421,10 @@ unsafe fn names(list: *mut pg_sys::List) -> Vec<String> {
 /// Gives a new sequence step [`gucs::MAX_NODES`] and a start shifted by `node - 1` (from its
 /// START, else its MINVALUE, else 1), unless it sets its own INCREMENT.
 unsafe fn spread_sequence(stmt: *mut pg_sys::CreateSeqStmt, node: u32) {
+    // SAFETY: the caller passes a valid CreateSeqStmt that it may modify; its options are
+    // DefElems with a NUL-terminated name. The new nodes are palloc'd in the current memory
+    // context, so the tree must not outlive it: a read-only tree (ProcessUtility's
+    // `readOnlyTree`, a cached plan's) must be copied by the caller first.
     unsafe {
         let options = (*stmt).options;
         let n = if options.is_null() { 0 } else { (*options).length };
@@ -426,11 +456,13 @@ unsafe fn spread_sequence(stmt: *mut pg_sys::CreateSeqStmt, node: u32) {
 }
 
 unsafe fn def_elem(name: &CStr, value: *mut pg_sys::Node) -> *mut pg_sys::DefElem {
+    // SAFETY: the name is copied (pstrdup) into the current memory context, like the node.
     unsafe { pg_sys::makeDefElem(pg_sys::pstrdup(name.as_ptr()), value, -1) }
 }
 
 /// An Integer node, or a Float one (as the parser makes) beyond 32 bits.
 unsafe fn integer_node(v: i64) -> *mut pg_sys::Node {
+    // SAFETY: makeFloat keeps its string, so it gets a palloc'd copy rather than `text`.
     unsafe {
         match i32::try_from(v) {
             Ok(small) => pg_sys::makeInteger(small).cast(),
@@ -453,6 +485,9 @@ pub fn run(role: &str, search_path: &str, statement: &str) {
     }
     let role_c = CString::new(role).unwrap_or_default();
     let path_c = CString::new(search_path).unwrap_or_default();
+    // SAFETY: the applier's main thread, inside the transaction being applied (an error ends
+    // it, which puts the user, settings and snapshot back). GetConfigOption's search_path is
+    // never NULL and is copied at once; `role_c` and `path_c` outlive the calls.
     unsafe {
         // An unknown role is an error here, as it would be for the statement.
         let role_id = pg_sys::get_role_oid(role_c.as_ptr(), false);

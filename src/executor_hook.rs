@@ -5,6 +5,7 @@
 //! plugin does not send them).
 
 use std::ffi::CStr;
+use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
 use pgrx::pg_sys;
@@ -13,17 +14,23 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 
-static mut PREVIOUS: pg_sys::ExecutorStart_hook_type = None;
+/// The hook that was installed before ours (`None` inside: PostgreSQL's standard function).
+/// Set once, in `_PG_init`, before any statement runs; read by every backend after that.
+static PREVIOUS: OnceLock<pg_sys::ExecutorStart_hook_type> = OnceLock::new();
 
 pub fn install() {
+    // SAFETY: `_PG_init` in the postmaster, single-threaded, before any backend runs a query.
+    // `_PG_init` runs once per process, so ours is installed once, over the previous hook.
     unsafe {
-        PREVIOUS = pg_sys::ExecutorStart_hook;
-        pg_sys::ExecutorStart_hook = Some(executor_start);
+        if PREVIOUS.set(pg_sys::ExecutorStart_hook).is_ok() {
+            pg_sys::ExecutorStart_hook = Some(executor_start);
+        }
     }
 }
 
 /// The table `rv` names, without locking it (`InvalidOid` when there is none).
 pub unsafe fn relation_id(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    // SAFETY: the caller passes a valid RangeVar, inside a transaction (catalog lookup).
     unsafe {
         pg_sys::RangeVarGetRelidExtended(
             rv,
@@ -39,6 +46,8 @@ pub unsafe fn relation_id(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
 /// schema mtm). The rows of a partitioned table live in its partitions, which are replicated
 /// tables themselves; a write to the partitioned table is a write to them.
 pub unsafe fn replicated_table(rel: pg_sys::Relation) -> bool {
+    // SAFETY: the caller passes an open relation, whose rd_rel is valid and whose schema
+    // exists while it is open (so get_namespace_name does not return NULL).
     unsafe {
         let class = &*(*rel).rd_rel;
         [pg_sys::RELKIND_RELATION, pg_sys::RELKIND_PARTITIONED_TABLE].contains(&(class.relkind as u8))
@@ -50,6 +59,7 @@ pub unsafe fn replicated_table(rel: pg_sys::Relation) -> bool {
 
 /// Whether updates and deletes of `rel` can be found on the peers.
 pub unsafe fn has_replica_identity(rel: pg_sys::Relation) -> bool {
+    // SAFETY: the caller passes an open relation.
     unsafe {
         (*(*rel).rd_rel).relreplident == pg_sys::REPLICA_IDENTITY_FULL as std::ffi::c_char
             || pg_sys::RelationGetReplicaIndex(rel) != pg_sys::InvalidOid
@@ -58,6 +68,8 @@ pub unsafe fn has_replica_identity(rel: pg_sys::Relation) -> bool {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: PostgreSQL calls the hook on the main thread, inside a transaction, with a valid
+    // QueryDesc and plan.
     unsafe {
         if matches!(gucs::mode(), Mode::Multimaster(_)) {
             crate::commit::refuse_if_wounded();
@@ -65,7 +77,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         }
         // SAFETY: nothing here needs dropping; errors leave as raised (see `pg_internals`).
         crate::pg_internals::keeping_errors(
-            || match PREVIOUS {
+            || match PREVIOUS.get().copied().flatten() {
                 Some(previous) => previous(query, eflags),
                 None => crate::pg_internals::standard_executor_start(query, eflags),
             },
@@ -77,6 +89,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
 /// Refuses writes to tables without a key (unless they are kept local), and tells the
 /// synchronous commit that the transaction writes a replicated table.
 unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: `stmt` is the plan ExecutorStart got, inside its transaction: resultRelations
+    // holds 1-based indexes into its range table (list_nth stays in bounds). Each relation
+    // RelationIdGetRelation opens is read (relname is NUL-terminated) and closed before any
+    // error is raised.
     unsafe {
         let results = (*stmt).resultRelations;
         let n = if results.is_null() { 0 } else { (*results).length };

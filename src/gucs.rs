@@ -59,6 +59,7 @@ pub fn in_replicated_database() -> bool {
         static ANSWER: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
     }
     let Mode::Multimaster(config) = mode() else { return false };
+    // SAFETY: a plain global, on the backend's main thread.
     if unsafe { pg_sys::MyDatabaseId } == pg_sys::InvalidOid {
         return false;
     }
@@ -72,6 +73,8 @@ pub fn in_replicated_database() -> bool {
         if unsafe { !pg_sys::IsTransactionState() } {
             return false;
         }
+        // SAFETY: inside a transaction (checked above); the name is NULL-checked before it is
+        // read, and palloc'd, NUL-terminated.
         let name = unsafe { pg_sys::get_database_name(pg_sys::MyDatabaseId) };
         let answer =
             !name.is_null() && unsafe { CStr::from_ptr(name) }.to_bytes() == replicated_database(config).as_bytes();
@@ -360,6 +363,7 @@ fn cstring(s: &str) -> CString {
 /// The current value of any GUC, without units; `None` if the server has no such GUC.
 pub fn config_option(name: &str) -> Option<String> {
     let cname = cstring(name);
+    // SAFETY: `cname` outlives the call; the value is NULL-checked and copied at once.
     unsafe {
         let value = pg_sys::GetConfigOption(cname.as_ptr(), true, false);
         (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())
@@ -369,6 +373,7 @@ pub fn config_option(name: &str) -> Option<String> {
 /// A GUC as `SHOW` prints it (with units); `None` if the server has no such GUC.
 pub fn show_option(name: &str) -> Option<String> {
     let cname = cstring(name);
+    // SAFETY: `cname` outlives the call; the value is NULL-checked and copied at once.
     unsafe {
         let value = pg_sys::GetConfigOptionByName(cname.as_ptr(), std::ptr::null_mut(), true);
         (!value.is_null()).then(|| CStr::from_ptr(value).to_string_lossy().into_owned())

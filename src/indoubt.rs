@@ -193,6 +193,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
     };
     let own = origin == me;
     let gid_c = CString::new(gid).expect("no NUL");
+    // SAFETY (this block and the next): plain globals of this session, on its main thread.
     let saved = unsafe {
         (
             pg_sys::replorigin_session_origin,
@@ -208,6 +209,8 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
             pg_sys::replorigin_session_origin_timestamp = if commit { ts } else { pg_sys::GetCurrentTimestamp() };
         }
     }
+    // SAFETY: main thread, outside a transaction; `gid_c` outlives the call. An error is caught
+    // below, where the transaction is aborted.
     let done = PgTryBuilder::new(|| unsafe {
         pg_sys::StartTransactionCommand();
         twophase::finish_prepared(&gid_c, commit);
@@ -220,6 +223,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
         false
     })
     .execute();
+    // SAFETY: plain globals of this session, on its main thread.
     unsafe {
         (
             pg_sys::replorigin_session_origin,

@@ -38,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     // gives them. Set while the process is single-threaded (postmaster or a new backend),
     // before any capture.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    // SAFETY (both reads): plain globals of PostgreSQL, read on the process's main thread.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if !preloading && unsafe { pg_sys::creating_extension } {
         // Checked before anything is defined, so a later retry after fixing the

@@ -73,6 +73,8 @@ impl std::fmt::Display for PqError {
 }
 
 pub struct Connection {
+    /// Valid from `open` until `drop` finishes it: the libpq calls below all get a live
+    /// connection. (`NonNull` also keeps `Connection` on the thread that made it.)
     conn: NonNull<PGconn>,
     /// First column of the first row of the last result that had rows.
     value: Option<String>,
@@ -194,6 +196,7 @@ impl Connection {
         }
         let mut outcome = Ok(true);
         loop {
+            // SAFETY: `res` is checked for NULL, then read and cleared once, at the end of the turn.
             let res = unsafe { PQgetResult(self.conn.as_ptr()) };
             if res.is_null() {
                 return outcome;
@@ -201,6 +204,8 @@ impl Connection {
             match unsafe { PQresultStatus(res) } {
                 PGRES_COMMAND_OK => {}
                 PGRES_TUPLES_OK if unsafe { PQntuples(res) } > 0 => {
+                    // SAFETY: row 0, column 0 exists; libpq returns a NUL-terminated value ("" for
+                    // NULL) that lives until PQclear below, and it is copied before.
                     self.value = Some(unsafe { CStr::from_ptr(PQgetvalue(res, 0, 0)) }.to_string_lossy().into_owned());
                 }
                 PGRES_TUPLES_OK => {}
@@ -228,6 +233,9 @@ impl Connection {
     }
 
     fn error(&self, res: Option<*mut PGresult>) -> PqError {
+        // SAFETY: PQerrorMessage never returns NULL and its text lives until the next call on
+        // the connection; it is copied at once. `r` is a result not yet cleared, or NULL, which
+        // PQresultErrorField accepts (returning NULL, checked).
         let message = unsafe { CStr::from_ptr(PQerrorMessage(self.conn.as_ptr())) }.to_string_lossy().into_owned();
         let sqlstate = res.and_then(|r| {
             let field = unsafe { PQresultErrorField(r, PG_DIAG_SQLSTATE) };
@@ -239,6 +247,8 @@ impl Connection {
     /// Runs a command; `Ok` for command, tuples and copy-both results.
     pub fn exec(&mut self, command: &str) -> Result<(), PqError> {
         let command = CString::new(command).expect("no NUL in commands");
+        // SAFETY: `command` outlives the call; `res` may be NULL, which PQresultStatus and PQclear
+        // accept; it is cleared once, after its last use.
         let res = unsafe { PQexec(self.conn.as_ptr(), command.as_ptr()) };
         let status = unsafe { PQresultStatus(res) };
         let result = match status {
@@ -256,12 +266,15 @@ impl Connection {
         match n {
             0 => Ok(CopyData::WouldBlock),
             n if n > 0 => {
+                // SAFETY: libpq allocated `n` bytes at `buf` for this message; they are copied, then
+                // freed with PQfreemem, once.
                 let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n as usize) }.to_vec();
                 unsafe { PQfreemem(buf.cast()) };
                 Ok(CopyData::Message(data))
             }
             -1 => {
                 // The stream ended: the server's reason is in the final result.
+                // SAFETY: `res` (possibly NULL, which both accept) is read, then cleared once.
                 let res = unsafe { PQgetResult(self.conn.as_ptr()) };
                 let err = self.error(Some(res));
                 unsafe { PQclear(res) };
@@ -272,6 +285,7 @@ impl Connection {
     }
 
     pub fn put_copy_data(&mut self, data: &[u8]) -> Result<(), PqError> {
+        // SAFETY: libpq copies the `data.len()` bytes of the borrowed slice into its buffer.
         let ok = unsafe { PQputCopyData(self.conn.as_ptr(), data.as_ptr().cast(), data.len() as c_int) } == 1
             && unsafe { PQflush(self.conn.as_ptr()) } >= 0;
         if ok {
@@ -297,6 +311,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // SAFETY: the connection is finished once, here; nothing uses it afterwards.
         unsafe { PQfinish(self.conn.as_ptr()) };
     }
 }

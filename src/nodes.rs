@@ -32,6 +32,8 @@ const EVERY: Duration = Duration::from_secs(1);
 pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
     // An error ends the transaction and the worker's loop (or `forget`'s catch) goes on.
     let f = std::panic::AssertUnwindSafe(f);
+    // SAFETY: inside the transaction just started, on the worker's main thread; the snapshot
+    // pushed is popped (or, on an error, dropped with the transaction).
     BackgroundWorker::transaction(move || unsafe {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         let whole = f; // captured whole, so as the unwind-safe wrapper
@@ -98,6 +100,8 @@ fn start_added_receivers(added: &[(u32, String)], dropped: Mask) {
 /// the session its user back).
 fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
+    // SAFETY: inside a transaction (the caller's), main thread; the end of the transaction (an
+    // error's too) restores the user, as below does on success.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
@@ -129,6 +133,8 @@ pub fn refresh_nodes() {
 pub fn forget(peer: u32) -> bool {
     let slot = receiver::slot_name(peer);
     let origin = CString::new(receiver::origin_name(peer)).expect("no NUL");
+    // SAFETY: the receiver's main thread, outside a transaction; `name` and `origin` outlive the
+    // calls. Resetting the session's origin before dropping it is what replorigin_drop needs.
     let done = caught(|| unsafe {
         // None: no slot; Some(0): nobody streams from it; Some(pid): the peer's walsender.
         let streamer = in_transaction(|| {
@@ -286,6 +292,7 @@ fn add_node(conn_string: &str) -> i32 {
     }
     // This node needs room for one more peer (the others say so in their logs).
     let peers = status::configured(config).count_ones() as i32;
+    // SAFETY (the three reads): plain globals, set at server start; main thread.
     let needs = [
         (
             "max_replication_slots",

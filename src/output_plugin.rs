@@ -38,6 +38,7 @@ const MMTS_PROTOCOL_OPTION: &str = "mmts_protocol";
 struct Callbacks(pg_sys::OutputPluginCallbacks);
 // SAFETY: only function pointers, called from the backend's main thread.
 unsafe impl Send for Callbacks {}
+// SAFETY: as for `Send`: nothing in it is mutated once stored.
 unsafe impl Sync for Callbacks {}
 static PGOUTPUT: OnceLock<Callbacks> = OnceLock::new();
 
@@ -69,6 +70,10 @@ const LOCAL_TABLES: &str = "local_tables";
 
 /// Whether `schema.name` is listed in mtm.local_tables, as of the change being decoded.
 unsafe fn listed_local(schema: &str, name: &str) -> bool {
+    // SAFETY: inside the decoding transaction (catalog access with its historic snapshot). The
+    // table is open from table_open to table_close; each tuple systable_getnext returns is
+    // valid until the next call, and is deformed with the table's own descriptor into arrays
+    // of its two columns; text_to_cstring returns a palloc'd NUL-terminated copy.
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"mtm".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
@@ -138,6 +143,10 @@ fn pgoutput() -> &'static pg_sys::OutputPluginCallbacks {
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
     if PGOUTPUT.get().is_none() {
+        // SAFETY: the main thread, while PostgreSQL loads the plugin. The symbol loaded is
+        // pgoutput's `_PG_output_plugin_init`, whose type is LogicalOutputPluginInit: the
+        // transmute is between `Option`s of function pointers of one size. It fills `callbacks`,
+        // a zeroed struct of `Option`s (all `None`), under pgrx's guard.
         let init = unsafe {
             pg_sys::load_external_function(
                 c"pgoutput".as_ptr(),
@@ -154,6 +163,7 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
         unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0)) };
     }
     let pgo = pgoutput();
+    // SAFETY: PostgreSQL passes its callbacks struct to fill, valid and unaliased for the call.
     let cb = unsafe { &mut *cb };
     // These are the mmts protocol's callbacks; a pgoutput session replaces them at startup.
     // Which ones exist must match pgoutput, because that decides whether PostgreSQL offers
@@ -194,6 +204,8 @@ unsafe extern "C-unwind" fn filter_by_origin(
 
 /// The value of option `name` given to this decoding session, if any.
 unsafe fn option(ctx: *mut pg_sys::LogicalDecodingContext, name: &str) -> Option<String> {
+    // SAFETY: the caller passes the decoding context; its options are a List of DefElems
+    // (NUL-terminated names), and defGetString returns a NUL-terminated string.
     let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options) };
     let found = options.iter_ptr().find_map(|def| unsafe {
         let defname = CStr::from_ptr((*def).defname).to_str().ok()?;
@@ -214,11 +226,14 @@ unsafe extern "C-unwind" fn startup(
     opt: *mut pg_sys::OutputPluginOptions,
     is_init: bool,
 ) {
+    // SAFETY: `ctx` is the decoding context PostgreSQL passes.
     let requested = if is_init { None } else { unsafe { option(ctx, MMTS_PROTOCOL_OPTION) } };
     let Some(requested) = requested else {
         // A pgoutput session: from now on PostgreSQL calls pgoutput directly (no cost per
         // change), except for the origin filter, which stays ours.
         SESSION.with(|s| s.borrow_mut().mmts = None);
+        // SAFETY: `ctx` is the decoding context PostgreSQL passes to the startup callback;
+        // pgoutput's startup gets the same arguments, under pgrx's guard.
         unsafe {
             (*ctx).callbacks = *pgoutput();
             (*ctx).callbacks.filter_by_origin_cb = Some(filter_by_origin);
@@ -246,6 +261,7 @@ unsafe extern "C-unwind" fn startup(
         Mode::Multimaster(c) => c.node_id.0,
         Mode::Standalone => 0,
     };
+    // SAFETY: `ctx` and `opt` are the decoding context and options PostgreSQL passes.
     let memory = unsafe { (*ctx).context };
     SESSION.with(|s| {
         s.borrow_mut().mmts = Some(MmtsSession {
@@ -303,6 +319,8 @@ unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message) {
         (ends || m.frame.version() < 2 || m.frame.len() >= FRAME_FLUSH).then(|| m.frame.take())
     });
     if let Some(frame) = frame {
+        // SAFETY: `ctx` is the decoding context of the callback calling this (the caller's
+        // part); `frame` is borrowed for the copy into its output buffer.
         unsafe {
             pg_sys::OutputPluginPrepareWrite(ctx, true);
             pg_sys::appendBinaryStringInfo((*ctx).out, frame.as_ptr().cast(), frame.len() as i32);
@@ -313,6 +331,8 @@ unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message) {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+    // SAFETY: PostgreSQL passes a valid decoding context and transaction for the call; both
+    // members of the `xact_time` union are a TimestampTz, so either may be read.
     let t = unsafe { &*txn };
     let msg = Message::Begin {
         origin: origin(),
@@ -329,6 +349,7 @@ unsafe extern "C-unwind" fn commit(
     txn: *mut pg_sys::ReorderBufferTXN,
     commit_lsn: pg_sys::XLogRecPtr,
 ) {
+    // SAFETY: as in `begin`.
     let t = unsafe { &*txn };
     let msg = Message::Commit {
         origin: origin(),
@@ -350,10 +371,12 @@ unsafe extern "C-unwind" fn commit(
 /// walsender that is behind never sleeps. (The latch is not waited on: every commit sets it.)
 unsafe fn batch_delay(ctx: *mut pg_sys::LogicalDecodingContext) {
     let delay = crate::gucs::ASYNC_BATCH_DELAY.get();
+    // SAFETY: a plain global, on the main thread.
     let walsender = unsafe { pg_sys::am_walsender };
     if delay == 0 || !walsender || crate::gucs::synchronous() || SESSION.with(|s| s.borrow().mmts.is_none()) {
         return;
     }
+    // SAFETY: the caller passes the decoding context, whose WAL reader is set.
     unsafe {
         if (*(*ctx).reader).EndRecPtr >= pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
             pg_sys::pg_usleep(delay as std::ffi::c_long * 1000);
@@ -365,6 +388,7 @@ fn gid(txn: &pg_sys::ReorderBufferTXN) -> String {
     if txn.gid.is_null() {
         String::new()
     } else {
+        // SAFETY: a prepared transaction's gid is a NUL-terminated string owned by `txn`.
         unsafe { CStr::from_ptr(txn.gid) }.to_string_lossy().into_owned()
     }
 }
@@ -374,6 +398,7 @@ unsafe extern "C-unwind" fn begin_prepare(
     ctx: *mut pg_sys::LogicalDecodingContext,
     txn: *mut pg_sys::ReorderBufferTXN,
 ) {
+    // SAFETY: as in `begin`.
     let t = unsafe { &*txn };
     let msg = Message::BeginPrepare {
         origin: origin(),
@@ -392,6 +417,7 @@ unsafe extern "C-unwind" fn prepare(
     txn: *mut pg_sys::ReorderBufferTXN,
     prepare_lsn: pg_sys::XLogRecPtr,
 ) {
+    // SAFETY: as in `begin`.
     let t = unsafe { &*txn };
     let msg = Message::Prepare {
         origin: origin(),
@@ -411,6 +437,7 @@ unsafe extern "C-unwind" fn commit_prepared(
     txn: *mut pg_sys::ReorderBufferTXN,
     commit_lsn: pg_sys::XLogRecPtr,
 ) {
+    // SAFETY: as in `begin`.
     let t = unsafe { &*txn };
     let msg = Message::CommitPrepared {
         origin: origin(),
@@ -431,6 +458,7 @@ unsafe extern "C-unwind" fn rollback_prepared(
     prepare_end_lsn: pg_sys::XLogRecPtr,
     prepare_time: pg_sys::TimestampTz,
 ) {
+    // SAFETY: as in `begin`.
     let t = unsafe { &*txn };
     let msg = Message::RollbackPrepared {
         origin: origin(),
@@ -460,6 +488,7 @@ unsafe extern "C-unwind" fn message(
         // SAFETY: decoding hands over `message_size` bytes at `message`, valid for the call.
         unsafe { std::slice::from_raw_parts(message.cast::<u8>(), message_size) }
     };
+    // SAFETY: decoding passes the message's NUL-terminated prefix, valid for the call.
     let prefix = unsafe { CStr::from_ptr(prefix) }.to_string_lossy().into_owned();
     // A message with mmts's prefix goes on only if mmts wrote it (see `provenance`): any role
     // may write one with pg_logical_emit_message.
@@ -476,6 +505,11 @@ unsafe extern "C-unwind" fn message(
 /// Describes `rel` to the client unless this session already did (and nothing changed since);
 /// returns the output functions of its columns, or `None` if the table is not replicated.
 unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::Relation) -> OutputFunctions {
+    // SAFETY (the whole function): the caller passes the decoding context and a relation
+    // PostgreSQL has open for the callback; decoding runs in a transaction, so the catalog
+    // lookups work (get_namespace_name finds the open relation's schema, never NULL). The
+    // FmgrInfos live in the decoding context's memory, as long as the session caching them (a
+    // session an error left behind is replaced at the next startup, before any use).
     let relid = unsafe { (*rel).rd_id };
     let (known, memory) = SESSION.with(|s| {
         let s = s.borrow();
@@ -569,6 +603,9 @@ unsafe fn row(
     outputs: &[Option<*mut pg_sys::FmgrInfo>],
     tuple: *mut pg_sys::ReorderBufferTupleBuf,
 ) -> Vec<Value> {
+    // SAFETY: the caller passes the relation open for the change and one of its tuples, and
+    // `outputs` made for its descriptor; `values` and `nulls` have one entry per attribute.
+    // Output functions return palloc'd NUL-terminated text, freed once copied.
     let desc_ptr = unsafe { (*rel).rd_att };
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(desc_ptr) };
     let natts = desc.len();
@@ -598,6 +635,8 @@ unsafe fn row(
 /// TOASTed column of an UPDATE arrives like this).
 unsafe fn varatt_is_external_ondisk(datum: pg_sys::Datum) -> bool {
     let ptr = datum.cast_mut_ptr::<u8>();
+    // SAFETY: the caller passes a varlena datum (attlen -1, not null), which has at least a
+    // 1-byte header; an external one (first byte 0x01) has its tag byte next.
     // 1-byte header 0x01 marks an external datum; the next byte is its tag.
     unsafe { *ptr == 0x01 && *ptr.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8 }
 }
@@ -609,6 +648,9 @@ unsafe extern "C-unwind" fn change(
     rel: pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
+    // SAFETY (this function): PostgreSQL passes the decoding context, the relation open for
+    // the change and the change itself, whose `tp` member is the one for insert, update and
+    // delete (the only kinds read); old/new tuples are NULL-checked where they may be absent.
     // Held for the whole change: an output function may process invalidations, which
     // update the session.
     let Some(outputs) = (unsafe { send_relation(ctx, rel) }) else { return };
@@ -644,6 +686,8 @@ unsafe extern "C-unwind" fn truncate(
     relations: *mut pg_sys::Relation,
     change: *mut pg_sys::ReorderBufferChange,
 ) {
+    // SAFETY: decoding passes `nrelations` (at least one) open relations at `relations`, and a
+    // TRUNCATE change whose `truncate` member is set, all valid for the call.
     let all = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
     let rels: Vec<pg_sys::Relation> =
         all.iter().copied().filter(|rel| unsafe { send_relation(ctx, *rel) }.is_some()).collect();

@@ -10,6 +10,9 @@
 //! backtrace to the DETAIL when the environment asks for one. mmts's hooks sit under every
 //! statement a client runs, so they call what they wrap through [`keeping_errors`]: the error
 //! reaches PostgreSQL's own handler exactly as it was raised.
+//!
+//! Each `unsafe extern` block below is sound as far as its declarations match the header (and
+//! versions) named above it; that is what its comment records.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -130,6 +133,10 @@ pub struct PqCommMethods {
 #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
 unsafe extern "C" {
     /// libpq/libpq.h: the backend's current client communication methods.
+    ///
+    /// `static mut` because this declares PostgreSQL's own mutable global (`extern` blocks
+    /// have no other way to say so): no storage of mmts's. Every access is `unsafe`, on the
+    /// main thread only.
     #[link_name = "PqCommMethods"]
     pub static mut PQ_COMM_METHODS: *const PqCommMethods;
 }

@@ -24,8 +24,8 @@ use pgrx::prelude::*;
 use crate::apply::Applier;
 use crate::indoubt::Resolver;
 use crate::libpq::{Connection, CopyData, PqError};
-use crate::outbox::Outbox;
 use crate::logging::log;
+use crate::outbox::Outbox;
 use crate::twophase;
 use crate::{gucs, nodes, status};
 
@@ -88,6 +88,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     for (name, value) in
         [(c"session_replication_role", c"replica"), (c"search_path", c""), (c"synchronous_commit", c"off")]
     {
+        // SAFETY: the worker's main thread; static C strings.
         unsafe {
             pg_sys::SetConfigOption(
                 name.as_ptr(),
@@ -121,6 +122,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     };
     let joining = nodes::joined_from(config.node_id.0, peer_id).filter(|_| {
         let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        // SAFETY: inside the worker's transaction; `name` outlives the closure.
         BackgroundWorker::transaction(|| unsafe {
             let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
             id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId || pg_sys::replorigin_get_progress(id, false) == 0
@@ -139,6 +141,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     slot.tick();
     let origin = BackgroundWorker::transaction(|| {
         let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        // SAFETY: inside the worker's transaction; `name` outlives the block.
         unsafe {
             let mut id = pg_sys::replorigin_by_name(name.as_ptr(), true);
             if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
@@ -154,6 +157,8 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             id
         }
     });
+    // SAFETY: the worker's main thread, outside a transaction; `origin` exists (made above).
+    // The session's origin is a plain global.
     unsafe {
         pg_sys::replorigin_session_setup(origin);
         pg_sys::replorigin_session_origin = origin;
@@ -309,6 +314,7 @@ fn stream(
             outbox.push(applier.take_signals());
             progress.received(end);
             if done.is_some() {
+                // SAFETY: a plain global of this process, on its main thread.
                 progress.committed(unsafe { pg_sys::XactLastCommitEnd });
             }
             // Between transactions, everything received is applied (what the peer skipped
@@ -376,6 +382,7 @@ fn stream(
         }
         let events = waits.wait(timeout);
         if events & pg_sys::WL_LATCH_SET != 0 {
+            // SAFETY: `MyLatch` is this process's latch; main thread.
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         }
         outbox.pump();
@@ -387,6 +394,7 @@ fn stream(
             silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
         }
         // A receiver stops on SIGTERM only; a stray cancel is not a reason to restart.
+        // SAFETY: main thread; a `sig_atomic_t` PostgreSQL's handlers only ever set.
         unsafe { pg_sys::QueryCancelPending = 0 };
         pgrx::check_for_interrupts!();
         link.conn.consume_input()?;
@@ -618,6 +626,8 @@ struct Waits(*mut pg_sys::WaitEventSet);
 
 impl Waits {
     fn new(socket: pg_sys::pgsocket, signals: Option<pg_sys::pgsocket>) -> Waits {
+        // SAFETY: main thread. The set lives in TopMemoryContext until `drop` frees it, and has
+        // room for the four events at most added; `MyLatch` is this process's latch.
         unsafe {
             let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 4);
             let none = pg_sys::PGINVALID_SOCKET;
@@ -639,6 +649,7 @@ impl Waits {
     /// Waits at most `timeout`; returns the events that occurred (`WL_*`).
     fn wait(&self, timeout: Duration) -> u32 {
         let mut occurred = [pg_sys::WaitEvent::default(); 4];
+        // SAFETY: the set is alive (freed only on drop); `occurred` has the room passed.
         let n = unsafe {
             pg_sys::WaitEventSetWait(
                 self.0,
@@ -654,6 +665,7 @@ impl Waits {
 
 impl Drop for Waits {
     fn drop(&mut self) {
+        // SAFETY: the set `new` made, freed once, here.
         unsafe { pg_sys::FreeWaitEventSet(self.0) };
     }
 }
@@ -670,4 +682,3 @@ fn deliver_signal(message: &wire::Message, peer: u32, me: u32) -> Option<Signal>
     twophase::deliver_signal(signal, me);
     answer
 }
-

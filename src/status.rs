@@ -141,6 +141,8 @@ impl Default for Peers {
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for Peers {}
 
+// SAFETY: no other shared memory of this server is named so (the name is the lock's only
+// condition); it is attached by `pg_shmem_init!` in `init`, while preloading.
 static PEERS: PgLwLock<Peers> = unsafe { PgLwLock::new(c"mmts peers") };
 
 /// The longest connection string of an added node (`mtm.add_node` refuses longer ones).
@@ -159,6 +161,7 @@ impl Default for AddedNodes {
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for AddedNodes {}
 
+// SAFETY: as for `PEERS`: a name of its own.
 static ADDED: PgLwLock<AddedNodes> = unsafe { PgLwLock::new(c"mmts added nodes") };
 
 /// Reserves the shared memory; called from `_PG_init` while preloading.
