@@ -232,6 +232,23 @@ pub fn decode_batch(text: &str) -> Result<Vec<Signal>, SignalError> {
     Ok(out)
 }
 
+/// Prefix of the names of the prepared transactions mmts makes (see [`gid`]); reserved.
+pub const GID_PREFIX: &str = "mtm_";
+
+/// The name under which every node prepares transaction `xid` of node `origin`:
+/// `mtm_<origin>_<xid>`.
+pub fn gid(origin: NodeId, xid: u32) -> String {
+    format!("{GID_PREFIX}{}_{xid}", origin.0)
+}
+
+/// The node and transaction a [`gid`] names; `None` for any other name.
+pub fn parse_gid(gid: &str) -> Option<(NodeId, u32)> {
+    let (origin, xid) = gid.strip_prefix(GID_PREFIX)?.split_once('_')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(origin) && digits(xid)).then_some(())?;
+    Some((NodeId(origin.parse().ok()?), xid.parse().ok()?))
+}
+
 /// SQLSTATE for a transaction that lost to a concurrent one or could not get its votes.
 pub const SERIALIZATION_FAILURE: &str = "40001";
 /// SQLSTATE for a node that does not see a majority of the cluster.
@@ -247,6 +264,16 @@ mod tests {
 
     fn yes(p: Timestamp) -> Vote {
         Vote::Yes { proposal: p }
+    }
+
+    #[test]
+    fn gids_name_their_origin_and_transaction() {
+        assert_eq!(gid(NodeId(2), 731), "mtm_2_731");
+        assert_eq!(parse_gid("mtm_2_731"), Some((NodeId(2), 731)));
+        for other in ["mtm_2_", "mtm__7", "mtm_2_7x", "mtm_join_4_from_1", "mtm_commit_1", "x_2_7", "mtm_+2_7"] {
+            assert_eq!(parse_gid(other), None, "{other}");
+        }
+        assert_eq!(parse_gid(&gid(NodeId(64), u32::MAX)), Some((NodeId(64), u32::MAX)));
     }
 
     #[test]

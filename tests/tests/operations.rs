@@ -196,6 +196,23 @@ fn serial_inserts_from_all_nodes_never_collide() {
     let spread: Vec<String> =
         cluster.nodes().iter().map(|n| value(n, "SELECT nextval('dumped') || ',' || nextval('dumped')")).collect();
     assert_eq!(spread, ["1025,1089", "1026,1090", "1027,1091"]);
+    // A sequence made by a function: its statement is a cached plan's, run again and again
+    // in one session, and spread on every node each time.
+    cluster.node(1).execute(
+        "CREATE FUNCTION make_seq() RETURNS bigint LANGUAGE plpgsql AS $$
+         DECLARE v bigint;
+         BEGIN
+           CREATE SEQUENCE made START 7;
+           v := nextval('made');
+           DROP SEQUENCE made;
+           RETURN v;
+         END $$",
+    );
+    let mut c = cluster.node(2).connect();
+    for _ in 0..5 {
+        let row = c.query_one("SELECT make_seq()", &[]).unwrap_or_else(|e| panic!("{}", describe(&e)));
+        assert_eq!(row.get::<_, i64>(0), 7 + 1, "node 2's first value of a sequence spread by 64, made from 7");
+    }
     // mmts's own sequences and the other nodes' are untouched by a node's call.
     assert_eq!(
         value(cluster.node(1), "SELECT count(*) FROM mtm.alter_sequences() WHERE sequence::text LIKE 'mtm.%'"),

@@ -1,0 +1,352 @@
+//! The hooks through which mmts follows a client's transaction: `ExecutorRun`/`ExecutorFinish`
+//! and `ProcessUtility` spot writes and transaction statements, `emit_log` words a wounded
+//! transaction's cancel as a serialization failure, and the transaction callback starts the
+//! two-phase commit just before PREPARE.
+
+use std::ffi::{c_char, CString};
+use std::sync::OnceLock;
+
+use mmts_core::config::Mode;
+use pgrx::pg_sys;
+use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use super::coordinating::start_two_phase;
+use super::marking::{mark_implicit, transaction_statement, wounded_message, WOUNDED_HINT};
+use super::{active, is_client, note_write, refuse_if_wounded, session, Session};
+use crate::{gucs, twophase};
+
+/// The hooks installed before mmts's, called by mmts's: set once, in the postmaster while
+/// it preloads mmts, and inherited by every backend it forks.
+struct Previous {
+    run: pg_sys::ExecutorRun_hook_type,
+    finish: pg_sys::ExecutorFinish_hook_type,
+    utility: pg_sys::ProcessUtility_hook_type,
+    emit_log: pg_sys::emit_log_hook_type,
+}
+
+static PREVIOUS: OnceLock<Previous> = OnceLock::new();
+
+fn previous() -> &'static Previous {
+    PREVIOUS.get().expect("mmts's hooks are installed")
+}
+
+/// Installs mmts's hooks (once, while preloading).
+pub fn install() {
+    // SAFETY: the postmaster's main thread, while it loads shared_preload_libraries: nothing
+    // else reads or writes the hook variables.
+    unsafe {
+        let previous = Previous {
+            run: pg_sys::ExecutorRun_hook,
+            finish: pg_sys::ExecutorFinish_hook,
+            utility: pg_sys::ProcessUtility_hook,
+            emit_log: pg_sys::emit_log_hook,
+        };
+        if PREVIOUS.set(previous).is_err() {
+            return;
+        }
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::emit_log_hook = Some(emit_log);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+/// Interrupts held off while it lives (released on unwind too).
+struct HeldInterrupts;
+
+impl HeldInterrupts {
+    fn hold() -> HeldInterrupts {
+        unsafe { pg_sys::InterruptHoldoffCount += 1 };
+        HeldInterrupts
+    }
+}
+
+impl Drop for HeldInterrupts {
+    fn drop(&mut self) {
+        unsafe { pg_sys::InterruptHoldoffCount = pg_sys::InterruptHoldoffCount.saturating_sub(1) };
+    }
+}
+
+/// Runs what a hook wraps one nesting level down; an error raised inside leaves with its
+/// ErrorData whole (see `pg_internals::keeping_errors`), the level restored.
+fn nested(mut call: impl FnMut()) {
+    let leave = || session(|s| s.nesting = s.nesting.saturating_sub(1));
+    session(|s| s.nesting += 1);
+    // SAFETY: the closures capture by reference; `leave` neither fails nor panics.
+    unsafe { crate::pg_internals::keeping_errors(&mut call, leave) };
+    leave();
+}
+
+fn at_top_level() -> bool {
+    session(|s| s.nesting == 0)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    nested(|| unsafe {
+        match previous().run {
+            Some(prev) => prev(query, direction, count, execute_once),
+            None => crate::pg_internals::standard_executor_run(query, direction, count, execute_once),
+        }
+    });
+    if at_top_level() {
+        mark_implicit();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    nested(|| unsafe {
+        match previous().finish {
+            Some(prev) => prev(query),
+            None => crate::pg_internals::standard_executor_finish(query),
+        }
+    });
+    if at_top_level() {
+        mark_implicit();
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // `ddl::before` may edit the statement (a new sequence's start and step: see
+    // `ddl::spread_sequence`). A read-only tree belongs to a cached plan (a statement in a
+    // function, run again later): edited in place, it would point into memory freed after
+    // this run. PostgreSQL copies such a tree before it edits one; so does mmts.
+    let (pstmt, read_only_tree) = if read_only_tree {
+        // SAFETY: `pstmt` is a valid PlannedStmt; the copy lives in the current memory
+        // context, which outlasts the statement's execution.
+        (unsafe { pg_sys::copyObjectImpl(pstmt.cast()) }.cast::<pg_sys::PlannedStmt>(), false)
+    } else {
+        (pstmt, false)
+    };
+    let stmt = unsafe { (*pstmt).utilityStmt };
+    if is_client() && matches!(gucs::mode(), Mode::Multimaster(_)) {
+        unsafe { refuse_reserved_gid(stmt) };
+    }
+    // Held in a cell: an error in the statement leaves this frame by longjmp, and the capture
+    // is undone (dropped) on the way (see `nested`).
+    let ddl = std::cell::RefCell::new(Some(unsafe { crate::ddl::before(pstmt, query_string) }));
+    let run = || {
+        let leave = || {
+            session(|s| s.nesting = s.nesting.saturating_sub(1));
+            drop(ddl.borrow_mut().take());
+        };
+        session(|s| s.nesting += 1);
+        // SAFETY: the closures capture by reference; `leave` neither fails nor panics.
+        unsafe {
+            crate::pg_internals::keeping_errors(
+                || match previous().utility {
+                    Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+                    None => crate::pg_internals::standard_process_utility(
+                        pstmt,
+                        query_string,
+                        read_only_tree,
+                        context,
+                        params,
+                        query_env,
+                        dest,
+                        qc,
+                    ),
+                },
+                leave,
+            )
+        };
+        session(|s| s.nesting = s.nesting.saturating_sub(1));
+    };
+    let finish_ddl = || {
+        if let Some(d) = ddl.borrow_mut().take() {
+            d.finish();
+        }
+    };
+    if !active() {
+        run();
+        finish_ddl();
+        return;
+    }
+    // Transaction control is left alone: ROLLBACK must work, and a COMMIT of a wounded
+    // transaction fails (and ends it) when its PREPARE is refused.
+    if unsafe { (*stmt).type_ } != pg_sys::NodeTag::T_TransactionStmt {
+        refuse_if_wounded();
+    }
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_TransactionStmt => {
+                // A cancel (a peer's transaction wounding this one) must not fail a COMMIT
+                // before it is turned into PREPARE: the block would stay open, aborted. Held
+                // off until then, it fails the PREPARE, which ends the transaction.
+                let go_on = {
+                    let _held = HeldInterrupts::hold();
+                    transaction_statement(stmt.cast())
+                };
+                if go_on {
+                    run();
+                }
+                return;
+            }
+            pg_sys::NodeTag::T_CopyStmt => {
+                let copy = stmt as *mut pg_sys::CopyStmt;
+                if (*copy).is_from && !(*copy).relation.is_null() && replicated((*copy).relation) {
+                    note_write();
+                }
+            }
+            pg_sys::NodeTag::T_TruncateStmt => {
+                let truncate = stmt as *mut pg_sys::TruncateStmt;
+                let rels = (*truncate).relations;
+                for i in 0..if rels.is_null() { 0 } else { (*rels).length } {
+                    if replicated(pg_sys::list_nth(rels, i) as *mut pg_sys::RangeVar) {
+                        note_write();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    run();
+    finish_ddl();
+    if context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL && at_top_level() {
+        mark_implicit();
+    }
+}
+
+/// Whether the table `rv` names is one mmts replicates.
+unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
+    unsafe {
+        let relid = crate::executor_hook::relation_id(rv);
+        if relid == pg_sys::InvalidOid {
+            return false;
+        }
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        let yes = crate::executor_hook::replicated_table(rel);
+        pg_sys::RelationClose(rel);
+        yes
+    }
+}
+
+/// Refuses an application's PREPARE TRANSACTION with a name mmts uses for its own.
+unsafe fn refuse_reserved_gid(stmt: *mut pg_sys::Node) {
+    unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_TransactionStmt {
+            return;
+        }
+        let stmt = stmt as *mut pg_sys::TransactionStmt;
+        if (*stmt).kind != pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE || (*stmt).gid.is_null() {
+            return;
+        }
+        if std::ffi::CStr::from_ptr((*stmt).gid).to_bytes().starts_with(mmts_core::twopc::GID_PREFIX.as_bytes()) {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+                format!(
+                    "mmts: prepared transaction names starting with \"{}\" are reserved for mmts",
+                    mmts_core::twopc::GID_PREFIX
+                ),
+                "mmts",
+            )
+            .set_hint("Choose another name.")
+            .report(PgLogLevel::ERROR);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    unsafe {
+        if session(|s| s.quiet)
+            && (*edata).elevel == pg_sys::WARNING as i32
+            && (*edata).sqlerrcode == PgSqlErrorCode::ERRCODE_NO_ACTIVE_SQL_TRANSACTION as i32
+        {
+            (*edata).output_to_client = false;
+            (*edata).output_to_server = false;
+        }
+        // A statement canceled because a peer's transaction wounded this one (see
+        // `twophase::classify_holder`): a serialization failure, not a user's cancel.
+        if (*edata).elevel == pg_sys::PGERROR as i32
+            && (*edata).sqlerrcode == PgSqlErrorCode::ERRCODE_QUERY_CANCELED as i32
+            && is_client()
+        {
+            let wound = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner())
+                .or_else(|| twophase::wounded_lately((*pg_sys::MyProc).pgprocno));
+            if let Some(by) = wound {
+                let message = CString::new(wounded_message(by)).expect("no NUL");
+                let hint = CString::new(WOUNDED_HINT).expect("no NUL");
+                (*edata).sqlerrcode = PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE as i32;
+                (*edata).message = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, message.as_ptr());
+                (*edata).hint = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, hint.as_ptr());
+                (*edata).detail = std::ptr::null_mut();
+            }
+        }
+        if let Some(prev) = previous().emit_log {
+            pg_guard_ffi_boundary(|| prev(edata));
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if !active() {
+        return;
+    }
+    match event {
+        XACT_EVENT_PRE_PREPARE => {
+            let gid = session(|s| s.gid.take());
+            if let Some(gid) = gid {
+                let application = session(|s| s.application_prepare);
+                start_two_phase(gid, application);
+            }
+        }
+        XACT_EVENT_PRE_COMMIT => {
+            // A statement that could write and changed nothing (an UPDATE matching no row,
+            // EXPLAIN of an UPDATE) took no transaction id: there is nothing to replicate.
+            if session(|s| s.wrote) && unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner() != 0 {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "mmts: this write transaction cannot be committed synchronously on all nodes",
+                    "mmts",
+                )
+                .set_detail("It was about to commit without the two-phase commit mmts needs: a COMMIT inside a procedure, or a portal not run to completion.")
+                .set_hint("Commit from the client, or set multimaster.mode = async.")
+                .report(PgLogLevel::ERROR);
+            }
+        }
+        XACT_EVENT_ABORT => {
+            let pending = session(|s| {
+                let nesting = s.nesting;
+                let pending = s.pending.take();
+                *s = Session { nesting, ..Session::default() };
+                pending
+            });
+            if let Some(p) = pending {
+                p.abandon();
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => session(|s| {
+            s.wrote = false;
+            s.explicit = false;
+            s.gid = None;
+            s.application_prepare = false;
+        }),
+        _ => {}
+    }
+}
