@@ -72,19 +72,22 @@
 //! commit-ts order (so the simply-applied table equals the commit-ts-ordered one).
 //!
 //! A failure names the seed; `MMTS_SIM_TRACE=<seed>` prints that run's events, e.g.
-//! `MMTS_SIM_TRACE=50 cargo test -p mmts-core --test simulation fault_free_sequential -- --ignored --nocapture`.
+//! `MMTS_SIM_TRACE=50 cargo test -p mmts-core --test simulation fault_free_sequential -- --nocapture`.
 //!
 //! # Findings
 //!
-//! The ignored tests reproduce what the simulation found; each comment gives the seed and
-//! the sequence of events:
+//! Three tests check that variants mmts does not use still break a property, as found (each
+//! comment gives the first seed found and the sequence of events), so that the reason for each
+//! design choice stays checked:
 //!
-//! * `fault_free_sequential_apply_never_times_out`: wait-die (`on_conflict`) plus per-origin
-//!   sequential apply deadlocks; only the deadline settles it (property 3).
-//! * `partitions_keep_atomicity`: a node cut off when a transaction was prepared is not asked;
-//!   when it returns it may refuse what the others committed (catching up is needed).
-//! * `partitions_apply_in_commit_ts_order`: a returning node applies commits out of commit-ts
-//!   order (a limit of catching up, not of `twopc`).
+//! * `fault_free_sequential_apply_times_out`: wait-die (`on_conflict`) plus per-origin
+//!   sequential apply deadlocks; only the deadline settles it (property 3). mmts sets a
+//!   waiting PREPARE aside instead.
+//! * `partitions_without_catch_up_break_atomicity`: a node cut off when a transaction was
+//!   prepared is not asked; when it returns it may refuse what the others committed. mmts
+//!   catches up (`recovery`) before voting again.
+//! * `partitions_apply_out_of_commit_ts_order`: a returning node applies commits out of
+//!   commit-ts order; mmts keeps row versions by commit timestamp.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -1030,6 +1033,28 @@ fn traced_seed() -> Option<u64> {
     std::env::var("MMTS_SIM_TRACE").ok().and_then(|s| s.parse().ok())
 }
 
+/// The first seed of `seeds` on which `cfg` breaks an invariant, with what broke; `None` if
+/// none does. For the variants mmts does not use: a check that the model still shows why.
+fn first_counterexample(cfg: Config, seeds: std::ops::Range<u64>) -> Option<(u64, Vec<String>)> {
+    seeds.into_iter().find_map(|seed| {
+        let mut sim = Sim::new(cfg, seed, traced_seed() == Some(seed));
+        sim.run();
+        sim.check_end();
+        (!sim.violations.is_empty()).then(|| (seed, sim.violations.clone()))
+    })
+}
+
+/// Asserts that `cfg` breaks `property` on some seed of `seeds`, and prints the first one.
+fn assert_counterexample(name: &str, cfg: Config, seeds: std::ops::Range<u64>, property: &str) {
+    match first_counterexample(cfg, seeds.clone()) {
+        Some((seed, violations)) => {
+            println!("{name}: seed {seed} (MMTS_SIM_TRACE={seed} prints the run): {}", violations[0]);
+            assert!(violations.iter().any(|v| v.contains(property)), "{name}: seed {seed}: {violations:?}");
+        }
+        None => panic!("{name}: no seed of {seeds:?} breaks {property} any more: the finding is gone; update the test"),
+    }
+}
+
 /// Runs `cfg` (or a scenario built by `setup`) once per seed; panics with the first failing
 /// seed and what broke.
 fn run_seeds(name: &str, cfg: Config, seeds: std::ops::Range<u64>, setup: impl Fn(&mut Sim)) -> (Stats, Vec<Sim>) {
@@ -1062,8 +1087,9 @@ fn run_seeds(name: &str, cfg: Config, seeds: std::ops::Range<u64>, setup: impl F
 //
 // Without faults (the system as built: per-origin sequential apply): properties 1, 2, 5, every
 // transaction decided (3) and writers applied in commit-ts order. Deadline aborts are tolerated
-// here; the strong form of property 3 is `fault_free_sequential_apply_never_times_out` (ignored:
-// it fails, see there).
+// here; the strong form of property 3 holds with parallel apply
+// (`fault_free_parallel_apply_never_times_out`) and not with sequential apply
+// (`fault_free_sequential_apply_times_out`).
 
 #[test]
 fn fault_free_three_nodes() {
@@ -1103,12 +1129,14 @@ fn fault_free_parallel_apply_never_times_out() {
 /// at seed 50 with 3 nodes, seed 5 with 5 nodes). Wait-die alone is sound
 /// (`fault_free_parallel_apply_never_times_out`); the rule does not cover the waits sequential
 /// apply adds.
+///
+/// This is why mmts sets a waiting PREPARE aside and applies the rest of the stream: the test
+/// checks that the sequential variant still deadlocks (the parallel one never does).
 #[test]
-#[ignore = "why mmts does not apply in order: wait-die plus per-origin sequential apply deadlocks (seed 50, 3 nodes)"]
-fn fault_free_sequential_apply_never_times_out() {
+fn fault_free_sequential_apply_times_out() {
     for nodes in [3, 5] {
         let cfg = Config { forbid_timeouts: true, ..Config::cluster(nodes) };
-        run_seeds(&format!("fault_free_sequential_apply_never_times_out/{nodes}"), cfg, 0..400, |_| {});
+        assert_counterexample(&format!("sequential_apply/{nodes}"), cfg, 0..400, "property 3");
     }
 }
 
@@ -1159,12 +1187,15 @@ fn simultaneous_writers_of_one_row() {
 /// tx40 (node 3, row 2) commits with node 1 alone; node 2 returns at t=1416 and dies on tx40
 /// for row 2, held by tx26. A returning node has to catch up (apply what was committed without
 /// it, `partitions_with_catch_up`) before it votes again.
+///
+/// This is why a node that was out catches up (state `recovery`) before it votes again: the
+/// test checks that without it atomicity breaks; `partitions_with_catch_up` that with it, it
+/// holds.
 #[test]
-#[ignore = "LIMITATION: a returning node refuses what was committed without it (seed 0, 3 nodes)"]
-fn partitions_keep_atomicity() {
+fn partitions_without_catch_up_break_atomicity() {
     for nodes in [3, 5] {
         let cfg = Config { partitions: 3, check_apply_order: false, ..Config::cluster(nodes) };
-        run_seeds(&format!("partitions_keep_atomicity/{nodes}"), cfg, 0..400, |_| {});
+        assert_counterexample(&format!("no_catch_up/{nodes}"), cfg, 0..400, "property 1");
     }
 }
 
@@ -1212,9 +1243,13 @@ fn partitions_keep_causality() {
 /// with the largest commit ts (as the model does, like `conflict::remote_wins`) agree; a table
 /// that simply applies commits as they come passes through states no other node had, and in
 /// 20-25% of runs with faults ends up different (first at seed 25).
+///
+/// This is why mmts resolves conflicting row versions by commit timestamp (last writer by
+/// `(commit ts, origin)`, `conflict::remote_wins`) rather than by arrival: the test checks that
+/// arrival order still differs from commit-ts order after faults; every property that holds
+/// with versions kept by commit ts is checked in `partitions_with_catch_up`.
 #[test]
-#[ignore = "LIMITATION: a returning node applies commits out of commit-ts order (seed 1, 3 nodes)"]
-fn partitions_apply_in_commit_ts_order() {
+fn partitions_apply_out_of_commit_ts_order() {
     let cfg = Config { partitions: 3, catch_up: true, sequential_apply: false, ..Config::cluster(3) };
-    run_seeds("partitions_apply_in_commit_ts_order", cfg, 0..300, |_| {});
+    assert_counterexample("arrival_order", cfg, 0..300, "out of commit-ts order");
 }
