@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mmts_core::conflict::{remote_wins, writer_had_seen, Version};
-use mmts_core::indoubt::{Ballot, Outcome};
+use mmts_core::indoubt::Outcome;
 use mmts_core::membership::{bit, format_mask, Mask, State};
 use mmts_core::replication::format_lsn;
 use mmts_core::twopc::{
@@ -497,10 +497,7 @@ impl Applier {
         let commit = Outcome::Commit { ts };
         let peer = NodeId(self.peer);
         let size = crate::status::configured(config).count_ones() as usize;
-        let chosen = mmts_core::indoubt::majority(size, 2)
-            && twophase::with_acceptor(peer, xid, |a| {
-                a.decided.is_none() && a.accepted == Some((Ballot::coordinator(peer), commit))
-            });
+        let chosen = twophase::with_acceptor(peer, xid, |a| mmts_core::indoubt::chosen_on_precommit(a, peer, ts, size));
         if !chosen {
             return None;
         }

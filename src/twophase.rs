@@ -16,7 +16,7 @@
 use std::ffi::CStr;
 
 use mmts_core::config::Mode;
-use mmts_core::indoubt::{Acceptor, Answer, Ballot, Outcome};
+use mmts_core::indoubt::{self, Acceptor, Answer, Memory, Outcome, Request, CLOCK_MARGIN_US};
 use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -110,7 +110,7 @@ struct Record {
     /// Last use, for replacing the oldest.
     used_at: u64,
     /// When this slot last gave up a record still needed (undecided, or settled) for
-    /// another: see [`forgotten`].
+    /// another: see [`memory`].
     replaced_at: i64,
 }
 
@@ -126,7 +126,7 @@ pub struct Shared {
     wounds: [Wound; WOUNDS],
     records: [Record; RECORDS],
     record_uses: u64,
-    /// When shared memory was set up: records from before are lost (see [`forgotten`]).
+    /// When shared memory was set up: records from before are lost (see [`memory`]).
     started_at: i64,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
@@ -190,7 +190,7 @@ fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
 
 /// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
 /// none: a free slot of its window, or else the oldest one its coordinator ended, or else the
-/// oldest; see [`forgotten`] for what replacing one means).
+/// oldest; see [`memory`] for what replacing one means).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
     let mut s = SHARED.exclusive();
     record_mut(&mut s, origin, xid, |r| f(&mut r.acceptor))
@@ -540,45 +540,41 @@ pub fn deliver_signal(signal: Signal, me: u32) {
 }
 
 /// This node's answer to a resolver's request, or to a coordinator's precommit; `None` for
-/// other signals.
+/// other signals. The rules are `mmts_core::indoubt::answer`'s; this node's records and what it
+/// remembers are read and changed under one lock.
 pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
-    let (origin, xid, answer) = match *signal {
-        Signal::Precommit { origin, xid, ts } => {
-            (origin, xid, with_acceptor(origin, xid, |a| a.accept(Ballot::coordinator(origin), Outcome::Commit { ts })))
+    let (origin, xid, since, request) = match *signal {
+        Signal::Precommit { origin, xid, ts, since } => {
+            (origin, xid, since, Request::Precommit { coordinator: origin, ts })
         }
-        Signal::Promise { origin, xid, since, .. } | Signal::Accept { origin, xid, since, .. }
-            if forgotten(origin, xid, since) =>
-        {
-            (origin, xid, Answer::Unknown)
-        }
-        Signal::Promise { origin, xid, ballot, .. } => (origin, xid, with_acceptor(origin, xid, |a| a.promise(ballot))),
-        Signal::Accept { origin, xid, ballot, outcome, .. } => {
-            (origin, xid, with_acceptor(origin, xid, |a| a.accept(ballot, outcome)))
+        Signal::Promise { origin, xid, since, ballot } => (origin, xid, since, Request::Promise(ballot)),
+        Signal::Accept { origin, xid, since, ballot, outcome } => {
+            (origin, xid, since, Request::Accept(ballot, outcome))
         }
         _ => return None,
+    };
+    let mut s = SHARED.exclusive();
+    let memory = memory(&s, origin, xid);
+    // A node that may have forgotten it makes no record of it either.
+    let answer = if indoubt::forgotten(memory, since, CLOCK_MARGIN_US) {
+        Answer::Unknown
+    } else {
+        record_mut(&mut s, origin, xid, |r| indoubt::answer(&mut r.acceptor, memory, request, since, CLOCK_MARGIN_US))
     };
     Some(Signal::Answered { origin, xid, voter: me, answer })
 }
 
-/// How far apart the nodes' clocks may be for [`forgotten`].
-const CLOCK_MARGIN_US: i64 = 100_000;
-
-/// Whether this node may have known transaction `xid` of node `origin`, prepared about `since`,
-/// and forgotten it: it has no record of it, and either it restarted since the transaction
-/// began (the records live in shared memory) and has not prepared it since, or a slot where
-/// its record would be gave up an undecided or settled record since then (the one of this
-/// transaction, maybe). Records of transactions their coordinator ended are replaced without
-/// this: peers settle a transaction within seconds of losing its coordinator (see
-/// `indoubt::Resolver`), long before. Assumes the nodes' clocks agree within
-/// [`CLOCK_MARGIN_US`], as NTP keeps them.
-fn forgotten(origin: NodeId, xid: u32, since: i64) -> bool {
-    let s = SHARED.share();
-    if find_record(&s, origin, xid).is_some() {
-        return false;
+/// What this node remembers of transaction `xid` of node `origin` besides its record (see
+/// `mmts_core::indoubt::forgotten`): records live in shared memory, made when the server
+/// started, and a record still needed may have been evicted from its slot. Assumes the nodes'
+/// clocks agree within `CLOCK_MARGIN_US`, as NTP keeps them.
+fn memory(s: &Shared, origin: NodeId, xid: u32) -> Memory {
+    Memory {
+        has_record: find_record(s, origin, xid).is_some(),
+        prepared_here: s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid),
+        started_at: s.started_at,
+        evicted_at: window(origin, xid).map(|i| s.records[i].replaced_at).filter(|&t| t != 0).max(),
     }
-    let prepared_here = s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
-    let after = |t: i64| t > since - CLOCK_MARGIN_US;
-    (after(s.started_at) && !prepared_here) || window(origin, xid).any(|i| after(s.records[i].replaced_at))
 }
 
 /// Votes, "finished" and acceptances for this node's transactions, heartbeats, and

@@ -95,6 +95,72 @@ impl Acceptor {
     }
 }
 
+/// A request to one node's acceptor about one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// The coordinator's precommit: accept "commit at `ts`" under its ballot 0.
+    Precommit { coordinator: NodeId, ts: Timestamp },
+    /// A resolver's phase 1.
+    Promise(Ballot),
+    /// A resolver's phase 2.
+    Accept(Ballot, Outcome),
+}
+
+/// How far apart the nodes' clocks may be for [`forgotten`] (as NTP keeps them), in
+/// microseconds.
+pub const CLOCK_MARGIN_US: Timestamp = 100_000;
+
+/// What a node remembers, besides its records, to tell whether it may have known a
+/// transaction and forgotten it (see [`forgotten`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// It has a record of the transaction.
+    pub has_record: bool,
+    /// It has prepared the transaction since it started (its receiver registered it).
+    pub prepared_here: bool,
+    /// When it started (records live in memory).
+    pub started_at: Timestamp,
+    /// The latest time a record of a transaction that could be this one was evicted (an
+    /// undecided or settled record replaced in its slot), if ever.
+    pub evicted_at: Option<Timestamp>,
+}
+
+/// Whether a node may have known a transaction that began at `since` and forgotten it: it has
+/// no record of it, and either it started after the transaction began and has not prepared it
+/// since, or a record that could have been its was evicted after that. Such a node takes no
+/// part in settling it ([`Answer::Unknown`]): a promise or an acceptance it gave before would
+/// be lost. `margin` is how far apart the clocks of the node that says `since` and this one
+/// may be.
+pub fn forgotten(memory: Memory, since: Timestamp, margin: Timestamp) -> bool {
+    let after = |t: Timestamp| t > since - margin;
+    !memory.has_record && ((after(memory.started_at) && !memory.prepared_here) || memory.evicted_at.is_some_and(after))
+}
+
+/// This node's answer to `request` about a transaction that began at `since` (by the clock of
+/// the node asking), given its record and what it remembers.
+pub fn answer(record: &mut Acceptor, memory: Memory, request: Request, since: Timestamp, margin: Timestamp) -> Answer {
+    if forgotten(memory, since, margin) {
+        return Answer::Unknown;
+    }
+    match request {
+        Request::Precommit { coordinator, ts } => {
+            record.accept(Ballot::coordinator(coordinator), Outcome::Commit { ts })
+        }
+        Request::Promise(ballot) => record.promise(ballot),
+        Request::Accept(ballot, outcome) => record.accept(ballot, outcome),
+    }
+}
+
+/// Whether a participant that holds `record` may commit the coordinator's transaction on its
+/// precommit at `ts`, without waiting for the COMMIT PREPARED: it accepted the precommit, and
+/// the coordinator (which accepts before it sends one) and it are a majority of a cluster of
+/// `size` nodes (three or fewer).
+pub fn chosen_on_precommit(record: &Acceptor, coordinator: NodeId, ts: Timestamp, size: usize) -> bool {
+    majority(size, 2)
+        && record.decided.is_none()
+        && record.accepted == Some((Ballot::coordinator(coordinator), Outcome::Commit { ts }))
+}
+
 /// Whether `count` of a cluster of `size` nodes are a majority (of acceptors, here).
 pub fn majority(size: usize, count: usize) -> bool {
     count * 2 > size
@@ -144,6 +210,55 @@ pub fn after_accepts(size: usize, proposed: Outcome, answers: &[(NodeId, Answer)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memory(has_record: bool, prepared_here: bool, started_at: Timestamp, evicted_at: Option<Timestamp>) -> Memory {
+        Memory { has_record, prepared_here, started_at, evicted_at }
+    }
+
+    #[test]
+    fn a_node_that_may_have_forgotten_takes_no_part() {
+        let margin = 10;
+        // Began at 1000. Started long before, no eviction since: it knows.
+        assert!(!forgotten(memory(false, false, 0, None), 1000, margin));
+        // Restarted after it began (or within the clock margin), not prepared since: unknown.
+        assert!(forgotten(memory(false, false, 995, None), 1000, margin));
+        assert!(forgotten(memory(false, false, 2000, None), 1000, margin));
+        // ... unless it prepared it again, or has its record.
+        assert!(!forgotten(memory(false, true, 2000, None), 1000, margin));
+        assert!(!forgotten(memory(true, false, 2000, None), 1000, margin));
+        // A record evicted since it began may have been its.
+        assert!(forgotten(memory(false, true, 0, Some(1500)), 1000, margin));
+        assert!(!forgotten(memory(false, true, 0, Some(500)), 1000, margin));
+        // Whatever the request, a forgetful node answers Unknown and its record is untouched.
+        let mut record = Acceptor::default();
+        for request in [
+            Request::Precommit { coordinator: NodeId(1), ts: 5 },
+            Request::Promise(Ballot { round: 1, node: 2 }),
+            Request::Accept(Ballot { round: 1, node: 2 }, Outcome::Abort),
+        ] {
+            assert_eq!(answer(&mut record, memory(false, false, 2000, None), request, 1000, margin), Answer::Unknown);
+        }
+        assert_eq!(record, Acceptor::default());
+    }
+
+    #[test]
+    fn a_precommit_is_refused_after_a_higher_promise_and_chosen_only_in_small_clusters() {
+        let known = memory(true, true, 0, None);
+        let mut record = Acceptor::default();
+        let resolver = Ballot { round: 1, node: 3 };
+        assert!(matches!(answer(&mut record, known, Request::Promise(resolver), 1000, 0), Answer::Promised(None)));
+        let precommit = Request::Precommit { coordinator: NodeId(1), ts: 7 };
+        assert_eq!(answer(&mut record, known, precommit, 1000, 0), Answer::Refused(resolver));
+        assert!(!chosen_on_precommit(&record, NodeId(1), 7, 3));
+
+        let mut record = Acceptor::default();
+        assert_eq!(answer(&mut record, known, precommit, 1000, 0), Answer::Accepted);
+        assert!(chosen_on_precommit(&record, NodeId(1), 7, 3), "coordinator and this node: 2 of 3");
+        assert!(!chosen_on_precommit(&record, NodeId(1), 7, 5), "2 of 5 is no majority");
+        assert!(!chosen_on_precommit(&record, NodeId(1), 8, 3), "another timestamp");
+        record.decide(Outcome::Abort);
+        assert!(!chosen_on_precommit(&record, NodeId(1), 7, 3), "decided already");
+    }
 
     const COMMIT: Outcome = Outcome::Commit { ts: 42 };
 

@@ -201,7 +201,7 @@ mod tests {
             Signal::Coordinated { key: Key { ts: 1, node: n(1) }, members: 0b111, after: vec![(n(2), 9)] };
         assert!(admit(&coordinated, n(1), KNOWN).is_ok());
         assert!(admit(&coordinated, n(2), KNOWN).is_err());
-        let precommit = Signal::Precommit { origin: n(2), xid: 1, ts: 3 };
+        let precommit = Signal::Precommit { origin: n(2), xid: 1, ts: 3, since: 2 };
         assert!(admit(&precommit, n(2), KNOWN).is_ok());
         assert!(admit(&precommit, n(1), KNOWN).is_err());
         let promise = |round, node| Signal::Promise { origin: n(1), xid: 1, since: 0, ballot: Ballot { round, node } };
@@ -246,7 +246,7 @@ mod tests {
                 from: n(2),
                 report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9 },
             },
-            Signal::Precommit { origin: n(1), xid: 7, ts: 11 },
+            Signal::Precommit { origin: n(1), xid: 7, ts: 11, since: 10 },
             Signal::Promise { origin: n(1), xid: 7, since: 3, ballot: b(2, 3) },
             Signal::Accept { origin: n(1), xid: 7, since: 3, ballot: b(2, 3), outcome: Outcome::Commit { ts: 4 } },
             Signal::Answered {

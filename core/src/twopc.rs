@@ -98,11 +98,13 @@ pub enum Signal {
         report: Report,
     },
     /// Written by a coordinator that has every member's yes: accept "commit at `ts`" under
-    /// its ballot (see [`crate::indoubt`]); it commits once a majority has.
+    /// its ballot (see [`crate::indoubt`]); it commits once a majority has. `since`: when it
+    /// prepared the transaction (a node that may have forgotten it since answers Unknown).
     Precommit {
         origin: NodeId,
         xid: u32,
         ts: Timestamp,
+        since: Timestamp,
     },
     /// A resolver's requests about transaction `xid` of node `origin` (phases 1 and 2),
     /// prepared on the resolver at `since`.

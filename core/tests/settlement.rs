@@ -10,7 +10,11 @@
 
 use std::collections::BTreeMap;
 
-use mmts_core::indoubt::{after_accepts, after_promises, Acceptor, Answer, Ballot, Next, Outcome};
+use mmts_core::coordinator::{Action, Coordination, Coordinator, Event};
+use mmts_core::indoubt::{
+    self, after_accepts, after_promises, Acceptor, Answer, Ballot, Memory, Next, Outcome, Request,
+};
+use mmts_core::twopc::Vote;
 use mmts_core::NodeId;
 
 /// A small deterministic generator (xorshift).
@@ -57,8 +61,9 @@ struct Node {
     records: BTreeMap<usize, Acceptor>,
     /// Durable: how each transaction ended here (None: still prepared).
     ended: BTreeMap<usize, Outcome>,
-    /// Coordinator side, in memory: transactions precommitted, with their accepted voters.
-    precommits: BTreeMap<usize, (i64, Vec<usize>)>,
+    /// Coordinator side, in memory: the coordinations of its transactions being committed
+    /// (`mmts_core::coordinator`, the code mmts runs).
+    precommits: BTreeMap<usize, Coordination>,
     attempts: BTreeMap<usize, Attempt>,
     round: u32,
 }
@@ -80,6 +85,10 @@ struct Sim {
     faults: bool,
     /// Links cut (a, b), both ways.
     cut: Vec<(usize, usize)>,
+}
+
+fn node_id(n: usize) -> NodeId {
+    NodeId(n as u32 + 1)
 }
 
 /// How far apart a restart and a transaction's start must be for a node to answer about it
@@ -117,17 +126,24 @@ impl Sim {
         }
     }
 
-    /// The answer node `n` gives to a request about `txn` made at `since`.
-    fn acceptor_answer(&mut self, n: usize, txn: usize, since: i64, f: impl FnOnce(&mut Acceptor) -> Answer) -> Answer {
+    /// The answer node `n` gives to a request about `txn` made at `since` (the rules mmts
+    /// runs: `indoubt::answer`).
+    fn acceptor_answer(&mut self, n: usize, txn: usize, since: i64, request: Request) -> Answer {
         let node = &mut self.nodes[n];
-        if !node.records.contains_key(&txn) && node.started_at > since - MARGIN {
+        let memory = Memory {
+            has_record: node.records.contains_key(&txn),
+            prepared_here: false,
+            started_at: node.started_at,
+            evicted_at: None,
+        };
+        if indoubt::forgotten(memory, since, MARGIN) {
             return Answer::Unknown;
         }
         let record = node.records.entry(txn).or_default();
         if let Some(o) = node.ended.get(&txn) {
             record.decide(*o);
         }
-        f(record)
+        indoubt::answer(record, memory, request, since, MARGIN)
     }
 
     fn end(&mut self, n: usize, txn: usize, outcome: Outcome) {
@@ -149,32 +165,25 @@ impl Sim {
         match msg {
             Msg::Precommit { txn, ts } => {
                 let (since, c) = (self.txns[txn].since, self.txns[txn].coordinator);
-                let answer = self.acceptor_answer(n, txn, since, |a| {
-                    a.accept(Ballot::coordinator(NodeId(c as u32 + 1)), Outcome::Commit { ts })
-                });
+                let request = Request::Precommit { coordinator: node_id(c), ts };
+                let answer = self.acceptor_answer(n, txn, since, request);
                 self.send(n, c, Msg::Answer { txn, from: n, answer, phase: 0 });
             }
             Msg::Promise { txn, ballot, since } => {
-                let answer = self.acceptor_answer(n, txn, since, |a| a.promise(ballot));
+                let answer = self.acceptor_answer(n, txn, since, Request::Promise(ballot));
                 self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 1 });
             }
             Msg::Accept { txn, ballot, since, outcome } => {
-                let answer = self.acceptor_answer(n, txn, since, |a| a.accept(ballot, outcome));
+                let answer = self.acceptor_answer(n, txn, since, Request::Accept(ballot, outcome));
                 self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 2 });
             }
             Msg::Decided { txn, outcome } => self.end(n, txn, outcome),
             Msg::Answer { txn, from, answer, phase: 0 } => {
-                let size = self.size;
-                let Some((ts, voters)) = self.nodes[n].precommits.get_mut(&txn) else { return };
-                if answer == Answer::Accepted && !voters.contains(&from) {
-                    voters.push(from);
+                let Some(coordination) = self.nodes[n].precommits.get_mut(&txn) else { return };
+                if answer == Answer::Accepted {
+                    coordination.step(Event::Accepted(node_id(from)));
                 }
-                if voters.len() * 2 > size {
-                    let outcome = Outcome::Commit { ts: *ts };
-                    self.end(n, txn, outcome);
-                    self.txns[txn].acknowledged = true;
-                    self.broadcast(n, Msg::Decided { txn, outcome });
-                }
+                self.coordinate(n, txn);
             }
             Msg::Answer { txn, from, answer, phase } => {
                 let size = self.size;
@@ -206,6 +215,47 @@ impl Sim {
                     self.settled(n, txn, o);
                 }
             }
+        }
+    }
+
+    /// Carries out what the coordination of `txn` on node `n` asks for, until it waits.
+    fn coordinate(&mut self, n: usize, txn: usize) {
+        loop {
+            let now = self.now as i64;
+            let Some(coordination) = self.nodes[n].precommits.get_mut(&txn) else { return };
+            match coordination.poll(now) {
+                Action::Wait => return,
+                Action::Precommit { ts } => {
+                    let since = self.txns[txn].since;
+                    let request = Request::Precommit { coordinator: node_id(n), ts };
+                    let took = self.acceptor_answer(n, txn, since, request) == Answer::Accepted;
+                    self.nodes[n].precommits.get_mut(&txn).expect("coordinating").step(Event::OwnAcceptance(took));
+                    if took {
+                        self.broadcast_others(n, Msg::Precommit { txn, ts });
+                    }
+                }
+                Action::CommitPrepared { ts } => {
+                    let outcome = Outcome::Commit { ts };
+                    self.end(n, txn, outcome);
+                    self.txns[txn].acknowledged = true;
+                    self.broadcast(n, Msg::Decided { txn, outcome });
+                    // What follows (waiting for "finished") is not modelled here.
+                    self.nodes[n].precommits.remove(&txn);
+                }
+                Action::RollbackPrepared => {
+                    self.settled(n, txn, Outcome::Abort);
+                    self.nodes[n].precommits.remove(&txn);
+                }
+                Action::Reply(_) => {
+                    self.nodes[n].precommits.remove(&txn);
+                }
+            }
+        }
+    }
+
+    fn broadcast_others(&mut self, from: usize, msg: Msg) {
+        for to in (0..self.size).filter(|&to| to != from) {
+            self.send(from, to, msg.clone());
         }
     }
 
@@ -251,14 +301,17 @@ impl Sim {
                 if self.rng.chance(15) {
                     self.settled(c, txn, Outcome::Abort);
                 } else {
+                    // Every other node prepared it and voted yes (voting is modelled in
+                    // `simulation.rs`); the acceptances are waited for until they come.
                     let ts = since * 10 + 1;
-                    let answer = self.acceptor_answer(c, txn, since, |a| {
-                        a.accept(Ballot::coordinator(NodeId(c as u32 + 1)), Outcome::Commit { ts })
-                    });
-                    if answer == Answer::Accepted {
-                        self.nodes[c].precommits.insert(txn, (ts, vec![c]));
-                        self.broadcast(c, Msg::Precommit { txn, ts });
+                    let peers: Vec<NodeId> = (0..self.size).filter(|&p| p != c).map(node_id).collect();
+                    let votes = Coordinator::new(self.size, peers.iter().copied(), ts, i64::MAX / 4);
+                    let mut coordination = Coordination::new(votes, false, i64::MAX / 4);
+                    for node in peers {
+                        coordination.step(Event::Vote { node, vote: Vote::Yes { proposal: ts } });
                     }
+                    self.nodes[c].precommits.insert(txn, coordination);
+                    self.coordinate(c, txn);
                 }
             }
         }

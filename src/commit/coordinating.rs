@@ -30,6 +30,8 @@ pub(super) struct Pending {
     members: Mask,
     /// Its priority in conflicts (its key's timestamp).
     priority: i64,
+    /// When it was prepared, by this node's physical clock (no promise about it can be older).
+    since: i64,
 }
 
 impl Pending {
@@ -46,6 +48,7 @@ const RETRY_WINDOW: Duration = Duration::from_secs(2);
 pub(super) fn start_two_phase(gid: CString, application: bool) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let members = refuse_unless_online();
+    let since = now();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let ts = twophase::clock_next();
     let priority = session(|s| s.retry.take())
@@ -78,7 +81,7 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     let finish_timeout = gucs::TWOPC_MIN_TIMEOUT.get() as i64 * 1000;
     let coordination =
         Coordination::new(Coordinator::new(size as usize, live, ts, deadline), application, finish_timeout);
-    session(|s| s.pending = Some(Pending { gid, xid, slot, coordination, members, priority }));
+    session(|s| s.pending = Some(Pending { gid, xid, slot, coordination, members, priority, since }));
 }
 
 fn now() -> i64 {
@@ -173,7 +176,7 @@ pub(super) fn finish(mut p: Pending) {
                 let took = twophase::with_acceptor(me, p.xid, |a| a.accept(Ballot::coordinator(me), commit))
                     == Answer::Accepted;
                 if took {
-                    twophase::emit(&Signal::Precommit { origin: me, xid: p.xid, ts }, false);
+                    twophase::emit(&Signal::Precommit { origin: me, xid: p.xid, ts, since: p.since }, false);
                 }
                 p.coordination.step(Event::OwnAcceptance(took));
             }
