@@ -150,7 +150,7 @@ impl Resolver {
 /// The prepared transactions of node `origin` here (gid, its xid there, the local xid, when
 /// it was prepared here), prepared at least `age` ago.
 pub fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32, i64)> {
-    let prefix = format!("mtm_{origin}_");
+    let prefix = mmts_core::twopc::gid_prefix(origin);
     let found: Result<Vec<(String, i64, i64)>, pgrx::spi::SpiError> = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
             client
@@ -177,8 +177,8 @@ pub fn prepared(origin: NodeId, age: Duration) -> Vec<(String, u32, u32, i64)> {
         .unwrap_or_default()
         .into_iter()
         .filter_map(|(gid, local, since)| {
-            let xid = gid.strip_prefix(&prefix)?.parse().ok()?;
-            Some((gid, xid, local as u32, since))
+            let (node, xid) = mmts_core::twopc::parse_gid(&gid)?;
+            (node == origin).then_some((gid, xid, local as u32, since))
         })
         .collect()
 }

@@ -240,7 +240,12 @@ pub const GID_PREFIX: &str = "mtm_";
 /// The name under which every node prepares transaction `xid` of node `origin`:
 /// `mtm_<origin>_<xid>`.
 pub fn gid(origin: NodeId, xid: u32) -> String {
-    format!("{GID_PREFIX}{}_{xid}", origin.0)
+    format!("{}{xid}", gid_prefix(origin))
+}
+
+/// What the [`gid`]s of `origin`'s transactions start with: `mtm_<origin>_`.
+pub fn gid_prefix(origin: NodeId) -> String {
+    format!("{GID_PREFIX}{}_", origin.0)
 }
 
 /// The node and transaction a [`gid`] names; `None` for any other name.
@@ -276,6 +281,8 @@ mod tests {
             assert_eq!(parse_gid(other), None, "{other}");
         }
         assert_eq!(parse_gid(&gid(NodeId(64), u32::MAX)), Some((NodeId(64), u32::MAX)));
+        assert!(gid(NodeId(10), 5).starts_with(&gid_prefix(NodeId(10))));
+        assert!(!gid(NodeId(10), 5).starts_with(&gid_prefix(NodeId(1))));
     }
 
     #[test]

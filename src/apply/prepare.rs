@@ -1,0 +1,366 @@
+//! A peer's transaction prepared here, and this node's vote on it: the dependency wait, the
+//! membership and staleness checks, wait-die on locks held here, set aside while it waits.
+
+use super::locks::{lock_holders, lock_wait_timer, AWAITED};
+use super::*;
+
+impl Applier {
+    /// Why the coordinator may have written over rows older than this node's: it had not
+    /// applied all this node committed while it was not a member (it was catching up).
+    pub(super) fn stale(&self, preparing: &Preparing) -> Option<String> {
+        let need = twophase::must_have_applied(NodeId(self.peer));
+        let seen = |p: u32| preparing.after.iter().find(|(n, _)| n.0 == p).map_or(0, |(_, lsn)| *lsn);
+        // A dropped node's stream is not counted (see `nodes::drop_node`).
+        let dropped = crate::status::dropped();
+        let behind = (1..=need.len() as u32)
+            .find(|&p| p != self.peer && dropped & bit(NodeId(p)) == 0 && seen(p) < need[p as usize - 1])?;
+        Some(format!(
+            "node {} had not yet applied all of node {behind}'s transactions that node {} committed while it was catching up",
+            self.peer, self.me
+        ))
+    }
+
+    /// Why this node cannot vote yes on a transaction whose coordinator counted `members`.
+    pub(super) fn membership_differs(&self, members: Mask) -> Option<String> {
+        let Mode::Multimaster(config) = gucs::mode() else { return None };
+        let view = crate::status::current(config).view;
+        if view.state != State::Online {
+            Some(format!("node {} is {}, not online", self.me, view.state.name()))
+        } else if view.members != members {
+            Some(format!(
+                "node {} counts members {}, node {} counted {}",
+                self.me,
+                format_mask(view.members),
+                self.peer,
+                format_mask(members)
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.
+    /// `None` when it is set aside for a lock.
+    pub(super) fn prepare(
+        &mut self,
+        xid: u32,
+        end_lsn: u64,
+        prepare_time: i64,
+        mut preparing: Preparing,
+        keep_up: &mut dyn FnMut(),
+    ) -> Option<Applied> {
+        let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
+        let key = preparing.key;
+        if key.is_some() && doomed(xid) {
+            // Its rollback has been received already.
+            return Some(self.finished(prepare_time));
+        }
+        let settled = twophase::decided(NodeId(self.peer), xid);
+        if settled == Some(Outcome::Abort) {
+            // Rolled back by the cluster before it reached this node.
+            return Some(self.finished(prepare_time));
+        }
+        // A member votes; a node that is not (catching up) must apply it whatever it takes.
+        let member = preparing.members & bit(NodeId(self.me)) != 0;
+        if key.is_some() && member {
+            if let Some(message) = self.membership_differs(preparing.members).or_else(|| self.stale(&preparing)) {
+                let vote = Vote::No { sqlstate: SERIALIZATION_FAILURE.into(), message };
+                self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+                return Some(self.finished(prepare_time));
+            }
+        }
+        // What the coordinator had applied of the other streams must be applied here first,
+        // so that the transaction's changes land over the rows it saw. A member sets it aside
+        // until then (its own stream goes on) and gives up after half the coordinator's
+        // shortest wait; it need not wait for nodes out of its partition: it prepared every
+        // transaction they committed, which holds its rows until it ends. A node catching up
+        // waits here, as long as it takes, for every stream: it may not have received those
+        // transactions at all, and one set aside would be lost in a crash once the stream's
+        // position moved past it (the members commit it without this node). It does not wait
+        // for a transaction whose rollback it has received already.
+        let partition = match gucs::mode() {
+            Mode::Multimaster(config) => crate::status::current(config).view.partition,
+            Mode::Standalone => 0,
+        };
+        let (me, peer) = (self.me, self.peer);
+        let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
+        let met = || dependencies_met(&preparing.after, |n| crate::status::applied_through(n.0), skip);
+        if key.is_some() && !member {
+            // Shown in mtm.get_nodes_state() and logged once it lasts a few heartbeats, then
+            // logged again every WAIT_LOG_EVERY while it lasts.
+            let shown = WaitShown(self.peer);
+            let report_after = Duration::from_millis(5 * gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+            let mut logged: Option<Instant> = None;
+            while !met() {
+                if doomed(xid) {
+                    return Some(self.finished(prepare_time));
+                }
+                let waited = first_attempt.elapsed();
+                if waited >= report_after && logged.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                    logged = Some(Instant::now());
+                    let unmet: Vec<(NodeId, u64)> = preparing
+                        .after
+                        .iter()
+                        .copied()
+                        .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
+                        .collect();
+                    if let Some(&(node, lsn)) = unmet.first() {
+                        let since = unsafe { pg_sys::GetCurrentTimestamp() } - waited.as_micros() as i64;
+                        shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
+                    }
+                    let unmet: Vec<String> = unmet
+                        .iter()
+                        .map(|(n, lsn)| {
+                            format!(
+                                "node {n} as far as {} (applied here: {})",
+                                format_lsn(*lsn),
+                                format_lsn(crate::status::applied_through(n.0))
+                            )
+                        })
+                        .collect();
+                    log(format!(
+                        "mmts: transaction {xid} of node {} has waited {:.1} s for this node to apply what it depends on: {}",
+                        self.peer,
+                        waited.as_secs_f64(),
+                        unmet.join(", ")
+                    ));
+                }
+                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                    ereport!(
+                        PgLogLevel::FATAL,
+                        PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                        format!("mmts: replication from node {} stopped while catching up", self.peer)
+                    );
+                }
+                self.pause(keep_up);
+            }
+        } else if key.is_some() && !met() {
+            let waited = first_attempt.elapsed();
+            if waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
+                let vote = Vote::No {
+                    sqlstate: SERIALIZATION_FAILURE.into(),
+                    message: format!("node {} has not yet applied what the transaction depends on", self.me),
+                };
+                self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+                return Some(self.finished(prepare_time));
+            }
+            if waited >= Duration::from_secs(1) && !preparing.reported {
+                preparing.reported = true;
+                log(format!(
+                    "mmts: transaction {xid} of node {} has waited {} ms for this node to apply what it depends on",
+                    self.peer,
+                    waited.as_millis()
+                ));
+            }
+            self.waiting.push(Waiting {
+                xid,
+                end_lsn,
+                prepare_time,
+                preparing,
+                holders: Vec::new(),
+                recheck: Instant::now(),
+            });
+            return None;
+        }
+        let gid = self.gid(xid);
+        self.synchronous = key.is_some();
+        if key.is_some() {
+            twophase::set_applying(self.peer, key);
+        }
+        AWAITED.clear();
+        // Tables described again inside the transaction start from their earlier description;
+        // the latest ones are put back afterwards.
+        let latest = (!preparing.described.is_empty()).then(|| self.relations.clone());
+        for (id, before) in &preparing.described {
+            match before {
+                Some(r) => self.relations.insert(*id, r.clone()),
+                None => self.relations.remove(id),
+            };
+        }
+        let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
+            // A synchronous transaction does not wait long for a lock without looking at who
+            // holds it (see `on_lock_wait_timer`).
+            lock_wait_timer(self.synchronous);
+            for (i, change) in preparing.changes.iter().enumerate() {
+                if i % KEEP_UP_EVERY == KEEP_UP_EVERY - 1 {
+                    keep_up();
+                }
+                self.apply_change(change);
+            }
+            lock_wait_timer(false);
+            // SAFETY: main thread, inside the transaction the changes were applied in; this is
+            // xact.c's sequence for PREPARE TRANSACTION, and `gid` outlives the block.
+            unsafe {
+                start_transaction();
+                let local_xid = pg_sys::GetTopTransactionId().into_inner();
+                pg_sys::BeginTransactionBlock();
+                pg_sys::CommitTransactionCommand();
+                set_origin_position(end_lsn, prepare_time);
+                pg_sys::PrepareTransactionBlock(gid.as_ptr());
+                pg_sys::CommitTransactionCommand();
+                Ok(local_xid)
+            }
+        }))
+        .catch_others(|e| {
+            lock_wait_timer(false);
+            let awaited = AWAITED.take();
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            let (code, message) = match &e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    (r.sql_error_code(), r.message().to_string())
+                }
+            };
+            Err((code, message, awaited))
+        })
+        .execute();
+        if let Some(latest) = latest {
+            self.relations = latest;
+        }
+        self.synchronous = false;
+        // A cancel raised by the timer for a lock wait that ended before it was acted on (or
+        // one raised again as the wait was being canceled) must not stop the receiver at its
+        // next interrupt check: cancels only ever concern the apply attempt just made.
+        AWAITED.clear();
+        // SAFETY: main thread, timer disarmed; a `sig_atomic_t` PostgreSQL's handlers only set.
+        unsafe { pg_sys::QueryCancelPending = 0 };
+        let Some(key) = key else {
+            // Not coordinated (asynchronous mode): an error stops the receiver, as for a commit.
+            if let Err((code, message, _)) = outcome {
+                ErrorReport::new(code, message, "mmts").report(PgLogLevel::ERROR);
+            }
+            return Some(self.finished(prepare_time));
+        };
+        twophase::set_applying(self.peer, None);
+        let vote = match outcome {
+            Ok(local_xid) => {
+                twophase::register_applied(local_xid, key, self.peer, xid, preparing.members);
+                Vote::Yes { proposal: twophase::clock_next() }
+            }
+            Err((code, _, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
+                let waited = first_attempt.elapsed().as_millis() as i64;
+                let holders = unsafe { lock_holders(&tag, mode) };
+                let mut older = None;
+                let mut kinds = Vec::new();
+                for holder in &holders {
+                    let kind = twophase::classify_holder(holder, key.node);
+                    match kind {
+                        HolderKind::Committing(h) if on_conflict(key, Some(h)) == OnConflict::Die => older = Some(h),
+                        HolderKind::Wounded if !preparing.wounded.contains(&holder.xid) => {
+                            preparing.wounded.push(holder.xid)
+                        }
+                        _ => {}
+                    }
+                    kinds.push(match kind {
+                        HolderKind::Committing(h) => {
+                            format!("transaction {} of node {} being committed", holder.xid, h.node)
+                        }
+                        HolderKind::Wounded => format!("local transaction {} of node {}", holder.xid, self.me),
+                        HolderKind::Other => format!("transaction {} of node {}", holder.xid, self.me),
+                    });
+                }
+                if older.is_none() && waited >= 1000 && !preparing.reported {
+                    preparing.reported = true;
+                    log(format!(
+                        "mmts: transaction {xid} of node {} ({key:?}) has waited {waited} ms for a lock held by {}",
+                        self.peer,
+                        kinds.join(", ")
+                    ));
+                }
+                match older {
+                    Some(h) if member => Vote::No {
+                        sqlstate: SERIALIZATION_FAILURE.into(),
+                        message: format!(
+                            "could not serialize access due to a concurrent transaction of node {} being committed",
+                            h.node
+                        ),
+                    },
+                    // A member sets it aside for half the coordinator's shortest wait (the
+                    // reason reaches it in time); a node catching up tries again in place
+                    // until the holder ends, or its own rollback arrives (the members may have
+                    // rolled it back for this very conflict).
+                    _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
+                        self.waiting.push(Waiting {
+                            xid,
+                            end_lsn,
+                            prepare_time,
+                            preparing,
+                            holders: holders.iter().map(|h| h.xid).filter(|&x| x != 0).collect(),
+                            recheck: Instant::now() + RECHECK,
+                        });
+                        return None;
+                    }
+                    _ => {
+                        // A wounded transaction that stayed idle all along keeps its rows.
+                        for &x in &preparing.wounded {
+                            twophase::heal(x, key.node);
+                        }
+                        Vote::No {
+                            sqlstate: SERIALIZATION_FAILURE.into(),
+                            message: format!(
+                                "could not serialize access: waited {waited} ms for a row lock held by {}",
+                                kinds.join(", ")
+                            ),
+                        }
+                    }
+                }
+            }
+            Err((code, message, _)) if !member => {
+                // Not this node's to refuse: the members decide. It tries again in place until
+                // the outcome arrives: rolled back (the members refused it too, for this very
+                // error, say), it is dropped; committed, this node must apply it, and it says
+                // why it cannot (mtm.get_nodes_state().apply_error) while it keeps trying.
+                let text = format!(
+                    "cannot apply transaction {xid} of node {}: {message} (SQLSTATE {})",
+                    self.peer,
+                    twophase::sqlstate_text(code)
+                );
+                crate::status::set_apply_error(self.peer, &text);
+                if !preparing.reported {
+                    preparing.reported = true;
+                    log(format!("mmts: {text}; trying again until its outcome arrives"));
+                }
+                let until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < until && !doomed(xid) {
+                    self.pause(keep_up);
+                }
+                self.waiting.push(Waiting {
+                    xid,
+                    end_lsn,
+                    prepare_time,
+                    preparing,
+                    holders: Vec::new(),
+                    recheck: Instant::now(),
+                });
+                return None;
+            }
+            Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
+        };
+        let prepared = matches!(vote, Vote::Yes { .. });
+        self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
+        if let (true, Some(outcome)) = (prepared, settled) {
+            // Committed by the cluster before it reached this node.
+            self.carry_out(NodeId(self.peer), xid, outcome, end_lsn, keep_up);
+        }
+        Some(self.finished(prepare_time))
+    }
+}
+
+/// How often a receiver that cannot go on logs that it still waits.
+pub(super) const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// A wait of the receiver from `self.0` shown in `mtm.get_nodes_state()` until it ends.
+pub(super) struct WaitShown(u32);
+
+impl WaitShown {
+    fn set(&self, wait: crate::status::Wait) {
+        crate::status::update(self.0, |p| p.wait = wait);
+    }
+}
+
+impl Drop for WaitShown {
+    fn drop(&mut self) {
+        self.set(crate::status::Wait::default());
+    }
+}
