@@ -9,6 +9,8 @@ use mmts_core::config::{self, ConfigError, ErrorKind, Mode, Settings};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+
+use crate::backend::cstring;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 pub static NODE_ID: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -354,10 +356,6 @@ fn refuse_to_start(e: ConfigError) -> ! {
     }
     .report(PgLogLevel::FATAL);
     unreachable!("FATAL does not return")
-}
-
-fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).expect("NULs removed")
 }
 
 /// The current value of any GUC, without units; `None` if the server has no such GUC.

@@ -18,7 +18,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::outbox::Outbox;
-use crate::receiver::{connect_to_database, reload_if_asked, worker_start};
+use crate::workers::{connect_to_database, reload_if_asked, worker_start};
 use crate::{gucs, status};
 
 /// Registers the heartbeat worker (in the postmaster, while preloading).

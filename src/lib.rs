@@ -8,10 +8,9 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 mod apply;
+mod backend;
 mod commit;
 mod commit_origin;
-mod ddl;
-mod executor_hook;
 mod functions;
 mod gucs;
 mod heartbeat;
@@ -25,7 +24,9 @@ mod pg_internals;
 mod provenance;
 mod receiver;
 mod status;
+mod tables;
 mod twophase;
+mod workers;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -59,9 +60,8 @@ pub extern "C-unwind" fn _PG_init() {
         commit_origin::init();
         if let mmts_core::config::Mode::Multimaster(config) = gucs::mode() {
             provenance::init();
-            receiver::register(config);
+            workers::register_receivers(config);
             heartbeat::register();
-            executor_hook::install();
             commit::install();
         }
     }

@@ -21,7 +21,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use crate::logging::log;
-use crate::{commit, gucs, receiver, status};
+use crate::{commit, gucs, status};
 use mmts_core::replication::{format_lsn, parse_lsn};
 use mmts_core::NodeId;
 
@@ -87,7 +87,7 @@ fn start_added_receivers(added: &[(u32, String)], dropped: Mask) {
         if configured || dropped & bit(NodeId(id)) != 0 || !status::claim_receiver(id) {
             continue;
         }
-        if receiver::start(id) {
+        if crate::workers::start_receiver(id) {
             log(format!("mmts: node {id} was added to the cluster: its receiver started"));
         } else {
             status::unclaim_receiver(id);
@@ -131,8 +131,8 @@ pub fn refresh_nodes() {
 /// from (its walsender is stopped first) and the peer's replication origin. Returns whether
 /// both are gone.
 pub fn forget(peer: u32) -> bool {
-    let slot = receiver::slot_name(peer);
-    let origin = CString::new(receiver::origin_name(peer)).expect("no NUL");
+    let slot = mmts_core::replication::slot_name(peer);
+    let origin = CString::new(mmts_core::replication::origin_name(peer)).expect("no NUL");
     // SAFETY: the receiver's main thread, outside a transaction; `name` and `origin` outlive the
     // calls. Resetting the session's origin before dropping it is what replorigin_drop needs.
     let done = caught(|| unsafe {
@@ -378,7 +378,7 @@ fn join_node(node_id: i32) -> String {
     // Every other node's slot for the new node must start before what this node applied of
     // that node's stream (applied, or found to hold nothing for this node): the new node
     // streams from where this node's copy ends.
-    let slot = receiver::slot_name(id);
+    let slot = mmts_core::replication::slot_name(id);
     for peer in status::peers(config).into_iter().filter(|n| n.id.0 != id) {
         let query = format!(
             "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}' AND confirmed_flush_lsn IS NOT NULL"
@@ -473,7 +473,7 @@ fn wait_for_value<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
                 Some("See the server logs of the nodes; mtm.join_node can be run again."),
             );
         }
-        crate::apply::nap(10);
+        crate::backend::nap(10);
     }
 }
 

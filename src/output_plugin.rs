@@ -535,7 +535,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     let schema =
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
     let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
-    let keyless = unsafe { !crate::executor_hook::has_replica_identity(rel) };
+    let keyless = unsafe { !crate::tables::has_replica_identity(rel) };
     // Which tables are local and which nodes are dropped or added is the same on every node.
     let own = schema == "mtm" && ![LOCAL_TABLES, "dropped_nodes", "added_nodes"].contains(&name.as_str());
     if own || (keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get()) || unsafe { listed_local(&schema, &name) } {

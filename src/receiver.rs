@@ -11,13 +11,13 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use mmts_core::config::{ClusterConfig, Mode};
+use mmts_core::config::ClusterConfig;
 use mmts_core::membership::bit;
-use mmts_core::replication::{format_lsn, status_update, Progress, ServerMessage};
+use mmts_core::replication::{format_lsn, origin_name, slot_name, status_update, Progress, ServerMessage};
 use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire;
 use mmts_core::NodeId;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -27,55 +27,8 @@ use crate::libpq::{Connection, CopyData, PqError};
 use crate::logging::log;
 use crate::outbox::Outbox;
 use crate::twophase;
+use crate::workers::{connect_to_database, reload_if_asked, worker_start};
 use crate::{gucs, nodes, status};
-
-/// Registers one receiver per peer (in the postmaster, while preloading).
-pub fn register(config: &ClusterConfig) {
-    for peer in config.peers() {
-        worker(peer.id.0).load();
-    }
-}
-
-/// Starts the receiver for a node added to the running cluster; false if no worker could be
-/// started (see `max_worker_processes`).
-pub fn start(peer_id: u32) -> bool {
-    worker(peer_id).load_dynamic().is_ok()
-}
-
-fn worker(peer_id: u32) -> BackgroundWorkerBuilder {
-    BackgroundWorkerBuilder::new(&format!("mmts receiver from node {peer_id}"))
-        .set_type("mmts receiver")
-        .set_library("mmts")
-        .set_function("mmts_receiver_main")
-        .set_argument(Some(pg_sys::Datum::from(peer_id as i64)))
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
-}
-
-pub fn slot_name(node: u32) -> String {
-    format!("mtm_slot_{node}")
-}
-
-pub fn origin_name(node: u32) -> String {
-    format!("mtm_node_{node}")
-}
-
-/// The start of an mmts worker: signal handlers, and the cluster's configuration (`None`
-/// when this server is not a multimaster node).
-pub fn worker_start() -> Option<&'static ClusterConfig> {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    match gucs::mode() {
-        Mode::Multimaster(config) => Some(config),
-        Mode::Standalone => None,
-    }
-}
-
-/// Connects a worker to the replicated database as the user of this node's connection string.
-pub fn connect_to_database(config: &ClusterConfig) {
-    let me = config.nodes.iter().find(|n| n.id == config.node_id).expect("own node configured");
-    BackgroundWorker::connect_worker_to_spi(Some(gucs::replicated_database(config)), me.conninfo.get("user"));
-}
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -399,16 +352,6 @@ fn stream(
         pgrx::check_for_interrupts!();
         link.conn.consume_input()?;
     }
-}
-
-/// Reads postgresql.conf again after a reload (`pg_reload_conf()`, SIGHUP): the heartbeat
-/// and two-phase commit settings can change without a restart. Returns whether it did.
-pub fn reload_if_asked() -> bool {
-    let asked = BackgroundWorker::sighup_received();
-    if asked {
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-    }
-    asked
 }
 
 /// Makes the slot `mtm_slot_<peer>` the peer streams this node's changes from, in a worker of

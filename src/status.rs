@@ -11,6 +11,7 @@ use mmts_core::conninfo::ConnInfo;
 use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
+use crate::backend::now;
 use crate::gucs::{self, MAX_NODES};
 
 /// One peer as its receiver sees it.
@@ -361,10 +362,6 @@ pub fn current(config: &ClusterConfig) -> Current {
 fn timestamp(t: pg_sys::TimestampTz) -> Option<pgrx::datum::TimestampWithTimeZone> {
     // SAFETY: a timestamptz datum by value.
     (t != 0).then(|| unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(t.into(), false) }).flatten()
-}
-
-fn now() -> pg_sys::TimestampTz {
-    unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
 /// Application names of the walsenders connected to this node (one per peer receiver).

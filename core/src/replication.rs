@@ -48,6 +48,17 @@ impl<'a> ServerMessage<'a> {
 }
 
 /// The client's `r` standby status update: what it has received, flushed and applied.
+/// The logical slot on a node that node `reader`'s receiver streams from: `mtm_slot_<reader>`.
+pub fn slot_name(reader: u32) -> String {
+    format!("mtm_slot_{reader}")
+}
+
+/// The replication origin under which a node applies node `origin`'s changes:
+/// `mtm_node_<origin>`.
+pub fn origin_name(origin: u32) -> String {
+    format!("mtm_node_{origin}")
+}
+
 pub fn status_update(write: Lsn, flush: Lsn, apply: Lsn, now: Timestamp, reply_requested: bool) -> [u8; 34] {
     let mut out = [0u8; 34];
     out[0] = b'r';

@@ -8,7 +8,7 @@ impl Applier {
     pub(super) fn apply_change(&mut self, message: &Message) {
         if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(self.peer, message) {
             unsafe { start_transaction() };
-            crate::ddl::run(&role, &search_path, &statement);
+            crate::commit::ddl::run(&role, &search_path, &statement);
             return;
         }
         match message {
@@ -252,7 +252,7 @@ impl Applier {
         let node = crate::status::known(config)
             .into_iter()
             .find(|n| {
-                let name = cstring(&crate::receiver::origin_name(n.id.0));
+                let name = cstring(&mmts_core::replication::origin_name(n.id.0));
                 unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) == origin }
             })
             .map(|n| n.id.0);
@@ -379,7 +379,7 @@ pub(super) unsafe fn invalidate_named_table(row: &[Value]) {
     // outlive it.
     unsafe {
         let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), name.as_ptr().cast_mut(), -1);
-        let relid = crate::executor_hook::relation_id(rv);
+        let relid = crate::tables::relation_id(rv);
         if relid != pg_sys::InvalidOid {
             pg_sys::CacheInvalidateRelcacheByRelid(relid);
         }

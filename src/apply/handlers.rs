@@ -3,6 +3,7 @@
 //! the cluster (`carry_out`) or chosen on the coordinator's precommit (`commit_early`).
 
 use super::*;
+use crate::backend::nap;
 
 impl Applier {
     // ---- one handler per message of the peer's stream --------------------------------------
@@ -189,7 +190,7 @@ impl Applier {
             }
             (Some(Signal::Ddl { role, search_path, statement }), None) => {
                 unsafe { start_transaction() };
-                crate::ddl::run(&role, &search_path, &statement);
+                crate::commit::ddl::run(&role, &search_path, &statement);
             }
             (Some(Signal::Seen { applied }), None) => self.seen = applied,
             _ => {}

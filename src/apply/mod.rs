@@ -48,6 +48,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 
 use pgrx::prelude::*;
 
+use crate::backend::cstring;
 use crate::logging::log;
 
 use crate::twophase::{HolderKind, LockHolder};
@@ -166,10 +167,6 @@ enum Change {
     Insert,
     Update,
     Delete,
-}
-
-fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', "")).expect("NULs removed")
 }
 
 impl Applier {
@@ -342,20 +339,6 @@ fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampT
         false
     })
     .execute()
-}
-
-/// Sleeps `ms` milliseconds on the latch.
-pub fn nap(ms: i64) {
-    // SAFETY: main thread; `MyLatch` is this process's latch, set up before any mmts code runs.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
 }
 
 unsafe fn start_transaction() {

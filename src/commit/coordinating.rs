@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 
 use super::marking::wounded_error;
 use super::{refuse_unless_online, session};
+use crate::backend::now;
 use crate::{gucs, status, twophase};
 
 /// A prepared transaction to finish before the client hears of it.
@@ -84,10 +85,6 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     session(|s| s.pending = Some(Pending { gid, xid, slot, coordination, members, priority, since }));
 }
 
-fn now() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
 fn interrupted() -> bool {
     unsafe {
         std::ptr::read_volatile(&raw const pg_sys::InterruptPending) != 0
@@ -97,7 +94,7 @@ fn interrupted() -> bool {
 }
 
 fn wait_a_little() {
-    crate::apply::nap(10);
+    crate::backend::nap(10);
 }
 
 /// Feeds what arrived, what the receivers see, and the backend's interrupts into the
@@ -147,7 +144,7 @@ fn failpoint(name: &str) {
     if set.as_deref().and_then(|s| s.to_str().ok()) == Some(name) {
         crate::logging::log(format!("mmts: failpoint {name} reached"));
         loop {
-            crate::apply::nap(100);
+            crate::backend::nap(100);
         }
     }
 }

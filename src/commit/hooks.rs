@@ -3,7 +3,7 @@
 //! transaction's cancel as a serialization failure, and the transaction callback starts the
 //! two-phase commit just before PREPARE.
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CStr, CString};
 use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
@@ -20,6 +20,7 @@ use crate::{gucs, twophase};
 /// The hooks installed before mmts's, called by mmts's: set once, in the postmaster while
 /// it preloads mmts, and inherited by every backend it forks.
 struct Previous {
+    start: pg_sys::ExecutorStart_hook_type,
     run: pg_sys::ExecutorRun_hook_type,
     finish: pg_sys::ExecutorFinish_hook_type,
     utility: pg_sys::ProcessUtility_hook_type,
@@ -38,6 +39,7 @@ pub fn install() {
     // else reads or writes the hook variables.
     unsafe {
         let previous = Previous {
+            start: pg_sys::ExecutorStart_hook,
             run: pg_sys::ExecutorRun_hook,
             finish: pg_sys::ExecutorFinish_hook,
             utility: pg_sys::ProcessUtility_hook,
@@ -46,11 +48,79 @@ pub fn install() {
         if PREVIOUS.set(previous).is_err() {
             return;
         }
+        pg_sys::ExecutorStart_hook = Some(executor_start);
         pg_sys::ExecutorRun_hook = Some(executor_run);
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
         pg_sys::ProcessUtility_hook = Some(process_utility);
         pg_sys::emit_log_hook = Some(emit_log);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+/// `ExecutorStart`: refuses writes that mmts could not replicate faithfully. A table without a
+/// primary key or replica identity cannot have its updates and deletes found on the peers, so
+/// with `multimaster.ignore_tables_without_pk = off` (the default) any write to one is an error
+/// instead of a silent divergence; with it on, such tables stay local (the output plugin does
+/// not send them). A write to a replicated table enters the synchronous commit.
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: PostgreSQL calls the hook on the main thread, inside a transaction, with a valid
+    // QueryDesc and plan.
+    unsafe {
+        if matches!(gucs::mode(), Mode::Multimaster(_)) {
+            refuse_if_wounded();
+            check_result_relations((*query).plannedstmt);
+        }
+        // SAFETY: nothing here needs dropping; errors leave as raised (see `pg_internals`).
+        crate::pg_internals::keeping_errors(
+            || match previous().start {
+                Some(previous) => previous(query, eflags),
+                None => crate::pg_internals::standard_executor_start(query, eflags),
+            },
+            || {},
+        );
+    }
+}
+
+/// Refuses writes to tables without a key (unless they are kept local), and tells the
+/// synchronous commit that the transaction writes a replicated table.
+unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: `stmt` is the plan ExecutorStart got, inside its transaction: resultRelations
+    // holds 1-based indexes into its range table (list_nth stays in bounds). Each relation
+    // RelationIdGetRelation opens is read (relname is NUL-terminated) and closed before any
+    // error is raised.
+    unsafe {
+        let results = (*stmt).resultRelations;
+        let n = if results.is_null() { 0 } else { (*results).length };
+        for i in 0..n {
+            let rti = pg_sys::list_nth_int(results, i);
+            let rte = pg_sys::list_nth((*stmt).rtable, rti - 1) as *mut pg_sys::RangeTblEntry;
+            if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+                continue;
+            }
+            let rel = pg_sys::RelationIdGetRelation((*rte).relid);
+            if rel.is_null() {
+                continue;
+            }
+            let replicated = crate::tables::replicated_table(rel);
+            let keyless = replicated && !crate::tables::has_replica_identity(rel);
+            let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
+            pg_sys::RelationClose(rel);
+            if keyless && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("table \"{name}\" has no primary key or replica identity, so mmts cannot replicate writes to it"),
+                    "mmts",
+                )
+                .set_hint(
+                    "Add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set multimaster.ignore_tables_without_pk = on to keep such tables local to each node.",
+                )
+                .report(PgLogLevel::ERROR);
+            }
+            if replicated && !keyless {
+                note_write();
+            }
+        }
     }
 }
 
@@ -144,7 +214,7 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // Held in a cell: an error in the statement leaves this frame by longjmp, and the capture
     // is undone (dropped) on the way (see `nested`).
-    let ddl = std::cell::RefCell::new(Some(unsafe { crate::ddl::before(pstmt, query_string) }));
+    let ddl = std::cell::RefCell::new(Some(unsafe { crate::commit::ddl::before(pstmt, query_string) }));
     let run = || {
         let leave = || {
             session(|s| s.nesting = s.nesting.saturating_sub(1));
@@ -230,7 +300,7 @@ unsafe extern "C-unwind" fn process_utility(
 /// Whether the table `rv` names is one mmts replicates.
 unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
     unsafe {
-        let relid = crate::executor_hook::relation_id(rv);
+        let relid = crate::tables::relation_id(rv);
         if relid == pg_sys::InvalidOid {
             return false;
         }
@@ -238,7 +308,7 @@ unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
         if rel.is_null() {
             return false;
         }
-        let yes = crate::executor_hook::replicated_table(rel);
+        let yes = crate::tables::replicated_table(rel);
         pg_sys::RelationClose(rel);
         yes
     }

@@ -34,6 +34,7 @@
 
 mod client_output;
 mod coordinating;
+pub mod ddl;
 mod hooks;
 mod marking;
 

@@ -25,7 +25,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use crate::{commit, gucs, twophase};
+use crate::{gucs, twophase};
 
 thread_local! {
     /// Replicated statements under way in this backend: what they run inside is not sent.
@@ -153,7 +153,7 @@ pub unsafe fn before(pstmt: *mut pg_sys::PlannedStmt, query_string: *const c_cha
             unreachable!()
         }
         Kind::Replicated => {
-            commit::refuse_unless_writable();
+            super::refuse_unless_writable();
             CAPTURING.with(|c| c.set(c.get() + 1));
             // SAFETY: `pstmt` and `query_string` as ProcessUtility got them (NULL-checked there).
             let text = unsafe { statement_text(pstmt, query_string) };
@@ -218,7 +218,7 @@ fn send(statement: String) {
         .report(PgLogLevel::ERROR);
     }
     twophase::emit(&signal, true);
-    commit::note_write();
+    super::note_write();
 }
 
 /// The text of the statement `pstmt` within `query_string` (which may hold several).
@@ -350,7 +350,7 @@ unsafe fn drops_lasting_objects(stmt: *mut pg_sys::Node) -> bool {
                 let objects = (*drop).objects;
                 (0..if objects.is_null() { 0 } else { (*objects).length }).any(|i| {
                     let name = pg_sys::list_nth(objects, i) as *mut pg_sys::List;
-                    let relid = crate::executor_hook::relation_id(pg_sys::makeRangeVarFromNameList(name));
+                    let relid = crate::tables::relation_id(pg_sys::makeRangeVarFromNameList(name));
                     relid != pg_sys::InvalidOid
                         && pg_sys::get_rel_persistence(relid) != pg_sys::RELPERSISTENCE_TEMP as c_char
                 })
