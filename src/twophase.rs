@@ -17,6 +17,7 @@ use std::ffi::CStr;
 
 use mmts_core::config::Mode;
 use mmts_core::indoubt::{self, Acceptor, Answer, Memory, Outcome, Request, CLOCK_MARGIN_US};
+use mmts_core::participant::Holder;
 use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -331,17 +332,6 @@ pub struct LockHolder {
     pub proc_: Option<*mut pg_sys::PGPROC>,
 }
 
-/// What a lock holder is, to the transaction `by` waiting for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HolderKind {
-    /// A transaction in two-phase commit (or being applied from a peer), with its key.
-    Committing(Key),
-    /// A local transaction not in two-phase commit yet: now canceled.
-    Wounded,
-    /// Anything else (a worker, an application's prepared transaction): wait for it.
-    Other,
-}
-
 unsafe extern "C" {
     fn kill(pid: std::ffi::c_int, sig: std::ffi::c_int) -> std::ffi::c_int;
 }
@@ -351,36 +341,36 @@ const SIGINT: std::ffi::c_int = 2;
 /// it is a client's transaction not in two-phase commit yet: marked (so it cannot PREPARE,
 /// and its next statement fails) and canceled (SIGINT, so a running statement fails), both
 /// under the lock its registration takes, so it is either wounded or in two-phase commit.
-pub fn classify_holder(holder: &LockHolder, by: NodeId) -> HolderKind {
+pub fn classify_holder(holder: &LockHolder, by: NodeId) -> Holder {
     let mut s = SHARED.exclusive();
     if holder.xid != 0 {
         if let Some(e) = s.entries.iter().find(|e| e.used && e.xid == holder.xid) {
-            return HolderKind::Committing(e.key);
+            return Holder::Committing(e.key);
         }
     }
-    let Some(proc_) = holder.proc_ else { return HolderKind::Other };
+    let Some(proc_) = holder.proc_ else { return Holder::Other };
     let (procno, pid, worker) = unsafe { ((*proc_).pgprocno, (*proc_).pid, (*proc_).isBackgroundWorker) };
     if let Some(a) = s.applying.iter().find(|a| a.procno == procno) {
-        return HolderKind::Committing(a.key);
+        return Holder::Committing(a.key);
     }
     // Only while that backend still runs that transaction (a cancel must not hit its next one).
     let still = unsafe { (*proc_).xid.into_inner() == holder.xid }
         && unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(holder.xid)) };
     if worker || holder.xid == 0 || pid <= 0 || !still {
-        return HolderKind::Other;
+        return Holder::Other;
     }
     if s.wounds.iter().any(|w| w.xid == holder.xid) {
         // Canceled once already: a repeated cancel could only reach its next transaction.
-        return HolderKind::Wounded;
+        return Holder::Wounded;
     }
     let free = s
         .wounds
         .iter()
         .position(|w| w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) });
-    let Some(free) = free else { return HolderKind::Other };
+    let Some(free) = free else { return Holder::Other };
     s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
     unsafe { kill(pid, SIGINT) };
-    HolderKind::Wounded
+    Holder::Wounded
 }
 
 /// The node whose transaction wounded local transaction `xid`, if one did.

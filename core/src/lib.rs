@@ -8,6 +8,7 @@ pub mod conninfo;
 pub mod coordinator;
 pub mod indoubt;
 pub mod membership;
+pub mod participant;
 pub mod provenance;
 pub mod replication;
 pub mod twopc;

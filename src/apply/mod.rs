@@ -30,13 +30,11 @@ use mmts_core::conflict::{remote_wins, writer_had_seen, Version};
 
 use mmts_core::indoubt::Outcome;
 
-use mmts_core::membership::{bit, format_mask, Mask, State};
+use mmts_core::membership::{bit, Mask};
 
 use mmts_core::replication::format_lsn;
 
-use mmts_core::twopc::{
-    dependencies_met, on_conflict, Key, OnConflict, Signal, Vote, SERIALIZATION_FAILURE, SIGNAL_PREFIX,
-};
+use mmts_core::twopc::{dependencies_met, Key, Signal, Vote, SIGNAL_PREFIX};
 
 use mmts_core::wire::{Message, Value};
 
@@ -51,7 +49,7 @@ use pgrx::prelude::*;
 use crate::backend::cstring;
 use crate::logging::log;
 
-use crate::twophase::{HolderKind, LockHolder};
+use crate::twophase::LockHolder;
 
 use crate::{gucs, twophase};
 

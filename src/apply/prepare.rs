@@ -3,40 +3,33 @@
 
 use super::locks::{lock_holders, lock_wait_timer, AWAITED};
 use super::*;
+use mmts_core::participant;
 
 impl Applier {
-    /// Why the coordinator may have written over rows older than this node's: it had not
-    /// applied all this node committed while it was not a member (it was catching up).
-    pub(super) fn stale(&self, preparing: &Preparing) -> Option<String> {
-        let need = twophase::must_have_applied(NodeId(self.peer));
-        let seen = |p: u32| preparing.after.iter().find(|(n, _)| n.0 == p).map_or(0, |(_, lsn)| *lsn);
-        // A dropped node's stream is not counted (see `nodes::drop_node`).
-        let dropped = crate::status::dropped();
-        let behind = (1..=need.len() as u32)
-            .find(|&p| p != self.peer && dropped & bit(NodeId(p)) == 0 && seen(p) < need[p as usize - 1])?;
-        Some(format!(
-            "node {} had not yet applied all of node {behind}'s transactions that node {} committed while it was catching up",
-            self.peer, self.me
-        ))
+    /// Why this node, a member, cannot vote yes on a transaction whose coordinator counted
+    /// `members` and had applied `preparing.after` (see `mmts_core::participant`).
+    pub(super) fn refusal(&self, preparing: &Preparing) -> Option<String> {
+        let Mode::Multimaster(config) = gucs::mode() else { return None };
+        let (me, peer) = (NodeId(self.me), NodeId(self.peer));
+        let view = crate::status::current(config).view;
+        participant::membership_refusal(me, &view, peer, preparing.members).or_else(|| {
+            let need = twophase::must_have_applied(peer);
+            participant::stale_refusal(me, peer, &need, &preparing.after, crate::status::dropped())
+        })
     }
 
-    /// Why this node cannot vote yes on a transaction whose coordinator counted `members`.
-    pub(super) fn membership_differs(&self, members: Mask) -> Option<String> {
-        let Mode::Multimaster(config) = gucs::mode() else { return None };
-        let view = crate::status::current(config).view;
-        if view.state != State::Online {
-            Some(format!("node {} is {}, not online", self.me, view.state.name()))
-        } else if view.members != members {
-            Some(format!(
-                "node {} counts members {}, node {} counted {}",
-                self.me,
-                format_mask(view.members),
-                self.peer,
-                format_mask(members)
-            ))
-        } else {
-            None
-        }
+    /// Sets the peer's transaction `xid` aside, to be tried again from `recheck` on (or when one
+    /// of the lock `holders` ends).
+    fn set_aside(
+        &mut self,
+        xid: u32,
+        end_lsn: u64,
+        prepare_time: i64,
+        preparing: Preparing,
+        holders: Vec<u32>,
+        recheck: Instant,
+    ) {
+        self.waiting.push(Waiting { xid, end_lsn, prepare_time, preparing, holders, recheck });
     }
 
     /// Applies and prepares the peer's transaction `xid`; when the peer coordinates it, votes.
@@ -51,33 +44,15 @@ impl Applier {
     ) -> Option<Applied> {
         let first_attempt = *preparing.first_attempt.get_or_insert_with(Instant::now);
         let key = preparing.key;
-        if key.is_some() && doomed(xid) {
-            // Its rollback has been received already.
-            return Some(self.finished(prepare_time));
-        }
         let settled = twophase::decided(NodeId(self.peer), xid);
-        if settled == Some(Outcome::Abort) {
-            // Rolled back by the cluster before it reached this node.
-            return Some(self.finished(prepare_time));
-        }
         // A member votes; a node that is not (catching up) must apply it whatever it takes.
         let member = preparing.members & bit(NodeId(self.me)) != 0;
-        if key.is_some() && member {
-            if let Some(message) = self.membership_differs(preparing.members).or_else(|| self.stale(&preparing)) {
-                let vote = Vote::No { sqlstate: SERIALIZATION_FAILURE.into(), message };
-                self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
-                return Some(self.finished(prepare_time));
-            }
-        }
         // What the coordinator had applied of the other streams must be applied here first,
-        // so that the transaction's changes land over the rows it saw. A member sets it aside
-        // until then (its own stream goes on) and gives up after half the coordinator's
-        // shortest wait; it need not wait for nodes out of its partition: it prepared every
-        // transaction they committed, which holds its rows until it ends. A node catching up
-        // waits here, as long as it takes, for every stream: it may not have received those
-        // transactions at all, and one set aside would be lost in a crash once the stream's
-        // position moved past it (the members commit it without this node). It does not wait
-        // for a transaction whose rollback it has received already.
+        // so that the transaction's changes land over the rows it saw. A member need not wait
+        // for nodes out of its partition: it prepared every transaction they committed, which
+        // holds its rows until it ends. A node catching up waits for every stream: it may not
+        // have received those transactions at all, and one set aside would be lost in a crash
+        // once the stream's position moved past it (the members commit it without this node).
         let partition = match gucs::mode() {
             Mode::Multimaster(config) => crate::status::current(config).view.partition,
             Mode::Standalone => 0,
@@ -85,82 +60,87 @@ impl Applier {
         let (me, peer) = (self.me, self.peer);
         let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
         let met = || dependencies_met(&preparing.after, |n| crate::status::applied_through(n.0), skip);
-        if key.is_some() && !member {
-            // Shown in mtm.get_nodes_state() and logged once it lasts a few heartbeats, then
-            // logged again every WAIT_LOG_EVERY while it lasts.
-            let shown = WaitShown(self.peer);
-            let report_after = Duration::from_millis(5 * gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
-            let mut logged: Option<Instant> = None;
-            while !met() {
-                if doomed(xid) {
-                    return Some(self.finished(prepare_time));
-                }
-                let waited = first_attempt.elapsed();
-                if waited >= report_after && logged.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
-                    logged = Some(Instant::now());
-                    let unmet: Vec<(NodeId, u64)> = preparing
-                        .after
-                        .iter()
-                        .copied()
-                        .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
-                        .collect();
-                    if let Some(&(node, lsn)) = unmet.first() {
-                        let since = unsafe { pg_sys::GetCurrentTimestamp() } - waited.as_micros() as i64;
-                        shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
-                    }
-                    let unmet: Vec<String> = unmet
-                        .iter()
-                        .map(|(n, lsn)| {
-                            format!(
-                                "node {n} as far as {} (applied here: {})",
-                                format_lsn(*lsn),
-                                format_lsn(crate::status::applied_through(n.0))
-                            )
-                        })
-                        .collect();
-                    log(format!(
-                        "mmts: transaction {xid} of node {} has waited {:.1} s for this node to apply what it depends on: {}",
-                        self.peer,
-                        waited.as_secs_f64(),
-                        unmet.join(", ")
-                    ));
-                }
-                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
-                    ereport!(
-                        PgLogLevel::FATAL,
-                        PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
-                        format!("mmts: replication from node {} stopped while catching up", self.peer)
-                    );
-                }
-                self.pause(keep_up);
-            }
-        } else if key.is_some() && !met() {
-            let waited = first_attempt.elapsed();
-            if waited.as_millis() as i64 >= gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 {
-                let vote = Vote::No {
-                    sqlstate: SERIALIZATION_FAILURE.into(),
-                    message: format!("node {} has not yet applied what the transaction depends on", self.me),
-                };
+        let received = participant::Received {
+            me: NodeId(self.me),
+            coordinated: key.is_some(),
+            member,
+            rolled_back: (key.is_some() && doomed(xid)) || settled == Some(Outcome::Abort),
+            refusal: if key.is_some() && member { self.refusal(&preparing) } else { None },
+            dependencies_met: met(),
+            waited_ms: first_attempt.elapsed().as_millis() as i64,
+            min_timeout_ms: gucs::TWOPC_MIN_TIMEOUT.get() as i64,
+        };
+        match participant::before_apply(&received) {
+            participant::Before::Drop => return Some(self.finished(prepare_time)),
+            participant::Before::VoteNo(message) => {
+                let vote = Vote::No { sqlstate: participant::NO.into(), message };
                 self.signal(Signal::Vote { origin: NodeId(self.peer), xid, voter: NodeId(self.me), vote });
                 return Some(self.finished(prepare_time));
             }
-            if waited >= Duration::from_secs(1) && !preparing.reported {
-                preparing.reported = true;
-                log(format!(
-                    "mmts: transaction {xid} of node {} has waited {} ms for this node to apply what it depends on",
-                    self.peer,
-                    waited.as_millis()
-                ));
+            participant::Before::SetAside => {
+                let waited = first_attempt.elapsed();
+                if waited >= Duration::from_secs(1) && !preparing.reported {
+                    preparing.reported = true;
+                    log(format!(
+                        "mmts: transaction {xid} of node {} has waited {} ms for this node to apply what it depends on",
+                        self.peer,
+                        waited.as_millis()
+                    ));
+                }
+                self.set_aside(xid, end_lsn, prepare_time, preparing, Vec::new(), Instant::now());
+                return None;
             }
-            self.waiting.push(Waiting {
-                xid,
-                end_lsn,
-                prepare_time,
-                preparing,
-                holders: Vec::new(),
-                recheck: Instant::now(),
-            });
-            return None;
+            participant::Before::WaitInPlace => {
+                // Shown in mtm.get_nodes_state() and logged once it lasts a few heartbeats, then
+                // logged again every WAIT_LOG_EVERY while it lasts.
+                let shown = WaitShown(self.peer);
+                let report_after = Duration::from_millis(5 * gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
+                let mut logged: Option<Instant> = None;
+                while !met() {
+                    if doomed(xid) {
+                        return Some(self.finished(prepare_time));
+                    }
+                    let waited = first_attempt.elapsed();
+                    if waited >= report_after && logged.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                        logged = Some(Instant::now());
+                        let unmet: Vec<(NodeId, u64)> = preparing
+                            .after
+                            .iter()
+                            .copied()
+                            .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
+                            .collect();
+                        if let Some(&(node, lsn)) = unmet.first() {
+                            let since = unsafe { pg_sys::GetCurrentTimestamp() } - waited.as_micros() as i64;
+                            shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
+                        }
+                        let unmet: Vec<String> = unmet
+                            .iter()
+                            .map(|(n, lsn)| {
+                                format!(
+                                    "node {n} as far as {} (applied here: {})",
+                                    format_lsn(*lsn),
+                                    format_lsn(crate::status::applied_through(n.0))
+                                )
+                            })
+                            .collect();
+                        log(format!(
+                            "mmts: transaction {xid} of node {} has waited {:.1} s for this node to apply what it depends on: {}",
+                            self.peer,
+                            waited.as_secs_f64(),
+                            unmet.join(", ")
+                        ));
+                    }
+                    if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                        ereport!(
+                            PgLogLevel::FATAL,
+                            PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                            format!("mmts: replication from node {} stopped while catching up", self.peer)
+                        );
+                    }
+                    self.pause(keep_up);
+                }
+            }
+            participant::Before::Apply => {}
         }
         let gid = self.gid(xid);
         self.synchronous = key.is_some();
@@ -241,66 +221,60 @@ impl Applier {
             Err((code, _, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
                 let waited = first_attempt.elapsed().as_millis() as i64;
                 let holders = unsafe { lock_holders(&tag, mode) };
-                let mut older = None;
-                let mut kinds = Vec::new();
-                for holder in &holders {
-                    let kind = twophase::classify_holder(holder, key.node);
-                    match kind {
-                        HolderKind::Committing(h) if on_conflict(key, Some(h)) == OnConflict::Die => older = Some(h),
-                        HolderKind::Wounded if !preparing.wounded.contains(&holder.xid) => {
-                            preparing.wounded.push(holder.xid)
-                        }
-                        _ => {}
+                let kinds: Vec<participant::Holder> =
+                    holders.iter().map(|h| twophase::classify_holder(h, key.node)).collect();
+                for (holder, kind) in holders.iter().zip(&kinds) {
+                    if *kind == participant::Holder::Wounded && !preparing.wounded.contains(&holder.xid) {
+                        preparing.wounded.push(holder.xid);
                     }
-                    kinds.push(match kind {
-                        HolderKind::Committing(h) => {
+                }
+                let described: Vec<String> = holders
+                    .iter()
+                    .zip(&kinds)
+                    .map(|(holder, kind)| match kind {
+                        participant::Holder::Committing(h) => {
                             format!("transaction {} of node {} being committed", holder.xid, h.node)
                         }
-                        HolderKind::Wounded => format!("local transaction {} of node {}", holder.xid, self.me),
-                        HolderKind::Other => format!("transaction {} of node {}", holder.xid, self.me),
-                    });
-                }
-                if older.is_none() && waited >= 1000 && !preparing.reported {
-                    preparing.reported = true;
-                    log(format!(
-                        "mmts: transaction {xid} of node {} ({key:?}) has waited {waited} ms for a lock held by {}",
-                        self.peer,
-                        kinds.join(", ")
-                    ));
-                }
-                match older {
-                    Some(h) if member => Vote::No {
-                        sqlstate: SERIALIZATION_FAILURE.into(),
+                        participant::Holder::Wounded => format!("local transaction {} of node {}", holder.xid, self.me),
+                        participant::Holder::Other => format!("transaction {} of node {}", holder.xid, self.me),
+                    })
+                    .collect();
+                let min_timeout = gucs::TWOPC_MIN_TIMEOUT.get() as i64;
+                match participant::on_lock(key, &kinds, member, waited, min_timeout) {
+                    participant::OnLock::Die { older } => Vote::No {
+                        sqlstate: participant::NO.into(),
                         message: format!(
                             "could not serialize access due to a concurrent transaction of node {} being committed",
-                            h.node
+                            older.node
                         ),
                     },
                     // A member sets it aside for half the coordinator's shortest wait (the
                     // reason reaches it in time); a node catching up tries again in place
                     // until the holder ends, or its own rollback arrives (the members may have
                     // rolled it back for this very conflict).
-                    _ if !member || waited < gucs::TWOPC_MIN_TIMEOUT.get() as i64 / 2 => {
-                        self.waiting.push(Waiting {
-                            xid,
-                            end_lsn,
-                            prepare_time,
-                            preparing,
-                            holders: holders.iter().map(|h| h.xid).filter(|&x| x != 0).collect(),
-                            recheck: Instant::now() + RECHECK,
-                        });
+                    participant::OnLock::SetAside => {
+                        if waited >= 1000 && !preparing.reported {
+                            preparing.reported = true;
+                            log(format!(
+                                "mmts: transaction {xid} of node {} ({key:?}) has waited {waited} ms for a lock held by {}",
+                                self.peer,
+                                described.join(", ")
+                            ));
+                        }
+                        let holders = holders.iter().map(|h| h.xid).filter(|&x| x != 0).collect();
+                        self.set_aside(xid, end_lsn, prepare_time, preparing, holders, Instant::now() + RECHECK);
                         return None;
                     }
-                    _ => {
+                    participant::OnLock::GiveUp => {
                         // A wounded transaction that stayed idle all along keeps its rows.
                         for &x in &preparing.wounded {
                             twophase::heal(x, key.node);
                         }
                         Vote::No {
-                            sqlstate: SERIALIZATION_FAILURE.into(),
+                            sqlstate: participant::NO.into(),
                             message: format!(
                                 "could not serialize access: waited {waited} ms for a row lock held by {}",
-                                kinds.join(", ")
+                                described.join(", ")
                             ),
                         }
                     }
@@ -325,14 +299,7 @@ impl Applier {
                 while Instant::now() < until && !doomed(xid) {
                     self.pause(keep_up);
                 }
-                self.waiting.push(Waiting {
-                    xid,
-                    end_lsn,
-                    prepare_time,
-                    preparing,
-                    holders: Vec::new(),
-                    recheck: Instant::now(),
-                });
+                self.set_aside(xid, end_lsn, prepare_time, preparing, Vec::new(), Instant::now());
                 return None;
             }
             Err((code, message, _)) => Vote::No { sqlstate: twophase::sqlstate_text(code), message },
