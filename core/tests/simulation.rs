@@ -32,9 +32,9 @@
 //! like the latter: a Prepare waiting for a lock is set aside and the stream goes on.
 //!
 //! **Applying a Prepare.** The peer locks the rows in order. On a row held by another
-//! transaction it asks `on_conflict(applying, Some(holder))` (every holder has a key): `Die`
-//! releases what it took and votes `No { sqlstate: 40001 }`; `Wait` leaves the apply waiting
-//! (it asks again whenever a lock on the node changes hands). With every row it observes the
+//! transaction it asks `participant::on_lock` (wait-die; every holder has a key): `Die`
+//! releases what it took and votes `No { sqlstate: 40001 }`; `SetAside` leaves the apply
+//! waiting (it asks again whenever a lock on the node changes hands). With every row it observes the
 //! key's timestamp and votes `Yes { proposal: hlc_next(..) }`. A freed row goes to the
 //! contender (apply or local transaction) that has waited longest.
 //!
@@ -94,7 +94,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 
 use mmts_core::coordinator::{Action, Coordination, Coordinator, Decision, Event as Step};
-use mmts_core::twopc::{hlc_next, hlc_observe, on_conflict, Key, OnConflict, Vote, SERIALIZATION_FAILURE};
+use mmts_core::participant;
+use mmts_core::twopc::{hlc_next, hlc_observe, Key, Vote, SERIALIZATION_FAILURE};
 use mmts_core::wire::Timestamp;
 use mmts_core::NodeId;
 
@@ -719,8 +720,10 @@ impl Sim {
                 continue;
             };
             let holder_key = self.key(holder);
-            match on_conflict(key, Some(holder_key)) {
-                OnConflict::Wait => {
+            // The participant's rule mmts runs (the coordinator's deadline, not the member's own
+            // limit, ends long waits in this model).
+            match participant::on_lock(key, &[participant::Holder::Committing(holder_key)], true, 0, i64::MAX) {
+                participant::OnLock::SetAside | participant::OnLock::GiveUp => {
                     if !waited {
                         self.stats.waits += 1;
                         self.log(|| format!("tx{tx} waits on node {} for row {row} held by tx{holder}", node_id(node)));
@@ -728,7 +731,7 @@ impl Sim {
                     self.nodes[node].state.insert(tx, TxState::Applying { held, waited: true });
                     return progressed;
                 }
-                OnConflict::Die => {
+                participant::OnLock::Die { .. } => {
                     self.stats.dies += 1;
                     self.log(|| format!("tx{tx} dies on node {} for row {row} held by tx{holder}", node_id(node)));
                     let n = &mut self.nodes[node];
