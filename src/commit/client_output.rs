@@ -22,8 +22,9 @@ static WRAPPED: OnceLock<PqCommMethods> = OnceLock::new();
 
 /// Routes this backend's messages to its client through [`putmessage`] (once per backend).
 pub(super) fn install_pqcomm() {
-    // SAFETY: the backend's main thread; `PqCommMethods` points to PostgreSQL's methods for
-    // this connection (static in pqcomm.c) or to `WRAPPED`, which lives as long as the process.
+    // SAFETY: the backend's main thread, where PostgreSQL's globals `whereToSendOutput` and
+    // `PqCommMethods` are read and written; the latter points to PostgreSQL's methods for this
+    // connection (static in pqcomm.c) or to `WRAPPED`, which lives as long as the process.
     unsafe {
         let current = PQ_COMM_METHODS;
         if current.is_null() || WRAPPED.get().is_some_and(|w| std::ptr::eq(current, w)) {

@@ -59,6 +59,8 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     let others = status::configured(config) & !bit(config.node_id);
     let after = membership::nodes(others).map(|n| (n, status::applied(n.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
+    // SAFETY: a client backend (the transaction callback checked `active`) has its PGPROC in
+    // MyProc from InitProcess on; pgprocno never changes. Main thread.
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let size = status::configured(config).count_ones();
     let wake = twophase::Wake { participants: members & !bit(config.node_id), size };
@@ -86,6 +88,8 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
 }
 
 fn interrupted() -> bool {
+    // SAFETY: plain flags of this backend, set by its signal handlers: read volatile, as
+    // CHECK_FOR_INTERRUPTS reads them, on the main thread.
     unsafe {
         std::ptr::read_volatile(&raw const pg_sys::InterruptPending) != 0
             && (std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
@@ -130,6 +134,8 @@ fn update(p: &mut Pending) {
 }
 
 fn finish_prepared(gid: &CString, commit: bool) {
+    // SAFETY: the backend's main thread, with no transaction open (`finish` runs once the
+    // client's transaction is prepared and over); the one started here is committed.
     unsafe {
         pg_sys::StartTransactionCommand();
         twophase::finish_prepared(gid, commit);
@@ -182,6 +188,8 @@ pub(super) fn finish(mut p: Pending) {
                 // Recording `ts` itself: a peer may commit at `ts` before this node does.
                 crate::commit_origin::commit_prepared_at(&p.gid, ts);
                 twophase::with_acceptor(me, p.xid, |a| a.decide(Outcome::Commit { ts }));
+                // SAFETY: a plain global of this backend (the end of its last commit record), read
+                // on its main thread.
                 twophase::committed_without(p.members, me, unsafe { pg_sys::XactLastCommitEnd });
                 twophase::clock_observe(now());
                 p.coordination.step(Event::CommittedHere);

@@ -62,6 +62,8 @@ pub fn install() {
 /// with `multimaster.ignore_tables_without_pk = off` (the default) any write to one is an error
 /// instead of a silent divergence; with it on, such tables stay local (the output plugin does
 /// not send them). A write to a replicated table enters the synchronous commit.
+///
+/// Called by PostgreSQL only, as `ExecutorStart_hook`.
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
     // SAFETY: PostgreSQL calls the hook on the main thread, inside a transaction, with a valid
@@ -84,6 +86,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
 
 /// Refuses writes to tables without a key (unless they are kept local), and tells the
 /// synchronous commit that the transaction writes a replicated table.
+///
+/// # Safety
+/// `stmt` must be the valid plan of the query being started, inside its transaction, on the
+/// backend's main thread.
 unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
     // SAFETY: `stmt` is the plan ExecutorStart got, inside its transaction: resultRelations
     // holds 1-based indexes into its range table (list_nth stays in bounds). Each relation
@@ -129,6 +135,8 @@ struct HeldInterrupts;
 
 impl HeldInterrupts {
     fn hold() -> HeldInterrupts {
+        // SAFETY: a plain counter of this backend (HOLD_INTERRUPTS), on its main thread; its
+        // signal handlers do not touch it.
         unsafe { pg_sys::InterruptHoldoffCount += 1 };
         HeldInterrupts
     }
@@ -136,6 +144,8 @@ impl HeldInterrupts {
 
 impl Drop for HeldInterrupts {
     fn drop(&mut self) {
+        // SAFETY: as in `hold` (saturating: a PostgreSQL ERROR resets the counter to 0 before
+        // it unwinds to here).
         unsafe { pg_sys::InterruptHoldoffCount = pg_sys::InterruptHoldoffCount.saturating_sub(1) };
     }
 }
@@ -161,6 +171,8 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
+    // SAFETY: the previous hook or the standard function, with the arguments PostgreSQL gave
+    // this hook, on its main thread.
     nested(|| unsafe {
         match previous().run {
             Some(prev) => prev(query, direction, count, execute_once),
@@ -174,6 +186,7 @@ unsafe extern "C-unwind" fn executor_run(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: as in `executor_run`.
     nested(|| unsafe {
         match previous().finish {
             Some(prev) => prev(query),
@@ -208,12 +221,17 @@ unsafe extern "C-unwind" fn process_utility(
     } else {
         (pstmt, false)
     };
+    // SAFETY: `pstmt` is the valid plan PostgreSQL passed (or its copy); the plan of a utility
+    // statement always has its utilityStmt, a valid parse node.
     let stmt = unsafe { (*pstmt).utilityStmt };
     if is_client() && matches!(gucs::mode(), Mode::Multimaster(_)) {
+        // SAFETY: `stmt` is that valid node.
         unsafe { refuse_reserved_gid(stmt) };
     }
     // Held in a cell: an error in the statement leaves this frame by longjmp, and the capture
     // is undone (dropped) on the way (see `nested`).
+    // SAFETY: `pstmt` and `query_string` as PostgreSQL passed them to this hook (the plan
+    // possibly copied), on the backend's main thread.
     let ddl = std::cell::RefCell::new(Some(unsafe { crate::commit::ddl::before(pstmt, query_string) }));
     let run = || {
         let leave = || {
@@ -254,9 +272,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // Transaction control is left alone: ROLLBACK must work, and a COMMIT of a wounded
     // transaction fails (and ends it) when its PREPARE is refused.
+    // SAFETY: `stmt` is a valid node (above).
     if unsafe { (*stmt).type_ } != pg_sys::NodeTag::T_TransactionStmt {
         refuse_if_wounded();
     }
+    // SAFETY: `stmt` is a valid node, cast only to the struct its tag names; a COPY's relation
+    // is read once non-NULL, TRUNCATE's relations is a list of RangeVars read below its length.
     unsafe {
         match (*stmt).type_ {
             pg_sys::NodeTag::T_TransactionStmt => {
@@ -298,7 +319,12 @@ unsafe extern "C-unwind" fn process_utility(
 }
 
 /// Whether the table `rv` names is one mmts replicates.
+///
+/// # Safety
+/// `rv` must be a valid RangeVar, inside a transaction, on the backend's main thread.
 unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
+    // SAFETY: the caller's valid RangeVar, in a transaction; the relation is checked non-NULL
+    // and closed after it is read.
     unsafe {
         let relid = crate::tables::relation_id(rv);
         if relid == pg_sys::InvalidOid {
@@ -315,7 +341,12 @@ unsafe fn replicated(rv: *mut pg_sys::RangeVar) -> bool {
 }
 
 /// Refuses an application's PREPARE TRANSACTION with a name mmts uses for its own.
+///
+/// # Safety
+/// `stmt` must be a valid parse node (a utility statement), on the backend's main thread.
 unsafe fn refuse_reserved_gid(stmt: *mut pg_sys::Node) {
+    // SAFETY: the caller's valid node, cast to TransactionStmt once its tag says so; a non-NULL
+    // gid is a NUL-terminated string of the parse tree, alive while the statement runs.
     unsafe {
         if (*stmt).type_ != pg_sys::NodeTag::T_TransactionStmt {
             return;
@@ -339,8 +370,12 @@ unsafe fn refuse_reserved_gid(stmt: *mut pg_sys::Node) {
     }
 }
 
+/// Called by PostgreSQL only, as `emit_log_hook`.
 #[pg_guard]
 unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL calls the hook on the main thread with the valid ErrorData being
+    // reported, which lives in ErrorContext: strings put there (MemoryContextStrdup) live as
+    // long as it does. MyProc is set in a client backend (`is_client`, checked first).
     unsafe {
         if session(|s| s.quiet)
             && (*edata).elevel == pg_sys::WARNING as i32

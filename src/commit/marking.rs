@@ -13,8 +13,13 @@ use super::{active, is_client, session};
 use crate::{gucs, status, twophase};
 
 /// Handles BEGIN / COMMIT / PREPARE / ...; returns whether PostgreSQL should run it as usual.
+///
+/// # Safety
+/// `stmt` must be a valid TransactionStmt (the utility statement ProcessUtility got, its tag
+/// checked), on the backend's main thread.
 pub(super) unsafe fn transaction_statement(stmt: *mut pg_sys::TransactionStmt) -> bool {
     use pg_sys::TransactionStmtKind::*;
+    // SAFETY: the caller passes a valid TransactionStmt.
     let kind = unsafe { (*stmt).kind };
     let marked = session(|s| s.gid.is_some());
     if marked {
@@ -39,6 +44,7 @@ pub(super) unsafe fn transaction_statement(stmt: *mut pg_sys::TransactionStmt) -
                 && unsafe { !pg_sys::IsAbortedTransactionBlockState() }
                 && unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner() != 0
             {
+                // SAFETY: the caller passes a valid TransactionStmt.
                 if unsafe { (*stmt).chain } {
                     ErrorReport::new(
                         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -56,6 +62,8 @@ pub(super) unsafe fn transaction_statement(stmt: *mut pg_sys::TransactionStmt) -
             if session(|s| s.wrote) {
                 refuse_temporary();
                 session(|s| s.application_prepare = true);
+                // SAFETY: the parser always gives PREPARE TRANSACTION its gid, a NUL-terminated
+                // string of the parse tree, alive while the statement runs; copied here.
                 let gid = unsafe { std::ffi::CStr::from_ptr((*stmt).gid) }.to_owned();
                 session(|s| s.gid = Some(gid));
             }
@@ -67,6 +75,7 @@ pub(super) unsafe fn transaction_statement(stmt: *mut pg_sys::TransactionStmt) -
 
 /// PostgreSQL refuses PREPARE for transactions that used temporary tables: say so clearly.
 fn refuse_temporary() {
+    // SAFETY: a plain global of this backend's transaction, read on its main thread.
     if unsafe { pg_sys::MyXactFlags } & pg_sys::XACT_FLAGS_ACCESSEDTEMPNAMESPACE as i32 != 0 {
         ErrorReport::new(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -99,6 +108,8 @@ fn mark(implicit: bool) {
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let gid = CString::new(mmts_core::twopc::gid(config.node_id, xid)).expect("no NUL");
     session(|s| s.quiet = true);
+    // SAFETY: the backend's main thread, inside the transaction (the callers checked it is
+    // live and has an xid); PrepareTransactionBlock copies the gid into TopTransactionContext.
     unsafe {
         if implicit {
             pg_sys::BeginImplicitTransactionBlock();

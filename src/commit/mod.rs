@@ -85,6 +85,7 @@ fn session<R>(f: impl FnOnce(&mut Session) -> R) -> R {
 
 /// Client backends only: workers apply what they get under a replication origin.
 fn is_client() -> bool {
+    // SAFETY: a plain global, set when the process starts; read on the backend's main thread.
     unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND }
 }
 
@@ -121,6 +122,8 @@ fn note_async_write() {
         static TOLD: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
     }
     let Mode::Multimaster(config) = gucs::mode() else { return };
+    // SAFETY: a client backend (the caller checks `is_client`) has its PGPROC in MyProc from
+    // InitProcess on; its lxid is written only by this backend, on its main thread.
     let lxid = unsafe { (*pg_sys::MyProc).lxid };
     if TOLD.with(|t| t.replace(Some(lxid))) == Some(lxid) {
         return;
