@@ -16,6 +16,7 @@
 use std::ffi::CStr;
 
 use mmts_core::config::Mode;
+use mmts_core::coordinator::{Delivery, Wake};
 use mmts_core::indoubt::{self, Acceptor, Answer, Memory, Outcome, Request, CLOCK_MARGIN_US};
 use mmts_core::participant::Holder;
 use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
@@ -152,6 +153,7 @@ impl Default for Shared {
 // SAFETY: plain old data, no pointers.
 unsafe impl PGRXSharedMemory for Shared {}
 
+// SAFETY: a static lock, initialized once by `init` (pg_shmem_init!) while preloading.
 static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"mmts two-phase commit") };
 
 pub fn init() {
@@ -275,32 +277,6 @@ pub enum Refused {
     Wounded(u32),
 }
 
-/// What a coordinating backend waits for, so that it is woken only when that may be there
-/// (and otherwise looks every few milliseconds): every participant's vote (or a no), a
-/// majority's acceptance of its precommit, or every participant's "finished".
-#[derive(Clone, Copy, Default)]
-pub struct Wake {
-    /// The peers taking part (none: wake on everything).
-    pub participants: u64,
-    /// The number of nodes of the cluster.
-    pub size: u32,
-}
-
-impl Wake {
-    /// `before` and `after`: the entry's (yes, accepted, finished) around the delivery.
-    fn due(&self, what: &Delivery, before: (u64, u64, u64), after: (u64, u64, u64)) -> bool {
-        let all = |mask: u64| self.participants == 0 || mask & self.participants == self.participants;
-        // The acceptances of the peers, and the coordinator's own.
-        let majority = |mask: u64| mmts_core::indoubt::majority(self.size as usize, mask.count_ones() as usize + 1);
-        match what {
-            Delivery::Vote(Vote::No { .. }) => true,
-            Delivery::Vote(Vote::Yes { .. }) => all(after.0) && !all(before.0),
-            Delivery::Accepted => majority(after.1) && !majority(before.1),
-            Delivery::Finished => all(after.2) && !all(before.2),
-        }
-    }
-}
-
 /// Registers a local transaction entering two-phase commit, coordinated by the backend with
 /// `procno`. Returns the slot.
 pub fn register(xid: u32, key: Key, procno: i32, wake: Wake) -> Result<usize, Refused> {
@@ -316,6 +292,7 @@ pub fn register(xid: u32, key: Key, procno: i32, wake: Wake) -> Result<usize, Re
 /// This receiver (applying a transaction of `peer`) is applying the transaction `key` now,
 /// or (`None`) no longer.
 pub fn set_applying(peer: u32, key: Option<Key>) {
+    // SAFETY: MyProc is this backend's own PGPROC, set before any mmts code runs.
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let mut s = SHARED.exclusive();
     s.applying[peer as usize - 1] = match key {
@@ -332,6 +309,7 @@ pub struct LockHolder {
     pub proc_: Option<*mut pg_sys::PGPROC>,
 }
 
+// SAFETY: libc's kill(2), as declared in <signal.h>.
 unsafe extern "C" {
     fn kill(pid: std::ffi::c_int, sig: std::ffi::c_int) -> std::ffi::c_int;
 }
@@ -349,11 +327,15 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> Holder {
         }
     }
     let Some(proc_) = holder.proc_ else { return Holder::Other };
+    // SAFETY: `proc_` points into ProcGlobal->allProcs (from the lock manager's holder list),
+    // which lives as long as the server; its fields are read as PostgreSQL's own lock code
+    // reads another backend's, without its lock (a stale value is checked below).
     let (procno, pid, worker) = unsafe { ((*proc_).pgprocno, (*proc_).pid, (*proc_).isBackgroundWorker) };
     if let Some(a) = s.applying.iter().find(|a| a.procno == procno) {
         return Holder::Committing(a.key);
     }
     // Only while that backend still runs that transaction (a cancel must not hit its next one).
+    // SAFETY: as above.
     let still = unsafe { (*proc_).xid.into_inner() == holder.xid }
         && unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(holder.xid)) };
     if worker || holder.xid == 0 || pid <= 0 || !still {
@@ -369,6 +351,8 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> Holder {
         .position(|w| w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) });
     let Some(free) = free else { return Holder::Other };
     s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
+    // SAFETY: a signal to a backend of this server (pid > 0, checked above); SIGINT is
+    // PostgreSQL's cancel, as pg_cancel_backend sends it.
     unsafe { kill(pid, SIGINT) };
     Holder::Wounded
 }
@@ -469,7 +453,7 @@ pub fn votes(slot: usize, xid: u32) -> Votes {
 }
 
 /// Delivers a peer's signal about local transaction `xid`, and wakes its backend when what it
-/// waits for may be complete (see [`Wake`]).
+/// waits for may be complete (see `mmts_core::coordinator::Wake`).
 pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
     let procno = {
         let mut s = SHARED.exclusive();
@@ -503,16 +487,13 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
         }
         e.procno
     };
+    // SAFETY: `procno` is the registered coordinator's own pgprocno (set from its MyProc), an
+    // index into ProcGlobal->allProcs, which lives as long as the server; SetLatch on another
+    // process's latch is how PostgreSQL wakes it.
     unsafe {
         let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
         pg_sys::SetLatch(&mut (*proc_).procLatch);
     }
-}
-
-pub enum Delivery {
-    Vote(Vote),
-    Finished,
-    Accepted,
 }
 
 /// Hands a peer's vote or "finished" about one of this node's (`me`) transactions to its
@@ -634,6 +615,9 @@ pub fn lookup_prepared(gid: &CStr, lsn: u64, time: pg_sys::TimestampTz) -> bool 
 /// origin, which would stop the walsenders from sending them).
 pub fn emit(signal: &Signal, transactional: bool) {
     let bytes = crate::provenance::seal(transactional, &signal.encode());
+    // SAFETY: main thread; the session's origin is a plain global, put back before the block
+    // ends (an error in the guarded call ends the transaction, which resets it too); `prefix`
+    // and `bytes` outlive the call.
     unsafe {
         let origin = pg_sys::replorigin_session_origin;
         if !transactional {

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! - **Voting.** Every participant prepared the transaction and votes (see the participant's
-//!   rules in `apply`); a no, the deadline, a participant lost before its vote, or a cancel
+//!   rules in `participant`); a no, the deadline, a participant lost before its vote, or a cancel
 //!   roll it back everywhere. The application's own `PREPARE TRANSACTION` ends here: it is
 //!   left prepared for its `COMMIT PREPARED`.
 //! - **Accepting** ("precommit"). All voted yes: the commit timestamp is the largest proposal.
@@ -189,6 +189,42 @@ impl Coordinator {
     /// Participants that have not finished yet.
     pub fn unfinished(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.awaiting_finish.iter().copied()
+    }
+}
+
+/// What reaches a coordinating backend about its transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Vote(Vote),
+    Finished,
+    Accepted,
+}
+
+/// What a coordinating backend waits for, so that it is woken only when the next step of its
+/// [`Coordination`] may be possible (and otherwise looks every few milliseconds): every
+/// participant's vote (or a no), a majority's acceptance of its precommit, or every
+/// participant's "finished".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wake {
+    /// The peers taking part (none: wake on everything).
+    pub participants: u64,
+    /// The number of nodes of the cluster.
+    pub size: u32,
+}
+
+impl Wake {
+    /// Whether `what` is worth waking the backend for; `before` and `after`: the masks of
+    /// peers that voted yes, accepted and finished around its delivery.
+    pub fn due(&self, what: &Delivery, before: (u64, u64, u64), after: (u64, u64, u64)) -> bool {
+        let all = |mask: u64| self.participants == 0 || mask & self.participants == self.participants;
+        // The acceptances of the peers, and the coordinator's own.
+        let majority = |mask: u64| majority(self.size as usize, mask.count_ones() as usize + 1);
+        match what {
+            Delivery::Vote(Vote::No { .. }) => true,
+            Delivery::Vote(Vote::Yes { .. }) => all(after.0) && !all(before.0),
+            Delivery::Accepted => majority(after.1) && !majority(before.1),
+            Delivery::Finished => all(after.2) && !all(before.2),
+        }
     }
 }
 
@@ -643,6 +679,24 @@ mod tests {
         assert_eq!(c.poll(10), Action::RollbackPrepared);
         c.step(Event::RolledBackHere);
         assert_eq!(c.poll(10), Action::Reply(Reply::Canceled));
+    }
+
+    #[test]
+    fn the_backend_is_woken_when_its_next_step_may_be_possible() {
+        // Peers 2 and 3 (bits 1 and 2) of a 3-node cluster.
+        let wake = Wake { participants: 0b110, size: 3 };
+        let yes = Delivery::Vote(yes(1));
+        assert!(!wake.due(&yes, (0, 0, 0), (0b010, 0, 0)), "one vote of two");
+        assert!(wake.due(&yes, (0b010, 0, 0), (0b110, 0, 0)), "the last vote");
+        assert!(wake.due(
+            &Delivery::Vote(Vote::No { sqlstate: "40001".into(), message: String::new() }),
+            (0, 0, 0),
+            (0, 0, 0)
+        ));
+        assert!(wake.due(&Delivery::Accepted, (0, 0, 0), (0, 0b100, 0)), "one peer and the coordinator: a majority");
+        assert!(!wake.due(&Delivery::Accepted, (0, 0b100, 0), (0, 0b110, 0)), "a majority already");
+        assert!(!wake.due(&Delivery::Finished, (0, 0, 0), (0, 0, 0b010)));
+        assert!(wake.due(&Delivery::Finished, (0, 0, 0b010), (0, 0, 0b110)));
     }
 
     #[test]

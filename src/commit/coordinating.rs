@@ -63,7 +63,7 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     // MyProc from InitProcess on; pgprocno never changes. Main thread.
     let procno = unsafe { (*pg_sys::MyProc).pgprocno };
     let size = status::configured(config).count_ones();
-    let wake = twophase::Wake { participants: members & !bit(config.node_id), size };
+    let wake = mmts_core::coordinator::Wake { participants: members & !bit(config.node_id), size };
     let slot = match twophase::register(xid, key, procno, wake) {
         Ok(slot) => slot,
         Err(twophase::Refused::Wounded(by)) => wounded_error(by),
