@@ -26,7 +26,7 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 pub const POOL: usize = mmts_core::config::COMMIT_ORIGINS as usize;
 
 fn name(k: usize) -> CString {
-    CString::new(format!("mtm_commit_{}", k + 1)).expect("no NUL")
+    crate::backend::cstring(&format!("mtm_commit_{}", k + 1))
 }
 
 /// Which backend (pid, 0: none) holds each origin of the pool.

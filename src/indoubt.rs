@@ -6,7 +6,6 @@
 //! here is announced to every node in this node's WAL ([`Signal::Resolved`]).
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::ClusterConfig;
@@ -192,7 +191,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
         Outcome::Abort => (false, 0),
     };
     let own = origin == me;
-    let gid_c = CString::new(gid).expect("no NUL");
+    let gid_c = crate::backend::cstring(gid);
     // SAFETY (this block and the next): plain globals of this session, on its main thread.
     let saved = unsafe {
         (
@@ -206,7 +205,7 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
             pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         } else {
             pg_sys::replorigin_session_origin_lsn = 0;
-            pg_sys::replorigin_session_origin_timestamp = if commit { ts } else { pg_sys::GetCurrentTimestamp() };
+            pg_sys::replorigin_session_origin_timestamp = if commit { ts } else { crate::backend::now() };
         }
     }
     // SAFETY: main thread, outside a transaction; `gid_c` outlives the call. An error is caught

@@ -159,7 +159,7 @@ impl Connection {
         let keys = [c"connect_timeout", c"dbname", c"application_name", c"options", c"replication"];
         let conninfo =
             CString::new(conninfo).map_err(|_| PqError { message: "NUL in conninfo".into(), sqlstate: None })?;
-        let app = CString::new(application_name).expect("no NUL");
+        let app = crate::backend::cstring(application_name);
         // Later keywords win, and `dbname` is expanded as a whole connection string, so the
         // user's own connect_timeout (inside it) overrides the default.
         let options = c"-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";

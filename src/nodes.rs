@@ -10,7 +10,6 @@
 //! says which of its nodes are gone, also after a restart.
 
 use std::cell::Cell;
-use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::Mode;
@@ -132,7 +131,7 @@ pub fn refresh_nodes() {
 /// both are gone.
 pub fn forget(peer: u32) -> bool {
     let slot = mmts_core::replication::slot_name(peer);
-    let origin = CString::new(mmts_core::replication::origin_name(peer)).expect("no NUL");
+    let origin = crate::backend::cstring(&mmts_core::replication::origin_name(peer));
     // SAFETY: the receiver's main thread, outside a transaction; `name` and `origin` outlive the
     // calls. Resetting the session's origin before dropping it is what replorigin_drop needs.
     let done = caught(|| unsafe {
@@ -147,7 +146,7 @@ pub fn forget(peer: u32) -> bool {
         .flatten();
         match streamer {
             Some(0) => {
-                let name = CString::new(slot.as_str()).expect("no NUL");
+                let name = crate::backend::cstring(&slot);
                 pg_sys::ReplicationSlotDrop(name.as_ptr(), true);
             }
             Some(pid) => {
@@ -401,7 +400,7 @@ fn join_node(node_id: i32) -> String {
         .ok()
         .flatten()
     });
-    let name = CString::new(join_point_name(id, me.0)).expect("no NUL");
+    let name = crate::backend::cstring(&join_point_name(id, me.0));
     let since = Instant::now();
     let end = wait_for_value("a moment with no transaction set aside", || {
         let end =

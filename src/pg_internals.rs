@@ -98,6 +98,19 @@ unsafe extern "C-unwind" {
     ) -> bool;
 }
 
+// storage/sinvaladt.h and access/twophase.h, PostgreSQL 15 and 16 (17 replaces backend ids by
+// proc numbers: `ProcNumberGetProc`, and `VirtualTransactionId.procNumber`).
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+unsafe extern "C-unwind" {
+    #[link_name = "BackendIdGetProc"]
+    pub fn backend_id_get_proc(backend_id: c_int) -> *mut pg_sys::PGPROC;
+    #[link_name = "TwoPhaseGetXidByVirtualXID"]
+    pub fn two_phase_get_xid_by_virtual_xid(
+        vxid: pg_sys::VirtualTransactionId,
+        have_more: *mut bool,
+    ) -> pg_sys::TransactionId;
+}
+
 // replication/message.h, PostgreSQL 15 to 17 (18 adds a `flush` argument).
 #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
 unsafe extern "C-unwind" {

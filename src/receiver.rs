@@ -74,7 +74,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         return log(format!("mmts: node {peer_id} is neither configured nor added: no replication from it"));
     };
     let joining = nodes::joined_from(config.node_id.0, peer_id).filter(|_| {
-        let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        let name = crate::backend::cstring(&origin_name(peer_id));
         // SAFETY: inside the worker's transaction; `name` outlives the closure.
         BackgroundWorker::transaction(|| unsafe {
             let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
@@ -93,7 +93,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let mut slot = SlotMaker::new(peer_id);
     slot.tick();
     let origin = BackgroundWorker::transaction(|| {
-        let name = std::ffi::CString::new(origin_name(peer_id)).expect("no NUL");
+        let name = crate::backend::cstring(&origin_name(peer_id));
         // SAFETY: inside the worker's transaction; `name` outlives the block.
         unsafe {
             let mut id = pg_sys::replorigin_by_name(name.as_ptr(), true);
@@ -243,7 +243,7 @@ fn stream(
     // a shutdown.
     let mut progress = Progress::new(start);
     let mut caught_up = false;
-    let connected_at = unsafe { pg_sys::GetCurrentTimestamp() };
+    let connected_at = crate::backend::now();
     loop {
         link.read_available()?;
         outbox.push(std::mem::take(&mut link.replies));
@@ -475,7 +475,7 @@ impl Link {
         let result = self.read_messages(&mut heard);
         if heard {
             self.last_heard = Instant::now();
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let now = crate::backend::now();
             status::update(self.peer_id, |p| p.last_message_time = now);
         }
         result
@@ -512,7 +512,7 @@ impl Link {
     /// Tells the peer what this node received and flushed, asking for a reply (the peer's
     /// keepalive is the heartbeat this node hears).
     fn send_status(&mut self, progress: &mut Progress) -> Result<(), PqError> {
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let now = crate::backend::now();
         let flushed = progress.flushed(unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
         self.conn.put_copy_data(&status_update(progress.received_lsn(), flushed, flushed, now, true))?;
         self.last_sent = Instant::now();
@@ -525,7 +525,7 @@ impl Link {
         let _ = self.conn.consume_input();
         let _ = self.read_available();
         if self.last_sent.elapsed() >= self.heartbeat {
-            let now = unsafe { pg_sys::GetCurrentTimestamp() };
+            let now = crate::backend::now();
             let received = progress.received_lsn();
             let flushed = progress.flushed_so_far();
             if self.conn.put_copy_data(&status_update(received, flushed, flushed, now, true)).is_ok() {

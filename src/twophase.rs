@@ -144,7 +144,7 @@ impl Default for Shared {
             wounds: [Wound::default(); WOUNDS],
             records: [Record::default(); RECORDS],
             record_uses: 0,
-            started_at: unsafe { pg_sys::GetCurrentTimestamp() },
+            started_at: crate::backend::now(),
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -160,14 +160,10 @@ pub fn init() {
     pg_shmem_init!(SHARED);
 }
 
-fn physical_now() -> i64 {
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
 /// The next timestamp of this node's hybrid logical clock.
 pub fn clock_next() -> i64 {
     let mut s = SHARED.exclusive();
-    s.clock = hlc_next(s.clock, physical_now());
+    s.clock = hlc_next(s.clock, crate::backend::now());
     s.clock
 }
 
@@ -223,7 +219,7 @@ fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut R
                 .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
             let old = s.records[i];
             let needed = old.origin != 0 && !replaceable(&old) && old.acceptor != Acceptor::default();
-            let replaced_at = if needed { physical_now() } else { old.replaced_at };
+            let replaced_at = if needed { crate::backend::now() } else { old.replaced_at };
             s.records[i] = Record { origin: origin.0, xid, used_at: now, replaced_at, ..Record::default() };
             i
         }
@@ -350,7 +346,7 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> Holder {
         .iter()
         .position(|w| w.xid == 0 || unsafe { !pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(w.xid)) });
     let Some(free) = free else { return Holder::Other };
-    s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: physical_now() };
+    s.wounds[free] = Wound { xid: holder.xid, procno, by: by.0, at: crate::backend::now() };
     // SAFETY: a signal to a backend of this server (pid > 0, checked above); SIGINT is
     // PostgreSQL's cancel, as pg_cancel_backend sends it.
     unsafe { kill(pid, SIGINT) };
@@ -377,7 +373,7 @@ pub fn heal(xid: u32, by: NodeId) {
 /// The node whose transaction wounded a transaction of backend `procno` less than a second
 /// ago: a cancel arriving late, after that transaction ended, is that wound's too.
 pub fn wounded_lately(procno: i32) -> Option<u32> {
-    let since = physical_now() - 1_000_000;
+    let since = crate::backend::now() - 1_000_000;
     SHARED.share().wounds.iter().find(|w| w.xid != 0 && w.procno == procno && w.at >= since).map(|w| w.by)
 }
 

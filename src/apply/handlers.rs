@@ -243,7 +243,7 @@ impl Applier {
         });
         for xid in due {
             // Not moving the stream's position: the rollback is applied again in its turn.
-            finish_at(&self.gid(xid), false, 0, unsafe { pg_sys::GetCurrentTimestamp() });
+            finish_at(&self.gid(xid), false, 0, crate::backend::now());
         }
         nap(1);
     }
@@ -269,7 +269,7 @@ impl Applier {
         let gid = cstring(&mmts_core::twopc::gid(origin, xid));
         let (commit, time) = match outcome {
             Outcome::Commit { ts } => (true, ts),
-            Outcome::Abort => (false, unsafe { pg_sys::GetCurrentTimestamp() }),
+            Outcome::Abort => (false, crate::backend::now()),
         };
         // The commit records the settled timestamp, as on every node.
         let done = finish_at(&gid, commit, lsn, time);

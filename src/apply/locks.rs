@@ -86,7 +86,7 @@ pub(super) fn lock_wait_timer(on: bool) {
             LOCK_WAIT_TIMEOUT.store(id, Ordering::Relaxed);
         }
         if on {
-            let first = pg_sys::GetCurrentTimestamp() + LOCK_WAIT_MS as i64 * 1000;
+            let first = crate::backend::now() + LOCK_WAIT_MS as i64 * 1000;
             pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_every(id, first, LOCK_WAIT_MS));
         } else {
             pg_sys::ffi::pg_guard_ffi_boundary(|| disable_timeout(id, false));
@@ -123,12 +123,6 @@ pub(super) unsafe extern "C-unwind" fn on_lock_wait_timer() {
     }
 }
 
-unsafe extern "C-unwind" {
-    // storage/sinvaladt.h and access/twophase.h, not in pgrx's bindings.
-    fn BackendIdGetProc(backend_id: std::ffi::c_int) -> *mut pg_sys::PGPROC;
-    fn TwoPhaseGetXidByVirtualXID(vxid: pg_sys::VirtualTransactionId, have_more: *mut bool) -> pg_sys::TransactionId;
-}
-
 /// The transactions holding `tag` in a mode that conflicts with `mode`.
 pub(super) unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) -> Vec<LockHolder> {
     // SAFETY: main thread. GetLockConflicts returns `count` entries, palloc'd outside hot
@@ -147,11 +141,11 @@ pub(super) unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE)
                 }
                 // A prepared transaction keeps the virtual id of the backend that prepared it.
                 let mut more = false;
-                let prepared = TwoPhaseGetXidByVirtualXID(vxid, &mut more).into_inner();
+                let prepared = crate::pg_internals::two_phase_get_xid_by_virtual_xid(vxid, &mut more).into_inner();
                 if prepared != 0 {
                     return Some(LockHolder { xid: prepared, proc_: None });
                 }
-                let proc_ = BackendIdGetProc(vxid.backendId);
+                let proc_ = crate::pg_internals::backend_id_get_proc(vxid.backendId);
                 // Only while that backend still runs the same transaction.
                 (!proc_.is_null() && (*proc_).lxid == vxid.localTransactionId)
                     .then(|| LockHolder { xid: (*proc_).xid.into_inner(), proc_: Some(proc_) })

@@ -110,7 +110,7 @@ impl Applier {
                             .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
                             .collect();
                         if let Some(&(node, lsn)) = unmet.first() {
-                            let since = unsafe { pg_sys::GetCurrentTimestamp() } - waited.as_micros() as i64;
+                            let since = crate::backend::now() - waited.as_micros() as i64;
                             shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
                         }
                         let unmet: Vec<String> = unmet

@@ -3,7 +3,7 @@
 //! transaction's cancel as a serialization failure, and the transaction callback starts the
 //! two-phase commit just before PREPARE.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CStr};
 use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
@@ -393,8 +393,8 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             let wound = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner())
                 .or_else(|| twophase::wounded_lately((*pg_sys::MyProc).pgprocno));
             if let Some(by) = wound {
-                let message = CString::new(wounded_message(by)).expect("no NUL");
-                let hint = CString::new(WOUNDED_HINT).expect("no NUL");
+                let message = crate::backend::cstring(&wounded_message(by));
+                let hint = crate::backend::cstring(WOUNDED_HINT);
                 (*edata).sqlerrcode = PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE as i32;
                 (*edata).message = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, message.as_ptr());
                 (*edata).hint = pg_sys::MemoryContextStrdup(pg_sys::ErrorContext, hint.as_ptr());

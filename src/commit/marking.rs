@@ -1,8 +1,6 @@
 //! Marking a transaction that wrote for PREPARE TRANSACTION (`mtm_<node>_<xid>`), and
 //! refusing, with a clear error, what cannot be committed on every node.
 
-use std::ffi::CString;
-
 use mmts_core::config::Mode;
 use mmts_core::membership::{format_mask, Mask, State};
 use pgrx::pg_sys;
@@ -106,7 +104,7 @@ fn mark(implicit: bool) {
     refuse_temporary();
     let Mode::Multimaster(config) = gucs::mode() else { return };
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
-    let gid = CString::new(mmts_core::twopc::gid(config.node_id, xid)).expect("no NUL");
+    let gid = crate::backend::cstring(&mmts_core::twopc::gid(config.node_id, xid));
     session(|s| s.quiet = true);
     // SAFETY: the backend's main thread, inside the transaction (the callers checked it is
     // live and has an xid); PrepareTransactionBlock copies the gid into TopTransactionContext.
