@@ -62,7 +62,7 @@ fn forged() -> Vec<Signal> {
             from: n(2),
             report: Report { sees: 2, partition: 2, members: 2, ready: false, wal_end: 0 },
         },
-        Signal::Precommit { origin: n(1), xid: 1_000_000, ts: 1 },
+        Signal::Precommit { origin: n(1), xid: 1_000_000, ts: 1, since: 1 },
         Signal::Promise { origin: n(2), xid: 5, since: 0, ballot: Ballot { round: 9, node: 1 } },
         Signal::Accept {
             origin: n(2),
