@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mmts_core::config::ClusterConfig;
-use mmts_core::indoubt::{after_accepts, after_promises, Answer, Ballot, Next, Outcome};
+use mmts_core::indoubt::{self, Answer, Outcome, Request, Step};
 use mmts_core::membership::{bit, State};
 use mmts_core::twopc::{decode_batch, Signal};
 use mmts_core::NodeId;
@@ -31,13 +31,13 @@ pub struct Resolver {
     peer: NodeId,
     /// Connections to the peers, for requests (made when first needed).
     conns: HashMap<u32, Connection>,
-    round: u32,
+    resolver: indoubt::Resolver,
     last: Option<Instant>,
 }
 
 impl Resolver {
     pub fn new(peer: NodeId) -> Resolver {
-        Resolver { peer, conns: HashMap::new(), round: 0, last: None }
+        Resolver { peer, conns: HashMap::new(), resolver: indoubt::Resolver::default(), last: None }
     }
 
     /// Settles what is in doubt (at most once a second): the peer's transactions once it is
@@ -70,28 +70,35 @@ impl Resolver {
         }
     }
 
-    /// One attempt to settle transaction `xid` of node `origin`, prepared here as `gid`.
+    /// One attempt to settle transaction `xid` of node `origin`, prepared here as `gid`
+    /// (`mmts_core::indoubt::Attempt`: promises, then acceptances).
     fn settle(&mut self, config: &ClusterConfig, origin: NodeId, xid: u32, since: i64, gid: &str) {
         let size = status::configured(config).count_ones() as usize;
-        self.round += 1;
-        let ballot = Ballot { round: self.round, node: config.node_id.0 };
-        let answers = self.ask(config, Signal::Promise { origin, xid, since, ballot });
-        let outcome = match after_promises(size, &answers) {
-            Next::Decided(o) => Some(o),
-            Next::Retry { above } => {
-                self.round = self.round.max(above);
-                None
+        let (mut attempt, mut request) = self.resolver.attempt(config.node_id, size);
+        let mut answered = 0;
+        let outcome = loop {
+            let signal = match request {
+                Request::Promise(ballot) => Signal::Promise { origin, xid, since, ballot },
+                Request::Accept(ballot, outcome) => Signal::Accept { origin, xid, since, ballot, outcome },
+                Request::Precommit { .. } => unreachable!("a resolver never precommits"),
+            };
+            let answers = self.ask(config, signal);
+            answered = answered.max(answers.len());
+            for (from, answer) in answers {
+                attempt.step(from, answer);
             }
-            Next::Propose(o) => {
-                let acks = self.ask(config, Signal::Accept { origin, xid, since, ballot, outcome: o });
-                after_accepts(size, o, &acks)
+            // Every node asked has answered or timed out.
+            match attempt.next(true) {
+                Step::Ask(next) => request = next,
+                Step::Settled(o) => break Some(o),
+                Step::GiveUp | Step::Wait => break None,
             }
         };
+        self.resolver.learn(&attempt);
         match outcome {
             Some(o) => carry_out(config.node_id, origin, xid, gid, o),
             None => log(format!(
-                "mmts: transaction {xid} of node {origin} is in doubt; {} of {size} nodes answered, retrying",
-                answers.len()
+                "mmts: transaction {xid} of node {origin} is in doubt; {answered} of {size} nodes answered, retrying"
             )),
         }
     }

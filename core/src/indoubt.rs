@@ -207,12 +207,161 @@ pub fn after_accepts(size: usize, proposed: Outcome, answers: &[(NodeId, Answer)
     majority(size, accepted).then_some(proposed)
 }
 
+/// A resolver: settles transactions of one cluster from one node, with rounds above any it
+/// has seen refused.
+#[derive(Debug, Clone, Default)]
+pub struct Resolver {
+    round: u32,
+}
+
+/// One attempt of a [`Resolver`] to settle one transaction: ask for promises under a new
+/// ballot, then for acceptances of the outcome they allow, then carry it out. Advanced by the
+/// answers (`step`), asked what to do next (`next`); no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    ballot: Ballot,
+    size: usize,
+    phase: Phase,
+    answers: Vec<(NodeId, Answer)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Promise,
+    Accept(Outcome),
+    Done(Option<Outcome>),
+}
+
+/// What an [`Attempt`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Send this request to every node (this one too) and [`Attempt::step`] their answers.
+    Ask(Request),
+    /// Waiting for answers.
+    Wait,
+    /// Chosen: carry it out here and tell every node.
+    Settled(Outcome),
+    /// Not settled this time (not enough answers, or a higher ballot): try again later.
+    GiveUp,
+}
+
+impl Resolver {
+    /// A new attempt by node `me` in a cluster of `size` nodes, and its first request.
+    pub fn attempt(&mut self, me: NodeId, size: usize) -> (Attempt, Request) {
+        self.round += 1;
+        let ballot = Ballot { round: self.round, node: me.0 };
+        (Attempt { ballot, size, phase: Phase::Promise, answers: Vec::new() }, Request::Promise(ballot))
+    }
+
+    /// What `attempt` learned: later attempts use a round above any ballot it was refused for.
+    pub fn learn(&mut self, attempt: &Attempt) {
+        let refused = attempt.answers.iter().filter_map(|(_, a)| match a {
+            Answer::Refused(b) => Some(b.round),
+            _ => None,
+        });
+        self.round = refused.fold(self.round, u32::max);
+    }
+}
+
+impl Attempt {
+    pub fn ballot(&self) -> Ballot {
+        self.ballot
+    }
+
+    /// The request whose answers it takes now (`None` once done).
+    pub fn request(&self) -> Option<Request> {
+        match self.phase {
+            Phase::Promise => Some(Request::Promise(self.ballot)),
+            Phase::Accept(o) => Some(Request::Accept(self.ballot, o)),
+            Phase::Done(_) => None,
+        }
+    }
+
+    /// An answer from `from` to the current request (repeated ones count once).
+    pub fn step(&mut self, from: NodeId, answer: Answer) {
+        if !matches!(self.phase, Phase::Done(_)) && !self.answers.iter().any(|(n, _)| *n == from) {
+            self.answers.push((from, answer));
+        }
+    }
+
+    /// What to do now; `all_in`: every node asked has answered or will not (the caller's
+    /// timeout), so a phase without its majority ends.
+    pub fn next(&mut self, all_in: bool) -> Step {
+        match self.phase {
+            Phase::Done(Some(o)) => Step::Settled(o),
+            Phase::Done(None) => Step::GiveUp,
+            Phase::Promise => match after_promises(self.size, &self.answers) {
+                Next::Decided(o) => self.done(Some(o)),
+                Next::Propose(o) => {
+                    self.phase = Phase::Accept(o);
+                    self.answers.clear();
+                    Step::Ask(Request::Accept(self.ballot, o))
+                }
+                Next::Retry { .. } if all_in => self.done(None),
+                Next::Retry { .. } => Step::Wait,
+            },
+            Phase::Accept(o) => match after_accepts(self.size, o, &self.answers) {
+                Some(chosen) => self.done(Some(chosen)),
+                None if all_in => self.done(None),
+                None => Step::Wait,
+            },
+        }
+    }
+
+    fn done(&mut self, outcome: Option<Outcome>) -> Step {
+        self.phase = Phase::Done(outcome);
+        self.next(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn memory(has_record: bool, prepared_here: bool, started_at: Timestamp, evicted_at: Option<Timestamp>) -> Memory {
         Memory { has_record, prepared_here, started_at, evicted_at }
+    }
+
+    #[test]
+    fn an_attempt_promises_then_accepts_then_settles() {
+        let mut resolver = Resolver::default();
+        let (mut attempt, first) = resolver.attempt(NodeId(3), 3);
+        let ballot = Ballot { round: 1, node: 3 };
+        assert_eq!(first, Request::Promise(ballot));
+        attempt.step(NodeId(3), Answer::Promised(None));
+        assert_eq!(attempt.next(false), Step::Wait, "one promise of three");
+        let accepted = (Ballot::coordinator(NodeId(1)), Outcome::Commit { ts: 9 });
+        attempt.step(NodeId(2), Answer::Promised(Some(accepted)));
+        // The value accepted under the highest ballot: the coordinator's precommit.
+        assert_eq!(attempt.next(false), Step::Ask(Request::Accept(ballot, Outcome::Commit { ts: 9 })));
+        attempt.step(NodeId(3), Answer::Accepted);
+        attempt.step(NodeId(3), Answer::Accepted);
+        assert_eq!(attempt.next(false), Step::Wait, "a repeated answer counts once");
+        attempt.step(NodeId(2), Answer::Accepted);
+        assert_eq!(attempt.next(false), Step::Settled(Outcome::Commit { ts: 9 }));
+    }
+
+    #[test]
+    fn a_refused_attempt_gives_up_and_the_next_one_goes_higher() {
+        let mut resolver = Resolver::default();
+        let (mut attempt, _) = resolver.attempt(NodeId(3), 3);
+        attempt.step(NodeId(3), Answer::Promised(None));
+        attempt.step(NodeId(2), Answer::Refused(Ballot { round: 7, node: 2 }));
+        assert_eq!(attempt.next(false), Step::Wait);
+        assert_eq!(attempt.next(true), Step::GiveUp);
+        resolver.learn(&attempt);
+        let (attempt, request) = resolver.attempt(NodeId(3), 3);
+        assert_eq!(request, Request::Promise(Ballot { round: 8, node: 3 }));
+        assert_eq!(attempt.ballot().round, 8);
+        // Nobody promised anything: abort.
+        let (mut attempt, _) = resolver.attempt(NodeId(3), 3);
+        attempt.step(NodeId(1), Answer::Promised(None));
+        attempt.step(NodeId(3), Answer::Promised(None));
+        assert!(matches!(attempt.next(false), Step::Ask(Request::Accept(_, Outcome::Abort))));
+        // A node that carried it out already tells.
+        let (mut attempt, _) = resolver.attempt(NodeId(3), 3);
+        attempt.step(NodeId(1), Answer::Decided(Outcome::Abort));
+        assert_eq!(attempt.next(false), Step::Settled(Outcome::Abort));
     }
 
     #[test]

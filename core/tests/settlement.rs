@@ -11,9 +11,7 @@
 use std::collections::BTreeMap;
 
 use mmts_core::coordinator::{Action, Coordination, Coordinator, Event};
-use mmts_core::indoubt::{
-    self, after_accepts, after_promises, Acceptor, Answer, Ballot, Memory, Next, Outcome, Request,
-};
+use mmts_core::indoubt::{self, Acceptor, Answer, Ballot, Memory, Outcome, Request, Step};
 use mmts_core::twopc::Vote;
 use mmts_core::NodeId;
 
@@ -44,12 +42,10 @@ enum Msg {
     Decided { txn: usize, outcome: Outcome },
 }
 
-/// A resolver's attempt in progress on one node.
+/// A resolver's attempt in progress on one node (`mmts_core::indoubt::Attempt`, the code mmts
+/// runs), and when it started.
 struct Attempt {
-    ballot: Ballot,
-    phase: u8,
-    proposed: Outcome,
-    answers: BTreeMap<usize, Answer>,
+    attempt: indoubt::Attempt,
     started: u64,
 }
 
@@ -65,7 +61,7 @@ struct Node {
     /// (`mmts_core::coordinator`, the code mmts runs).
     precommits: BTreeMap<usize, Coordination>,
     attempts: BTreeMap<usize, Attempt>,
-    round: u32,
+    resolver: indoubt::Resolver,
 }
 
 struct Txn {
@@ -171,11 +167,11 @@ impl Sim {
             }
             Msg::Promise { txn, ballot, since } => {
                 let answer = self.acceptor_answer(n, txn, since, Request::Promise(ballot));
-                self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 1 });
+                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 1 });
             }
             Msg::Accept { txn, ballot, since, outcome } => {
                 let answer = self.acceptor_answer(n, txn, since, Request::Accept(ballot, outcome));
-                self.send(n, ballot.node as usize, Msg::Answer { txn, from: n, answer, phase: 2 });
+                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 2 });
             }
             Msg::Decided { txn, outcome } => self.end(n, txn, outcome),
             Msg::Answer { txn, from, answer, phase: 0 } => {
@@ -186,33 +182,25 @@ impl Sim {
                 self.coordinate(n, txn);
             }
             Msg::Answer { txn, from, answer, phase } => {
-                let size = self.size;
-                let Some(attempt) = self.nodes[n].attempts.get_mut(&txn) else { return };
-                if attempt.phase != phase {
+                let Some(a) = self.nodes[n].attempts.get_mut(&txn) else { return };
+                let current = match a.attempt.request() {
+                    Some(Request::Promise(_)) => 1,
+                    Some(Request::Accept(..)) => 2,
+                    _ => return,
+                };
+                if current != phase {
                     return;
                 }
-                attempt.answers.insert(from, answer);
-                let answers: Vec<(NodeId, Answer)> =
-                    attempt.answers.iter().map(|(k, v)| (NodeId(*k as u32 + 1), *v)).collect();
-                let (ballot, proposed) = (attempt.ballot, attempt.proposed);
-                if phase == 1 {
-                    match after_promises(size, &answers) {
-                        Next::Decided(o) => self.settled(n, txn, o),
-                        Next::Propose(o) => {
-                            let attempt = self.nodes[n].attempts.get_mut(&txn).expect("attempt");
-                            attempt.phase = 2;
-                            attempt.proposed = o;
-                            attempt.answers.clear();
-                            let since = self.txns[txn].since;
-                            self.broadcast(n, Msg::Accept { txn, ballot, since, outcome: o });
-                        }
-                        Next::Retry { above } => {
-                            let node = &mut self.nodes[n];
-                            node.round = node.round.max(above);
-                        }
+                a.attempt.step(node_id(from), answer);
+                match a.attempt.next(false) {
+                    Step::Wait => {}
+                    Step::Settled(o) => self.settled(n, txn, o),
+                    Step::GiveUp => {}
+                    Step::Ask(Request::Accept(ballot, outcome)) => {
+                        let since = self.txns[txn].since;
+                        self.broadcast(n, Msg::Accept { txn, ballot, since, outcome });
                     }
-                } else if let Some(o) = after_accepts(size, proposed, &answers) {
-                    self.settled(n, txn, o);
+                    Step::Ask(_) => unreachable!("promises are asked first"),
                 }
             }
         }
@@ -266,13 +254,14 @@ impl Sim {
 
     /// Node `n` starts (or restarts) settling `txn`.
     fn resolve(&mut self, n: usize, txn: usize) {
+        let size = self.size;
         let node = &mut self.nodes[n];
-        node.round += 1;
-        let ballot = Ballot { round: node.round, node: n as u32 };
-        node.attempts.insert(
-            txn,
-            Attempt { ballot, phase: 1, proposed: Outcome::Abort, answers: BTreeMap::new(), started: self.now },
-        );
+        if let Some(earlier) = node.attempts.remove(&txn) {
+            node.resolver.learn(&earlier.attempt);
+        }
+        let (attempt, request) = node.resolver.attempt(node_id(n), size);
+        node.attempts.insert(txn, Attempt { attempt, started: self.now });
+        let Request::Promise(ballot) = request else { unreachable!("an attempt starts with promises") };
         let since = self.txns[txn].since;
         self.broadcast(n, Msg::Promise { txn, ballot, since });
     }
