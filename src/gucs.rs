@@ -259,6 +259,7 @@ pub fn define(strict: bool) {
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
+    // SAFETY: from _PG_init, on the main thread; the prefix is a NUL-terminated static string.
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr());
     }
@@ -275,6 +276,8 @@ pub fn define(strict: bool) {
 /// Stops the server when PostgreSQL would not accept `value` for `name`.
 fn refuse_unless_accepted(name: &str, value: &str) {
     let (cname, cvalue) = (cstring(name), cstring(value));
+    // SAFETY: from _PG_init while shared_preload_libraries load, on the main thread; a check only
+    // (changeVal false), and `cname` and `cvalue` outlive the call.
     let accepted = unsafe {
         pg_sys::set_config_option(
             cname.as_ptr(),

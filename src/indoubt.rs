@@ -207,6 +207,8 @@ fn carry_out(me: NodeId, origin: NodeId, xid: u32, gid: &str, outcome: Outcome) 
             pg_sys::replorigin_session_origin_timestamp,
         )
     };
+    // SAFETY: as above: this session's replication-origin globals, set on its main thread for
+    // the commit below (and put back after it).
     unsafe {
         if own {
             pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;

@@ -98,6 +98,7 @@ impl Connection {
     /// Opens a connection to `conninfo`, a replication one (`replication=database`) or not.
     pub fn connect(conninfo: &str, application_name: &str, replication: bool) -> Result<Connection, PqError> {
         let connection = Connection::open(conninfo, application_name, replication, PQconnectdbParams)?;
+        // SAFETY: `connection.conn` is the live PGconn just opened.
         if unsafe { PQstatus(connection.conn.as_ptr()) } != CONNECTION_OK {
             return Err(connection.error(None));
         }
@@ -108,6 +109,7 @@ impl Connection {
     /// [`Connection::poll_connect`].
     pub fn start(conninfo: &str, application_name: &str) -> Result<Connection, PqError> {
         let connection = Connection::open(conninfo, application_name, false, PQconnectStartParams)?;
+        // SAFETY: `connection.conn` is the live PGconn just opened.
         if unsafe { PQstatus(connection.conn.as_ptr()) } == CONNECTION_BAD {
             return Err(connection.error(None));
         }
@@ -118,6 +120,7 @@ impl Connection {
     /// (call again later; libpq is only asked to go on once the socket is ready). The caller
     /// bounds how long it waits.
     pub fn poll_connect(&mut self) -> Result<bool, PqError> {
+        // SAFETY: `self.conn` is a live PGconn (see the field).
         if unsafe { PQstatus(self.conn.as_ptr()) } == CONNECTION_OK {
             return Ok(true);
         }
@@ -140,6 +143,7 @@ impl Connection {
         if !ready {
             return Ok(false);
         }
+        // SAFETY: `self.conn` is a live PGconn (see the field).
         self.polling = unsafe { PQconnectPoll(self.conn.as_ptr()) };
         match self.polling {
             PGRES_POLLING_OK => Ok(true),
@@ -178,6 +182,7 @@ impl Connection {
     /// Sends `command` without waiting for its result (see [`Connection::poll_result`]).
     pub fn send(&mut self, command: &str) -> Result<(), PqError> {
         let command = CString::new(command).expect("no NUL in commands");
+        // SAFETY: `self.conn` is a live PGconn (see the field); `command` outlives the call.
         let ok = unsafe { PQsendQuery(self.conn.as_ptr(), command.as_ptr()) } == 1
             && unsafe { PQflush(self.conn.as_ptr()) } >= 0;
         if ok {
@@ -191,6 +196,7 @@ impl Connection {
     /// succeeded), `Ok(false)` while it has not come.
     pub fn poll_result(&mut self) -> Result<bool, PqError> {
         self.consume_input()?;
+        // SAFETY: `self.conn` is a live PGconn (see the field).
         if unsafe { PQisBusy(self.conn.as_ptr()) } == 1 {
             return Ok(false);
         }
@@ -201,6 +207,7 @@ impl Connection {
             if res.is_null() {
                 return outcome;
             }
+            // SAFETY: `res` from PQgetResult: non-null (checked) and owned here until PQclear.
             match unsafe { PQresultStatus(res) } {
                 PGRES_COMMAND_OK => {}
                 PGRES_TUPLES_OK if unsafe { PQntuples(res) } > 0 => {
@@ -211,6 +218,7 @@ impl Connection {
                 PGRES_TUPLES_OK => {}
                 _ => outcome = Err(self.error(Some(res))),
             }
+            // SAFETY: `res` is non-null and cleared once, after its last use.
             unsafe { PQclear(res) };
         }
     }
@@ -255,6 +263,7 @@ impl Connection {
             PGRES_COMMAND_OK | PGRES_TUPLES_OK | PGRES_COPY_BOTH => Ok(()),
             _ => Err(self.error(Some(res))),
         };
+        // SAFETY: `res` from PQexec (NULL is accepted), cleared once, after its last use.
         unsafe { PQclear(res) };
         result
     }
@@ -262,6 +271,7 @@ impl Connection {
     /// Reads the next copy-stream message without blocking.
     pub fn get_copy_data(&mut self) -> Result<CopyData, PqError> {
         let mut buf: *mut c_char = std::ptr::null_mut();
+        // SAFETY: `self.conn` is a live PGconn (see the field); `buf` is a local out-parameter.
         let n = unsafe { PQgetCopyData(self.conn.as_ptr(), &mut buf, 1) };
         match n {
             0 => Ok(CopyData::WouldBlock),
@@ -297,6 +307,7 @@ impl Connection {
 
     /// Reads what arrived on the socket into libpq's buffer.
     pub fn consume_input(&mut self) -> Result<(), PqError> {
+        // SAFETY: `self.conn` is a live PGconn (see the field).
         if unsafe { PQconsumeInput(self.conn.as_ptr()) } == 1 {
             Ok(())
         } else {
@@ -305,6 +316,7 @@ impl Connection {
     }
 
     pub fn socket(&self) -> c_int {
+        // SAFETY: `self.conn` is a live PGconn (see the field).
         unsafe { PQsocket(self.conn.as_ptr()) }
     }
 }

@@ -298,6 +298,7 @@ fn add_node(conn_string: &str) -> i32 {
             unsafe { pg_sys::max_replication_slots },
             peers + 1 + mmts_core::config::COMMIT_ORIGINS,
         ),
+        // SAFETY: GUC globals, read on the main thread (as above).
         ("max_wal_senders", unsafe { pg_sys::max_wal_senders }, peers + 2),
         ("max_worker_processes", unsafe { pg_sys::max_worker_processes }, peers + mmts_core::config::EXTRA_WORKERS),
     ];

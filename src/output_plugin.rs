@@ -155,9 +155,12 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
                 std::ptr::null_mut(),
             )
         };
+        // SAFETY: as above: pgoutput's init symbol, an `Option` of a function pointer either side.
         let init: pg_sys::LogicalOutputPluginInit = unsafe { std::mem::transmute(init) };
         let init = init.expect("load_external_function reports a missing symbol itself");
+        // SAFETY: a struct of `Option`s of function pointers, for which all zeroes is `None`.
         let mut callbacks: pg_sys::OutputPluginCallbacks = unsafe { std::mem::zeroed() };
+        // SAFETY: pgoutput's init fills the local `callbacks`; an ERROR in it is re-raised by the guard.
         unsafe { pg_guard_ffi_boundary(|| init(&mut callbacks)) };
         let _ = PGOUTPUT.set(Callbacks(callbacks));
         unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_invalidated), pg_sys::Datum::from(0)) };
@@ -240,6 +243,7 @@ unsafe extern "C-unwind" fn startup(
         }
         let pgoutput_startup = pgoutput().startup_cb.expect("pgoutput has a startup callback");
         // An ERROR inside pgoutput is re-raised as ours.
+        // SAFETY: pgoutput's startup callback, given the arguments PostgreSQL passed to ours.
         return unsafe { pg_guard_ffi_boundary(|| pgoutput_startup(ctx, opt, is_init)) };
     };
     let max: u8 = requested.trim().parse().unwrap_or_else(|_| {
@@ -272,6 +276,7 @@ unsafe extern "C-unwind" fn startup(
             frame: wire::Frame::new(version),
         })
     });
+    // SAFETY: `ctx` and `opt` are the decoding context and options of this startup callback.
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
         (*ctx).streaming = false;
@@ -338,8 +343,11 @@ unsafe extern "C-unwind" fn begin(ctx: *mut pg_sys::LogicalDecodingContext, txn:
         origin: origin(),
         xid: t.xid.into_inner(),
         final_lsn: t.final_lsn,
+        // SAFETY: `t` is the ReorderBufferTXN of this callback; `commit_time` is the union
+        // member set for a committed transaction (both members are a TimestampTz).
         commit_time: unsafe { t.xact_time.commit_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
 }
 
@@ -356,8 +364,10 @@ unsafe extern "C-unwind" fn commit(
         xid: t.xid.into_inner(),
         commit_lsn,
         end_lsn: t.end_lsn,
+        // SAFETY: as in `begin`: `commit_time` is the member set for a committed transaction.
         commit_time: unsafe { t.xact_time.commit_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback (for both calls).
     unsafe { send(ctx, &msg) };
     end_of_transaction();
     unsafe { batch_delay(ctx) };
@@ -406,8 +416,11 @@ unsafe extern "C-unwind" fn begin_prepare(
         gid: gid(t),
         prepare_lsn: t.final_lsn,
         end_lsn: t.end_lsn,
+        // SAFETY: `t` is the ReorderBufferTXN of this callback; `prepare_time` is the union
+        // member set for a prepared transaction (both members are a TimestampTz).
         prepare_time: unsafe { t.xact_time.prepare_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
 }
 
@@ -425,8 +438,10 @@ unsafe extern "C-unwind" fn prepare(
         gid: gid(t),
         prepare_lsn,
         end_lsn: t.end_lsn,
+        // SAFETY: as in `begin_prepare`: the member set for a prepared transaction.
         prepare_time: unsafe { t.xact_time.prepare_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
@@ -445,8 +460,11 @@ unsafe extern "C-unwind" fn commit_prepared(
         gid: gid(t),
         commit_lsn,
         end_lsn: t.end_lsn,
+        // SAFETY: `t` is the ReorderBufferTXN of this callback; ReorderBufferFinishPrepared sets
+        // the `commit_time` member before calling it.
         commit_time: unsafe { t.xact_time.commit_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
@@ -466,8 +484,11 @@ unsafe extern "C-unwind" fn rollback_prepared(
         gid: gid(t),
         end_lsn: prepare_end_lsn,
         prepare_time,
+        // SAFETY: `t` is the ReorderBufferTXN of this callback; ReorderBufferFinishPrepared sets
+        // the `commit_time` member (here the rollback's time) before calling it.
         rollback_time: unsafe { t.xact_time.commit_time },
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
@@ -499,6 +520,7 @@ unsafe extern "C-unwind" fn message(
         content
     };
     let msg = Message::LogicalMessage { transactional, lsn: message_lsn, prefix, content: content.to_vec() };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
 }
 
@@ -519,6 +541,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
     if let Some(known) = known {
         return known;
     }
+    // SAFETY: `rel` is the relation PostgreSQL has open for the callback, with its pg_class row.
     let r = unsafe { &*rel };
     let class = unsafe { &*r.rd_rel };
     // Only plain tables' rows travel. A partitioned table (listed in a TRUNCATE with its
@@ -532,12 +555,15 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         });
         return None;
     }
+    // SAFETY: inside the decoding transaction: the open relation's schema exists, so its name is
+    // a palloc'd NUL-terminated string; `relname` is a NUL-terminated NameData; `rel` is open.
     let schema =
         unsafe { CStr::from_ptr(pg_sys::get_namespace_name(class.relnamespace)) }.to_string_lossy().into_owned();
     let name = unsafe { CStr::from_ptr(class.relname.data.as_ptr()) }.to_string_lossy().into_owned();
     let keyless = unsafe { !crate::tables::has_replica_identity(rel) };
     // Which tables are local and which nodes are dropped or added is the same on every node.
     let own = schema == "mtm" && ![LOCAL_TABLES, "dropped_nodes", "added_nodes"].contains(&name.as_str());
+    // SAFETY: inside the decoding transaction, on the main thread (as `listed_local` needs).
     if own || (keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get()) || unsafe { listed_local(&schema, &name) } {
         // mmts's own bookkeeping (e.g. mtm.conflicts) is per node, and so are tables without
         // a key when multimaster.ignore_tables_without_pk is on.
@@ -554,6 +580,8 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         return None;
     }
     let identity = class.relreplident as u8;
+    // SAFETY: `rel` is open for the callback, inside the decoding transaction; its descriptor
+    // lives as long as the relation and is only borrowed (from_pg_unchecked does not free it).
     let key_attrs =
         if identity == b'f' { std::ptr::null_mut() } else { unsafe { pg_sys::RelationGetIdentityKeyBitmap(rel) } };
     let desc = unsafe { PgTupleDesc::from_pg_unchecked(r.rd_att) };
@@ -573,6 +601,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
         let attnum = i as i32 + 1;
         let key = identity == b'f'
             || unsafe { pg_sys::bms_is_member(attnum - pg_sys::FirstLowInvalidHeapAttributeNumber, key_attrs) };
+        // SAFETY: format_type_be_qualified returns a palloc'd NUL-terminated string, copied at once.
         let type_name =
             unsafe { CStr::from_ptr(pg_sys::format_type_be_qualified(att.atttypid)) }.to_string_lossy().into_owned();
         columns.push(Column { name: att.name().to_string(), type_name, type_modifier: att.atttypmod, key });
@@ -593,6 +622,7 @@ unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel: pg_sys::R
             m.relations.insert(relid, outputs.clone());
         }
     });
+    // SAFETY: the caller passes the decoding context of its callback.
     unsafe { send(ctx, &msg) };
     outputs
 }
@@ -620,11 +650,13 @@ unsafe fn row(
             continue;
         }
         let datum = values[i];
+        // SAFETY: an attribute of length -1, not null: a varlena datum of the deformed tuple.
         if att.attlen == -1 && unsafe { varatt_is_external_ondisk(datum) } {
             out.push(Value::Unchanged);
             continue;
         }
         let text = unsafe { pg_sys::OutputFunctionCall(output, datum) };
+        // SAFETY: an output function returns a palloc'd NUL-terminated string, freed below.
         out.push(Value::Text(unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()));
         unsafe { pg_sys::pfree(text.cast()) };
     }
@@ -655,12 +687,16 @@ unsafe extern "C-unwind" fn change(
     // update the session.
     let Some(outputs) = (unsafe { send_relation(ctx, rel) }) else { return };
     let relation = unsafe { (*rel).rd_id }.to_u32();
+    // SAFETY: `change` is the change of this callback; PostgreSQL calls change_cb only for
+    // inserts, updates and deletes, whose union member is `tp`.
     let c = unsafe { &*change };
     let tp = unsafe { c.data.tp };
     let msg = match c.action {
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT => {
+            // SAFETY: an insert has a new tuple of the open `rel`, and `outputs` are its columns'.
             Message::Insert { relation, new: unsafe { row(rel, &outputs, tp.newtuple) } }
         }
+        // SAFETY: an update has a new tuple, and an old one when not NULL, of the open `rel`.
         pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE => Message::Update {
             relation,
             old: (!tp.oldtuple.is_null()).then(|| unsafe { row(rel, &outputs, tp.oldtuple) }),
@@ -671,10 +707,12 @@ unsafe extern "C-unwind" fn change(
                 // A table without replica identity: PostgreSQL logs no old key to send.
                 return;
             }
+            // SAFETY: the old tuple, checked non-NULL above, of the open `rel`.
             Message::Delete { relation, old: unsafe { row(rel, &outputs, tp.oldtuple) } }
         }
         _ => return,
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
 }
 
@@ -694,11 +732,14 @@ unsafe extern "C-unwind" fn truncate(
     if rels.is_empty() {
         return;
     }
+    // SAFETY: `change` is this callback's TRUNCATE change, whose union member is `truncate`;
+    // `rels` are relations PostgreSQL has open for the call; `ctx` is its decoding context.
     let t = unsafe { (*change).data.truncate };
     let msg = Message::Truncate {
         relations: rels.iter().map(|r| unsafe { (**r).rd_id }.to_u32()).collect(),
         cascade: t.cascade,
         restart_identity: t.restart_seqs,
     };
+    // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
 }

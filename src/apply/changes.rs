@@ -7,6 +7,7 @@ use super::*;
 impl Applier {
     pub(super) fn apply_change(&mut self, message: &Message) {
         if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(self.peer, message) {
+            // SAFETY: the receiver's main thread, at the top level (no transaction yet, or the peer's).
             unsafe { start_transaction() };
             crate::commit::ddl::run(&role, &search_path, &statement);
             return;

@@ -189,6 +189,7 @@ impl Applier {
                 p.after = after;
             }
             (Some(Signal::Ddl { role, search_path, statement }), None) => {
+                // SAFETY: the receiver's main thread, at the top level (no transaction yet, or the peer's).
                 unsafe { start_transaction() };
                 crate::commit::ddl::run(&role, &search_path, &statement);
             }

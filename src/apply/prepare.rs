@@ -220,6 +220,8 @@ impl Applier {
             }
             Err((code, _, Some((tag, mode)))) if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED => {
                 let waited = first_attempt.elapsed().as_millis() as i64;
+                // SAFETY: the receiver's main thread, the failed attempt aborted; `tag` and `mode`
+                // are a copy of the lock the canceled wait was for.
                 let holders = unsafe { lock_holders(&tag, mode) };
                 let kinds: Vec<participant::Holder> =
                     holders.iter().map(|h| twophase::classify_holder(h, key.node)).collect();

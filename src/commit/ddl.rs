@@ -516,11 +516,14 @@ pub fn run(role: &str, search_path: &str, statement: &str) {
 
 /// The applier's search_path is set with the highest priority (see `receiver`): so is this.
 unsafe fn set_search_path(value: &CStr) {
+    // SAFETY: the caller's (`run`): main thread, inside the applier's transaction.
     unsafe { set_local(c"search_path", value) }
 }
 
 /// Sets `name` for the rest of the applier's transaction, with the highest priority.
 unsafe fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: the caller's (`run`): main thread, inside the applier's transaction (a LOCAL
+    // setting needs one); `name` and `value` are NUL-terminated and outlive the call.
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),
