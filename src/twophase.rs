@@ -522,8 +522,8 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
     };
     let mut s = SHARED.exclusive();
     let memory = memory(&s, origin, xid);
-    // A node that may have forgotten it makes no record of it either.
-    let answer = if indoubt::forgotten(memory, since, CLOCK_MARGIN_US) {
+    // A node that takes no part makes no record of it either.
+    let answer = if indoubt::takes_no_part(memory, request, since, CLOCK_MARGIN_US) {
         Answer::Unknown
     } else {
         record_mut(&mut s, origin, xid, |r| indoubt::answer(&mut r.acceptor, memory, request, since, CLOCK_MARGIN_US))

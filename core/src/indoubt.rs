@@ -136,10 +136,26 @@ pub fn forgotten(memory: Memory, since: Timestamp, margin: Timestamp) -> bool {
     !memory.has_record && ((after(memory.started_at) && !memory.prepared_here) || memory.evicted_at.is_some_and(after))
 }
 
+/// Whether a node that remembers `memory` takes no part in `request` (see [`forgotten`]).
+///
+/// A resolver's requests are refused by a node that may have forgotten. The coordinator's
+/// precommit is not: a node catching up after a restart holds transactions prepared before it,
+/// and the other nodes count a precommit's position in the stream as the end of its
+/// transaction (they commit on it in clusters of three nodes or fewer); refusing it there left
+/// the restarted node waiting forever on transactions of two streams that each depended on the
+/// other (`tests/tests/failures.rs`, a node killed again and again). The price: a node that
+/// restarted between promising a resolver a higher ballot and receiving the precommit can help
+/// choose both outcomes (`core/tests/settlement.rs`,
+/// `a_precommit_accepted_after_a_restart_can_choose_both_outcomes`). Records kept on disk close
+/// it: a restarted node then forgets nothing.
+pub fn takes_no_part(memory: Memory, request: Request, since: Timestamp, margin: Timestamp) -> bool {
+    !matches!(request, Request::Precommit { .. }) && forgotten(memory, since, margin)
+}
+
 /// This node's answer to `request` about a transaction that began at `since` (by the clock of
 /// the node asking), given its record and what it remembers.
 pub fn answer(record: &mut Acceptor, memory: Memory, request: Request, since: Timestamp, margin: Timestamp) -> Answer {
-    if forgotten(memory, since, margin) {
+    if takes_no_part(memory, request, since, margin) {
         return Answer::Unknown;
     }
     match request {
@@ -378,16 +394,18 @@ mod tests {
         // A record evicted since it began may have been its.
         assert!(forgotten(memory(false, true, 0, Some(1500)), 1000, margin));
         assert!(!forgotten(memory(false, true, 0, Some(500)), 1000, margin));
-        // Whatever the request, a forgetful node answers Unknown and its record is untouched.
+        // A resolver's requests get Unknown from a forgetful node, its record untouched; the
+        // coordinator's precommit is accepted (see `takes_no_part`).
         let mut record = Acceptor::default();
         for request in [
-            Request::Precommit { coordinator: NodeId(1), ts: 5 },
             Request::Promise(Ballot { round: 1, node: 2 }),
             Request::Accept(Ballot { round: 1, node: 2 }, Outcome::Abort),
         ] {
             assert_eq!(answer(&mut record, memory(false, false, 2000, None), request, 1000, margin), Answer::Unknown);
         }
         assert_eq!(record, Acceptor::default());
+        let precommit = Request::Precommit { coordinator: NodeId(1), ts: 5 };
+        assert_eq!(answer(&mut record, memory(false, false, 2000, None), precommit, 1000, margin), Answer::Accepted);
     }
 
     #[test]

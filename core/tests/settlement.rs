@@ -132,7 +132,7 @@ impl Sim {
             started_at: node.started_at,
             evicted_at: None,
         };
-        if indoubt::forgotten(memory, since, MARGIN) {
+        if indoubt::takes_no_part(memory, request, since, MARGIN) {
             return Answer::Unknown;
         }
         let record = node.records.entry(txn).or_default();
@@ -349,23 +349,25 @@ impl Sim {
     }
 
     fn check_agreement(&self) {
+        if let Some(broken) = self.disagreement() {
+            panic!("{broken}");
+        }
+    }
+
+    /// The first transaction that ended differently on two nodes, or was acknowledged and rolled
+    /// back somewhere.
+    fn disagreement(&self) -> Option<String> {
         for txn in 0..self.txns.len() {
             let outcomes: Vec<Outcome> = self.nodes.iter().filter_map(|n| n.ended.get(&txn).copied()).collect();
-            for o in &outcomes {
-                let same = match (o, outcomes[0]) {
-                    (Outcome::Abort, Outcome::Abort) => true,
-                    (Outcome::Commit { .. }, Outcome::Commit { .. }) => true,
-                    _ => false,
-                };
-                assert!(same, "txn {txn}: outcomes differ across nodes: {outcomes:?}");
+            let commits = outcomes.iter().filter(|o| matches!(o, Outcome::Commit { .. })).count();
+            if commits != 0 && commits != outcomes.len() {
+                return Some(format!("txn {txn}: outcomes differ across nodes: {outcomes:?}"));
             }
-            if self.txns[txn].acknowledged {
-                assert!(
-                    outcomes.iter().all(|o| matches!(o, Outcome::Commit { .. })),
-                    "txn {txn}: acknowledged but rolled back somewhere"
-                );
+            if self.txns[txn].acknowledged && commits != outcomes.len() {
+                return Some(format!("txn {txn}: acknowledged but rolled back somewhere"));
             }
         }
+        None
     }
 }
 
@@ -430,4 +432,24 @@ fn settlement_is_safe_and_ends_under_faults() {
             panic!("seed {seed} failed (replay: SETTLEMENT_SEED={seed}): {message}");
         }
     }
+}
+
+/// The price of accepting the coordinator's precommit on a node that may have forgotten a
+/// promise (`indoubt::takes_no_part`): a node that promised a resolver a higher ballot, then
+/// restarted, accepts the precommit of the same transaction, so that the coordinator and the
+/// resolver each find a majority. Found at seed 12326 of 20,000 (about one run in 20,000 with
+/// crashes every few dozen steps). Kept as a check that the hole is still there until the
+/// acceptor records are kept on disk; then this test is to be turned around.
+#[test]
+fn a_precommit_accepted_after_a_restart_can_choose_both_outcomes() {
+    let seed = 12326;
+    let mut sim = Sim::new(seed, if seed % 3 == 0 { 5 } else { 3 }, 12);
+    let broken = (0..400).find_map(|_| {
+        sim.step();
+        sim.disagreement()
+    });
+    assert!(
+        broken.as_deref().is_some_and(|b| b.contains("outcomes differ across nodes")),
+        "seed {seed} no longer splits: {broken:?}"
+    );
 }
