@@ -13,6 +13,7 @@
 //!   a hung test: its [`Watchdog`] prints what every server is doing, stops them and ends the
 //!   test process, so a hang fails the suite at once instead of stalling it.
 
+pub mod history;
 pub mod proxy;
 
 use std::collections::BTreeMap;
