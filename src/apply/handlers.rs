@@ -84,6 +84,20 @@ impl Applier {
         self.received.insert(xid);
         let preparing = self.preparing.take().unwrap_or_default();
         self.in_transaction = false;
+        if preparing.key.is_none() && gucs::synchronous() {
+            // In synchronous mode every prepared transaction carries its coordination, written
+            // just before its PREPARE. One without it was rolled back while the peer's walsender
+            // decoded it: PostgreSQL then stops decoding its changes and still sends the
+            // PREPARE ("concurrent abort"), and its ROLLBACK PREPARED follows. Applying what
+            // came would run part of a transaction that never committed, outside the
+            // synchronous commit (an error there would stop this receiver, again at each
+            // restart).
+            log(format!(
+                "mmts: transaction {xid} of node {} arrived without its coordination (rolled back while it was decoded); skipped",
+                self.peer
+            ));
+            return Some(self.finished(prepare_time));
+        }
         let catching_up = preparing.key.is_some() && preparing.members & bit(NodeId(self.me)) == 0;
         let done = self.prepare(xid, end_lsn, prepare_time, preparing, keep_up);
         if done.is_none() && catching_up {
