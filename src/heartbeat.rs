@@ -1,7 +1,8 @@
 //! The heartbeat worker (`mmts heartbeat`): every `multimaster.heartbeat_send_timeout` it
 //! tells every peer what this node sees (`Signal::Heartbeat`: the nodes it hears, the members
-//! it counts, whether it is caught up), over a plain connection of its own to each peer (see
-//! `outbox`). A peer that has not had this node's report for `heartbeat_recv_timeout` counts
+//! it counts, whether it is caught up, how far its WAL reaches), over a plain connection of its
+//! own to each peer (see `outbox`). A peer it cannot reach gets no heartbeat (not one through
+//! WAL, which it would read late, after the writes it claims to cover). A peer that has not had this node's report for `heartbeat_recv_timeout` counts
 //! it unreachable (`status::current`).
 //!
 //! It is a process of its own so that heartbeats go on while the receivers are busy: a
@@ -40,8 +41,8 @@ const RECONNECT: Duration = Duration::from_secs(1);
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
     let Some(config) = worker_start() else { return };
-    // Heartbeats go through WAL while a peer cannot be reached directly: WAL messages belong
-    // to a database.
+    // Heartbeats go through WAL to a peer without `mtm.deliver_signals` yet (before its
+    // CREATE EXTENSION): WAL messages belong to a database.
     connect_to_database(config);
     let application_name = format!("{}_heartbeat", status::application_name(config.node_id.0));
     // Each peer's outbox, and when it was made.
@@ -64,7 +65,7 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
                     (Outbox::start(&conninfo, &application_name, peer.id.0, config.node_id), Instant::now())
                 };
                 let (outbox, made) = outboxes.entry(peer.id.0).or_insert_with(make);
-                // A connection lost (heartbeats went through WAL since), or one the peer has
+                // A connection lost (no heartbeats went to the peer since), or one the peer has
                 // not answered on for as long as it waits for a heartbeat: a new one.
                 if (!outbox.connected() || outbox.waiting_for() > silence) && made.elapsed() >= RECONNECT {
                     (*outbox, *made) = make();

@@ -31,6 +31,10 @@ pub struct Outbox {
     not_before: Option<Instant>,
     /// Connecting without waiting (see [`Outbox::start`]) since then.
     connecting: Option<Instant>,
+    /// Made by [`Outbox::start`] (the heartbeat worker's): failures are logged rate-limited,
+    /// and what cannot go straight to an unreachable peer is dropped, not written to WAL: a
+    /// heartbeat delivered late, from WAL, would claim a position of this node's WAL as recent
+    /// that is not (the peer counts itself caught up on it).
     made_without_waiting: bool,
 }
 
@@ -52,7 +56,7 @@ impl Outbox {
         } else {
             None
         };
-        Outbox::with(conn, peer_id, me, None)
+        Outbox::with(conn, peer_id, me, None, false)
     }
 
     /// Like [`Outbox::new`], without waiting for the connection: signals pushed meanwhile
@@ -69,10 +73,16 @@ impl Outbox {
             None
         };
         let connecting = conn.as_ref().map(|_| Instant::now());
-        Outbox::with(conn, peer_id, me, connecting)
+        Outbox::with(conn, peer_id, me, connecting, true)
     }
 
-    fn with(conn: Option<Connection>, peer_id: u32, me: NodeId, connecting: Option<Instant>) -> Outbox {
+    fn with(
+        conn: Option<Connection>,
+        peer_id: u32,
+        me: NodeId,
+        connecting: Option<Instant>,
+        made_without_waiting: bool,
+    ) -> Outbox {
         Outbox {
             conn,
             in_flight: Vec::new(),
@@ -81,7 +91,7 @@ impl Outbox {
             peer_id,
             me,
             not_before: None,
-            made_without_waiting: connecting.is_some(),
+            made_without_waiting,
             connecting,
         }
     }
@@ -110,7 +120,7 @@ impl Outbox {
         let paused = self.not_before.is_some_and(|t| Instant::now() < t);
         if self.conn.is_some() && !paused {
             self.queued.extend(signals);
-        } else {
+        } else if paused || !self.made_without_waiting {
             for s in &signals {
                 twophase::emit(s, false);
             }
@@ -166,14 +176,14 @@ impl Outbox {
             }
         }
         if let Err(e) = result {
-            let message = format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id);
-            // An outbox made without waiting is made again and again while the peer is out
-            // of reach (see `heartbeat`).
             if self.made_without_waiting {
-                log_limited(message)
-            } else {
-                log(message)
+                log_limited(format!("mmts: no connection to node {} for heartbeats: {e}", self.peer_id));
+                self.conn = None;
+                self.in_flight.clear();
+                self.queued.clear();
+                return;
             }
+            log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
             self.conn = None;
             for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
                 twophase::emit(&s, false);
