@@ -31,11 +31,11 @@ pub struct Outbox {
     not_before: Option<Instant>,
     /// Connecting without waiting (see [`Outbox::start`]) since then.
     connecting: Option<Instant>,
-    /// Made by [`Outbox::start`] (the heartbeat worker's): failures are logged rate-limited,
+    /// The heartbeat worker's (made by [`Outbox::start`]): failures are logged rate-limited,
     /// and what cannot go straight to an unreachable peer is dropped, not written to WAL: a
     /// heartbeat delivered late, from WAL, would claim a position of this node's WAL as recent
     /// that is not (the peer counts itself caught up on it).
-    made_without_waiting: bool,
+    heartbeats: bool,
 }
 
 /// How long signals go through WAL after the peer lacked `mtm.deliver_signals`.
@@ -81,7 +81,7 @@ impl Outbox {
         peer_id: u32,
         me: NodeId,
         connecting: Option<Instant>,
-        made_without_waiting: bool,
+        heartbeats: bool,
     ) -> Outbox {
         Outbox {
             conn,
@@ -91,7 +91,7 @@ impl Outbox {
             peer_id,
             me,
             not_before: None,
-            made_without_waiting,
+            heartbeats,
             connecting,
         }
     }
@@ -120,7 +120,7 @@ impl Outbox {
         let paused = self.not_before.is_some_and(|t| Instant::now() < t);
         if self.conn.is_some() && !paused {
             self.queued.extend(signals);
-        } else if paused || !self.made_without_waiting {
+        } else if paused || !self.heartbeats {
             for s in &signals {
                 twophase::emit(s, false);
             }
@@ -176,7 +176,7 @@ impl Outbox {
             }
         }
         if let Err(e) = result {
-            if self.made_without_waiting {
+            if self.heartbeats {
                 log_limited(format!("mmts: no connection to node {} for heartbeats: {e}", self.peer_id));
                 self.conn = None;
                 self.in_flight.clear();

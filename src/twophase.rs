@@ -536,9 +536,13 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
 /// started, and a record still needed may have been evicted from its slot. Assumes the nodes'
 /// clocks agree within `CLOCK_MARGIN_US`, as NTP keeps them.
 fn memory(s: &Shared, origin: NodeId, xid: u32) -> Memory {
+    let has_record = find_record(s, origin, xid).is_some();
     Memory {
-        has_record: find_record(s, origin, xid).is_some(),
-        prepared_here: s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid),
+        has_record,
+        // Only what `forgotten` asks when there is no record: the scan of every entry is
+        // skipped for the requests about a transaction this node has a record of.
+        prepared_here: !has_record
+            && s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid),
         started_at: s.started_at,
         evicted_at: window(origin, xid).map(|i| s.records[i].replaced_at).filter(|&t| t != 0).max(),
     }
