@@ -10,6 +10,16 @@ pub fn now() -> pg_sys::TimestampTz {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
+/// The machine's monotonic clock in microseconds (`CLOCK_MONOTONIC`: the same for every
+/// process here, never set back): what leases are measured with (see `mmts_core::lease`).
+pub fn monotonic() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists on
+    // Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000 + ts.tv_nsec / 1_000
+}
+
 /// Sleeps `ms` milliseconds on the latch (woken early when it is set).
 pub fn nap(ms: i64) {
     // SAFETY: main thread; `MyLatch` is this process's latch, set up before any mmts code runs.

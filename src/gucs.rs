@@ -22,6 +22,9 @@ pub static QUEUE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256 << 20);
 pub static HEARTBEAT_SEND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static HEARTBEAT_RECV_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static IGNORE_TABLES_WITHOUT_PK: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// On: this session reads replicated tables on a node that is not online, possibly missing
+/// what the cluster committed (see `commit::hooks::refuse_stale_reads`).
+pub static ALLOW_STALE_READS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TWOPC_MIN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Off: this session's schema changes stay on this node (see `ddl`).
@@ -225,6 +228,14 @@ pub fn define(strict: bool) {
         c"",
         &IGNORE_TABLES_WITHOUT_PK,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.allow_stale_reads",
+        c"Let this session read replicated tables on a node that is not online, where reads may miss commits of the cluster.",
+        c"",
+        &ALLOW_STALE_READS,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -56,7 +56,8 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
             outboxes.clear();
         } else if last_sent.is_none_or(|t| t.elapsed() >= every) {
             last_sent = Some(Instant::now());
-            let report = status::current(config).report;
+            let current = status::current(config);
+            let report = current.report;
             let peers = status::peers(config);
             outboxes.retain(|id, _| peers.iter().any(|p| p.id.0 == *id));
             for peer in &peers {
@@ -70,7 +71,9 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
                 if (!outbox.connected() || outbox.waiting_for() > silence) && made.elapsed() >= RECONNECT {
                     (*outbox, *made) = make();
                 }
-                outbox.push(vec![Signal::Heartbeat { from: config.node_id, report }]);
+                let echo = status::grant_lease(peer.id.0, current.granting);
+                let sent_at = crate::backend::monotonic();
+                outbox.push(vec![Signal::Heartbeat { from: config.node_id, report, sent_at, echo }]);
             }
         } else {
             for (outbox, _) in outboxes.values_mut() {

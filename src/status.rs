@@ -11,7 +11,9 @@ use mmts_core::conninfo::ConnInfo;
 use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
-use crate::backend::now;
+use mmts_core::lease::{self, Held, Lease, Unreadable};
+
+use crate::backend::{monotonic, now};
 use crate::gucs::{self, MAX_NODES};
 
 /// One peer as its receiver sees it.
@@ -38,6 +40,14 @@ pub struct PeerStatus {
     /// The peer's last heartbeat, and when it came (0: never).
     pub report: Report,
     pub report_time: pg_sys::TimestampTz,
+    /// That heartbeat's `sent_at` (the peer's monotonic clock), and when it came (this node's
+    /// monotonic clock): what this node echoes to grant the peer a lease.
+    pub report_sent_at: i64,
+    pub report_received: i64,
+    /// The lease this node holds from the peer (see `mmts_core::lease`).
+    pub lease: Held,
+    /// Until when (monotonic clock) this node promised the peer to count it among its members.
+    pub promised_until: i64,
     /// The receiver holds transactions of the peer set aside, so the stream's position here
     /// is past transactions not yet prepared (see `nodes::join_node`).
     pub set_aside: bool,
@@ -66,6 +76,10 @@ impl Default for PeerStatus {
             resumed_at: 0,
             report: Report::default(),
             report_time: 0,
+            report_sent_at: 0,
+            report_received: 0,
+            lease: Held::default(),
+            promised_until: 0,
             set_aside: false,
             wait: Wait::default(),
             apply_error: [0; ERROR_LEN],
@@ -288,16 +302,55 @@ pub fn with_set_asides_held<R>(f: impl FnOnce(bool) -> R) -> R {
     f(shared.peers.iter().any(|p| p.set_aside))
 }
 
-/// Records a peer's heartbeat.
-pub fn record_report(from: u32, report: Report) {
+/// The lease rules with the configured length: `heartbeat_recv_timeout`.
+pub fn lease() -> Lease {
+    Lease { length: gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000 }
+}
+
+/// Records a peer's heartbeat: its report, when it sent it (its monotonic clock), and the
+/// lease it grants this node (`echo`, see `mmts_core::lease`).
+pub fn record_report(from: u32, report: Report, sent_at: i64, echo: i64) {
     if from == 0 || from > MAX_NODES as u32 {
         return;
     }
-    let now = now();
+    let (now, received) = (now(), monotonic());
+    let lease = lease();
     update(from, |p| {
         p.report = report;
         p.report_time = now;
+        if sent_at >= p.report_sent_at {
+            p.report_sent_at = sent_at;
+            p.report_received = received;
+        }
+        p.lease = lease.renew(p.lease, echo, report.wal_end, received);
     });
+}
+
+/// The lease this node grants `peer` in its next heartbeat (the peer's latest `sent_at`; 0
+/// when `members` leaves it out), promised (see `mmts_core::lease`) before it is sent.
+pub fn grant_lease(peer: u32, members: Mask) -> i64 {
+    if members & bit(NodeId(peer)) == 0 {
+        return 0;
+    }
+    let lease = lease();
+    let mut echo = 0;
+    update(peer, |p| {
+        if p.report_sent_at > 0 {
+            echo = p.report_sent_at;
+            p.promised_until = p.promised_until.max(lease.promised_until(p.report_received));
+        }
+    });
+    echo
+}
+
+/// Whether this node may answer reads of replicated tables now (see `mmts_core::lease`).
+pub fn readable(config: &ClusterConfig) -> Result<(), Unreadable> {
+    let cur = current(config);
+    let now = monotonic();
+    let shared = *PEERS.share();
+    let held: Vec<Held> = shared.peers.iter().map(|p| p.lease).collect();
+    let applied: Vec<u64> = shared.peers.iter().map(|p| p.applied_lsn).collect();
+    lease::readable(config.node_id, &cur.view, &held, &applied, now)
 }
 
 /// This node's view of the cluster now (see [`membership::view`]).
@@ -307,6 +360,9 @@ pub struct Current {
     pub generation: u64,
     /// What this node says of itself in its heartbeats.
     pub report: Report,
+    /// The members as the reports make them, without the ones kept only because this node
+    /// promised them a lease that still runs: the peers it grants leases to.
+    pub granting: Mask,
 }
 
 pub fn current(config: &ClusterConfig) -> Current {
@@ -331,11 +387,21 @@ pub fn current(config: &ClusterConfig) -> Current {
             Some(r) => !r.ready || peer(n).caught_up,
             None => false,
         });
-    let view = if configured & bit(me) == 0 {
+    let mut view = if configured & bit(me) == 0 {
         View { partition: 0, members: 0, state: State::Dropped, excluded_by: None }
     } else {
         membership::view(me, configured, sees, ready, &reports)
     };
+    let granting = view.members;
+    // A peer this node promised a lease to stays a member until the promise ends: it may
+    // still answer reads, so nothing commits without it (see `mmts_core::lease`).
+    if view.state == State::Online {
+        let now = monotonic();
+        let promised = membership::nodes(configured & !bit(me))
+            .filter(|&n| peer(n).promised_until > now)
+            .fold(0, |m, n| m | bit(n));
+        view.members |= promised;
+    }
     let wal_end = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
     let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end };
     let mut generation = shared.generation;
@@ -356,7 +422,7 @@ pub fn current(config: &ClusterConfig) -> Current {
             ));
         }
     }
-    Current { view, generation, report }
+    Current { view, generation, report, granting }
 }
 
 fn timestamp(t: pg_sys::TimestampTz) -> Option<pgrx::datum::TimestampWithTimeZone> {

@@ -498,7 +498,9 @@ pub fn deliver_signal(signal: Signal, me: u32) {
     match signal {
         Signal::Vote { origin, xid, voter, vote } if origin == NodeId(me) => deliver(xid, voter, Delivery::Vote(vote)),
         Signal::Finished { origin, xid, voter, .. } if origin == NodeId(me) => deliver(xid, voter, Delivery::Finished),
-        Signal::Heartbeat { from, report } => crate::status::record_report(from.0, report),
+        Signal::Heartbeat { from, report, sent_at, echo } => {
+            crate::status::record_report(from.0, report, sent_at, echo)
+        }
         Signal::Answered { origin, xid, voter, answer: Answer::Accepted } if origin == NodeId(me) => {
             deliver(xid, voter, Delivery::Accepted)
         }

@@ -186,9 +186,14 @@ impl Coordinator {
         }
     }
 
-    /// Participants that have not finished yet.
+    /// Participants that have not finished yet (waited for, or lost).
     pub fn unfinished(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.awaiting_finish.iter().copied()
+        self.participants.iter().copied().filter(|n| !self.finished.contains(n))
+    }
+
+    /// Whether some participant that has not finished is still waited for.
+    pub fn awaiting_finish(&self) -> bool {
+        !self.awaiting_finish.is_empty()
     }
 }
 
@@ -438,7 +443,14 @@ impl Coordination {
             Phase::Committing { .. } | Phase::RollingBack { .. } | Phase::Done => Action::Wait,
             Phase::Finishing { reply, deadline } => {
                 let deadline = *deadline.get_or_insert(now + self.finish_timeout);
-                if self.votes.all_finished() || now >= deadline || self.interrupted {
+                // A commit is confirmed to the client only once every participant committed it
+                // or was lost (no longer a member: it answers no reads since, see
+                // `crate::lease`), however long that takes: a member that had not committed it
+                // could still answer a read after the client heard of the commit. A rollback
+                // is not waited for past the deadline.
+                let committed = matches!(reply, Reply::Committed { .. });
+                let waited = now >= deadline && (!committed || !self.votes.awaiting_finish());
+                if self.votes.all_finished() || waited || self.interrupted {
                     let reply = match reply {
                         Reply::Committed { .. } => Reply::Committed { late: self.votes.unfinished().collect() },
                         other => other.clone(),
@@ -604,7 +616,7 @@ mod tests {
     }
 
     #[test]
-    fn a_participant_late_to_finish_is_named_after_the_finish_timeout() {
+    fn a_commit_is_confirmed_once_every_participant_committed_or_was_lost() {
         let mut c = three(false);
         c.step(Event::Vote { node: n(2), vote: yes(150) });
         c.step(Event::Vote { node: n(3), vote: yes(120) });
@@ -616,7 +628,10 @@ mod tests {
         c.step(Event::Finished(n(2)));
         assert_eq!(c.poll(20), Action::Wait);
         assert_eq!(c.poll(119), Action::Wait);
-        assert_eq!(c.poll(120), Action::Reply(Reply::Committed { late: vec![n(3)] }));
+        // Past the finish timeout, node 3 is still a member: still waited for.
+        assert_eq!(c.poll(500), Action::Wait);
+        c.step(Event::PeerLost(n(3)));
+        assert_eq!(c.poll(501), Action::Reply(Reply::Committed { late: vec![n(3)] }));
     }
 
     #[test]

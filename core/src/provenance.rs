@@ -194,7 +194,7 @@ mod tests {
         let n = NodeId;
         assert_eq!(admit(&vote(1, 2), n(2), KNOWN), Ok(()));
         assert_eq!(admit(&vote(1, 3), n(2), KNOWN), Err(Rejected::WrongSender { claimed: 3, sender: 2 }));
-        let hb = Signal::Heartbeat { from: n(3), report: Report::default() };
+        let hb = Signal::Heartbeat { from: n(3), report: Report::default(), sent_at: 0, echo: 0 };
         assert!(admit(&hb, n(3), KNOWN).is_ok());
         assert!(admit(&hb, n(2), KNOWN).is_err());
         let coordinated =
@@ -224,7 +224,12 @@ mod tests {
         assert_eq!(admit(&vote(1, 64), n(64), KNOWN), Err(Rejected::UnknownNode(64)));
         assert!(admit(&vote(1, 64), n(64), KNOWN | 1 << 63).is_ok());
         // A node added a moment ago may be named by peers that know of it already.
-        let hb = Signal::Heartbeat { from: n(2), report: Report { members: 0b1011, ..Report::default() } };
+        let hb = Signal::Heartbeat {
+            from: n(2),
+            report: Report { members: 0b1011, ..Report::default() },
+            sent_at: 0,
+            echo: 0,
+        };
         assert_eq!(admit(&hb, n(2), KNOWN), Ok(()));
         let seen = Signal::Seen { applied: vec![(n(1), 0), (n(9), 0)] };
         assert_eq!(admit(&seen, n(2), KNOWN), Ok(()));
@@ -245,6 +250,8 @@ mod tests {
             Signal::Heartbeat {
                 from: n(2),
                 report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9 },
+                sent_at: 0,
+                echo: 0,
             },
             Signal::Precommit { origin: n(1), xid: 7, ts: 11, since: 10 },
             Signal::Promise { origin: n(1), xid: 7, since: 3, ballot: b(2, 3) },

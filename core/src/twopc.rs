@@ -92,10 +92,14 @@ pub enum Signal {
         members: Mask,
         after: Vec<(NodeId, u64)>,
     },
-    /// A node's heartbeat to a peer.
+    /// A node's heartbeat to a peer: its report, its monotonic clock when it sent it, and the
+    /// lease it grants the peer (see [`crate::lease`]: the peer's latest `sent_at` it had, 0 for
+    /// none).
     Heartbeat {
         from: NodeId,
         report: Report,
+        sent_at: Timestamp,
+        echo: Timestamp,
     },
     /// Written by a coordinator that has every member's yes: accept "commit at `ts`" under
     /// its ballot (see [`crate::indoubt`]); it commits once a majority has. `since`: when it
@@ -324,6 +328,8 @@ mod tests {
             Signal::Heartbeat {
                 from: n(2),
                 report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9 },
+                sent_at: 0,
+                echo: 0,
             },
             Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
             Signal::Vote {

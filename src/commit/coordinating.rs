@@ -118,13 +118,17 @@ fn update(p: &mut Pending) {
     for node in votes.finished {
         c.step(Event::Finished(node));
     }
-    // A participant no longer reachable, or no longer a member, will not vote (or finish).
+    // A participant no longer reachable, or no longer a member, will not vote. Once decided,
+    // one is waited for until it is no longer a member: until then it may answer reads (see
+    // `mmts_core::lease`), even if this node's receiver lost it.
     let (members, size) = match gucs::mode() {
         Mode::Multimaster(config) => (status::current(config).view.members, status::configured(config).count_ones()),
         Mode::Standalone => (0, 0),
     };
     c.step(Event::ClusterSize(size as usize));
-    let lost: Vec<NodeId> = c.participants().filter(|&n| !status::connected(n.0) || members & bit(n) == 0).collect();
+    let decided = c.decision().is_some();
+    let lost: Vec<NodeId> =
+        c.participants().filter(|&n| members & bit(n) == 0 || (!decided && !status::connected(n.0))).collect();
     for node in lost {
         c.step(Event::PeerLost(node));
     }

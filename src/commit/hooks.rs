@@ -6,7 +6,8 @@
 use std::ffi::{c_char, CStr};
 use std::sync::OnceLock;
 
-use mmts_core::config::Mode;
+use mmts_core::config::{ClusterConfig, Mode};
+use mmts_core::lease::Unreadable;
 use pgrx::pg_sys;
 use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -15,7 +16,7 @@ use pgrx::prelude::*;
 use super::coordinating::start_two_phase;
 use super::marking::{mark_implicit, transaction_statement, wounded_message, WOUNDED_HINT};
 use super::{active, is_client, note_write, refuse_if_wounded, session, Session};
-use crate::{gucs, twophase};
+use crate::{gucs, status, twophase};
 
 /// The hooks installed before mmts's, called by mmts's: set once, in the postmaster while
 /// it preloads mmts, and inherited by every backend it forks.
@@ -69,9 +70,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // SAFETY: PostgreSQL calls the hook on the main thread, inside a transaction, with a valid
     // QueryDesc and plan.
     unsafe {
-        if matches!(gucs::mode(), Mode::Multimaster(_)) {
+        if let Mode::Multimaster(config) = gucs::mode() {
             refuse_if_wounded();
             check_result_relations((*query).plannedstmt);
+            refuse_stale_reads(config, (*query).plannedstmt);
         }
         // SAFETY: nothing here needs dropping; errors leave as raised (see `pg_internals`).
         crate::pg_internals::keeping_errors(
@@ -126,6 +128,80 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
             if replicated && !keyless {
                 note_write();
             }
+        }
+    }
+}
+
+/// Refuses a client's statement that reads a replicated table while this node may miss
+/// commits of the cluster: it is not online, or it holds no lease from some member (see
+/// `mmts_core::lease`). `multimaster.allow_stale_reads` lets a session read anyway.
+///
+/// # Safety
+/// As for [`check_result_relations`].
+unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: reads of this backend's globals and of the plan ExecutorStart got, on the main
+    // thread inside the transaction; list_nth stays within the range table's length, and each
+    // relation opened is closed before any error is raised.
+    unsafe {
+        if !active() || gucs::ALLOW_STALE_READS.get() {
+            return;
+        }
+        let rtable = (*stmt).rtable;
+        let n = if rtable.is_null() { 0 } else { (*rtable).length };
+        let user_relations = (0..n)
+            .map(|i| pg_sys::list_nth(rtable, i) as *mut pg_sys::RangeTblEntry)
+            .filter(|&rte| {
+                (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && (*rte).relid.to_u32() >= pg_sys::FirstNormalObjectId
+            })
+            .map(|rte| (*rte).relid)
+            .collect::<Vec<_>>();
+        if user_relations.is_empty() {
+            return;
+        }
+        let Err(why) = readable_soon(config) else { return };
+        let replicated = user_relations.into_iter().find_map(|relid| {
+            let rel = pg_sys::RelationIdGetRelation(relid);
+            if rel.is_null() {
+                return None;
+            }
+            let name = crate::tables::replicated_table(rel)
+                .then(|| CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned());
+            pg_sys::RelationClose(rel);
+            name
+        });
+        let Some(table) = replicated else { return };
+        let me = config.node_id;
+        let why = match why {
+            Unreadable::NotOnline(state) => format!("it is {}, not online", state.name()),
+            Unreadable::NoLease(node) => format!("it has not heard from member {node} lately"),
+            Unreadable::Behind { node, .. } => {
+                format!("it has not yet applied what member {node} committed while it did not count this node")
+            }
+        };
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("mmts: node {me} does not answer reads of replicated table \"{table}\" now: {why}"),
+            "mmts",
+        )
+        .set_detail("Its data may miss transactions the cluster has committed.")
+        .set_hint("Read on an online node (mtm.get_cluster_state()), retry once this node is online again, or SET multimaster.allow_stale_reads = on to read what this node has.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+/// Whether this node may answer reads now; a member waits up to `heartbeat_recv_timeout` for
+/// a lease to be renewed or for a member's writes to be applied (a node that just got online
+/// again).
+fn readable_soon(config: &ClusterConfig) -> Result<(), Unreadable> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+    loop {
+        match status::readable(config) {
+            Err(Unreadable::NoLease(_) | Unreadable::Behind { .. }) if std::time::Instant::now() < deadline => {
+                crate::backend::nap(5);
+                pgrx::check_for_interrupts!();
+            }
+            verdict => return verdict,
         }
     }
 }

@@ -11,7 +11,7 @@
 //! - **dependencies** between committed transactions: write-write (`ww`: the next version of a
 //!   key), write-read (`wr`: a read saw the value), read-write (`rw`: a read missed the next
 //!   value), and real time (`rt`: one completed before the other began);
-//! - **cycles** in that graph, found as strongly connected components (`petgraph`'s Tarjan),
+//! - **cycles** in that graph, found as strongly connected components (`petgraph`'s Kosaraju, which needs no deep recursion on a long history),
 //!   named by the edges the shortest cycle needs: G0 (ww only), G1c (ww and wr), G-single
 //!   (exactly one rw), G2-item (more), and their real-time variants;
 //! - **stale reads**: a read in a transaction that began after an append to its key was
@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 
-use petgraph::algo::tarjan_scc;
+use petgraph::algo::kosaraju_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 /// What a client learned of a transaction.
@@ -409,7 +409,7 @@ pub fn check(ops: &[Op], final_reads: &BTreeMap<u32, Vec<u64>>) -> Report {
         graph.update_edge(index[&a], index[&b], k);
     }
 
-    for scc in tarjan_scc(&graph) {
+    for scc in kosaraju_scc(&graph) {
         if scc.len() < 2 {
             continue;
         }

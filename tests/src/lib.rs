@@ -845,6 +845,24 @@ impl Cluster {
         });
     }
 
+    /// Lines of the nodes' logs that no test should cause: a PANIC, a process killed by a
+    /// signal, a "could not" — except those containing one of `caused` (what the test's own
+    /// faults make happen). Each is prefixed with its node.
+    pub fn log_problems(&self, caused: &[&str]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for node in &self.nodes {
+            let text = fs::read_to_string(node.log_path()).unwrap_or_default();
+            for line in text.lines() {
+                let bad =
+                    line.contains("PANIC:") || line.contains("terminated by signal") || line.contains("could not");
+                if bad && !caused.iter().any(|c| line.contains(c)) {
+                    problems.push(format!("node {}: {line}", node.id));
+                }
+            }
+        }
+        problems
+    }
+
     /// Stops every node cleanly.
     pub fn stop_all(&mut self) {
         for node in &mut self.nodes {

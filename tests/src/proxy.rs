@@ -26,6 +26,8 @@ struct Shared {
     /// Incremented by every cut; a connection older than the current epoch lived through one.
     epoch: AtomicU64,
     delay_ms: AtomicU64,
+    /// Each chunk waits up to this much more, at random (order is kept).
+    jitter_ms: AtomicU64,
     stop: AtomicBool,
     /// Both sockets of every open connection, with the epoch it was opened in.
     conns: Mutex<Vec<(u64, TcpStream, Option<TcpStream>)>>,
@@ -46,6 +48,7 @@ impl Proxy {
             state: Mutex::new(LinkState::Up),
             epoch: AtomicU64::new(0),
             delay_ms: AtomicU64::new(0),
+            jitter_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -87,7 +90,14 @@ impl Proxy {
 
     /// Delivers every chunk `delay` later than it was sent (zero: no delay).
     pub fn set_delay(&self, delay: Duration) {
+        self.set_delay_jitter(delay, Duration::ZERO);
+    }
+
+    /// Delivers every chunk `delay` plus up to `jitter` (uniformly at random) later than it was
+    /// sent; a chunk is never delivered before the one sent ahead of it.
+    pub fn set_delay_jitter(&self, delay: Duration, jitter: Duration) {
         self.shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.shared.jitter_ms.store(jitter.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -182,6 +192,7 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
         let _ = to_w.shutdown(Shutdown::Write);
     });
     let mut buf = vec![0u8; 64 * 1024];
+    let mut seed = (Instant::now().elapsed().as_nanos() as u64 ^ born.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -194,7 +205,12 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
         if born < shared.epoch.load(Ordering::SeqCst) {
             break; // lived through a cut: its stream is broken
         }
-        let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst));
+        let jitter = shared.jitter_ms.load(Ordering::SeqCst);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let extra = if jitter == 0 { 0 } else { seed % (jitter + 1) };
+        let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst) + extra);
         if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
             break;
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
+use mmts_tests::{describe, wait_for, Cluster, ClusterBuilder, Node, StopOnDrop};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// How long a node that was out may take to be online again while the others keep writing at
@@ -90,8 +90,25 @@ fn the_minority_refuses_writes_and_rejoins_when_healed() {
     assert!(db.message().contains("does not accept writes"), "{}", db.message());
     assert!(db.hint().is_some_and(|h| h.contains("online node")), "{:?}", db.hint());
     assert_eq!(state(cluster.node(3)), "isolated");
-    // Reads still work there.
-    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM t WHERE id = 0"), 1);
+    // Reads of replicated tables are refused there too, unless the session asks for what the
+    // node has.
+    let e = c3.query_one("SELECT count(*) FROM t", &[]).expect_err("a read on an isolated node");
+    assert_eq!(sqlstate(&e), "55000", "{}", describe(&e));
+    let db = e.as_db_error().expect("a server error");
+    assert!(db.message().contains("does not answer reads"), "{}", db.message());
+    assert!(db.hint().is_some_and(|h| h.contains("multimaster.allow_stale_reads")), "{:?}", db.hint());
+    let stale: i64 = c3
+        .simple_query("SET multimaster.allow_stale_reads = on; SELECT count(*) FROM t WHERE id = 0")
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(stale, 1);
+    // What is not a replicated table still reads.
+    assert_eq!(count(cluster.node(3), "SELECT count(*) FROM pg_class WHERE relname = 't'"), 1);
     // The majority goes on.
     let resumed = until_it_works(cluster.node(1), "INSERT INTO t VALUES (1, 'majority')", Duration::from_secs(10));
     for i in 2..=50 {

@@ -57,10 +57,14 @@ fn forged() -> Vec<Signal> {
         Signal::Heartbeat {
             from: n(1),
             report: Report { sees: 1, partition: 1, members: 1, ready: false, wal_end: 0 },
+            sent_at: 0,
+            echo: 0,
         },
         Signal::Heartbeat {
             from: n(2),
             report: Report { sees: 2, partition: 2, members: 2, ready: false, wal_end: 0 },
+            sent_at: 0,
+            echo: 0,
         },
         Signal::Precommit { origin: n(1), xid: 1_000_000, ts: 1, since: 1 },
         Signal::Promise { origin: n(2), xid: 5, since: 0, ballot: Ballot { round: 9, node: 1 } },
@@ -183,6 +187,8 @@ fn the_vote_channel_is_for_nodes_only() {
         Signal::Heartbeat {
             from: NodeId(3),
             report: Report { sees: 4, partition: 4, members: 4, ready: true, wal_end: 0 },
+            sent_at: 0,
+            echo: 0,
         },
         Signal::Vote { origin: NodeId(2), xid: 1, voter: NodeId(3), vote: Vote::Yes { proposal: 1 } },
         Signal::Vote { origin: NodeId(65), xid: 1, voter: NodeId(1), vote: Vote::Yes { proposal: 1 } },
