@@ -11,9 +11,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 step() { printf '==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages. The server and its headers must be the same minor version (PostgreSQL
+# Debian packages (libfaketime: the tests skew one server's clock). The server and its headers must be the same minor version (PostgreSQL
 # 15.19+ has output_plugin_libraries, which mmts needs), so both are installed together.
-packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang pkg-config libssl-dev build-essential)
+packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang pkg-config libssl-dev build-essential libfaketime)
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | awk '$3 == "installed" {print $4}'; }
 missing=()
 for p in "${packages[@]}"; do

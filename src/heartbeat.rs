@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use mmts_core::membership::Report;
 use mmts_core::twopc::Signal;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::pg_sys;
@@ -57,10 +58,13 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
         } else if last_sent.is_none_or(|t| t.elapsed() >= every) {
             last_sent = Some(Instant::now());
             let current = status::current(config);
-            let report = current.report;
             let peers = status::peers(config);
+            let echoes: Vec<i64> = peers.iter().map(|p| status::grant_lease(p.id.0, current.granting)).collect();
+            // The WAL end read after the leases were granted: a holder whose lease begins again
+            // applies this much first (see `status::grant_lease`).
+            let report = Report { wal_end: status::wal_flushed(), ..current.report };
             outboxes.retain(|id, _| peers.iter().any(|p| p.id.0 == *id));
-            for peer in &peers {
+            for (peer, &echo) in peers.iter().zip(&echoes) {
                 let make = || {
                     let conninfo = peer.conninfo.to_string();
                     (Outbox::start(&conninfo, &application_name, peer.id.0, config.node_id), Instant::now())
@@ -71,7 +75,6 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
                 if (!outbox.connected() || outbox.waiting_for() > silence) && made.elapsed() >= RECONNECT {
                     (*outbox, *made) = make();
                 }
-                let echo = status::grant_lease(peer.id.0, current.granting);
                 let sent_at = crate::backend::monotonic();
                 outbox.push(vec![Signal::Heartbeat { from: config.node_id, report, sent_at, echo }]);
             }
@@ -86,6 +89,25 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
         let wait = if pending { next.min(Duration::from_millis(5)) } else { next };
         if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(1)))) {
             break;
+        }
+    }
+    release_leases(config.node_id, &mut outboxes);
+}
+
+/// On a clean shutdown: this node answers no more reads, and tells its peers (for up to half a
+/// second), so that they need not keep it among their members until their promises end (see
+/// `mmts_core::lease`).
+fn release_leases(me: mmts_core::NodeId, outboxes: &mut BTreeMap<u32, (Outbox, Instant)>) {
+    status::release_leases();
+    crate::logging::log(format!("mmts: node {me} shuts down: it answers no more reads and gives its read leases back"));
+    for (outbox, _) in outboxes.values_mut() {
+        outbox.push(vec![Signal::LeaseReleased { from: me, sent_at: crate::backend::monotonic() }]);
+    }
+    let until = Instant::now() + Duration::from_millis(500);
+    while outboxes.values().any(|(o, _)| o.pending()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+        for (outbox, _) in outboxes.values_mut() {
+            outbox.pump();
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct Peers {
     added: Mask,
     /// Added nodes whose receiver this node has started.
     receivers: Mask,
+    /// This node is shutting down and gave its read leases back.
+    released: bool,
 }
 
 impl Default for Peers {
@@ -149,6 +151,7 @@ impl Default for Peers {
             dropped: 0,
             added: 0,
             receivers: 0,
+            released: false,
         }
     }
 }
@@ -327,12 +330,18 @@ pub fn record_report(from: u32, report: Report, sent_at: i64, echo: i64) {
 }
 
 /// The lease this node grants `peer` in its next heartbeat (the peer's latest `sent_at`; 0
-/// when `members` leaves it out), promised (see `mmts_core::lease`) before it is sent.
+/// when `members` leaves it out), promised (see `mmts_core::lease`) before it is sent. A lease
+/// that had lapsed begins again only once no transaction here is in two-phase commit without
+/// the peer: the WAL end sent with it then covers every transaction it missed.
 pub fn grant_lease(peer: u32, members: Mask) -> i64 {
     if members & bit(NodeId(peer)) == 0 {
         return 0;
     }
     let lease = lease();
+    let lapsed = PEERS.share().peers[peer as usize - 1].promised_until <= monotonic();
+    if lapsed && crate::twophase::in_flight_without(NodeId(peer)) {
+        return 0;
+    }
     let mut echo = 0;
     update(peer, |p| {
         if p.report_sent_at > 0 {
@@ -343,11 +352,50 @@ pub fn grant_lease(peer: u32, members: Mask) -> i64 {
     echo
 }
 
+/// How far this node's WAL is flushed.
+pub fn wal_flushed() -> u64 {
+    // SAFETY: a plain call that reads shared memory under its own lock; main thread.
+    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+}
+
+/// A peer shutting down gave back the lease this node granted it (at `sent_at`, its clock):
+/// it need no longer be kept among the members, and what it reported before is not granted
+/// again. A release older than the peer's latest heartbeat (read late, from WAL, after the peer
+/// started again) changes nothing.
+pub fn lease_released(from: u32, sent_at: i64) {
+    if from == 0 || from > MAX_NODES as u32 {
+        return;
+    }
+    let mut released = false;
+    update(from, |p| {
+        if sent_at >= p.report_sent_at {
+            p.promised_until = 0;
+            p.report_sent_at = 0;
+            released = true;
+        }
+    });
+    if released {
+        crate::logging::log(format!("mmts: node {from} gave back its read lease: it shuts down"));
+    }
+}
+
+/// This node is shutting down: it answers no more reads, so the leases it holds go back.
+pub fn release_leases() {
+    let mut shared = PEERS.exclusive();
+    shared.released = true;
+    for p in shared.peers.iter_mut() {
+        p.lease = Held::default();
+    }
+}
+
 /// Whether this node may answer reads of replicated tables now (see `mmts_core::lease`).
 pub fn readable(config: &ClusterConfig) -> Result<(), Unreadable> {
     let cur = current(config);
     let now = monotonic();
     let shared = *PEERS.share();
+    if shared.released {
+        return Err(Unreadable::Released);
+    }
     let held: Vec<Held> = shared.peers.iter().map(|p| p.lease).collect();
     let applied: Vec<u64> = shared.peers.iter().map(|p| p.applied_lsn).collect();
     lease::readable(config.node_id, &cur.view, &held, &applied, now)
@@ -402,7 +450,7 @@ pub fn current(config: &ClusterConfig) -> Current {
             .fold(0, |m, n| m | bit(n));
         view.members |= promised;
     }
-    let wal_end = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+    let wal_end = wal_flushed();
     let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end };
     let mut generation = shared.generation;
     if view.members != shared.members {

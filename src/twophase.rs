@@ -412,6 +412,21 @@ pub fn unregister(slot: usize, xid: u32) {
     }
 }
 
+/// Whether a transaction in two-phase commit here (coordinated here, or a peer's prepared
+/// here) is prepared without `node` among its members: one that may yet commit, or be
+/// acknowledged, without `node` having it.
+pub fn in_flight_without(node: NodeId) -> bool {
+    let me = match crate::gucs::mode() {
+        mmts_core::config::Mode::Multimaster(config) => config.node_id,
+        mmts_core::config::Mode::Standalone => return false,
+    };
+    let bit = mmts_core::membership::bit(node);
+    SHARED.share().entries.iter().any(|e| {
+        let members = if e.procno >= 0 { e.wake.participants | mmts_core::membership::bit(me) } else { e.members };
+        e.used && members & bit == 0
+    })
+}
+
 /// Whether a backend here coordinates local transaction `xid` (in two-phase commit).
 pub fn is_coordinated(xid: u32) -> bool {
     SHARED.share().entries.iter().any(|e| e.used && e.procno >= 0 && e.xid == xid)
@@ -501,6 +516,7 @@ pub fn deliver_signal(signal: Signal, me: u32) {
         Signal::Heartbeat { from, report, sent_at, echo } => {
             crate::status::record_report(from.0, report, sent_at, echo)
         }
+        Signal::LeaseReleased { from, sent_at } => crate::status::lease_released(from.0, sent_at),
         Signal::Answered { origin, xid, voter, answer: Answer::Accepted } if origin == NodeId(me) => {
             deliver(xid, voter, Delivery::Accepted)
         }

@@ -69,6 +69,8 @@ pub enum Unreadable {
     NoLease(NodeId),
     /// This member's writes from before its lease began are not all applied yet.
     Behind { node: NodeId, applied: u64, bar: u64 },
+    /// Shutting down: it gave its leases back.
+    Released,
 }
 
 /// Whether node `me`, with view `view`, may answer reads at `now`: `held[n - 1]` is its lease

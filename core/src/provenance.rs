@@ -129,7 +129,7 @@ pub fn admit(signal: &Signal, sender: NodeId, known: Mask) -> Result<(), Rejecte
             speaks_for(key.node, sender)?;
             node_list(after.iter().map(|(n, _)| n))
         }
-        Signal::Heartbeat { from, .. } => speaks_for(*from, sender),
+        Signal::Heartbeat { from, .. } | Signal::LeaseReleased { from, .. } => speaks_for(*from, sender),
         Signal::Precommit { origin, .. } => speaks_for(*origin, sender),
         Signal::Promise { origin, ballot, .. } | Signal::Accept { origin, ballot, .. } => {
             known_id(origin.0, known)?;
@@ -253,6 +253,7 @@ mod tests {
                 sent_at: 0,
                 echo: 0,
             },
+            Signal::LeaseReleased { from: n(2), sent_at: 5 },
             Signal::Precommit { origin: n(1), xid: 7, ts: 11, since: 10 },
             Signal::Promise { origin: n(1), xid: 7, since: 3, ballot: b(2, 3) },
             Signal::Accept { origin: n(1), xid: 7, since: 3, ballot: b(2, 3), outcome: Outcome::Commit { ts: 4 } },

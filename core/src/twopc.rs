@@ -101,6 +101,14 @@ pub enum Signal {
         sent_at: Timestamp,
         echo: Timestamp,
     },
+    /// A node shutting down cleanly gives back the read leases it held (it answers no more
+    /// reads): its peers need not keep it among their members until their promises end.
+    /// `sent_at` (its monotonic clock) tells a release read late, from WAL, from one that
+    /// came after the node's newer heartbeats.
+    LeaseReleased {
+        from: NodeId,
+        sent_at: Timestamp,
+    },
     /// Written by a coordinator that has every member's yes: accept "commit at `ts`" under
     /// its ballot (see [`crate::indoubt`]); it commits once a majority has. `since`: when it
     /// prepared the transaction (a node that may have forgotten it since answers Unknown).
@@ -331,6 +339,7 @@ mod tests {
                 sent_at: 0,
                 echo: 0,
             },
+            Signal::LeaseReleased { from: n(2), sent_at: 5 },
             Signal::Vote { origin: n(1), xid: 7, voter: n(2), vote: yes(9) },
             Signal::Vote {
                 origin: n(1),

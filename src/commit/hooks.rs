@@ -174,6 +174,7 @@ unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedS
         let why = match why {
             Unreadable::NotOnline(state) => format!("it is {}, not online", state.name()),
             Unreadable::NoLease(node) => format!("it has not heard from member {node} lately"),
+            Unreadable::Released => "it is shutting down".to_string(),
             Unreadable::Behind { node, .. } => {
                 format!("it has not yet applied what member {node} committed while it did not count this node")
             }

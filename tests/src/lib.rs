@@ -15,6 +15,7 @@
 
 pub mod history;
 pub mod proxy;
+pub mod register;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -250,6 +251,12 @@ impl Node {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Sets (or with `None`, unsets) an environment variable of the server from its next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.map(str::to_string)));
     }
 
     /// Appends `key = value` lines to postgresql.conf (later lines win).

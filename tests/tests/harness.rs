@@ -35,6 +35,8 @@ fn killed_node_is_down_and_restarts() {
     assert!(mmts_tests::is_dead(pid.parse().unwrap()), "backend {pid} survived kill -9 of its node");
     assert!(cluster.node(2).is_up(), "the other node is unaffected");
     cluster.node_mut(1).start();
+    // Reads of replicated tables wait until it is a member again.
+    cluster.wait_replicating(Duration::from_secs(60));
     assert_eq!(cluster.node(1).query_value("SELECT sum(x) FROM t").as_deref(), Some("3"));
     assert!(cluster.node(1).log_tail(200).contains("database system was interrupted"), "restart ran crash recovery");
 }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mmts_tests::history::{check, Kind, Mop, Op, Outcome};
+use mmts_tests::register::{self, RegEvent, RegOp};
 use mmts_tests::{wait_for, ClusterBuilder};
 
 fn op(process: usize, invoke: u64, complete: u64, outcome: Outcome, mops: Vec<Mop>) -> Op {
@@ -39,6 +40,48 @@ const IMPOSSIBLE: &[Kind] = &[
     Kind::LostAppend,
     Kind::StaleRead,
 ];
+
+fn reg(process: usize, invoke: u64, complete: Option<u64>, op: RegOp) -> RegEvent {
+    RegEvent { process, node: process % 3 + 1, key: 1, invoke, complete, op }
+}
+
+#[test]
+fn the_register_checker_finds_what_no_order_explains() {
+    use RegOp::*;
+    // A write, then a read of it; a compare-and-set that found the value; one that did not.
+    let good = vec![
+        reg(0, 0, Some(10), Write(1)),
+        reg(1, 20, Some(30), Read(1)),
+        reg(2, 40, Some(50), Cas { from: 1, to: 2, ok: true }),
+        reg(0, 60, Some(70), Cas { from: 1, to: 3, ok: false }),
+        reg(1, 80, Some(90), Read(2)),
+    ];
+    assert_eq!(register::check(&good), Ok(()));
+    // A stale read: it began after the write returned and saw the value before it.
+    let stale = vec![reg(0, 0, Some(10), Write(1)), reg(1, 20, Some(30), Read(0))];
+    let e = register::check(&stale).expect_err("a stale read");
+    assert!(e.contains("Read(0)"), "{e}");
+    // Two reads in real-time order see two writes in opposite orders.
+    let flip = vec![
+        reg(0, 0, Some(100), Write(1)),
+        reg(1, 0, Some(100), Write(2)),
+        reg(2, 10, Some(20), Read(1)),
+        reg(2, 30, Some(40), Read(2)),
+        reg(2, 50, Some(60), Read(1)),
+    ];
+    assert!(register::check(&flip).is_err());
+    // A write of unknown outcome that a read saw happened; one nobody saw may not have.
+    let unknown = vec![
+        reg(0, 0, None, Write(5)),
+        reg(1, 0, None, Write(6)),
+        reg(2, 50, Some(60), Read(5)),
+        reg(2, 70, Some(80), Read(5)),
+    ];
+    assert_eq!(register::check(&unknown), Ok(()));
+    // A compare-and-set that failed though the register held what it compared with.
+    let lost = vec![reg(0, 0, Some(10), Cas { from: 0, to: 1, ok: false })];
+    assert!(register::check(&lost).is_err());
+}
 
 #[test]
 fn a_clean_history_has_no_anomaly() {
@@ -212,7 +255,7 @@ fn run(client: &mut postgres::Client, path: Path, mops: &mut [Mop]) -> Result<()
 #[test]
 fn list_append_from_every_node_has_no_impossible_anomaly() {
     let seconds: u64 = std::env::var("MMTS_HISTORY_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
-    list_append(seconds, false);
+    list_append(seconds, &[], false);
 }
 
 /// The same under a schedule of faults for `MMTS_FAULT_SECONDS` (default 90), one at a time,
@@ -224,7 +267,16 @@ fn list_append_from_every_node_has_no_impossible_anomaly() {
 #[test]
 fn list_append_under_faults_has_no_impossible_anomaly() {
     let seconds: u64 = std::env::var("MMTS_FAULT_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(90);
-    list_append(seconds, true);
+    list_append(seconds, &FAULTS, false);
+}
+
+/// The checker catches a rule broken on purpose: with `multimaster.allow_stale_reads` on in
+/// every client's session, a node cut off from the others answers reads, and the checker must
+/// report stale reads (and still nothing else that is impossible).
+#[test]
+fn reads_allowed_to_be_stale_are_caught_as_stale() {
+    let report = list_append(20, &[Fault::Isolate], true);
+    assert!(report.count(Kind::StaleRead) > 0, "no stale read found: {}", report.summary());
 }
 
 /// A fault of the schedule, on one node.
@@ -238,9 +290,14 @@ enum Fault {
     CutTo,
     /// Every link delayed 20 ms, plus up to 30 ms of jitter.
     Delay,
+    /// The node restarted with its clock 500 ms ahead (libfaketime), five times the margin the
+    /// settling rule allows for; restarted with the right time to heal.
+    Skew,
 }
 
-const FAULTS: [Fault; 5] = [Fault::Kill9, Fault::Isolate, Fault::CutFrom, Fault::CutTo, Fault::Delay];
+const FAULTS: [Fault; 6] = [Fault::Kill9, Fault::Isolate, Fault::CutFrom, Fault::CutTo, Fault::Delay, Fault::Skew];
+
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// How long a fault lasts.
 const FAULT_LENGTH: Duration = Duration::from_secs(4);
@@ -259,12 +316,26 @@ fn inject(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize) {
                 }
             }
         }
+        Fault::Skew => {
+            let node = cluster.node_mut(victim);
+            node.kill9();
+            node.set_env("LD_PRELOAD", Some(FAKETIME));
+            node.set_env("FAKETIME", Some("+0.5s"));
+            node.start();
+        }
     }
 }
 
 fn heal(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize) {
     match fault {
         Fault::Kill9 => cluster.node_mut(victim).start(),
+        Fault::Skew => {
+            let node = cluster.node_mut(victim);
+            node.kill9();
+            node.set_env("LD_PRELOAD", None);
+            node.set_env("FAKETIME", None);
+            node.start();
+        }
         Fault::Delay => {
             for a in 1..=3 {
                 for b in (1..=3).filter(|&b| b != a) {
@@ -287,25 +358,127 @@ fn all_online(cluster: &mmts_tests::Cluster) -> bool {
     })
 }
 
+/// Registers the register workload reads, writes and compares-and-sets.
+const REGISTERS: u32 = 6;
+
+/// One client on `node` runs single-statement operations on the registers until `stop`: reads,
+/// writes and compare-and-sets (from the value it last read), each storing a value never
+/// stored before.
+fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, out: &Mutex<Vec<RegEvent>>) {
+    let process = 100 + node;
+    let mut seed = 0x2545_F491_4F6C_DD1Du64 ^ node as u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut value = node as i64 * 1_000_000_000;
+    let mut last_read = [0i64; REGISTERS as usize + 1];
+    let mut client: Option<postgres::Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = client.as_mut().filter(|c| !c.is_closed()) else {
+            client = postgres::Client::connect(connstr, postgres::NoTls).ok();
+            if client.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        };
+        let key = 1 + next(REGISTERS as u64) as u32;
+        let k = key as i32;
+        let invoke = started.elapsed().as_micros() as u64;
+        let (op, result) = match next(4) {
+            0 | 1 => match c.query_one("SELECT v FROM registers WHERE k = $1", &[&k]) {
+                Ok(row) => {
+                    let v: i64 = row.get(0);
+                    last_read[key as usize] = v;
+                    (RegOp::Read(v), Ok(()))
+                }
+                Err(e) => (RegOp::Read(0), Err(e)),
+            },
+            2 => {
+                value += 1;
+                let r = c.execute("UPDATE registers SET v = $2 WHERE k = $1", &[&k, &value]);
+                (RegOp::Write(value), r.map(|_| ()))
+            }
+            _ => {
+                value += 1;
+                let from = last_read[key as usize];
+                match c.execute("UPDATE registers SET v = $3 WHERE k = $1 AND v = $2", &[&k, &from, &value]) {
+                    Ok(n) => (RegOp::Cas { from, to: value, ok: n == 1 }, Ok(())),
+                    Err(e) => (RegOp::Cas { from, to: value, ok: true }, Err(e)),
+                }
+            }
+        };
+        let complete = started.elapsed().as_micros() as u64;
+        let complete = match result {
+            Ok(()) => Some(complete),
+            // Unknown: the commit was not confirmed, or the connection is gone.
+            Err(e) if matches!(e.code().map(|c| c.code()), Some("08007") | None) => None,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        out.lock().unwrap().push(RegEvent { process, node, key, invoke, complete, op });
+    }
+}
+
+/// Each register, as seen by the readers of each node, is linearizable: every write and
+/// compare-and-set from any node, and one node's reads. Across nodes it need not be (a commit
+/// becomes visible on each node as that node commits it, before COMMIT returns): how often the
+/// whole history is not is counted.
+fn check_registers(events: &[RegEvent]) {
+    let counted = |node: usize| events.iter().filter(|e| e.node == node && e.complete.is_some()).count();
+    for node in 1..=3 {
+        assert!(counted(node) > 0, "no register operation completed on node {node}");
+        let seen: Vec<RegEvent> =
+            events.iter().filter(|e| !matches!(e.op, RegOp::Read(_)) || e.node == node).cloned().collect();
+        if let Err(e) = register::check(&seen) {
+            panic!("registers as read on node {node}: {e}");
+        }
+    }
+    let whole = match register::check(events) {
+        Ok(()) => "linearizable".to_string(),
+        Err(e) => format!("not linearizable across nodes (possible): {}", e.lines().next().unwrap_or("")),
+    };
+    eprintln!(
+        "registers: {} operations ({} completed); per node: linearizable; whole history: {whole}",
+        events.len(),
+        events.iter().filter(|e| e.complete.is_some()).count()
+    );
+}
+
 /// Log lines the workload causes: its transactions conflict, and one of two is rolled back
 /// (40001). Everything else the checks look for (a PANIC, a process killed by a signal, any
 /// other "could not") fails the test, with or without faults.
 const CAUSED_BY_WORKLOAD: &[&str] = &["could not serialize access"];
 
-fn list_append(seconds: u64, faults: bool) -> mmts_tests::history::Report {
-    let mut cluster = ClusterBuilder::new(3).proxies(faults).start();
+/// Runs the list-append and register workloads for `seconds`, with `faults` one after another
+/// (none: no faults), and checks what they saw. `stale_reads`: clients allow stale reads
+/// (`multimaster.allow_stale_reads`), and the stale reads found are returned, not failed.
+fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests::history::Report {
+    // Under faults, with fsync on: a kill -9 still keeps the page cache (it is no power cut),
+    // but every commit and prepare reaches the disk as it would in production.
+    let fsync = if faults.is_empty() { "off" } else { "on" };
+    let mut cluster = ClusterBuilder::new(3).proxies(!faults.is_empty()).set("fsync", fsync).start();
     for node in cluster.nodes() {
         node.execute_local(&format!(
-            "CREATE EXTENSION mmts; CREATE TABLE lists(k int PRIMARY KEY, v bigint[] NOT NULL DEFAULT '{{}}')"
+            "CREATE EXTENSION mmts; CREATE TABLE lists(k int PRIMARY KEY, v bigint[] NOT NULL DEFAULT '{{}}');
+             CREATE TABLE registers(k int PRIMARY KEY, v bigint NOT NULL DEFAULT 0)"
         ));
     }
     cluster.wait_replicating(Duration::from_secs(60));
     cluster.node(1).execute(&format!("INSERT INTO lists(k) SELECT generate_series(1, {KEYS})"));
-    let nodes: Vec<(usize, String)> = cluster.nodes().iter().map(|n| (n.id, n.connstr())).collect();
+    cluster.node(1).execute(&format!("INSERT INTO registers(k) SELECT generate_series(1, {REGISTERS})"));
+    let options = if stale_reads { " options='-c multimaster.allow_stale_reads=on'" } else { "" };
+    let nodes: Vec<(usize, String)> =
+        cluster.nodes().iter().map(|n| (n.id, format!("{}{options}", n.connstr()))).collect();
 
     let started = Instant::now();
     let stop = AtomicBool::new(false);
     let history: Mutex<Vec<Op>> = Mutex::new(Vec::new());
+    let register_history: Mutex<Vec<RegEvent>> = Mutex::new(Vec::new());
     let paths = [Path::Explicit, Path::Autocommit, Path::Extended, Path::MultiStatement];
     let mut fault_log = Vec::new();
     std::thread::scope(|scope| {
@@ -358,11 +531,16 @@ fn list_append(seconds: u64, faults: bool) -> mmts_tests::history::Report {
                 }
             });
         }
+        for node in 1..=3 {
+            let connstr = nodes[node - 1].1.clone();
+            let (stop, register_history) = (&stop, &register_history);
+            scope.spawn(move || registers(node, &connstr, started, stop, register_history));
+        }
         let deadline = started + Duration::from_secs(seconds);
         let mut round = 0;
-        while faults && Instant::now() + FAULT_LENGTH < deadline {
+        while !faults.is_empty() && Instant::now() + FAULT_LENGTH < deadline {
             std::thread::sleep(Duration::from_secs(1));
-            let (fault, victim) = (FAULTS[round % FAULTS.len()], round % 3 + 1);
+            let (fault, victim) = (faults[round % faults.len()], round % 3 + 1);
             round += 1;
             let at = started.elapsed().as_secs_f64();
             inject(&mut cluster, fault, victim);
@@ -398,6 +576,7 @@ fn list_append(seconds: u64, faults: bool) -> mmts_tests::history::Report {
 
     let ops = history.into_inner().unwrap();
     let report = check(&ops, &finals);
+
     eprintln!("history: {seconds} s; {}", report.summary());
     let mut online_after: BTreeMap<Fault, Vec<u128>> = BTreeMap::new();
     for (at, fault, victim, back) in &fault_log {
@@ -410,8 +589,13 @@ fn list_append(seconds: u64, faults: bool) -> mmts_tests::history::Report {
     for (fault, ms) in &online_after {
         eprintln!("  {fault:?}: {} times, online again after {} ms at most", ms.len(), ms.iter().max().unwrap());
     }
-    let impossible: usize = IMPOSSIBLE.iter().map(|&k| report.count(k)).sum();
-    assert_eq!(impossible, 0, "anomalies mmts rules out:\n{}", report.describe(IMPOSSIBLE, 3));
+    let register_ops = register_history.into_inner().unwrap();
+    if !stale_reads {
+        check_registers(&register_ops);
+    }
+    let ruled_out: Vec<Kind> = IMPOSSIBLE.iter().copied().filter(|&k| !stale_reads || k != Kind::StaleRead).collect();
+    let impossible: usize = ruled_out.iter().map(|&k| report.count(k)).sum();
+    assert_eq!(impossible, 0, "anomalies mmts rules out:\n{}", report.describe(&ruled_out, 3));
     assert!(report.ok > 100, "too few transactions committed: {}", report.summary());
     let reads = ops
         .iter()

@@ -1,0 +1,160 @@
+//! Histories of single-register operations (read, write, compare-and-set) and their check for
+//! linearizability, with the Wing–Gong–Lowe search of the `todc-utils` crate, one key at a time
+//! (linearizability is compositional).
+//!
+//! Each write and successful compare-and-set stores a value never stored before, so a read
+//! names the write it saw. An operation whose client cannot tell whether it took effect
+//! (`complete: None`) may have happened at any time after it began: it is kept, open until the
+//! end of the history, if a read saw its value, and dropped otherwise (then nothing depends on
+//! whether it happened). A failed operation did not happen and is dropped; so is a read that
+//! failed.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use todc_utils::linearizability::history::Action;
+use todc_utils::{History, Specification, WGLChecker};
+
+/// What one operation did, as its client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegOp {
+    /// Read this value.
+    Read(i64),
+    /// Stored this value.
+    Write(i64),
+    /// Stored `to` if the register held `from` (`ok`), or found it did not (`!ok`).
+    Cas { from: i64, to: i64, ok: bool },
+}
+
+/// One operation on one register, by one client on one node.
+#[derive(Debug, Clone)]
+pub struct RegEvent {
+    pub process: usize,
+    pub node: usize,
+    pub key: u32,
+    /// Microseconds since the history began.
+    pub invoke: u64,
+    /// `None`: the client could not tell whether it took effect.
+    pub complete: Option<u64>,
+    pub op: RegOp,
+}
+
+impl fmt::Display for RegEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = self.complete.map_or("?".to_string(), |c| format!("{:.3}", c as f64 / 1e6));
+        write!(
+            f,
+            "{:?} of key {} by client {} on node {}, {:.3}–{end} s",
+            self.op,
+            self.key,
+            self.process,
+            self.node,
+            self.invoke as f64 / 1e6
+        )
+    }
+}
+
+/// A register holding an integer, 0 at first.
+struct Register;
+
+impl Specification for Register {
+    type State = i64;
+    type Operation = RegOp;
+
+    fn init() -> i64 {
+        0
+    }
+
+    fn apply(op: &RegOp, state: &i64) -> (bool, i64) {
+        match *op {
+            RegOp::Read(v) => (v == *state, *state),
+            RegOp::Write(v) => (true, v),
+            RegOp::Cas { from, to, ok: true } => (from == *state, to),
+            RegOp::Cas { from, ok: false, .. } => (from != *state, *state),
+        }
+    }
+}
+
+/// The operations of one key that the check keeps (see the module's comment), with `None`
+/// completions made the end of the history.
+fn kept(events: &[&RegEvent]) -> Vec<RegEvent> {
+    let read: HashSet<i64> = events
+        .iter()
+        .filter_map(|e| match e.op {
+            RegOp::Read(v) if e.complete.is_some() => Some(v),
+            _ => None,
+        })
+        .collect();
+    let end = events.iter().filter_map(|e| e.complete).max().unwrap_or(0) + 1;
+    events
+        .iter()
+        .filter(|e| match e.op {
+            RegOp::Read(_) | RegOp::Cas { ok: false, .. } => e.complete.is_some(),
+            RegOp::Write(v) | RegOp::Cas { to: v, ok: true, .. } => e.complete.is_some() || read.contains(&v),
+        })
+        .map(|e| RegEvent { complete: Some(e.complete.unwrap_or(end)), ..(*e).clone() })
+        .collect()
+}
+
+fn linearizable(events: &[RegEvent]) -> bool {
+    if events.is_empty() {
+        return true;
+    }
+    // Calls and responses in time order (a response before a call at the same instant: the
+    // operations did not overlap). Each operation is a process of its own to the checker, so
+    // that an operation left open does not pair with its client's next one.
+    let mut actions: Vec<(u64, bool, usize, RegOp)> = Vec::with_capacity(events.len() * 2);
+    for (i, e) in events.iter().enumerate() {
+        actions.push((e.invoke, true, i, e.op));
+        actions.push((e.complete.expect("kept operations complete"), false, i, e.op));
+    }
+    actions.sort_by_key(|&(t, call, i, _)| (t, call, i));
+    let history = History::from_actions(
+        actions
+            .into_iter()
+            .map(|(_, call, i, op)| (i, if call { Action::Call(op) } else { Action::Response(op) }))
+            .collect(),
+    );
+    WGLChecker::<Register>::is_linearizable(history)
+}
+
+/// Checks every key's operations for linearizability. `Err`: for the first key that is not,
+/// the operations around where its shortest non-linearizable prefix (by completion) ends.
+pub fn check(events: &[RegEvent]) -> Result<(), String> {
+    let mut keys: Vec<u32> = events.iter().map(|e| e.key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        let of_key: Vec<&RegEvent> = events.iter().filter(|e| e.key == key).collect();
+        let mut ops = kept(&of_key);
+        if linearizable(&ops) {
+            continue;
+        }
+        ops.sort_by_key(|e| (e.complete, e.invoke));
+        // The shortest prefix that is not linearizable: the operation that ends it is one
+        // that no order explains.
+        let (mut good, mut bad) = (0, ops.len());
+        while bad - good > 1 {
+            let mid = (good + bad) / 2;
+            if linearizable(&ops[..mid]) {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        let last = &ops[bad - 1];
+        let around: Vec<String> = ops[..bad]
+            .iter()
+            .filter(|e| e.complete.unwrap_or(u64::MAX) + 200_000 >= last.invoke)
+            .rev()
+            .take(12)
+            .map(|e| format!("  {e}"))
+            .collect();
+        return Err(format!(
+            "key {key}: not linearizable ({} operations); no order explains\n  {last}\nwith the operations before it that ended at most 0.2 s before it began (newest first):\n{}",
+            ops.len(),
+            around.join("\n")
+        ));
+    }
+    Ok(())
+}
