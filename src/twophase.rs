@@ -114,6 +114,8 @@ struct Record {
     /// When this slot last gave up a record still needed (undecided, or settled) for
     /// another: see [`memory`].
     replaced_at: i64,
+    /// Also kept on disk (see [`keep_on_disk`]).
+    on_disk: bool,
 }
 
 /// About 40 s of transactions at 800 a second before their records are replaced. (The
@@ -128,8 +130,10 @@ pub struct Shared {
     wounds: [Wound; WOUNDS],
     records: [Record; RECORDS],
     record_uses: u64,
-    /// When shared memory was set up: records from before are lost (see [`memory`]).
+    /// When shared memory was set up: records from before are lost (see [`memory`]), but for
+    /// those kept on disk, read back once (`loaded`) before any record is used.
     started_at: i64,
+    loaded: bool,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
     committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
@@ -145,6 +149,7 @@ impl Default for Shared {
             records: [Record::default(); RECORDS],
             record_uses: 0,
             started_at: crate::backend::now(),
+            loaded: false,
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -191,17 +196,86 @@ fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
 /// none: a free slot of its window, or else the oldest one its coordinator ended, or else the
 /// oldest; see [`memory`] for what replacing one means).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
-    let mut s = SHARED.exclusive();
-    record_mut(&mut s, origin, xid, |r| f(&mut r.acceptor))
+    let mut s = records();
+    record_mut(&mut s, origin, xid, |r| {
+        let result = f(&mut r.acceptor);
+        forget_on_disk_once_decided(origin, xid, r);
+        result
+    })
 }
 
 /// Records that transaction `xid` of node `origin` ended here as the cluster settled it.
 pub fn settled(origin: NodeId, xid: u32, outcome: Outcome) {
-    let mut s = SHARED.exclusive();
+    let mut s = records();
     record_mut(&mut s, origin, xid, |r| {
         r.acceptor.decide(outcome);
         r.settled = true;
+        forget_on_disk_once_decided(origin, xid, r);
     })
+}
+
+/// Where records kept on disk live: one file per transaction in this directory of the data
+/// directory (every mmts process runs there).
+const RECORDS_DIR: &str = "mmts_records";
+
+fn record_path(origin: NodeId, xid: u32) -> std::path::PathBuf {
+    std::path::Path::new(RECORDS_DIR).join(format!("{}_{xid}", origin.0))
+}
+
+/// The shared state, exclusively, with the records kept on disk read back (once after a
+/// start, before any record is used).
+fn records() -> pgrx::lwlock::PgLwLockExclusiveGuard<'static, Shared> {
+    let mut s = SHARED.exclusive();
+    if !s.loaded {
+        s.loaded = true;
+        let mut read = 0;
+        for entry in std::fs::read_dir(RECORDS_DIR).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let parsed = name.split_once('_').and_then(|(o, x)| Some((o.parse::<u32>().ok()?, x.parse::<u32>().ok()?)));
+            let record = std::fs::read(entry.path()).ok().and_then(|b| indoubt::decode_record(&b));
+            match (parsed, record) {
+                (Some((origin, xid)), Some(acceptor)) if origin != 0 => {
+                    record_mut(&mut s, NodeId(origin), xid, |r| {
+                        r.acceptor = acceptor;
+                        r.on_disk = true;
+                    });
+                    read += 1;
+                }
+                // Only a write cut short by a crash leaves one unreadable (the rename is
+                // atomic): the temporary file of an answer that never left.
+                _ => {
+                    crate::logging::log(format!("mmts: ignoring {RECORDS_DIR}/{name}: not a record"));
+                }
+            }
+        }
+        if read > 0 {
+            crate::logging::log(format!("mmts: read {read} records of transactions in doubt kept on disk"));
+        }
+    }
+    s
+}
+
+/// Writes `record` of transaction `xid` of node `origin` to disk, durably (a new file synced,
+/// renamed over the old one, the directory synced).
+fn keep_on_disk(origin: NodeId, xid: u32, record: &Acceptor) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(RECORDS_DIR)?;
+    let path = record_path(origin, xid);
+    let temporary = path.with_extension("new");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&indoubt::encode_record(record))?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &path)?;
+    std::fs::File::open(RECORDS_DIR)?.sync_all()
+}
+
+/// A record kept on disk is removed once the transaction is carried out here (a restarted
+/// node then answers from how it ended).
+fn forget_on_disk_once_decided(origin: NodeId, xid: u32, r: &mut Record) {
+    if r.on_disk && r.acceptor.decided.is_some() {
+        let _ = std::fs::remove_file(record_path(origin, xid));
+        r.on_disk = false;
+    }
 }
 
 fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut Record) -> R) -> R {
@@ -538,13 +612,28 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
         }
         _ => return None,
     };
-    let mut s = SHARED.exclusive();
+    let mut s = records();
     let memory = memory(&s, origin, xid);
     // A node that takes no part makes no record of it either.
     let answer = if indoubt::takes_no_part(memory, request, since, CLOCK_MARGIN_US) {
         Answer::Unknown
     } else {
-        record_mut(&mut s, origin, xid, |r| indoubt::answer(&mut r.acceptor, memory, request, since, CLOCK_MARGIN_US))
+        record_mut(&mut s, origin, xid, |r| {
+            let mut changed = r.acceptor;
+            let answer = indoubt::answer(&mut changed, memory, request, since, CLOCK_MARGIN_US);
+            // A promise or acceptance for a resolver is on disk before it is given.
+            if changed != r.acceptor && indoubt::durable(request) && changed.decided.is_none() {
+                if let Err(e) = keep_on_disk(origin, xid, &changed) {
+                    crate::logging::log(format!(
+                        "mmts: cannot keep the record of transaction {xid} of node {origin} on disk, so no answer: {e}"
+                    ));
+                    return Answer::Unknown;
+                }
+                r.on_disk = true;
+            }
+            r.acceptor = changed;
+            answer
+        })
     };
     Some(Signal::Answered { origin, xid, voter: me, answer })
 }

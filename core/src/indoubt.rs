@@ -40,7 +40,7 @@ pub enum Outcome {
 }
 
 /// One node's record of one transaction being settled.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acceptor {
     pub promised: Ballot,
     pub accepted: Option<(Ballot, Outcome)>,
@@ -143,13 +143,32 @@ pub fn forgotten(memory: Memory, since: Timestamp, margin: Timestamp) -> bool {
 /// and the other nodes count a precommit's position in the stream as the end of its
 /// transaction (they commit on it in clusters of three nodes or fewer); refusing it there left
 /// the restarted node waiting forever on transactions of two streams that each depended on the
-/// other (`tests/tests/failures.rs`, a node killed again and again). The price: a node that
-/// restarted between promising a resolver a higher ballot and receiving the precommit can help
-/// choose both outcomes (`core/tests/settlement.rs`,
-/// `a_precommit_accepted_after_a_restart_can_choose_both_outcomes`). Records kept on disk close
-/// it: a restarted node then forgets nothing.
+/// other (`tests/tests/failures.rs`, a node killed again and again). It is safe because what a
+/// resolver was promised or had accepted is kept on disk ([`durable`]): a node that restarted
+/// after promising a higher ballot refuses the precommit (`core/tests/settlement.rs`,
+/// `a_promise_forgotten_in_a_restart_would_let_both_outcomes_be_chosen`).
 pub fn takes_no_part(memory: Memory, request: Request, since: Timestamp, margin: Timestamp) -> bool {
     !matches!(request, Request::Precommit { .. }) && forgotten(memory, since, margin)
+}
+
+/// Whether the record `request` changed must be on disk before the answer leaves: a promise
+/// or an acceptance given to a resolver. A node that forgot one after a restart could accept
+/// the coordinator's precommit (see [`takes_no_part`]) and help choose both outcomes; with it
+/// kept, the restarted node refuses the precommit as a lower ballot. (The coordinator's own
+/// ballot needs no disk: a node that forgot accepting it takes no part in settling.)
+pub fn durable(request: Request) -> bool {
+    matches!(request, Request::Promise(_) | Request::Accept(..))
+}
+
+/// A record as kept on disk.
+pub fn encode_record(record: &Acceptor) -> Vec<u8> {
+    bincode::serde::encode_to_vec(record, bincode::config::standard()).expect("a record encodes")
+}
+
+/// A record read back from disk (`None`: damaged).
+pub fn decode_record(bytes: &[u8]) -> Option<Acceptor> {
+    let (record, read) = bincode::serde::decode_from_slice::<Acceptor, _>(bytes, bincode::config::standard()).ok()?;
+    (read == bytes.len()).then_some(record)
 }
 
 /// This node's answer to `request` about a transaction that began at `since` (by the clock of

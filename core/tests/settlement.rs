@@ -1,6 +1,7 @@
 //! Deterministic simulation of how transactions in doubt are settled (`mmts_core::indoubt`):
 //! coordinators precommit and commit, nodes crash and restart (losing their in-memory
-//! records, as mmts's shared memory does), messages are lost, duplicated and reordered, and
+//! records, as mmts's shared memory does, except those kept on disk: `indoubt::durable`),
+//! messages are lost, duplicated and reordered, and
 //! any node may try to settle a transaction it holds prepared. Checked: no transaction is
 //! committed on one node and rolled back on another; every acknowledged commit is committed
 //! everywhere; once faults stop, every transaction ends on every node.
@@ -35,11 +36,33 @@ impl Rng {
 
 #[derive(Debug, Clone)]
 enum Msg {
-    Precommit { txn: usize, ts: i64 },
-    Promise { txn: usize, ballot: Ballot, since: i64 },
-    Accept { txn: usize, ballot: Ballot, since: i64, outcome: Outcome },
-    Answer { txn: usize, from: usize, answer: Answer, phase: u8 },
-    Decided { txn: usize, outcome: Outcome },
+    Precommit {
+        txn: usize,
+        ts: i64,
+    },
+    Promise {
+        txn: usize,
+        ballot: Ballot,
+        since: i64,
+    },
+    Accept {
+        txn: usize,
+        ballot: Ballot,
+        since: i64,
+        outcome: Outcome,
+    },
+    /// An answer to the request of `phase` (0: a precommit) under `ballot`.
+    Answer {
+        txn: usize,
+        from: usize,
+        answer: Answer,
+        phase: u8,
+        ballot: Ballot,
+    },
+    Decided {
+        txn: usize,
+        outcome: Outcome,
+    },
 }
 
 /// A resolver's attempt in progress on one node (`mmts_core::indoubt::Attempt`, the code mmts
@@ -55,6 +78,8 @@ struct Node {
     started_at: i64,
     /// In memory: lost on a crash.
     records: BTreeMap<usize, Acceptor>,
+    /// On disk (`indoubt::durable`): what a restart reads back.
+    durable: BTreeMap<usize, Acceptor>,
     /// Durable: how each transaction ended here (None: still prepared).
     ended: BTreeMap<usize, Outcome>,
     /// Coordinator side, in memory: the coordinations of its transactions being committed
@@ -139,7 +164,12 @@ impl Sim {
         if let Some(o) = node.ended.get(&txn) {
             record.decide(*o);
         }
-        indoubt::answer(record, memory, request, since, MARGIN)
+        let answer = indoubt::answer(record, memory, request, since, MARGIN);
+        if indoubt::durable(request) {
+            let kept = *record;
+            node.durable.insert(txn, kept);
+        }
+        answer
     }
 
     fn end(&mut self, n: usize, txn: usize, outcome: Outcome) {
@@ -163,32 +193,38 @@ impl Sim {
                 let (since, c) = (self.txns[txn].since, self.txns[txn].coordinator);
                 let request = Request::Precommit { coordinator: node_id(c), ts };
                 let answer = self.acceptor_answer(n, txn, since, request);
-                self.send(n, c, Msg::Answer { txn, from: n, answer, phase: 0 });
+                self.send(
+                    n,
+                    c,
+                    Msg::Answer { txn, from: n, answer, phase: 0, ballot: Ballot::coordinator(node_id(c)) },
+                );
             }
             Msg::Promise { txn, ballot, since } => {
                 let answer = self.acceptor_answer(n, txn, since, Request::Promise(ballot));
-                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 1 });
+                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 1, ballot });
             }
             Msg::Accept { txn, ballot, since, outcome } => {
                 let answer = self.acceptor_answer(n, txn, since, Request::Accept(ballot, outcome));
-                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 2 });
+                self.send(n, ballot.node as usize - 1, Msg::Answer { txn, from: n, answer, phase: 2, ballot });
             }
             Msg::Decided { txn, outcome } => self.end(n, txn, outcome),
-            Msg::Answer { txn, from, answer, phase: 0 } => {
+            Msg::Answer { txn, from, answer, phase: 0, .. } => {
                 let Some(coordination) = self.nodes[n].precommits.get_mut(&txn) else { return };
                 if answer == Answer::Accepted {
                     coordination.step(Event::Accepted(node_id(from)));
                 }
                 self.coordinate(n, txn);
             }
-            Msg::Answer { txn, from, answer, phase } => {
+            Msg::Answer { txn, from, answer, phase, ballot } => {
                 let Some(a) = self.nodes[n].attempts.get_mut(&txn) else { return };
                 let current = match a.attempt.request() {
                     Some(Request::Promise(_)) => 1,
                     Some(Request::Accept(..)) => 2,
                     _ => return,
                 };
-                if current != phase {
+                // Only answers to this attempt's own request count (mmts gets each answer as
+                // the reply to the request it sent: one ballot, one phase).
+                if current != phase || ballot != a.attempt.ballot() {
                     return;
                 }
                 a.attempt.step(node_id(from), answer);
@@ -329,7 +365,7 @@ impl Sim {
         if self.rng.chance(2) && self.nodes[n].up {
             let node = &mut self.nodes[n];
             node.up = false;
-            node.records.clear();
+            node.records = node.durable.clone();
             node.precommits.clear();
             node.attempts.clear();
         } else if self.rng.chance(10) && !self.nodes[n].up {
@@ -434,22 +470,44 @@ fn settlement_is_safe_and_ends_under_faults() {
     }
 }
 
-/// The price of accepting the coordinator's precommit on a node that may have forgotten a
-/// promise (`indoubt::takes_no_part`): a node that promised a resolver a higher ballot, then
-/// restarted, accepts the precommit of the same transaction, so that the coordinator and the
-/// resolver each find a majority. Found at seed 12326 of 20,000 (about one run in 20,000 with
-/// crashes every few dozen steps). Kept as a check that the hole is still there until the
-/// acceptor records are kept on disk; then this test is to be turned around.
+/// The hole `indoubt::durable` closes, step by step (3 nodes: node 1 coordinates, node 3
+/// resolves, node 2 restarts in between): node 2 promises the resolver's ballot and restarts.
+/// Had it forgotten the promise, it would accept the coordinator's precommit (a node catching
+/// up takes it, see `indoubt::takes_no_part`): the coordinator, with its own acceptance, has a
+/// majority for the commit, while the resolver, with node 2's promise and its own, proposes a
+/// rollback that it and node 1 (bound only to its own ballot 0) accept. With
+/// the promise kept, node 2 refuses the precommit and the rollback is the only outcome.
 #[test]
-fn a_precommit_accepted_after_a_restart_can_choose_both_outcomes() {
-    let seed = 12326;
-    let mut sim = Sim::new(seed, if seed % 3 == 0 { 5 } else { 3 }, 12);
-    let broken = (0..400).find_map(|_| {
-        sim.step();
-        sim.disagreement()
-    });
-    assert!(
-        broken.as_deref().is_some_and(|b| b.contains("outcomes differ across nodes")),
-        "seed {seed} no longer splits: {broken:?}"
-    );
+fn a_promise_forgotten_in_a_restart_would_let_both_outcomes_be_chosen() {
+    let (since, ts) = (1_000, 2_000);
+    let resolver = Ballot { round: 1, node: 3 };
+    let precommit = Request::Precommit { coordinator: NodeId(1), ts };
+    let before = Memory { has_record: false, prepared_here: true, started_at: 0, evicted_at: None };
+    let split = |kept_on_disk: bool| -> bool {
+        let mut node2 = Acceptor::default();
+        let promised = indoubt::answer(&mut node2, before, Request::Promise(resolver), since, MARGIN);
+        assert_eq!(promised, Answer::Promised(None));
+        assert!(indoubt::durable(Request::Promise(resolver)));
+        // Node 2 restarts, after the transaction began.
+        let after =
+            Memory { has_record: kept_on_disk, prepared_here: false, started_at: since + 100, evicted_at: None };
+        if !kept_on_disk {
+            node2 = Acceptor::default();
+        }
+        // The coordinator accepted its own precommit, and node 2 takes it.
+        let mut node1 = Acceptor::default();
+        assert_eq!(indoubt::answer(&mut node1, before, precommit, since, MARGIN), Answer::Accepted);
+        let took_precommit = indoubt::answer(&mut node2, after, precommit, since, MARGIN) == Answer::Accepted;
+        // The resolver had node 2's promise and its own, neither with a value: it proposes the
+        // rollback, which it and node 1 (bound only to its own ballot 0) accept.
+        let mut node3 = Acceptor::default();
+        indoubt::answer(&mut node3, before, Request::Promise(resolver), since, MARGIN);
+        let accept = Request::Accept(resolver, Outcome::Abort);
+        let rolled_back = indoubt::answer(&mut node3, before, accept, since, MARGIN) == Answer::Accepted
+            && indoubt::answer(&mut node1, before, accept, since, MARGIN) == Answer::Accepted;
+        // The coordinator (its own acceptance and node 2's) commits; the resolver rolls back.
+        took_precommit && rolled_back
+    };
+    assert!(split(false), "forgotten: both outcomes");
+    assert!(!split(true), "kept: one outcome");
 }
