@@ -4,12 +4,11 @@
 //!
 //! Each write and successful compare-and-set stores a value never stored before, so a read
 //! names the write it saw. An operation whose client cannot tell whether it took effect
-//! (`complete: None`) may have happened at any time after it began: it is kept, open until the
-//! end of the history, if a read saw its value, and dropped otherwise (then nothing depends on
-//! whether it happened). A failed operation did not happen and is dropped; so is a read that
-//! failed.
+//! (`complete: None`) may have happened at any time after it began: it stays open until the end
+//! of the history (placed last, it changes nothing anyone saw, as if it had not happened), and
+//! a compare-and-set of unknown outcome may have found the value or not. A failed operation did
+//! not happen and is dropped; so is a read that failed.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use todc_utils::linearizability::history::Action;
@@ -24,6 +23,9 @@ pub enum RegOp {
     Write(i64),
     /// Stored `to` if the register held `from` (`ok`), or found it did not (`!ok`).
     Cas { from: i64, to: i64, ok: bool },
+    /// A compare-and-set whose result nobody saw (the check makes it from one of unknown
+    /// outcome).
+    CasUnseen { from: i64, to: i64 },
 }
 
 /// One operation on one register, by one client on one node.
@@ -71,6 +73,7 @@ impl Specification for Register {
             RegOp::Write(v) => (true, v),
             RegOp::Cas { from, to, ok: true } => (from == *state, to),
             RegOp::Cas { from, ok: false, .. } => (from != *state, *state),
+            RegOp::CasUnseen { from, to } => (true, if from == *state { to } else { *state }),
         }
     }
 }
@@ -78,21 +81,18 @@ impl Specification for Register {
 /// The operations of one key that the check keeps (see the module's comment), with `None`
 /// completions made the end of the history.
 fn kept(events: &[&RegEvent]) -> Vec<RegEvent> {
-    let read: HashSet<i64> = events
-        .iter()
-        .filter_map(|e| match e.op {
-            RegOp::Read(v) if e.complete.is_some() => Some(v),
-            _ => None,
-        })
-        .collect();
     let end = events.iter().filter_map(|e| e.complete).max().unwrap_or(0) + 1;
     events
         .iter()
-        .filter(|e| match e.op {
-            RegOp::Read(_) | RegOp::Cas { ok: false, .. } => e.complete.is_some(),
-            RegOp::Write(v) | RegOp::Cas { to: v, ok: true, .. } => e.complete.is_some() || read.contains(&v),
+        .filter_map(|e| {
+            let op = match (e.op, e.complete) {
+                (op, Some(_)) => op,
+                (RegOp::Read(_), None) => return None,
+                (RegOp::Cas { from, to, .. } | RegOp::CasUnseen { from, to }, None) => RegOp::CasUnseen { from, to },
+                (op @ RegOp::Write(_), None) => op,
+            };
+            Some(RegEvent { complete: Some(e.complete.unwrap_or(end)), op, ..(*e).clone() })
         })
-        .map(|e| RegEvent { complete: Some(e.complete.unwrap_or(end)), ..(*e).clone() })
         .collect()
 }
 

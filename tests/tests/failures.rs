@@ -267,6 +267,8 @@ fn bank_under_faults(mut next: impl FnMut(usize) -> Option<(Fault, usize)>, paus
     let refused = Mutex::new(HashSet::new());
     let errors = Mutex::new(BTreeMap::<String, u64>::new());
     let bad_reads = Mutex::new(Vec::new());
+    // Successful reads, per node.
+    let reads = Mutex::new(BTreeMap::<usize, u64>::new());
     let next_id = AtomicU64::new(1);
     let mut log = Vec::new();
     std::thread::scope(|s| {
@@ -326,13 +328,14 @@ fn bank_under_faults(mut next: impl FnMut(usize) -> Option<(Fault, usize)>, paus
                     }
                 });
             }
-            let (stop, bad_reads) = (&stop, &bad_reads);
+            let (stop, bad_reads, reads) = (&stop, &bad_reads, &reads);
             s.spawn(move || {
                 let mut client: Option<postgres::Client> = None;
                 while !stop.load(Ordering::Relaxed) {
                     match client.as_mut().filter(|c| !c.is_closed()) {
                         Some(c) => {
                             if let Ok(row) = c.query_one("SELECT sum(balance)::bigint FROM accounts", &[]) {
+                                *reads.lock().unwrap().entry(*node_id).or_default() += 1;
                                 let total: i64 = row.get(0);
                                 if total != TOTAL {
                                     bad_reads.lock().unwrap().push((*node_id, total));
@@ -448,6 +451,15 @@ fn bank_under_faults(mut next: impl FnMut(usize) -> Option<(Fault, usize)>, paus
             "transfers only on node {id}: {only_here:?}; only on node 1: {only_first:?}"
         );
     }
+    // Final checks: every reader read, nothing is left for an operator to repair, and nothing
+    // in the logs that the faults and the workload do not explain.
+    let reads = reads.into_inner().unwrap();
+    for node in cluster.nodes() {
+        assert!(reads.get(&node.id).is_some_and(|&n| n > 0), "the reader on node {} never read: {reads:?}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM mtm.conflicts"), 0, "node {}", node.id);
+    }
+    let problems = cluster.log_problems(&["could not serialize access"]);
+    assert!(problems.is_empty(), "log lines no fault explains:\n{}", problems.join("\n"));
 }
 
 fn connect(connstr: &str) -> Option<postgres::Client> {
