@@ -2,8 +2,11 @@
 //! tells every peer what this node sees (`Signal::Heartbeat`: the nodes it hears, the members
 //! it counts, whether it is caught up, how far its WAL reaches), over a plain connection of its
 //! own to each peer (see `outbox`). A peer it cannot reach gets no heartbeat (not one through
-//! WAL, which it would read late, after the writes it claims to cover). A peer that has not had this node's report for `heartbeat_recv_timeout` counts
-//! it unreachable (`status::current`).
+//! WAL, which it would read late, after the writes it claims to cover). A peer that has not
+//! had this node's report for `heartbeat_recv_timeout` counts it unreachable
+//! (`status::current`). Each heartbeat also carries this node's monotonic clock and the read
+//! lease it grants the peer (`status::grant_lease`, `mmts_core::lease`); on a clean shutdown
+//! the worker gives back the leases this node holds.
 //!
 //! It is a process of its own so that heartbeats go on while the receivers are busy: a
 //! receiver applying one long statement (an index build, a table rewrite) neither listens nor

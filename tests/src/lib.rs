@@ -140,6 +140,18 @@ fn log_tail(log: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A small seeded random number generator (xorshift) for workloads and faults: `next(n)` is in
+/// `0..n`. Reproducible from its seed; no statistical claims.
+pub fn random(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut state = seed | 1;
+    move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n.max(1)
+    }
+}
+
 /// Sets a stop flag when dropped, also when a panic unwinds: load threads in a
 /// `thread::scope` that run until the flag is set then end, instead of keeping the scope (and
 /// the failing test) waiting for them forever.

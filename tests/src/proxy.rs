@@ -192,7 +192,7 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
         let _ = to_w.shutdown(Shutdown::Write);
     });
     let mut buf = vec![0u8; 64 * 1024];
-    let mut seed = (Instant::now().elapsed().as_nanos() as u64 ^ born.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+    let mut next = crate::random(Instant::now().elapsed().as_nanos() as u64 ^ born.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -206,10 +206,7 @@ fn pump(mut from: TcpStream, to: TcpStream, born: u64, shared: Arc<Shared>) {
             break; // lived through a cut: its stream is broken
         }
         let jitter = shared.jitter_ms.load(Ordering::SeqCst);
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let extra = if jitter == 0 { 0 } else { seed % (jitter + 1) };
+        let extra = if jitter == 0 { 0 } else { next(jitter + 1) };
         let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst) + extra);
         if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
             break;

@@ -279,13 +279,8 @@ fn bank_under_faults(mut next: impl FnMut(usize) -> Option<(Fault, usize)>, paus
                 let (stop, acknowledged, refused, errors, next_id) =
                     (&stop, &acknowledged, &refused, &errors, &next_id);
                 s.spawn(move || {
-                    let mut seed = (*node_id * 7 + writer + 1) as u64 * 0x9E37_79B9;
-                    let mut rand = move |n: i64| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed % n as u64) as i64
-                    };
+                    let mut next = mmts_tests::random((*node_id * 7 + writer + 1) as u64 * 0x9E37_79B9);
+                    let mut rand = move |n: i64| next(n as u64) as i64;
                     let mut client: Option<postgres::Client> = None;
                     while !stop.load(Ordering::Relaxed) {
                         let Some(c) = client.as_mut().filter(|c| !c.is_closed()) else {

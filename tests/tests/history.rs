@@ -374,13 +374,7 @@ const REGISTERS: u32 = 6;
 /// stored before.
 fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, out: &Mutex<Vec<RegEvent>>) {
     let process = 100 + node;
-    let mut seed = 0x2545_F491_4F6C_DD1Du64 ^ node as u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = mmts_tests::random(0x2545_F491_4F6C_DD1Du64 ^ node as u64);
     let mut value = node as i64 * 1_000_000_000;
     let mut last_read = [0i64; REGISTERS as usize + 1];
     let mut client: Option<postgres::Client> = None;
@@ -495,13 +489,7 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
             let (node, connstr) = nodes[process % 3].clone();
             let (stop, history) = (&stop, &history);
             scope.spawn(move || {
-                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (process as u64 + 1);
-                let mut next = move |n: u64| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed % n
-                };
+                let mut next = mmts_tests::random(0x9E37_79B9_7F4A_7C15u64 ^ (process as u64 + 1));
                 let mut value = process as u64 * 1_000_000;
                 let mut client: Option<postgres::Client> = None;
                 while !stop.load(Ordering::Relaxed) {

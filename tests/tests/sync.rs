@@ -418,13 +418,8 @@ fn bank_transfers_from_all_nodes_keep_every_node_consistent() {
                 let (stop, committed, failed, errors, next_id) = (&stop, &committed, &failed, &errors, &next_id);
                 s.spawn(move || {
                     let mut c = node.connect();
-                    let mut seed = (node.id * 31 + style) as u64 * 0x9E37_79B9;
-                    let mut rand = move |n: i64| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed % n as u64) as i64
-                    };
+                    let mut next = mmts_tests::random((node.id * 31 + style) as u64 * 0x9E37_79B9);
+                    let mut rand = move |n: i64| next(n as u64) as i64;
                     while !stop.load(Ordering::Relaxed) {
                         let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
                         let src = 1 + rand(ACCOUNTS);
