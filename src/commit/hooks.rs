@@ -155,7 +155,19 @@ unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedS
             })
             .map(|rte| (*rte).relid)
             .collect::<Vec<_>>();
-        if user_relations.is_empty() {
+        refuse_stale_reads_of(config, user_relations);
+    }
+}
+
+/// Refuses a client's read of `relations` if one is a replicated table and this node may miss
+/// commits of the cluster (see [`refuse_stale_reads`]).
+///
+/// # Safety
+/// Inside a transaction, on the backend's main thread.
+unsafe fn refuse_stale_reads_of(config: &ClusterConfig, user_relations: Vec<pg_sys::Oid>) {
+    // SAFETY: as in `refuse_stale_reads`: each relation opened is closed before any error.
+    unsafe {
+        if user_relations.is_empty() || !active() || gucs::ALLOW_STALE_READS.get() {
             return;
         }
         let Err(why) = readable_soon(config) else { return };
@@ -374,6 +386,12 @@ unsafe extern "C-unwind" fn process_utility(
                 let copy = stmt as *mut pg_sys::CopyStmt;
                 if (*copy).is_from && !(*copy).relation.is_null() && replicated((*copy).relation) {
                     note_write();
+                }
+                // COPY of a table out reads it without the executor.
+                if let (false, false, Mode::Multimaster(config)) =
+                    ((*copy).is_from, (*copy).relation.is_null(), gucs::mode())
+                {
+                    refuse_stale_reads_of(config, vec![crate::tables::relation_id((*copy).relation)]);
                 }
             }
             pg_sys::NodeTag::T_TruncateStmt => {

@@ -493,6 +493,8 @@ pub struct ClusterBuilder {
     per_node: BTreeMap<usize, Vec<(String, String)>>,
     joining: Vec<usize>,
     env: Vec<(String, Option<String>)>,
+    /// How long the test means to run its cluster (the watchdog waits that much longer).
+    runs_for: Duration,
 }
 
 impl ClusterBuilder {
@@ -507,6 +509,7 @@ impl ClusterBuilder {
             per_node: BTreeMap::new(),
             joining: Vec::new(),
             env: Vec::new(),
+            runs_for: Duration::ZERO,
         }
     }
 
@@ -630,8 +633,15 @@ impl ClusterBuilder {
             node.conf = conf;
         }
         // Kept clusters are for people (mmts-cluster, debugging): no time limit.
-        let watchdog = (!keep).then(|| Watchdog::start(&nodes));
+        let watchdog = (!keep).then(|| Watchdog::start(&nodes, self.runs_for));
         Cluster { nodes, links, dir, keep, _watchdog: watchdog }
+    }
+
+    /// The test means to run the cluster this long (a long run asked for by a setting): the
+    /// watchdog takes it for hung only that much later than `MMTS_TEST_TIMEOUT`.
+    pub fn runs_for(mut self, length: Duration) -> Self {
+        self.runs_for = length;
+        self
     }
 
     /// Builds and starts every node; panics (with server logs) if one does not start.
@@ -675,8 +685,9 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(nodes: &[Node]) -> Watchdog {
-        let timeout = std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600u64);
+    fn start(nodes: &[Node], runs_for: Duration) -> Watchdog {
+        let timeout =
+            std::env::var("MMTS_TEST_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(600u64) + runs_for.as_secs();
         let (alive, dropped) = std::sync::mpsc::channel::<()>();
         let servers: Vec<(usize, u16, PathBuf, PathBuf)> =
             nodes.iter().map(|n| (n.id, n.port, n.data_dir(), n.log_path())).collect();

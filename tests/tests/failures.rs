@@ -97,6 +97,9 @@ fn the_minority_refuses_writes_and_rejoins_when_healed() {
     let db = e.as_db_error().expect("a server error");
     assert!(db.message().contains("does not answer reads"), "{}", db.message());
     assert!(db.hint().is_some_and(|h| h.contains("multimaster.allow_stale_reads")), "{:?}", db.hint());
+    // COPY out reads the table without the executor: refused alike.
+    let e = c3.copy_out("COPY t TO STDOUT").map(|_| ()).expect_err("COPY out on an isolated node");
+    assert_eq!(sqlstate(&e), "55000", "{}", describe(&e));
     let stale: i64 = c3
         .simple_query("SET multimaster.allow_stale_reads = on; SELECT count(*) FROM t WHERE id = 0")
         .unwrap()

@@ -366,8 +366,12 @@ fn all_online(cluster: &mmts_tests::Cluster) -> bool {
     })
 }
 
-/// Registers the register workload reads, writes and compares-and-sets.
-const REGISTERS: u32 = 6;
+/// Registers the register workload reads, writes and compares-and-sets. Enough of them, and
+/// paced (`REGISTER_PAUSE` between operations), for each key's history to stay a few thousand
+/// operations long in a 10-minute run: the linearizability search keeps a set of visited states
+/// that grows with the square of a key's operations.
+const REGISTERS: u32 = 24;
+const REGISTER_PAUSE: Duration = Duration::from_millis(5);
 
 /// One client on `node` runs single-statement operations on the registers until `stop`: reads,
 /// writes and compare-and-sets (from the value it last read), each storing a value never
@@ -423,6 +427,7 @@ fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, ou
             }
         };
         out.lock().unwrap().push(RegEvent { process, node, key, invoke, complete, op });
+        std::thread::sleep(REGISTER_PAUSE);
     }
 }
 
@@ -463,7 +468,11 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     // Under faults, with fsync on: a kill -9 still keeps the page cache (it is no power cut),
     // but every commit and prepare reaches the disk as it would in production.
     let fsync = if faults.is_empty() { "off" } else { "on" };
-    let mut cluster = ClusterBuilder::new(3).proxies(!faults.is_empty()).set("fsync", fsync).start();
+    let mut cluster = ClusterBuilder::new(3)
+        .proxies(!faults.is_empty())
+        .set("fsync", fsync)
+        .runs_for(Duration::from_secs(seconds))
+        .start();
     for node in cluster.nodes() {
         node.execute_local(&format!(
             "CREATE EXTENSION mmts; CREATE TABLE lists(k int PRIMARY KEY, v bigint[] NOT NULL DEFAULT '{{}}');
