@@ -73,7 +73,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         if let Mode::Multimaster(config) = gucs::mode() {
             refuse_if_wounded();
             check_result_relations((*query).plannedstmt);
-            refuse_stale_reads(config, (*query).plannedstmt);
+            refuse_stale_reads(config, query);
         }
         // SAFETY: nothing here needs dropping; errors leave as raised (see `pg_internals`).
         crate::pg_internals::keeping_errors(
@@ -137,8 +137,9 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
 /// `mmts_core::lease`). `multimaster.allow_stale_reads` lets a session read anyway.
 ///
 /// # Safety
-/// As for [`check_result_relations`].
-unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedStmt) {
+/// `query` must be the valid QueryDesc ExecutorStart got, inside its transaction, on the
+/// backend's main thread.
+unsafe fn refuse_stale_reads(config: &ClusterConfig, query: *mut pg_sys::QueryDesc) {
     // SAFETY: reads of this backend's globals and of the plan ExecutorStart got, on the main
     // thread inside the transaction; list_nth stays within the range table's length, and each
     // relation opened is closed before any error is raised.
@@ -146,6 +147,7 @@ unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedS
         if !active() || gucs::ALLOW_STALE_READS.get() {
             return;
         }
+        let stmt = (*query).plannedstmt;
         let rtable = (*stmt).rtable;
         let n = if rtable.is_null() { 0 } else { (*rtable).length };
         let user_relations = (0..n)
@@ -155,22 +157,56 @@ unsafe fn refuse_stale_reads(config: &ClusterConfig, stmt: *mut pg_sys::PlannedS
             })
             .map(|rte| (*rte).relid)
             .collect::<Vec<_>>();
-        refuse_stale_reads_of(config, user_relations);
+        if refuse_stale_reads_of(config, user_relations) {
+            renew_snapshot(query);
+        }
+    }
+}
+
+/// The statement's snapshot was taken while this node could not answer reads yet (it waited
+/// for a lease, or for a member's writes to be applied): a READ COMMITTED statement gets a new
+/// one; a transaction whose snapshot is fixed (REPEATABLE READ, SERIALIZABLE) is refused, to be
+/// retried.
+///
+/// # Safety
+/// As for [`refuse_stale_reads`], before the standard ExecutorStart reads the snapshot.
+unsafe fn renew_snapshot(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: the QueryDesc holds one registration of its snapshot (CreateQueryDesc), which
+    // FreeQueryDesc gives back: the new snapshot is registered before the old one is given
+    // back, so the counts stay balanced and the portal's active snapshot (a copy of its own)
+    // is untouched. Main thread, inside the transaction.
+    unsafe {
+        if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                "mmts: this transaction's snapshot was taken before this node could answer reads",
+                "mmts",
+            )
+            .set_hint("Retry the transaction.")
+            .report(PgLogLevel::ERROR);
+        }
+        let old = (*query).snapshot;
+        (*query).snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        pg_sys::UnregisterSnapshot(old);
     }
 }
 
 /// Refuses a client's read of `relations` if one is a replicated table and this node may miss
-/// commits of the cluster (see [`refuse_stale_reads`]).
+/// commits of the cluster (see [`refuse_stale_reads`]). Returns whether it waited until the
+/// node could answer (a snapshot taken before is too old).
 ///
 /// # Safety
 /// Inside a transaction, on the backend's main thread.
-unsafe fn refuse_stale_reads_of(config: &ClusterConfig, user_relations: Vec<pg_sys::Oid>) {
+unsafe fn refuse_stale_reads_of(config: &ClusterConfig, user_relations: Vec<pg_sys::Oid>) -> bool {
     // SAFETY: as in `refuse_stale_reads`: each relation opened is closed before any error.
     unsafe {
         if user_relations.is_empty() || !active() || gucs::ALLOW_STALE_READS.get() {
-            return;
+            return false;
         }
-        let Err(why) = readable_soon(config) else { return };
+        let why = match readable_soon(config) {
+            Ok(waited) => return waited,
+            Err(why) => why,
+        };
         let replicated = user_relations.into_iter().find_map(|relid| {
             let rel = pg_sys::RelationIdGetRelation(relid);
             if rel.is_null() {
@@ -181,7 +217,7 @@ unsafe fn refuse_stale_reads_of(config: &ClusterConfig, user_relations: Vec<pg_s
             pg_sys::RelationClose(rel);
             name
         });
-        let Some(table) = replicated else { return };
+        let Some(table) = replicated else { return false };
         let me = config.node_id;
         let why = match why {
             Unreadable::NotOnline(state) => format!("it is {}, not online", state.name()),
@@ -199,22 +235,25 @@ unsafe fn refuse_stale_reads_of(config: &ClusterConfig, user_relations: Vec<pg_s
         .set_detail("Its data may miss transactions the cluster has committed.")
         .set_hint("Read on an online node (mtm.get_cluster_state()), retry once this node is online again, or SET multimaster.allow_stale_reads = on to read what this node has.")
         .report(PgLogLevel::ERROR);
+        unreachable!()
     }
 }
 
-/// Whether this node may answer reads now; a member waits up to `heartbeat_recv_timeout` for
-/// a lease to be renewed or for a member's writes to be applied (a node that just got online
-/// again).
-fn readable_soon(config: &ClusterConfig) -> Result<(), Unreadable> {
+/// Whether this node may answer reads now (`Ok(true)`: after waiting); a member waits up to
+/// `heartbeat_recv_timeout` for a lease to be renewed or for a member's writes to be applied
+/// (a node that just got online again).
+fn readable_soon(config: &ClusterConfig) -> Result<bool, Unreadable> {
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+    let mut waited = false;
     loop {
         match status::readable(config) {
             Err(Unreadable::NoLease(_) | Unreadable::Behind { .. }) if std::time::Instant::now() < deadline => {
+                waited = true;
                 crate::backend::nap(5);
                 pgrx::check_for_interrupts!();
             }
-            verdict => return verdict,
+            verdict => return verdict.map(|()| waited),
         }
     }
 }
@@ -387,7 +426,8 @@ unsafe extern "C-unwind" fn process_utility(
                 if (*copy).is_from && !(*copy).relation.is_null() && replicated((*copy).relation) {
                     note_write();
                 }
-                // COPY of a table out reads it without the executor.
+                // COPY of a table out reads it without the executor (and takes its snapshot
+                // after this check).
                 if let (false, false, Mode::Multimaster(config)) =
                     ((*copy).is_from, (*copy).relation.is_null(), gucs::mode())
                 {
