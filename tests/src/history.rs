@@ -408,6 +408,12 @@ pub fn check(ops: &[Op], final_reads: &BTreeMap<u32, Vec<u64>>) -> Report {
         kinds_between.entry((a, b)).or_default().push(k);
         graph.update_edge(index[&a], index[&b], k);
     }
+    // Each transaction's successors, with the kinds of edge to each: built once, so that
+    // looking for a cycle in a component costs only the component's own edges.
+    let mut successors: HashMap<usize, Vec<(usize, Vec<Edge>)>> = HashMap::new();
+    for (&(a, b), ks) in &kinds_between {
+        successors.entry(a).or_default().push((b, ks.clone()));
+    }
 
     for scc in kosaraju_scc(&graph) {
         if scc.len() < 2 {
@@ -418,7 +424,7 @@ pub fn check(ops: &[Op], final_reads: &BTreeMap<u32, Vec<u64>>) -> Report {
         // real-time edges, then with fewer rw edges.
         let cycle = [false, true]
             .iter()
-            .find_map(|&realtime| shortest_cycle(&members, &kinds_between, realtime))
+            .find_map(|&realtime| shortest_cycle(&members, &successors, realtime))
             .expect("a strongly connected component has a cycle");
         let kinds: Vec<Edge> = cycle.iter().map(|&(_, _, k)| k).collect();
         let rw = kinds.iter().filter(|k| **k == Edge::Rw).count();
@@ -442,18 +448,20 @@ pub fn check(ops: &[Op], final_reads: &BTreeMap<u32, Vec<u64>>) -> Report {
 /// (from, to, the edge kind used: the most telling one between them).
 fn shortest_cycle(
     members: &HashSet<usize>,
-    kinds: &HashMap<(usize, usize), Vec<Edge>>,
+    successors: &HashMap<usize, Vec<(usize, Vec<Edge>)>>,
     realtime: bool,
 ) -> Option<Vec<(usize, usize, Edge)>> {
     let mut out: HashMap<usize, Vec<(usize, Edge)>> = HashMap::new();
-    for (&(a, b), ks) in kinds {
-        if !members.contains(&a) || !members.contains(&b) {
-            continue;
-        }
-        // Prefer ww, then wr, then rw, then rt.
-        let best = ks.iter().copied().filter(|k| realtime || *k != Edge::Rt).min();
-        if let Some(k) = best {
-            out.entry(a).or_default().push((b, k));
+    for &a in members {
+        for (b, ks) in successors.get(&a).into_iter().flatten() {
+            if !members.contains(b) {
+                continue;
+            }
+            // Prefer ww, then wr, then rw, then rt.
+            let best = ks.iter().copied().filter(|k| realtime || *k != Edge::Rt).min();
+            if let Some(k) = best {
+                out.entry(a).or_default().push((*b, k));
+            }
         }
     }
     let mut best: Option<Vec<(usize, usize, Edge)>> = None;
