@@ -48,33 +48,33 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R) -> R {
 pub fn load_nodes() -> Mask {
     // mtm.added_nodes is for superusers (its connection strings may hold passwords); the
     // receivers may run as another user.
-    let (dropped, added) = in_transaction(|| {
-        as_superuser(|| {
-            // No tables yet (CREATE EXTENSION mmts not run here): nothing dropped or added.
-            let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.added_nodes') IS NOT NULL");
-            if !exists.ok().flatten().unwrap_or(false) {
-                return (0, Vec::new());
-            }
-            let dropped = Spi::get_one::<i64>(
-            "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(0) as Mask;
-            let added = Spi::connect(|client| {
-                client
-                    .select("SELECT node_id, conn_string FROM mtm.added_nodes ORDER BY node_id", None, &[])
-                    .map(|rows| {
-                        rows.filter_map(|r| Some((r.get::<i32>(1).ok()?? as u32, r.get::<String>(2).ok()??))).collect()
-                    })
-                    .unwrap_or_default()
-            });
-            (dropped, added)
-        })
-    });
+    let (dropped, added) = in_transaction(|| as_superuser(read_nodes));
     status::set_nodes(dropped, &added);
     start_added_receivers(&added, dropped);
     dropped
+}
+
+/// The dropped nodes and the added ones (id, connection string), as the tables say (inside a
+/// transaction, as a user that may read them).
+fn read_nodes() -> (Mask, Vec<(u32, String)>) {
+    // No tables yet (CREATE EXTENSION mmts not run here): nothing dropped or added.
+    let exists = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('mtm.added_nodes') IS NOT NULL");
+    if !exists.ok().flatten().unwrap_or(false) {
+        return (0, Vec::new());
+    }
+    let dropped = Spi::get_one::<i64>(
+        "SELECT coalesce(bit_or(1::bigint << (node_id - 1)), 0) FROM mtm.dropped_nodes WHERE node_id BETWEEN 1 AND 64",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0) as Mask;
+    let added = Spi::connect(|client| {
+        client
+            .select("SELECT node_id, conn_string FROM mtm.added_nodes ORDER BY node_id", None, &[])
+            .map(|rows| rows.filter_map(|r| Some((r.get::<i32>(1).ok()?? as u32, r.get::<String>(2).ok()??))).collect())
+            .unwrap_or_default()
+    });
+    (dropped, added)
 }
 
 /// Starts, once per server start, the receiver of each node added to the cluster that is not
@@ -348,6 +348,9 @@ fn join_node(node_id: i32) -> String {
     let config = cluster_admin("mtm.join_node");
     let me = config.node_id;
     let id = node_id as u32;
+    // A node added a moment ago (the receivers read the tables only every second).
+    let (dropped, added) = read_nodes();
+    status::set_nodes(dropped, &added);
     let configured = status::configured(config);
     if id == me.0 || !(1..=gucs::MAX_NODES as u32).contains(&id) || configured & bit(NodeId(id)) == 0 {
         refuse(
