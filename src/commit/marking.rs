@@ -174,7 +174,7 @@ pub(super) fn refuse_unless_online() -> Mask {
         format_mask(cur.report.members),
         cur.generation
     ))
-    .set_hint("Write on an online node (mtm.get_cluster_state()), or retry once this node is online again. Reads on this node may miss the latest writes.")
+    .set_hint("Write on an online node (mtm.get_cluster_state()), or retry once this node is online again.")
     .report(PgLogLevel::ERROR);
     unreachable!()
 }
