@@ -161,6 +161,11 @@ fn duplicates_aborted_reads_garbage_and_g0_are_found() {
 /// Keys the workload appends to: few, so that transactions collide.
 const KEYS: u32 = 4;
 
+/// Every this long the workload moves on to `KEYS` new keys (as Elle's list-append does), so
+/// that lists stay short: each read returns a whole list, and checking reads of ever longer
+/// lists grows with the square of the run's length.
+const KEY_GENERATION: Duration = Duration::from_secs(10);
+
 /// A client path: how a transaction reaches the server.
 #[derive(Clone, Copy, Debug)]
 enum Path {
@@ -480,7 +485,8 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
         ));
     }
     cluster.wait_replicating(Duration::from_secs(60));
-    cluster.node(1).execute(&format!("INSERT INTO lists(k) SELECT generate_series(1, {KEYS})"));
+    let generations = seconds / KEY_GENERATION.as_secs() + 2;
+    cluster.node(1).execute(&format!("INSERT INTO lists(k) SELECT generate_series(1, {})", KEYS as u64 * generations));
     cluster.node(1).execute(&format!("INSERT INTO registers(k) SELECT generate_series(1, {REGISTERS})"));
     let options = if stale_reads { " options='-c multimaster.allow_stale_reads=on'" } else { "" };
     let nodes: Vec<(usize, String)> =
@@ -513,7 +519,9 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
                     let count = if matches!(path, Path::Autocommit) { 1 } else { 1 + next(3) as usize };
                     let mut mops: Vec<Mop> = (0..count)
                         .map(|_| {
-                            let key = 1 + next(KEYS as u64) as u32;
+                            let generation =
+                                (started.elapsed().as_secs() / KEY_GENERATION.as_secs()).min(generations - 1) as u32;
+                            let key = 1 + generation * KEYS + next(KEYS as u64) as u32;
                             if next(2) == 0 {
                                 value += 1;
                                 Mop::Append { key, value }
