@@ -66,6 +66,10 @@ fn forged() -> Vec<Signal> {
             sent_at: 0,
             echo: 0,
         },
+        // Node 2 gives its read lease back: if taken, the others would go on without it while
+        // it may still answer reads.
+        Signal::LeaseReleased { from: n(2), sent_at: i64::MAX },
+        Signal::LeaseReleased { from: n(1), sent_at: i64::MAX },
         Signal::Precommit { origin: n(1), xid: 1_000_000, ts: 1, since: 1 },
         Signal::Promise { origin: n(2), xid: 5, since: 0, ballot: Ballot { round: 9, node: 1 } },
         Signal::Accept {
