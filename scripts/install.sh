@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Builds mmts (release) and installs it into the system PostgreSQL 15.
+# Builds mmts (release) and installs it into PostgreSQL servers:
+#   PG_CONFIG=<path>            that server;
+#   MMTS_PG_VERSIONS="16 18"    these major versions (installed first if missing, see postgres.sh);
+#   neither                     the newest installed server, or PostgreSQL 15 from Debian if none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/postgres.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 
-bash scripts/setup.sh
-printf '==> building and installing the mmts extension (cold build: about 3 minutes)\n'
-if [ "$(id -u)" -eq 0 ]; then
-  cargo pgrx install --release --pg-config "$PG_CONFIG"
-else
-  cargo pgrx install --release --sudo --pg-config "$PG_CONFIG"
-fi
+mapfile -t versions < <(chosen_postgres)
+bash scripts/setup.sh "${versions[@]}"
+for n in "${versions[@]}"; do
+  pg_config=$(pg_config_for "$n")
+  step "building and installing mmts for PostgreSQL $n (cold build: about 3 minutes)"
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || [ -w "$("$pg_config" --pkglibdir)" ] || sudo=(--sudo)
+  cargo pgrx install --release "${sudo[@]}" --pg-config "$pg_config" --no-default-features --features "pg$n"
+  # Servers run as the postgres OS user.
+  as_root chmod a+r "$("$pg_config" --pkglibdir)/mmts.so" "$("$pg_config" --sharedir)"/extension/mmts*
+done

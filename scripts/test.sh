@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# Runs the whole mmts test suite: unit tests of mmts-core, then integration tests that start
-# real PostgreSQL servers (several per test) with the freshly built extension installed.
+# Runs the whole mmts test suite on every supported PostgreSQL version (MMTS_PG_VERSIONS,
+# default "15 16 17 18"; or PG_CONFIG=<path> for one server): unit tests of mmts-core once,
+# then, per version, mmts built and installed for it and the integration tests that start
+# real PostgreSQL servers (several per test). PostgreSQL's own regression suite runs on 15.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/postgres.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-export MMTS_PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 start=$(date +%s)
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+mapfile -t versions < <(chosen_postgres "${SUPPORTED_POSTGRES[@]}")
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 
-bash scripts/install.sh
+count() { grep -o "[0-9]* $1" "$2" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+
+MMTS_PG_VERSIONS="${versions[*]}" bash scripts/install.sh
 printf '==> cargo fmt --check\n'
 cargo fmt --all -- --check
 printf '==> unit tests (mmts-core)\n'
-cargo test -p mmts-core 2>&1 | tee -a "$log"
-bash scripts/regress-suite.sh
-printf '==> integration tests (real PostgreSQL servers)\n'
-cargo test -p mmts-tests -- --test-threads="${MMTS_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
-passed=$(grep -o '[0-9]* passed' "$log" | awk '{s += $1} END {print s + 0}')
-failed=$(grep -o '[0-9]* failed' "$log" | awk '{s += $1} END {print s + 0}')
-printf '==> whole suite in %s s\n' "$(( $(date +%s) - start ))"
+cargo test -p mmts-core 2>&1 | tee "$logs/core"
+status=0
+for n in "${versions[@]}"; do
+  export MMTS_PG_CONFIG
+  MMTS_PG_CONFIG=$(pg_config_for "$n")
+  began=$(date +%s)
+  if [ "$n" = 15 ]; then
+    bash scripts/regress-suite.sh
+  fi
+  printf '==> integration tests on PostgreSQL %s (real servers)\n' "$("$MMTS_PG_CONFIG" --version | awk '{print $2}')"
+  cargo test -p mmts-tests --no-fail-fast -- --test-threads="${MMTS_TEST_THREADS:-2}" 2>&1 | tee "$logs/pg$n" ||
+    status=1
+  printf '==> PostgreSQL %s: %s passed, %s failed, in %s s\n' "$n" "$(count passed "$logs/pg$n")" \
+    "$(count failed "$logs/pg$n")" "$(($(date +%s) - began))" | tee -a "$logs/summary"
+done
+printf '==> summary\n'
+printf 'mmts-core: %s passed, %s failed\n' "$(count passed "$logs/core")" "$(count failed "$logs/core")"
+cat "$logs/summary"
+passed=$(cat "$logs"/core "$logs"/pg* | grep -o '[0-9]* passed' | awk '{s += $1} END {print s + 0}')
+failed=$(cat "$logs"/core "$logs"/pg* | grep -o '[0-9]* failed' | awk '{s += $1} END {print s + 0}')
+printf '==> whole suite in %s s\n' "$(($(date +%s) - start))"
 printf '%s passed, %s failed\n' "$passed" "$failed"
+exit $status

@@ -186,7 +186,7 @@ pub fn commit_prepared_at(gid: &CStr, ts: pg_sys::TimestampTz) {
     // until `held` is dropped, which resets it; `gid` is borrowed for the call.
     unsafe {
         if let Some(id) = id(held.k) {
-            pg_sys::replorigin_session_setup(id);
+            crate::pg_internals::replorigin_session_setup(id);
             held.set_up = true;
             pg_sys::replorigin_session_origin = id;
             // No progress of a peer's stream to record.

@@ -131,9 +131,10 @@ pub const NAMES: &[&str] = &[
     "multimaster.async_batch_delay",
 ];
 
-/// Defines the GUCs. When `strict`, a value in postgresql.conf that PostgreSQL could not
-/// accept (it would otherwise log a WARNING and silently keep the default) stops the server.
-pub fn define(strict: bool) {
+/// Defines the GUCs, while shared_preload_libraries load. A value in postgresql.conf that
+/// PostgreSQL could not accept (it would otherwise log a WARNING and silently keep the
+/// default) stops the server.
+pub fn define() {
     // What the configuration file said, read before the definitions replace the placeholders.
     let raw: Vec<(&str, Option<String>)> = NAMES.iter().map(|n| (*n, config_option(n))).collect();
 
@@ -275,11 +276,9 @@ pub fn define(strict: bool) {
         pg_sys::MarkGUCPrefixReserved(c"multimaster".as_ptr());
     }
 
-    if strict {
-        for (name, value) in raw {
-            if let Some(value) = value {
-                refuse_unless_accepted(name, &value);
-            }
+    for (name, value) in raw {
+        if let Some(value) = value {
+            refuse_unless_accepted(name, &value);
         }
     }
 }

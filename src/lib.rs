@@ -52,8 +52,11 @@ pub extern "C-unwind" fn _PG_init() {
         .set_hint("Add 'mmts' to shared_preload_libraries in postgresql.conf and restart the server.")
         .report(PgLogLevel::ERROR);
     }
-    gucs::define(preloading);
+    // Loaded later (as an output plugin, or by LOAD), mmts is the output plugin only: its
+    // settings, all read at server start, are left undefined (PostgreSQL refuses new
+    // server-start settings after startup).
     if preloading {
+        gucs::define();
         gucs::check_at_startup();
         status::init();
         twophase::init();

@@ -51,6 +51,7 @@ unsafe extern "C" {
     fn PQflush(conn: *mut PGconn) -> c_int;
     fn PQconsumeInput(conn: *mut PGconn) -> c_int;
     fn PQsocket(conn: *const PGconn) -> c_int;
+    fn PQserverVersion(conn: *const PGconn) -> c_int;
     fn PQfreemem(ptr: *mut c_void);
     fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
     fn PQsendQuery(conn: *mut PGconn, query: *const c_char) -> c_int;
@@ -318,6 +319,12 @@ impl Connection {
     pub fn socket(&self) -> c_int {
         // SAFETY: `self.conn` is a live PGconn (see the field).
         unsafe { PQsocket(self.conn.as_ptr()) }
+    }
+
+    /// The server's version as a number (`180006` for 18.6).
+    pub fn server_version(&self) -> i32 {
+        // SAFETY: `self.conn` is a live PGconn (see the field).
+        unsafe { PQserverVersion(self.conn.as_ptr()) }
     }
 }
 

@@ -113,7 +113,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     // SAFETY: the worker's main thread, outside a transaction; `origin` exists (made above).
     // The session's origin is a plain global.
     unsafe {
-        pg_sys::replorigin_session_setup(origin);
+        crate::pg_internals::replorigin_session_setup(origin);
         pg_sys::replorigin_session_origin = origin;
     }
 
@@ -202,6 +202,26 @@ fn retire(config: &ClusterConfig, peer_id: u32, resolver: &mut Resolver) {
     }
 }
 
+/// Refuses a peer that runs another major version of PostgreSQL: the nodes of a cluster run
+/// the same one (mmts sends rows in text form, but its prepared transactions, commit records
+/// and catalogs are only tested between equal versions).
+fn same_major_version(conn: &Connection, peer_id: u32) -> Result<(), PqError> {
+    let own = pgrx::pg_sys::PG_VERSION_NUM as i32;
+    let peer = conn.server_version();
+    if peer / 10000 == own / 10000 {
+        return Ok(());
+    }
+    let version = |v: i32| format!("{}.{}", v / 10000, v % 10000);
+    Err(PqError {
+        message: format!(
+            "node {peer_id} runs PostgreSQL {} and this node {}: the nodes of an mmts cluster must run the same major version",
+            version(peer),
+            version(own)
+        ),
+        sqlstate: Some("0A000".into()),
+    })
+}
+
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
 fn stream(
     conninfo: &str,
@@ -213,6 +233,7 @@ fn stream(
     slot: &mut SlotMaker,
 ) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
+    same_major_version(&conn, peer_id)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
     let start = resume_point(&mut conn, config, peer_id);
@@ -572,7 +593,7 @@ impl Waits {
         // SAFETY: main thread. The set lives in TopMemoryContext until `drop` frees it, and has
         // room for the four events at most added; `MyLatch` is this process's latch.
         unsafe {
-            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 4);
+            let set = crate::pg_internals::create_wait_event_set(4);
             let none = pg_sys::PGINVALID_SOCKET;
             let events = [
                 (pg_sys::WL_SOCKET_READABLE, signals.unwrap_or(none), std::ptr::null_mut()),

@@ -38,7 +38,7 @@ struct Entry {
     /// This node's xid of the transaction.
     xid: u32,
     key: Key,
-    /// Backend coordinating it (its `pgprocno`), or -1 for a peer's transaction.
+    /// Backend coordinating it (its PGPROC number), or -1 for a peer's transaction.
     procno: i32,
     /// For a peer's transaction: that node and its xid there, and the members it is
     /// prepared on.
@@ -362,8 +362,7 @@ pub fn register(xid: u32, key: Key, procno: i32, wake: Wake) -> Result<usize, Re
 /// This receiver (applying a transaction of `peer`) is applying the transaction `key` now,
 /// or (`None`) no longer.
 pub fn set_applying(peer: u32, key: Option<Key>) {
-    // SAFETY: MyProc is this backend's own PGPROC, set before any mmts code runs.
-    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    let procno = crate::pg_internals::my_proc_number();
     let mut s = SHARED.exclusive();
     s.applying[peer as usize - 1] = match key {
         Some(key) => Applying { procno, key },
@@ -400,7 +399,8 @@ pub fn classify_holder(holder: &LockHolder, by: NodeId) -> Holder {
     // SAFETY: `proc_` points into ProcGlobal->allProcs (from the lock manager's holder list),
     // which lives as long as the server; its fields are read as PostgreSQL's own lock code
     // reads another backend's, without its lock (a stale value is checked below).
-    let (procno, pid, worker) = unsafe { ((*proc_).pgprocno, (*proc_).pid, (*proc_).isBackgroundWorker) };
+    let (procno, pid, worker) =
+        unsafe { (crate::pg_internals::proc_number(proc_), (*proc_).pid, crate::pg_internals::proc_is_worker(proc_)) };
     if let Some(a) = s.applying.iter().find(|a| a.procno == procno) {
         return Holder::Committing(a.key);
     }
@@ -572,7 +572,7 @@ pub fn deliver(xid: u32, voter: NodeId, what: Delivery) {
         }
         e.procno
     };
-    // SAFETY: `procno` is the registered coordinator's own pgprocno (set from its MyProc), an
+    // SAFETY: `procno` is the registered coordinator's own PGPROC number (set from its MyProc), an
     // index into ProcGlobal->allProcs, which lives as long as the server; SetLatch on another
     // process's latch is how PostgreSQL wakes it.
     unsafe {

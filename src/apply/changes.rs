@@ -96,7 +96,7 @@ impl Applier {
             // For each local column, the position of the peer's column of the same name.
             let map: Vec<Option<usize>> = (0..natts)
                 .map(|i| {
-                    let att = &*(*desc).attrs.as_ptr().add(i);
+                    let att = &*crate::pg_internals::tuple_desc_attr(desc, i);
                     if att.attisdropped || att.attgenerated != 0 {
                         return None;
                     }
@@ -112,7 +112,7 @@ impl Applier {
             (*rte).relid = (*rel).rd_id;
             (*rte).relkind = (*(*rel).rd_rel).relkind;
             (*rte).rellockmode = pg_sys::AccessShareLock as i32;
-            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.cast()));
+            crate::pg_internals::init_range_table(estate, rte);
             let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()) as *mut pg_sys::ResultRelInfo;
             (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
             pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
@@ -132,7 +132,7 @@ impl Applier {
             let localslot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
             let mut index = pg_sys::RelationGetReplicaIndex(rel);
             if index == pg_sys::InvalidOid {
-                index = pg_sys::RelationGetPrimaryKeyIndex(rel);
+                index = crate::pg_internals::primary_key_index(rel);
             }
             let found = if index != pg_sys::InvalidOid {
                 pg_sys::RelationFindReplTupleByIndex(
@@ -149,7 +149,7 @@ impl Applier {
             };
             let remote = Version { commit_time: self.remote_time, node: NodeId(self.peer) };
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
-            pg_sys::EvalPlanQualInit(&mut epq, estate, std::ptr::null_mut(), std::ptr::null_mut(), -1);
+            crate::pg_internals::eval_plan_qual_init(&mut epq, estate);
             // A synchronously committed change was made over exactly the version this node has
             // (the two-phase commit holds the rows everywhere): apply it as it is; a row that
             // exists or is missing here is a real disagreement, and this node votes no.
@@ -361,7 +361,7 @@ impl Applier {
             }
             let behavior =
                 if cascade { pg_sys::DropBehavior::DROP_CASCADE } else { pg_sys::DropBehavior::DROP_RESTRICT };
-            pg_sys::ExecuteTruncateGuts(rels, relids, relids, behavior, restart_identity);
+            crate::pg_internals::execute_truncate_guts(rels, relids, behavior, restart_identity);
             for i in 0..relations.len() {
                 let rel = pg_sys::list_nth(rels, i as i32) as pg_sys::Relation;
                 pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -419,7 +419,7 @@ pub(super) unsafe fn store_values(
                     nulls[i] = true;
                 }
                 Value::Text(text) => {
-                    let att = &*(*desc).attrs.as_ptr().add(i);
+                    let att = &*crate::pg_internals::tuple_desc_attr(desc, i);
                     let mut input = pg_sys::InvalidOid;
                     let mut ioparam = pg_sys::InvalidOid;
                     pg_sys::getTypeInputInfo(att.atttypid, &mut input, &mut ioparam);

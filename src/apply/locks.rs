@@ -126,7 +126,7 @@ pub(super) unsafe extern "C-unwind" fn on_lock_wait_timer() {
 /// The transactions holding `tag` in a mode that conflicts with `mode`.
 pub(super) unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE) -> Vec<LockHolder> {
     // SAFETY: main thread. GetLockConflicts returns `count` entries, palloc'd outside hot
-    // standby (an applier never runs in recovery), so pfree'd here. BackendIdGetProc gives a
+    // standby (an applier never runs in recovery), so pfree'd here. `vxid_proc` gives a
     // PGPROC in shared memory (or NULL); its fields are read without a lock, as PostgreSQL
     // does, and checked against the vxid.
     unsafe {
@@ -135,19 +135,18 @@ pub(super) unsafe fn lock_holders(tag: &pg_sys::LOCKTAG, mode: pg_sys::LOCKMODE)
         let holders = (0..count as usize)
             .filter_map(|i| {
                 let vxid = *vxids.add(i);
-                if vxid.backendId == pg_sys::InvalidBackendId {
+                let Some(proc_) = crate::pg_internals::vxid_proc(&vxid) else {
                     // A prepared transaction recovered at start-up: its "local" id is its xid.
                     return Some(LockHolder { xid: vxid.localTransactionId, proc_: None });
-                }
+                };
                 // A prepared transaction keeps the virtual id of the backend that prepared it.
                 let mut more = false;
                 let prepared = crate::pg_internals::two_phase_get_xid_by_virtual_xid(vxid, &mut more).into_inner();
                 if prepared != 0 {
                     return Some(LockHolder { xid: prepared, proc_: None });
                 }
-                let proc_ = crate::pg_internals::backend_id_get_proc(vxid.backendId);
                 // Only while that backend still runs the same transaction.
-                (!proc_.is_null() && (*proc_).lxid == vxid.localTransactionId)
+                (!proc_.is_null() && crate::pg_internals::proc_local_xid(proc_) == vxid.localTransactionId)
                     .then(|| LockHolder { xid: (*proc_).xid.into_inner(), proc_: Some(proc_) })
             })
             .collect();

@@ -59,9 +59,7 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     let others = status::configured(config) & !bit(config.node_id);
     let after = membership::nodes(others).map(|n| (n, status::applied(n.0))).collect();
     twophase::emit(&Signal::Coordinated { key, members, after }, true);
-    // SAFETY: a client backend (the transaction callback checked `active`) has its PGPROC in
-    // MyProc from InitProcess on; pgprocno never changes. Main thread.
-    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    let procno = crate::pg_internals::my_proc_number();
     let size = status::configured(config).count_ones();
     let wake = mmts_core::coordinator::Wake { participants: members & !bit(config.node_id), size };
     let slot = match twophase::register(xid, key, procno, wake) {

@@ -50,7 +50,7 @@ pub fn install() {
             return;
         }
         pg_sys::ExecutorStart_hook = Some(executor_start);
-        pg_sys::ExecutorRun_hook = Some(executor_run);
+        pg_sys::ExecutorRun_hook = Some(crate::pg_internals::executor_run_hook);
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
         pg_sys::ProcessUtility_hook = Some(process_utility);
         pg_sys::emit_log_hook = Some(emit_log);
@@ -292,21 +292,11 @@ fn at_top_level() -> bool {
     session(|s| s.nesting == 0)
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_run(
-    query: *mut pg_sys::QueryDesc,
-    direction: pg_sys::ScanDirection::Type,
-    count: u64,
-    execute_once: bool,
-) {
+/// mmts's part of the ExecutorRun hook (entered through `pg_internals::executor_run_hook`).
+pub(crate) fn executor_run(call: crate::pg_internals::ExecutorRunCall) {
     // SAFETY: the previous hook or the standard function, with the arguments PostgreSQL gave
     // this hook, on its main thread.
-    nested(|| unsafe {
-        match previous().run {
-            Some(prev) => prev(query, direction, count, execute_once),
-            None => crate::pg_internals::standard_executor_run(query, direction, count, execute_once),
-        }
-    });
+    nested(|| unsafe { call.run(previous().run) });
     if at_top_level() {
         mark_implicit();
     }
@@ -526,7 +516,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             && is_client()
         {
             let wound = twophase::wounded_by(pg_sys::GetTopTransactionIdIfAny().into_inner())
-                .or_else(|| twophase::wounded_lately((*pg_sys::MyProc).pgprocno));
+                .or_else(|| twophase::wounded_lately(crate::pg_internals::my_proc_number()));
             if let Some(by) = wound {
                 let message = crate::backend::cstring(&wounded_message(by));
                 let hint = crate::backend::cstring(WOUNDED_HINT);

@@ -50,6 +50,7 @@ use crate::{gucs, status, twophase};
 
 use client_output::install_pqcomm;
 use coordinating::Pending;
+pub(crate) use hooks::executor_run;
 pub use hooks::install;
 pub use marking::refuse_if_wounded;
 use marking::refuse_unless_online;
@@ -124,7 +125,7 @@ fn note_async_write() {
     let Mode::Multimaster(config) = gucs::mode() else { return };
     // SAFETY: a client backend (the caller checks `is_client`) has its PGPROC in MyProc from
     // InitProcess on; its lxid is written only by this backend, on its main thread.
-    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    let lxid = unsafe { crate::pg_internals::proc_local_xid(pg_sys::MyProc) };
     if TOLD.with(|t| t.replace(Some(lxid))) == Some(lxid) {
         return;
     }

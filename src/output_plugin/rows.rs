@@ -110,7 +110,7 @@ pub(super) unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel
 pub(super) unsafe fn row(
     rel: pg_sys::Relation,
     outputs: &[Option<*mut pg_sys::FmgrInfo>],
-    tuple: *mut pg_sys::ReorderBufferTupleBuf,
+    tuple: crate::pg_internals::ChangeTuple,
 ) -> Vec<Value> {
     // SAFETY: the caller passes the relation open for the change and one of its tuples, and
     // `outputs` made for its descriptor; `values` and `nulls` have one entry per attribute.
@@ -120,7 +120,14 @@ pub(super) unsafe fn row(
     let natts = desc.len();
     let mut values = vec![pg_sys::Datum::from(0); natts];
     let mut nulls = vec![false; natts];
-    unsafe { pg_sys::heap_deform_tuple(&mut (*tuple).tuple, desc_ptr, values.as_mut_ptr(), nulls.as_mut_ptr()) };
+    unsafe {
+        pg_sys::heap_deform_tuple(
+            crate::pg_internals::change_heap_tuple(tuple),
+            desc_ptr,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        )
+    };
     let mut out = Vec::with_capacity(natts);
     for (i, att) in desc.iter().enumerate() {
         let Some(output) = outputs.get(i).copied().flatten() else { continue };

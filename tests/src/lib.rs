@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 pub use postgres;
@@ -91,12 +93,31 @@ pub fn give_to_server_user(path: &Path) {
 /// PostgreSQL's binaries: `$MMTS_PG_CONFIG` or `pg_config` on PATH tells where.
 pub fn bindir() -> &'static Path {
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
-    BINDIR.get_or_init(|| {
-        let pg_config = std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
-        let out = run(Command::new(&pg_config).arg("--bindir"));
-        assert!(out.status.success(), "{pg_config} --bindir failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    BINDIR.get_or_init(|| bindir_of(Path::new(&std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into()))))
+}
+
+/// The settings the server knows (`postgres --describe-config`): `output_plugin_libraries`,
+/// for one, exists only in some versions.
+pub fn server_has_setting(name: &str) -> bool {
+    static SETTINGS: OnceLock<Vec<String>> = OnceLock::new();
+    SETTINGS
+        .get_or_init(|| {
+            let out = run(Command::new(bindir().join("postgres")).arg("--describe-config"));
+            assert!(out.status.success(), "postgres --describe-config failed");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split('\t').next())
+                .map(String::from)
+                .collect()
+        })
+        .iter()
+        .any(|s| s == name)
+}
+
+/// The server's major version (15, 16, ...).
+pub fn server_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| major_of(bindir()))
 }
 
 /// A port nobody listens on now. Ports are handed out in increasing order per process, from a
@@ -126,11 +147,26 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// `pg_ctl -D data`, run as the server user.
-fn pg_ctl(data: &Path) -> Command {
-    let mut c = server_command(&bindir().join("pg_ctl"));
+/// `pg_ctl -D data` of the server binaries in `bin`, run as the server user.
+fn pg_ctl(bin: &Path, data: &Path) -> Command {
+    let mut c = server_command(&bin.join("pg_ctl"));
     c.arg("-D").arg(data);
     c
+}
+
+/// The bin directory of the PostgreSQL that `pg_config` belongs to.
+pub fn bindir_of(pg_config: &Path) -> PathBuf {
+    let out = run(Command::new(pg_config).arg("--bindir"));
+    assert!(out.status.success(), "{} --bindir failed", pg_config.display());
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The major version of the PostgreSQL server whose binaries are in `bin`.
+pub fn major_of(bin: &Path) -> u32 {
+    let out = run(Command::new(bin.join("postgres")).arg("--version"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(2).unwrap_or_default();
+    version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("server version in {text:?}"))
 }
 
 /// The last `lines` lines of a server log.
@@ -200,32 +236,36 @@ impl Drop for TempDir {
     }
 }
 
-/// An initdb'd data directory, made once per machine and PostgreSQL version (in the temp
-/// dir) and copied for every node.
-fn template() -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
-    TEMPLATE.get_or_init(|| {
-        let version = run(Command::new(bindir().join("postgres")).arg("--version"));
-        let version: String =
-            String::from_utf8_lossy(&version.stdout).chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-        let base = std::env::var_os("MMTS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let path = base.join(format!("mmts-template-v1-{version}"));
-        if path.join("PG_VERSION").exists() {
-            return path;
-        }
-        // initdb into a private name, then rename: concurrent test binaries never see half a template.
-        let dir = TempDir::new("mmts-initdb");
-        let data = dir.path().join("data");
-        run_ok(
-            server_command(&bindir().join("initdb"))
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
-                .arg(&data),
-        );
-        if fs::rename(&data, &path).is_err() && !path.join("PG_VERSION").exists() {
-            panic!("cannot create the data directory template {}", path.display());
-        }
-        path
-    })
+/// An initdb'd data directory of the server binaries in `bin`, made once per machine and
+/// PostgreSQL version (in the temp dir) and copied for every node.
+fn template(bin: &Path) -> PathBuf {
+    static TEMPLATES: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut templates = TEMPLATES.lock();
+    templates
+        .entry(bin.to_path_buf())
+        .or_insert_with(|| {
+            let version = run(Command::new(bin.join("postgres")).arg("--version"));
+            let version: String =
+                String::from_utf8_lossy(&version.stdout).chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+            let base = std::env::var_os("MMTS_TEST_TMPDIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            let path = base.join(format!("mmts-template-v1-{version}"));
+            if path.join("PG_VERSION").exists() {
+                return path;
+            }
+            // initdb into a private name, then rename: concurrent test binaries never see half a template.
+            let dir = TempDir::new("mmts-initdb");
+            let data = dir.path().join("data");
+            run_ok(
+                server_command(&bin.join("initdb"))
+                    .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+                    .arg(&data),
+            );
+            if fs::rename(&data, &path).is_err() && !path.join("PG_VERSION").exists() {
+                panic!("cannot create the data directory template {}", path.display());
+            }
+            path
+        })
+        .clone()
 }
 
 /// One PostgreSQL server.
@@ -241,6 +281,8 @@ pub struct Node {
     joining: bool,
     /// Environment variables the server starts with, besides the test's own (`None`: unset).
     env: Vec<(String, Option<String>)>,
+    /// The server's binaries.
+    bin: PathBuf,
 }
 
 impl Node {
@@ -284,7 +326,7 @@ impl Node {
     }
 
     fn pg_ctl(&self) -> Command {
-        let mut c = pg_ctl(&self.data_dir());
+        let mut c = pg_ctl(&self.bin, &self.data_dir());
         for (key, value) in &self.env {
             match value {
                 Some(v) => c.env(key, v),
@@ -493,6 +535,8 @@ pub struct ClusterBuilder {
     per_node: BTreeMap<usize, Vec<(String, String)>>,
     joining: Vec<usize>,
     env: Vec<(String, Option<String>)>,
+    /// Nodes that run other server binaries than `bindir()`.
+    bin: BTreeMap<usize, PathBuf>,
     /// How long the test means to run its cluster (the watchdog waits that much longer).
     runs_for: Duration,
 }
@@ -509,6 +553,7 @@ impl ClusterBuilder {
             per_node: BTreeMap::new(),
             joining: Vec::new(),
             env: Vec::new(),
+            bin: BTreeMap::new(),
             runs_for: Duration::ZERO,
         }
     }
@@ -564,6 +609,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Node `id` runs the PostgreSQL that `pg_config` belongs to (default: `$MMTS_PG_CONFIG`'s).
+    pub fn server_of_node(mut self, id: usize, pg_config: &Path) -> Self {
+        self.bin.insert(id, bindir_of(pg_config));
+        self
+    }
+
     /// Creates the nodes' data directories and links, without starting anything.
     pub fn build(self) -> Cluster {
         let keep = self.dir.is_some();
@@ -576,7 +627,8 @@ impl ClusterBuilder {
             let node_dir = dir.path().join(format!("node{id}"));
             let _ = fs::remove_dir_all(&node_dir);
             fs::create_dir_all(&node_dir).expect("create node dir");
-            run_ok(Command::new("cp").arg("-a").arg(template()).arg(node_dir.join("data")));
+            let bin = self.bin.get(&id).cloned().unwrap_or_else(|| bindir().to_path_buf());
+            run_ok(Command::new("cp").arg("-a").arg(template(&bin)).arg(node_dir.join("data")));
             give_to_server_user(&node_dir);
             let port = self.base_port.map(|b| b + id as u16 - 1).unwrap_or_else(free_port);
             let joining = self.joining.contains(&id);
@@ -588,6 +640,7 @@ impl ClusterBuilder {
                 conf: Vec::new(),
                 joining,
                 env: self.env.clone(),
+                bin,
             });
         }
         let mut links = BTreeMap::new();
@@ -609,8 +662,11 @@ impl ClusterBuilder {
         let ids: Vec<usize> = nodes.iter().map(|n| n.id).collect();
         for node in &mut nodes {
             let socket_dir = node.dir.display().to_string();
-            let mut conf: Vec<(String, String)> =
-                BASE_CONF.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let mut conf: Vec<(String, String)> = BASE_CONF
+                .iter()
+                .filter(|(k, _)| server_has_setting(k))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             conf.push(("port".into(), node.port.to_string()));
             conf.push(("unix_socket_directories".into(), format!("'{socket_dir}'")));
             conf.push(("cluster_name".into(), format!("'node{}'", node.id)));
@@ -659,7 +715,7 @@ pub fn stop_kept(dir: &Path) -> usize {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         let data = entry.path().join("data");
         if data.join("postmaster.pid").exists() {
-            let out = run(pg_ctl(&data).args(["-w", "-m", "fast", "stop"]));
+            let out = run(pg_ctl(bindir(), &data).args(["-w", "-m", "fast", "stop"]));
             if out.status.success() {
                 stopped += 1;
             }
@@ -710,7 +766,7 @@ impl Watchdog {
             let _ = std::io::Write::write_all(&mut std::io::stderr(), report.as_bytes());
             for (_, _, data, _) in &servers {
                 if data.join("postmaster.pid").exists() {
-                    let _ = run(pg_ctl(data).args(["-w", "-m", "immediate", "stop"]));
+                    let _ = run(pg_ctl(bindir(), data).args(["-w", "-m", "immediate", "stop"]));
                 }
             }
             std::process::exit(1);
@@ -756,7 +812,7 @@ impl Cluster {
         let data = node.data_dir();
         let _ = fs::remove_dir_all(&data);
         run_ok(
-            server_command(&bindir().join("pg_basebackup"))
+            server_command(&node.bin.join("pg_basebackup"))
                 .args([
                     "-h",
                     "127.0.0.1",

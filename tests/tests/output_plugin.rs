@@ -1,4 +1,4 @@
-//! The `mmts` output plugin: stock PostgreSQL 15 subscriptions on slots made with
+//! The `mmts` output plugin on servers that do not preload mmts: stock subscriptions on slots made with
 //! `pg_create_logical_replication_slot(.., 'mmts')` replicate like pgoutput, and nothing that
 //! carries a replication origin is sent on, so bidirectional meshes do not loop. The mmts
 //! protocol (option `mmts_protocol`) carries every kind of change in `mmts_core::wire` frames.
@@ -14,9 +14,14 @@ fn count(node: &Node, sql: &str) -> i64 {
     node.query_value(sql).and_then(|v| v.parse().ok()).unwrap_or(-1)
 }
 
-/// Plain servers with mmts preloaded (no multimaster settings).
+/// Plain servers that load mmts only as an output plugin (not in shared_preload_libraries).
 fn servers(n: usize) -> Cluster {
-    ClusterBuilder::new(n).multimaster(false).proxies(false).set("logical_decoding_work_mem", "64kB").start()
+    ClusterBuilder::new(n)
+        .multimaster(false)
+        .proxies(false)
+        .set("shared_preload_libraries", "''")
+        .set("logical_decoding_work_mem", "64kB")
+        .start()
 }
 
 /// Node `sub` subscribes to publication `publication` of node `publ` through a slot made on

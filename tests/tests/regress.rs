@@ -375,6 +375,12 @@ fn cluster_states(cluster: &Cluster) -> Vec<String> {
 
 #[test]
 fn regression_suite_on_a_cluster_node() {
+    if mmts_tests::server_major() != 15 {
+        // The suite comes from Debian's source of PostgreSQL 15, and tests/regress/intended.txt
+        // records its differences on a cluster node for that suite.
+        say(&format!("regress: skipped on PostgreSQL {}: the suite is run on 15 only\n", mmts_tests::server_major()));
+        return;
+    }
     let whole = Instant::now();
     let root = regress_dir();
     let suite = root.join("suite");
