@@ -1,6 +1,16 @@
 # Shared by the benchmark scripts: throw-away servers with mmts preloaded, in a temp dir that
 # is removed (and its servers stopped) on exit. Source it after setting BENCH_NAME.
-BIN=/usr/lib/postgresql/15/bin
+# The servers (and psql, pgbench) are the newest PostgreSQL installed, or MMTS_PG_VERSIONS=<major>,
+# or PG_CONFIG=<path> (scripts/postgres.sh), with mmts installed (scripts/install.sh).
+source scripts/postgres.sh
+BENCH_PG=$(chosen_postgres | head -n1)
+BIN=$("$(pg_config_for "$BENCH_PG")" --bindir)
+export PATH="$BIN:$PATH"
+echo "==> PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') ($BIN)"
+PLUGIN_LIST=""
+if "$BIN/postgres" --describe-config | grep -q '^output_plugin_libraries'; then
+  PLUGIN_LIST="output_plugin_libraries = 'pgoutput, test_decoding, mmts'"
+fi
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 DIR=$(mktemp -d "/tmp/mmts-bench-$BENCH_NAME.XXXXXX")
 [ "$(id -u)" -eq 0 ] && chown postgres: "$DIR"
@@ -19,7 +29,7 @@ port = $2
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DIR'
 shared_preload_libraries = 'mmts'
-output_plugin_libraries = 'pgoutput, test_decoding, mmts'
+$PLUGIN_LIST
 wal_level = logical
 track_commit_timestamp = on
 max_prepared_transactions = 50

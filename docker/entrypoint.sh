@@ -2,10 +2,14 @@
 # Initialises the data directory on first start, then runs the server in the foreground.
 # MMTS_NODE_ID and MMTS_CONN_STRINGS, when set, become multimaster.node_id / conn_strings.
 set -e
-BIN=/usr/lib/postgresql/15/bin
+BIN=/usr/lib/postgresql/$PG_MAJOR/bin
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   "$BIN/initdb" -D "$PGDATA" -U postgres -A trust --auth-host=trust >/dev/null
   echo "include '/etc/mmts/mmts.conf'" >> "$PGDATA/postgresql.conf"
+  # Servers that check output plugins against a list (15.19+, 18.6) must list mmts.
+  if "$BIN/postgres" --describe-config | grep -q '^output_plugin_libraries'; then
+    echo "output_plugin_libraries = 'pgoutput, test_decoding, mmts'" >> "$PGDATA/postgresql.conf"
+  fi
   echo "host replication all all trust" >> "$PGDATA/pg_hba.conf"
   echo "host all all all trust" >> "$PGDATA/pg_hba.conf"
 fi

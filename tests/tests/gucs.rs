@@ -166,7 +166,8 @@ fn cluster_info_shows_settings_without_passwords() {
     assert_eq!(info("nodes").as_deref(), Some("3"));
     assert_eq!(info("multimaster.node_id").as_deref(), Some("2"));
     assert_eq!(info("multimaster.heartbeat_recv_timeout").as_deref(), Some("2s"));
-    assert_eq!(info("server_version").map(|v| v.starts_with("15.")), Some(true));
+    let major = mmts_tests::server_major();
+    assert_eq!(info("server_version").map(|v| v.starts_with(&format!("{major}."))), Some(true));
     let conn = info("multimaster.conn_strings").unwrap();
     assert!(!conn.contains("hunter2") && conn.contains("password=********"), "{conn}");
     assert!(conn.contains("user=u"), "{conn}");
