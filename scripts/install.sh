@@ -15,7 +15,8 @@ for n in "${versions[@]}"; do
   step "building and installing mmts for PostgreSQL $n (cold build: about 3 minutes)"
   sudo=()
   [ "$(id -u)" -eq 0 ] || [ -w "$("$pg_config" --pkglibdir)" ] || sudo=(--sudo)
-  cargo pgrx install --release "${sudo[@]}" --pg-config "$pg_config" --no-default-features --features "pg$n"
+  PGRX_PG_CONFIG_PATH=$pg_config cargo pgrx install --release "${sudo[@]}" --pg-config "$pg_config" \
+    --no-default-features --features "pg$n"
   # Servers run as the postgres OS user.
   as_root chmod a+r "$("$pg_config" --pkglibdir)/mmts.so" "$("$pg_config" --sharedir)"/extension/mmts*
 done

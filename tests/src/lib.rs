@@ -114,6 +114,14 @@ pub fn server_has_setting(name: &str) -> bool {
         .any(|s| s == name)
 }
 
+/// Whether the server was built with TLS support (`pg_config --configure`).
+pub fn server_has_ssl() -> bool {
+    let pg_config = std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+    let out = run(Command::new(&pg_config).arg("--configure"));
+    let configure = String::from_utf8_lossy(&out.stdout);
+    configure.contains("--with-openssl") || configure.contains("--with-ssl=openssl")
+}
+
 /// The server's major version (15, 16, ...).
 pub fn server_major() -> u32 {
     static MAJOR: OnceLock<u32> = OnceLock::new();

@@ -42,15 +42,18 @@ fn killed_node_is_down_and_restarts() {
 }
 
 /// Connects to node `to` the way node `from` does: with the connection string in `from`'s
-/// `multimaster.conn_strings` (through the link's proxy), from the test process.
+/// `multimaster.conn_strings` (through the link's proxy), from the test process; gives up
+/// after 4 s (a cut link takes connections and answers nothing).
 fn peer_query(cluster: &mmts_tests::Cluster, from: usize, to: usize) -> Result<String, String> {
-    let mut config: mmts_tests::postgres::Config = cluster.link_connstr(from, to).parse().unwrap();
-    config.connect_timeout(Duration::from_secs(2));
-    let mut client = config.connect(mmts_tests::postgres::NoTls).map_err(|e| e.to_string())?;
-    client
-        .query_one("SELECT current_setting('cluster_name')", &[])
-        .map(|r| r.get::<_, String>(0))
-        .map_err(|e| mmts_tests::describe(&e))
+    let config: mmts_tests::postgres::Config = cluster.link_connstr(from, to).parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let answer = config.connect(mmts_tests::postgres::NoTls).and_then(|mut client| {
+            client.query_one("SELECT current_setting('cluster_name')", &[]).map(|r| r.get::<_, String>(0))
+        });
+        let _ = tx.send(answer.map_err(|e| mmts_tests::describe(&e)));
+    });
+    rx.recv_timeout(Duration::from_secs(4)).unwrap_or_else(|_| Err("timeout: no answer in 4 s".into()))
 }
 
 #[test]
