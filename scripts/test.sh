@@ -2,7 +2,8 @@
 # Runs the whole mmts test suite on every supported PostgreSQL version (MMTS_PG_VERSIONS,
 # default "15 16 17 18"; or PG_CONFIG=<path> for one server): unit tests of mmts-core once,
 # then, per version, mmts built and installed for it and the integration tests that start
-# real PostgreSQL servers (several per test). PostgreSQL's own regression suite runs on 15.
+# real PostgreSQL servers (several per test). PostgreSQL's own regression suite runs on the
+# versions whose differences are recorded in tests/regress/<major>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/postgres.sh
@@ -24,8 +25,12 @@ for n in "${versions[@]}"; do
   export MMTS_PG_CONFIG
   MMTS_PG_CONFIG=$(pg_config_for "$n")
   began=$(date +%s)
-  if [ "$n" = 15 ]; then
-    bash scripts/regress-suite.sh
+  unset MMTS_REGRESS_SKIP
+  if [ -f "tests/regress/$n/intended.txt" ] && ! bash scripts/regress-suite.sh; then
+    # 15's suite comes from the configured apt sources and must be there; the others come
+    # from Debian's pool over the network, which may not serve them.
+    [ "$n" != 15 ] || exit 1
+    export MMTS_REGRESS_SKIP="the suite of PostgreSQL $n could not be prepared (see above)"
   fi
   printf '==> integration tests on PostgreSQL %s (real servers)\n' "$("$MMTS_PG_CONFIG" --version | awk '{print $2}')"
   cargo test -p mmts-tests --no-fail-fast -- --test-threads="${MMTS_TEST_THREADS:-2}" 2>&1 | tee "$logs/pg$n" ||

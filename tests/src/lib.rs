@@ -96,13 +96,20 @@ pub fn bindir() -> &'static Path {
     BINDIR.get_or_init(|| bindir_of(Path::new(&std::env::var("MMTS_PG_CONFIG").unwrap_or_else(|_| "pg_config".into()))))
 }
 
-/// The settings the server knows (`postgres --describe-config`): `output_plugin_libraries`,
-/// for one, exists only in some versions.
+/// Whether the server knows the setting `name` (`postgres --describe-config`):
+/// `output_plugin_libraries`, for one, exists only in some versions.
 pub fn server_has_setting(name: &str) -> bool {
-    static SETTINGS: OnceLock<Vec<String>> = OnceLock::new();
-    SETTINGS
-        .get_or_init(|| {
-            let out = run(Command::new(bindir().join("postgres")).arg("--describe-config"));
+    has_setting(bindir(), name)
+}
+
+/// Whether the server whose binaries are in `bin` knows the setting `name`.
+fn has_setting(bin: &Path, name: &str) -> bool {
+    static SETTINGS: Mutex<BTreeMap<PathBuf, Vec<String>>> = Mutex::new(BTreeMap::new());
+    let mut settings = SETTINGS.lock();
+    settings
+        .entry(bin.to_path_buf())
+        .or_insert_with(|| {
+            let out = run(Command::new(bin.join("postgres")).arg("--describe-config"));
             assert!(out.status.success(), "postgres --describe-config failed");
             String::from_utf8_lossy(&out.stdout)
                 .lines()
@@ -672,7 +679,7 @@ impl ClusterBuilder {
             let socket_dir = node.dir.display().to_string();
             let mut conf: Vec<(String, String)> = BASE_CONF
                 .iter()
-                .filter(|(k, _)| server_has_setting(k))
+                .filter(|(k, _)| has_setting(&node.bin, k))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             conf.push(("port".into(), node.port.to_string()));
