@@ -78,6 +78,16 @@ struct Run {
 /// Test name and outcome from one line of pg_regress's progress output
 /// (`test name ... ok 12 ms`, `     name ... FAILED 40 ms`, `     name ... failed (ignored)`).
 fn parse_result_line(line: &str) -> Option<(String, Outcome)> {
+    // PostgreSQL 16 and later print TAP: `ok 12 + name  40 ms`, `not ok 13 - name  40 ms`.
+    let tap = line.strip_prefix("ok ").map(|rest| (Outcome::Pass, rest)).or_else(|| {
+        line.strip_prefix("not ok ").map(|rest| (Outcome::Fail, rest))
+    });
+    if let Some((outcome, rest)) = tap {
+        let mut words = rest.split_whitespace();
+        words.next()?.parse::<u32>().ok()?;
+        let name = words.find(|w| *w != "+" && *w != "-")?;
+        return Some((name.to_string(), outcome));
+    }
     let (left, right) = line.split_once(" ... ")?;
     let left = left.trim();
     let name = left.strip_prefix("test ").unwrap_or(left).trim();
