@@ -306,18 +306,66 @@ enum Fault {
     /// The node restarted with its clock 500 ms ahead (libfaketime), five times the margin the
     /// settling rule allows for; restarted with the right time to heal.
     Skew,
+    /// A backend coordinating a write on the node killed with kill -9 after the votes, before
+    /// the precommit (`multimaster.failpoint`): PostgreSQL then restarts the whole node.
+    KillBeforePrecommit,
+    /// The same after the precommit, before COMMIT PREPARED.
+    KillBeforeCommit,
 }
 
-const FAULTS: [Fault; 6] = [Fault::Kill9, Fault::Isolate, Fault::CutFrom, Fault::CutTo, Fault::Delay, Fault::Skew];
+const FAULTS: [Fault; 8] = [
+    Fault::Kill9,
+    Fault::KillBeforePrecommit,
+    Fault::Isolate,
+    Fault::CutFrom,
+    Fault::KillBeforeCommit,
+    Fault::CutTo,
+    Fault::Delay,
+    Fault::Skew,
+];
 
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// How long a fault lasts.
 const FAULT_LENGTH: Duration = Duration::from_secs(4);
 
-fn inject(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize) {
+/// Kills, with kill -9, a backend of `node` stopped at `failpoint` in the commit of an insert
+/// of `key` into `coordinated` (retrying with the next keys while the insert fails before
+/// it, e.g. refused); returns its pid.
+fn kill_coordinator(node: &mmts_tests::Node, failpoint: &str, key: &mut i32) -> i32 {
+    for _ in 0..20 {
+        *key += 1;
+        let mut client = node.connect();
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        client.batch_execute(&format!("SET multimaster.failpoint = '{failpoint}'")).unwrap();
+        let (done, ended) = std::sync::mpsc::channel();
+        let sql = format!("INSERT INTO coordinated VALUES ({key})");
+        std::thread::spawn(move || {
+            let _ = done.send(client.batch_execute(&sql));
+        });
+        let reached = format!("[{pid}] ");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+            if log.lines().any(|l| l.contains(&reached) && l.contains(&format!("failpoint {failpoint} reached"))) {
+                // SAFETY: kill(2) of a server process of this test (same user, or root).
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
+                return pid;
+            }
+            if ended.try_recv().is_ok() {
+                break; // the insert ended before the failpoint: try again
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("no write on node {} reached failpoint {failpoint}", node.id);
+}
+
+fn inject(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize, key: &mut i32) -> Option<i32> {
     let others: Vec<usize> = (1..=3).filter(|&n| n != victim).collect();
     match fault {
+        Fault::KillBeforePrecommit => return Some(kill_coordinator(cluster.node(victim), "before_precommit", key)),
+        Fault::KillBeforeCommit => return Some(kill_coordinator(cluster.node(victim), "before_commit", key)),
         Fault::Kill9 => cluster.node_mut(victim).kill9(),
         Fault::Isolate => cluster.isolate(victim),
         Fault::CutFrom => others.iter().for_each(|&o| cluster.link(victim, o).cut()),
@@ -337,6 +385,7 @@ fn inject(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize) {
             node.start();
         }
     }
+    None
 }
 
 fn heal(cluster: &mut mmts_tests::Cluster, fault: Fault, victim: usize) {
@@ -481,7 +530,8 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     for node in cluster.nodes() {
         node.execute_local(&format!(
             "CREATE EXTENSION mmts; CREATE TABLE lists(k int PRIMARY KEY, v bigint[] NOT NULL DEFAULT '{{}}');
-             CREATE TABLE registers(k int PRIMARY KEY, v bigint NOT NULL DEFAULT 0)"
+             CREATE TABLE registers(k int PRIMARY KEY, v bigint NOT NULL DEFAULT 0);
+             CREATE TABLE coordinated(k int PRIMARY KEY)"
         ));
     }
     cluster.wait_replicating(Duration::from_secs(60));
@@ -498,6 +548,9 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     let register_history: Mutex<Vec<RegEvent>> = Mutex::new(Vec::new());
     let paths = [Path::Explicit, Path::Autocommit, Path::Extended, Path::MultiStatement];
     let mut fault_log = Vec::new();
+    // Backends the schedule killed: their end is in the logs.
+    let mut killed: Vec<String> = Vec::new();
+    let mut key = 0;
     std::thread::scope(|scope| {
         let _stop = mmts_tests::StopOnDrop(&stop);
         for process in 0..6 {
@@ -556,7 +609,9 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
             let (fault, victim) = (faults[round % faults.len()], round % 3 + 1);
             round += 1;
             let at = started.elapsed().as_secs_f64();
-            inject(&mut cluster, fault, victim);
+            if let Some(pid) = inject(&mut cluster, fault, victim, &mut key) {
+                killed.push(format!("(PID {pid}) was terminated by signal 9"));
+            }
             std::thread::sleep(FAULT_LENGTH);
             heal(&mut cluster, fault, victim);
             let healed = Instant::now();
@@ -633,7 +688,17 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     for node in cluster.nodes() {
         assert_eq!(node.query_value("SELECT count(*) FROM mtm.conflicts").as_deref(), Some("0"), "node {}", node.id);
     }
-    let problems = cluster.log_problems(CAUSED_BY_WORKLOAD);
+    // A write whose coordinator was killed ended alike on every node, and nothing stays prepared.
+    let coordinated = cluster.node(1).query_rows("SELECT k FROM coordinated ORDER BY k");
+    for node in cluster.nodes() {
+        assert_eq!(node.query_rows("SELECT k FROM coordinated ORDER BY k"), coordinated, "node {}", node.id);
+        wait_for(&format!("nothing prepared on node {}", node.id), Duration::from_secs(30), || {
+            node.query_value("SELECT count(*) FROM pg_prepared_xacts").as_deref() == Some("0")
+        });
+    }
+    eprintln!("  writes whose coordinator was killed: {} committed of {} tried", coordinated.len(), key);
+    let caused: Vec<&str> = CAUSED_BY_WORKLOAD.iter().copied().chain(killed.iter().map(String::as_str)).collect();
+    let problems = cluster.log_problems(&caused);
     assert!(problems.is_empty(), "log lines no fault explains:\n{}", problems.join("\n"));
     report
 }

@@ -79,9 +79,10 @@ struct Run {
 /// (`test name ... ok 12 ms`, `     name ... FAILED 40 ms`, `     name ... failed (ignored)`).
 fn parse_result_line(line: &str) -> Option<(String, Outcome)> {
     // PostgreSQL 16 and later print TAP: `ok 12 + name  40 ms`, `not ok 13 - name  40 ms`.
-    let tap = line.strip_prefix("ok ").map(|rest| (Outcome::Pass, rest)).or_else(|| {
-        line.strip_prefix("not ok ").map(|rest| (Outcome::Fail, rest))
-    });
+    let tap = line
+        .strip_prefix("ok ")
+        .map(|rest| (Outcome::Pass, rest))
+        .or_else(|| line.strip_prefix("not ok ").map(|rest| (Outcome::Fail, rest)));
     if let Some((outcome, rest)) = tap {
         let mut words = rest.split_whitespace();
         words.next()?.parse::<u32>().ok()?;
