@@ -8,7 +8,7 @@ BIN=$("$(pg_config_for "$BENCH_PG")" --bindir)
 export PATH="$BIN:$PATH"
 echo "==> PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') ($BIN)"
 PLUGIN_LIST=""
-if "$BIN/postgres" --describe-config | grep -q '^output_plugin_libraries'; then
+if "$BIN/postgres" --describe-config | grep '^output_plugin_libraries' >/dev/null; then
   PLUGIN_LIST="output_plugin_libraries = 'pgoutput, test_decoding, mmts'"
 fi
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
