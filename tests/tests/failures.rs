@@ -519,3 +519,122 @@ fn a_long_replicated_statement_changes_no_membership() {
         assert_eq!(count(node, "SELECT count(*) FROM u"), i, "node {}", node.id);
     }
 }
+
+/// Unmounts a tmpfs the test mounted, however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A node whose `pg_wal` fills up (a 96 MB tmpfs, filled to the last byte) is stopped by
+/// PostgreSQL (PANIC: no space left for WAL), while the other two go on taking writes. Once
+/// space is freed and the node runs again, it catches up: every acknowledged write is on
+/// every node, the nodes hold the same rows, nothing stays prepared. Mounting needs root; as
+/// another user the test says so and passes.
+#[test]
+fn a_node_whose_wal_disk_fills_up_comes_back_once_space_is_freed() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("failures: skipped: mounting a tmpfs for pg_wal needs root");
+        return;
+    }
+    let mut cluster = start("CREATE TABLE t(id bigint PRIMARY KEY, node int)");
+    let wal = cluster.dir().join("node3-wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let node = cluster.node_mut(3);
+    node.stop();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .arg(&wal)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("failures: skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let _unmount = Mounted(wal.clone());
+    let pg_wal = node.data_dir().join("pg_wal");
+    let moved = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("cp -a '{0}'/. '{1}'/ && rm -rf '{0}' && ln -s '{1}' '{0}'", pg_wal.display(), wal.display()))
+        .status()
+        .unwrap();
+    assert!(moved.success(), "moving pg_wal to the tmpfs");
+    mmts_tests::give_to_server_user(&wal);
+    node.start();
+    cluster.wait_replicating(WAIT);
+
+    let stop = AtomicBool::new(false);
+    let next = AtomicU64::new(1);
+    let acked: Mutex<Vec<(u64, usize)>> = Mutex::new(Vec::new());
+    let full_at = std::thread::scope(|scope| {
+        for node in cluster.nodes() {
+            let (stop, next, acked, connstr, id) = (&stop, &next, &acked, node.connstr(), node.id);
+            scope.spawn(move || {
+                let mut client = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(c) = client.as_mut() else {
+                        client = connect(&connstr);
+                        if client.is_none() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        continue;
+                    };
+                    let key = next.fetch_add(1, Ordering::Relaxed);
+                    match c.execute("INSERT INTO t VALUES ($1, $2)", &[&(key as i64), &(id as i32)]) {
+                        Ok(_) => acked.lock().unwrap().push((key, id)),
+                        Err(e) if e.is_closed() => client = None,
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        // Fill the WAL disk to the last byte, then make node 3 need a new WAL segment.
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "status=none"])
+            .arg(format!("of={}", wal.join("filler").display()))
+            .status();
+        let node3 = cluster.node(3);
+        let full = Instant::now();
+        wait_for("node 3 to run out of WAL space", WAIT, || {
+            if let Ok(mut c) = node3.try_connect(Duration::from_secs(1)) {
+                let _ = c.batch_execute("SELECT pg_switch_wal()");
+            }
+            std::fs::read_to_string(node3.log_path()).unwrap_or_default().contains("No space left on device")
+        });
+        let full_at = full.elapsed();
+        // The other two go on without it.
+        let before = acked.lock().unwrap().iter().filter(|(_, n)| *n != 3).count();
+        std::thread::sleep(Duration::from_secs(4));
+        let during = acked.lock().unwrap().iter().filter(|(_, n)| *n != 3).count() - before;
+        assert!(during > 0, "nodes 1 and 2 took no writes while node 3's WAL disk was full");
+        // Space freed: node 3 runs again (PostgreSQL may have stopped it for good).
+        std::fs::remove_file(wal.join("filler")).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        eprintln!(
+            "node 3 out of WAL space {full_at:?} after the disk filled; nodes 1 and 2 took {during} writes in 4 s"
+        );
+        full_at
+    });
+    let node3 = cluster.node_mut(3);
+    if node3.try_connect(Duration::from_secs(15)).is_err() {
+        let _ = node3.try_start();
+    }
+    let back = Instant::now();
+    cluster.wait_replicating(CATCH_UP);
+    eprintln!("node 3 online {:?} after space was freed (full after {full_at:?})", back.elapsed());
+    let acked = acked.into_inner().unwrap();
+    let rows = cluster.node(1).query_rows("SELECT id || ':' || node FROM t ORDER BY id");
+    for node in cluster.nodes() {
+        wait_for(&format!("node {} to hold node 1's rows", node.id), WAIT, || {
+            node.query_rows("SELECT id || ':' || node FROM t ORDER BY id") == rows
+        });
+        until_no_prepared(node, WAIT);
+    }
+    let have: HashSet<String> = rows.into_iter().collect();
+    let lost: Vec<&(u64, usize)> = acked.iter().filter(|(k, n)| !have.contains(&format!("{k}:{n}"))).collect();
+    assert!(lost.is_empty(), "acknowledged writes missing: {lost:?}");
+}
