@@ -430,7 +430,14 @@ const REGISTER_PAUSE: Duration = Duration::from_millis(5);
 /// One client on `node` runs single-statement operations on the registers until `stop`: reads,
 /// writes and compare-and-sets (from the value it last read), each storing a value never
 /// stored before.
-fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, out: &Mutex<Vec<RegEvent>>) {
+fn registers(
+    node: usize,
+    connstr: &str,
+    started: Instant,
+    stop: &AtomicBool,
+    out: &Mutex<Vec<RegEvent>>,
+    refused: &Mutex<Vec<(RegEvent, String)>>,
+) {
     let process = 100 + node;
     let mut next = mmts_tests::random(0x2545_F491_4F6C_DD1Du64 ^ node as u64);
     let mut value = node as i64 * 1_000_000_000;
@@ -475,7 +482,13 @@ fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, ou
             Ok(()) => Some(complete),
             // Unknown: the commit was not confirmed, or the connection is gone.
             Err(e) if matches!(e.code().map(|c| c.code()), Some("08007") | None) => None,
-            Err(_) => {
+            Err(e) => {
+                // Refused: it did not happen. Kept aside, to check that nobody read its value.
+                let event = RegEvent { process, node, key, invoke, complete: Some(complete), op };
+                refused.lock().unwrap().push((
+                    event,
+                    e.as_db_error().map_or(e.to_string(), |d| format!("{}: {}", d.code().code(), d.message())),
+                ));
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
@@ -489,7 +502,17 @@ fn registers(node: usize, connstr: &str, started: Instant, stop: &AtomicBool, ou
 /// compare-and-set from any node, and one node's reads. Across nodes it need not be (a commit
 /// becomes visible on each node as that node commits it, before COMMIT returns): how often the
 /// whole history is not is counted.
-fn check_registers(events: &[RegEvent]) {
+fn check_registers(events: &[RegEvent], refused: &[(RegEvent, String)]) {
+    // A value stored by an operation its client was told had failed is read by nobody.
+    for (failed, error) in refused {
+        let stored = match failed.op {
+            RegOp::Write(v) | RegOp::Cas { to: v, .. } => v,
+            _ => continue,
+        };
+        if let Some(read) = events.iter().find(|e| e.key == failed.key && e.op == RegOp::Read(stored)) {
+            panic!("registers: {read}\nread the value of an operation refused with an error:\n  {failed}: {error}");
+        }
+    }
     let counted = |node: usize| events.iter().filter(|e| e.node == node && e.complete.is_some()).count();
     for node in 1..=3 {
         assert!(counted(node) > 0, "no register operation completed on node {node}");
@@ -546,6 +569,7 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     let stop = AtomicBool::new(false);
     let history: Mutex<Vec<Op>> = Mutex::new(Vec::new());
     let register_history: Mutex<Vec<RegEvent>> = Mutex::new(Vec::new());
+    let refused_registers: Mutex<Vec<(RegEvent, String)>> = Mutex::new(Vec::new());
     let paths = [Path::Explicit, Path::Autocommit, Path::Extended, Path::MultiStatement];
     let mut fault_log = Vec::new();
     // Backends the schedule killed: their end is in the logs.
@@ -599,8 +623,8 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
         }
         for node in 1..=3 {
             let connstr = nodes[node - 1].1.clone();
-            let (stop, register_history) = (&stop, &register_history);
-            scope.spawn(move || registers(node, &connstr, started, stop, register_history));
+            let (stop, register_history, refused) = (&stop, &register_history, &refused_registers);
+            scope.spawn(move || registers(node, &connstr, started, stop, register_history, refused));
         }
         let deadline = started + Duration::from_secs(seconds);
         let mut round = 0;
@@ -659,7 +683,7 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
     }
     let register_ops = register_history.into_inner().unwrap();
     if !stale_reads {
-        check_registers(&register_ops);
+        check_registers(&register_ops, &refused_registers.into_inner().unwrap());
     }
     let ruled_out: Vec<Kind> = IMPOSSIBLE.iter().copied().filter(|&k| !stale_reads || k != Kind::StaleRead).collect();
     let impossible: usize = ruled_out.iter().map(|&k| report.count(k)).sum();
