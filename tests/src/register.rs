@@ -126,33 +126,53 @@ pub fn check(events: &[RegEvent]) -> Result<(), String> {
     keys.dedup();
     for key in keys {
         let of_key: Vec<&RegEvent> = events.iter().filter(|e| e.key == key).collect();
-        let mut ops = kept(&of_key);
+        let ops = kept(&of_key);
         if linearizable(&ops) {
             continue;
         }
+        // Operations of known outcome by completion, and those of unknown outcome (open until
+        // the end) by invocation: a prefix up to time t holds the known ones completed by t
+        // and the unknown ones begun by then.
+        let last_seen = of_key.iter().filter_map(|e| e.complete).max().unwrap_or(0);
+        let (mut open, mut ops): (Vec<RegEvent>, Vec<RegEvent>) =
+            ops.into_iter().partition(|e| e.complete.unwrap_or(0) > last_seen);
         ops.sort_by_key(|e| (e.complete, e.invoke));
+        open.sort_by_key(|e| e.invoke);
+        let prefix = |n: usize| -> Vec<RegEvent> {
+            let until = ops[n - 1].complete.unwrap_or(0);
+            ops[..n].iter().chain(open.iter().filter(|e| e.invoke <= until)).cloned().collect()
+        };
         // The shortest prefix that is not linearizable: the operation that ends it is one
         // that no order explains.
         let (mut good, mut bad) = (0, ops.len());
+        if linearizable(&prefix(bad)) {
+            return Err(format!(
+                "key {key}: not linearizable ({} operations), but every prefix is",
+                ops.len() + open.len()
+            ));
+        }
         while bad - good > 1 {
             let mid = (good + bad) / 2;
-            if linearizable(&ops[..mid]) {
+            if linearizable(&prefix(mid)) {
                 good = mid;
             } else {
                 bad = mid;
             }
         }
         let last = &ops[bad - 1];
-        let around: Vec<String> = ops[..bad]
+        // Everything on the key that overlaps the half second before it, including operations
+        // of unknown outcome (shown ending at "?").
+        let mut around: Vec<&RegEvent> = of_key
             .iter()
-            .filter(|e| e.complete.unwrap_or(u64::MAX) + 200_000 >= last.invoke)
-            .rev()
-            .take(12)
-            .map(|e| format!("  {e}"))
+            .copied()
+            .filter(|e| e.invoke <= last.complete.unwrap_or(0))
+            .filter(|e| e.complete.is_none_or(|c| c + 500_000 >= last.invoke))
             .collect();
+        around.sort_by_key(|e| std::cmp::Reverse(e.invoke));
+        let around: Vec<String> = around.iter().take(24).map(|e| format!("  {e}")).collect();
         return Err(format!(
-            "key {key}: not linearizable ({} operations); no order explains\n  {last}\nwith the operations before it that ended at most 0.2 s before it began (newest first):\n{}",
-            ops.len(),
+            "key {key}: not linearizable ({} operations); no order explains\n  {last}\nwith the operations on the key that overlap the 0.5 s before it (newest first):\n{}",
+            ops.len() + open.len(),
             around.join("\n")
         ));
     }

@@ -78,6 +78,16 @@ fn the_register_checker_finds_what_no_order_explains() {
         reg(2, 70, Some(80), Read(5)),
     ];
     assert_eq!(register::check(&unknown), Ok(()));
+    // Reported is the read no order explains, not an earlier read of a write of unknown
+    // outcome (open until the end of the history).
+    let later = vec![
+        reg(0, 0, None, Write(5)),
+        reg(2, 50_000, Some(60_000), Read(5)),
+        reg(1, 70_000, Some(80_000), Write(6)),
+        reg(2, 90_000, Some(100_000), Read(5)),
+    ];
+    let e = register::check(&later).expect_err("a stale read after a write of unknown outcome");
+    assert!(e.contains("no order explains\n  Read(5) of key 1 by client 2 on node 3, 0.090"), "{e}");
     // One nobody read may still explain a compare-and-set that failed: it may have happened.
     let unseen = vec![
         reg(0, 0, Some(10), Write(1)),
