@@ -33,6 +33,9 @@ pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Async mode: how long (ms) a walsender that has sent everything waits before it looks for
 /// more (see `output_plugin::batch_delay`).
 pub static ASYNC_BATCH_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// The longest spacing (ms) of a member's write commits while a node catches up (see
+/// `mmts_core::flow`); 0: none.
+pub static CATCH_UP_THROTTLE: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static COMMIT_MODE: GucSetting<CommitMode> = GucSetting::<CommitMode>::new(CommitMode::Sync);
 
 /// How write transactions commit across the cluster (`multimaster.mode`).
@@ -172,6 +175,15 @@ pub fn define() {
             setting: &HEARTBEAT_SEND_TIMEOUT,
             min: 1,
             max: i32::MAX,
+            context: GucContext::Sighup,
+            flags: GucFlags::UNIT_MS,
+        },
+        IntGuc {
+            name: c"multimaster.catch_up_throttle",
+            short: c"The longest spacing between two write commits that a member imposes while a node catches up without gaining on the members; 0 turns this flow control off.",
+            setting: &CATCH_UP_THROTTLE,
+            min: 0,
+            max: 10_000,
             context: GucContext::Sighup,
             flags: GucFlags::UNIT_MS,
         },

@@ -52,6 +52,7 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
     // Each peer's outbox, and when it was made.
     let mut outboxes: BTreeMap<u32, (Outbox, Instant)> = BTreeMap::new();
     let mut last_sent: Option<Instant> = None;
+    let mut throttle = mmts_core::flow::Throttle::default();
     while !BackgroundWorker::sigterm_received() {
         reload_if_asked();
         let every = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
@@ -61,6 +62,7 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
         } else if last_sent.is_none_or(|t| t.elapsed() >= every) {
             last_sent = Some(Instant::now());
             let current = status::current(config);
+            status::throttle_commits(config, &current, &mut throttle);
             let peers = status::peers(config);
             let echoes: Vec<i64> = peers.iter().map(|p| status::grant_lease(p.id.0, current.granting)).collect();
             // The WAL end read after the leases were granted: a holder whose lease begins again

@@ -8,6 +8,7 @@ use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 
 use mmts_core::config::{ClusterConfig, NodeConfig};
 use mmts_core::conninfo::ConnInfo;
+use mmts_core::flow::Throttle;
 use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
@@ -58,6 +59,20 @@ pub struct PeerStatus {
     /// transaction of the peer).
     pub apply_error: [u8; ERROR_LEN],
     pub apply_error_time: pg_sys::TimestampTz,
+    /// The latest precommits of the peer's transactions that the receiver passed without
+    /// committing them (see [`passed_precommit`]), and where the next one goes.
+    pub passed: [Passed; PASSED],
+    pub passed_next: usize,
+}
+
+const PASSED: usize = 32;
+
+/// A precommit of the peer's transaction `xid` at `ts`, ending at `lsn` in its stream.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Passed {
+    pub lsn: u64,
+    pub xid: u32,
+    pub ts: i64,
 }
 
 const ERROR_LEN: usize = 240;
@@ -84,6 +99,8 @@ impl Default for PeerStatus {
             wait: Wait::default(),
             apply_error: [0; ERROR_LEN],
             apply_error_time: 0,
+            passed: [Passed::default(); PASSED],
+            passed_next: 0,
         }
     }
 }
@@ -140,6 +157,10 @@ pub struct Peers {
     receivers: Mask,
     /// This node is shutting down and gave its read leases back.
     released: bool,
+    /// The spacing (µs) of this member's write commits while a node catches up (see
+    /// `mmts_core::flow`), and the earliest time (`now()`) the next one may go ahead.
+    commit_interval: u64,
+    next_commit: i64,
 }
 
 impl Default for Peers {
@@ -152,6 +173,8 @@ impl Default for Peers {
             added: 0,
             receivers: 0,
             released: false,
+            commit_interval: 0,
+            next_commit: 0,
         }
     }
 }
@@ -191,6 +214,20 @@ pub fn init() {
 /// Updates what is known about peer `id` (1-based).
 pub fn update(id: u32, f: impl FnOnce(&mut PeerStatus)) {
     f(&mut PEERS.exclusive().peers[id as usize - 1]);
+}
+
+/// The receiver from `id` passed the precommit `p` without committing its transaction: this
+/// node had not accepted it (it was catching up, not a participant).
+pub fn pass_precommit(id: u32, p: Passed) {
+    update(id, |s| {
+        s.passed[s.passed_next % PASSED] = p;
+        s.passed_next += 1;
+    });
+}
+
+/// The precommit of peer `id`'s stream passed without a commit that ends exactly at `lsn`.
+pub fn passed_precommit(id: u32, lsn: u64) -> Option<Passed> {
+    peer(id).passed.iter().copied().find(|p| p.lsn == lsn && lsn != 0)
 }
 
 /// Commit time (on peer `id`) of the last of its transactions applied here.
@@ -352,6 +389,49 @@ pub fn grant_lease(peer: u32, members: Mask) -> i64 {
     echo
 }
 
+/// Spaces this member's write commits while a node of its partition catches up without
+/// gaining on the members (see `mmts_core::flow`); called every heartbeat with this node's
+/// view. Changes from none to some spacing and back are logged.
+pub fn throttle_commits(config: &ClusterConfig, current: &Current, throttle: &mut Throttle) {
+    let me = config.node_id;
+    let fresh_after = now() - gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000;
+    let catching_up = current.view.partition & !current.view.members & !bit(me);
+    let behind = (current.view.state == State::Online)
+        .then(|| {
+            membership::nodes(catching_up)
+                .filter_map(|n| Some(last_report(n.0)).filter(|(_, at)| *at > fresh_after))
+                .map(|(r, _)| r.behind)
+                .max()
+        })
+        .flatten();
+    let max = gucs::CATCH_UP_THROTTLE.get() as u64 * 1000;
+    let interval = throttle.observe(now(), behind, max);
+    let before = std::mem::replace(&mut PEERS.exclusive().commit_interval, interval);
+    if (before == 0) != (interval == 0) {
+        crate::logging::log(match interval {
+            0 => format!("mmts: node {me} no longer spaces its write commits"),
+            _ => format!(
+                "mmts: nodes {} catch up without gaining on the members ({} bytes behind): node {me} spaces its write commits",
+                format_mask(catching_up),
+                behind.unwrap_or(0)
+            ),
+        });
+    }
+}
+
+/// The spacing (µs) of this member's write commits now.
+pub fn commit_interval() -> u64 {
+    PEERS.share().commit_interval
+}
+
+/// A write commit asked for at `now`: when it may go ahead, with the spacing set now.
+pub fn next_commit(now: i64) -> i64 {
+    let mut shared = PEERS.exclusive();
+    let (start, next) = mmts_core::flow::next_commit(now, shared.next_commit, shared.commit_interval);
+    shared.next_commit = next;
+    start
+}
+
 /// How far this node's WAL is flushed.
 pub fn wal_flushed() -> u64 {
     // SAFETY: a plain call that reads shared memory under its own lock; main thread.
@@ -451,7 +531,17 @@ pub fn current(config: &ClusterConfig) -> Current {
         view.members |= promised;
     }
     let wal_end = wal_flushed();
-    let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end };
+    // Catching up: what this node has yet to apply of its caught-up peers' WAL, as far as they
+    // last reported it (see `mmts_core::flow`).
+    let behind = if view.state == State::Online {
+        0
+    } else {
+        live()
+            .filter(|n| reports[n.0 as usize - 1].is_some_and(|r| r.ready))
+            .map(|n| peer(n).report.wal_end.saturating_sub(peer(n).applied_lsn))
+            .sum()
+    };
+    let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end, behind };
     let mut generation = shared.generation;
     if view.members != shared.members {
         let mut shared = PEERS.exclusive();
@@ -605,10 +695,12 @@ fn get_cluster_state() -> TableIterator<
         name!(has_majority, bool),
         name!(members, Vec<i32>),
         name!(generation, i64),
+        name!(catch_up_lag, i64),
+        name!(commit_spacing_ms, f64),
     ),
 > {
     let row = match gucs::mode() {
-        Mode::Standalone => (0, "standalone".to_string(), 0, 0, false, Vec::new(), 0),
+        Mode::Standalone => (0, "standalone".to_string(), 0, 0, false, Vec::new(), 0, 0, 0.0),
         Mode::Multimaster(config) => {
             let configured = configured(config);
             let connected = 1 + peers(config).iter().filter(|n| peer(n.id.0).connected).count() as i32;
@@ -627,6 +719,8 @@ fn get_cluster_state() -> TableIterator<
                 connected * 2 > configured,
                 membership::nodes(members).map(|n| n.0 as i32).collect(),
                 cur.generation as i64,
+                cur.report.behind as i64,
+                commit_interval() as f64 / 1000.0,
             )
         }
     };

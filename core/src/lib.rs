@@ -6,6 +6,7 @@ pub mod config;
 pub mod conflict;
 pub mod conninfo;
 pub mod coordinator;
+pub mod flow;
 pub mod indoubt;
 pub mod lease;
 pub mod membership;

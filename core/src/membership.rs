@@ -45,6 +45,9 @@ pub struct Report {
     /// Its WAL flushed up to here when it sent the report: a receiver has caught up with it
     /// once it has received as far.
     pub wal_end: u64,
+    /// Catching up: how many bytes of its peers' WAL, as far as they last reported it, it has
+    /// yet to apply (0 for a member); see [`crate::flow`].
+    pub behind: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +170,7 @@ mod tests {
     }
 
     fn report(sees: &[u32], partition: &[u32], members: &[u32], ready: bool) -> Option<Report> {
-        Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready, wal_end: 0 })
+        Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready, wal_end: 0, behind: 0 })
     }
 
     #[test]
@@ -258,6 +261,7 @@ mod tests {
                         members: 0,
                         ready: true,
                         wal_end: 0,
+                        behind: 0,
                     })
                 })
                 .collect();

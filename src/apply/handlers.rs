@@ -302,6 +302,32 @@ impl Applier {
         }
     }
 
+    /// A node catching up, whose transaction waits for node `origin`'s stream to have ended
+    /// as far as `lsn`, where that stream has a precommit this node passed without
+    /// committing (it had not accepted it): commits that transaction at its timestamp. Its
+    /// commit is the outcome: the member that coordinated the waiting transaction ended that
+    /// stream exactly there, and a member ends a transaction at its precommit only once the
+    /// precommit is chosen (see `commit_early`). Otherwise the two streams could wait for each
+    /// other for good: the precommit's own COMMIT PREPARED may come after a transaction that
+    /// waits for the other stream. True when it committed it.
+    pub(super) fn commit_passed_precommit(&mut self, origin: NodeId, lsn: u64) -> bool {
+        let Some(p) = crate::status::passed_precommit(origin.0, lsn) else { return false };
+        let gid = cstring(&mmts_core::twopc::gid(origin, p.xid));
+        let commit = Outcome::Commit { ts: p.ts };
+        // Not moving any stream's position: the COMMIT PREPARED further on in that stream does.
+        let done = finish_at(&gid, true, 0, p.ts);
+        twophase::with_acceptor(origin, p.xid, |a| a.decide(commit));
+        crate::status::update(origin.0, |s| s.ended_lsn = s.ended_lsn.max(lsn));
+        if done {
+            twophase::clock_observe(p.ts);
+            log(format!(
+                "mmts: committed transaction {} of node {origin} at its precommit: a transaction of node {} depends on it",
+                p.xid, self.peer
+            ));
+        }
+        true
+    }
+
     /// Commits the peer's transaction `xid` at `ts` on its precommit (at `lsn` in the stream)
     /// when that is already the outcome: this node accepted the precommit (see
     /// `twophase::answer`), its coordinator accepted it before sending it, and the two are a
@@ -314,6 +340,7 @@ impl Applier {
         let size = crate::status::configured(config).count_ones() as usize;
         let chosen = twophase::with_acceptor(peer, xid, |a| mmts_core::indoubt::chosen_on_precommit(a, peer, ts, size));
         if !chosen {
+            crate::status::pass_precommit(self.peer, crate::status::Passed { lsn, xid, ts });
             return None;
         }
         self.prepare_set_aside(xid, keep_up);

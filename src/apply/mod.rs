@@ -321,7 +321,8 @@ impl Applier {
 }
 
 /// COMMIT (or ROLLBACK) PREPARED `gid` as the peer's stream says at `end_lsn`, recording `time`
-/// (the commit timestamp); `false` when `gid` is not prepared here.
+/// (the commit timestamp); `false` when `gid` is not prepared here (or another process is
+/// finishing it).
 fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampTz) -> bool {
     // SAFETY: the receiver's main thread, outside a subtransaction; `gid` is borrowed for the
     // call. An error is caught below, where the transaction is aborted.
@@ -333,6 +334,11 @@ fn finish_at(gid: &CString, commit: bool, end_lsn: u64, time: pg_sys::TimestampT
         true
     })
     .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        false
+    })
+    // Another process is finishing it right now ("is busy").
+    .catch_when(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, |_| {
         unsafe { pg_sys::AbortCurrentTransaction() };
         false
     })

@@ -60,6 +60,10 @@ impl Applier {
         let (me, peer) = (self.me, self.peer);
         let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
         let met = || dependencies_met(&preparing.after, |n| crate::status::applied_through(n.0), skip);
+        let unmet = || -> Vec<(NodeId, u64)> {
+            let after = preparing.after.iter().copied();
+            after.filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn).collect()
+        };
         let received = participant::Received {
             me: NodeId(self.me),
             coordinated: key.is_some(),
@@ -103,12 +107,7 @@ impl Applier {
                     let waited = first_attempt.elapsed();
                     if waited >= report_after && logged.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
                         logged = Some(Instant::now());
-                        let unmet: Vec<(NodeId, u64)> = preparing
-                            .after
-                            .iter()
-                            .copied()
-                            .filter(|(n, lsn)| !skip(*n) && crate::status::applied_through(n.0) < *lsn)
-                            .collect();
+                        let unmet = unmet();
                         if let Some(&(node, lsn)) = unmet.first() {
                             let since = crate::backend::now() - waited.as_micros() as i64;
                             shown.set(crate::status::Wait { since, xid, node: node.0, lsn });
@@ -129,6 +128,11 @@ impl Applier {
                             waited.as_secs_f64(),
                             unmet.join(", ")
                         ));
+                    }
+                    // A precommit of another stream that this node passed without committing
+                    // may be what it waits for.
+                    if unmet().iter().any(|&(n, lsn)| self.commit_passed_precommit(n, lsn)) {
+                        continue;
                     }
                     if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                         ereport!(

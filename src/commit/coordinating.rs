@@ -48,6 +48,7 @@ const RETRY_WINDOW: Duration = Duration::from_secs(2);
 /// Just before PREPARE: the transaction's key, its coordinator, and the signal for the peers.
 pub(super) fn start_two_phase(gid: CString, application: bool) {
     let Mode::Multimaster(config) = gucs::mode() else { return };
+    wait_for_turn();
     let members = refuse_unless_online();
     let since = now();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
@@ -83,6 +84,19 @@ pub(super) fn start_two_phase(gid: CString, application: bool) {
     let coordination =
         Coordination::new(Coordinator::new(size as usize, live, ts, deadline), application, finish_timeout);
     session(|s| s.pending = Some(Pending { gid, xid, slot, coordination, members, priority, since }));
+}
+
+/// While a node catches up without gaining on the members, this member's write commits go
+/// ahead one per spacing (`status::throttle_commits`), in the order they ask.
+fn wait_for_turn() {
+    if status::commit_interval() == 0 {
+        return;
+    }
+    let start = status::next_commit(now());
+    while now() < start {
+        crate::backend::nap(((start - now()) / 1000).clamp(1, 100));
+        pgrx::check_for_interrupts!();
+    }
 }
 
 fn interrupted() -> bool {
