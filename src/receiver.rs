@@ -265,6 +265,7 @@ fn stream(
     let mut progress = Progress::new(start);
     let mut caught_up = false;
     let connected_at = crate::backend::now();
+    let mut shown = Instant::now();
     loop {
         link.read_available()?;
         outbox.push(std::mem::take(&mut link.replies));
@@ -297,7 +298,10 @@ fn stream(
                 progress.caught_up();
             }
             finished.extend(done);
-            if link.backlog.is_empty() {
+            // Shown at least every tenth of a second while a long backlog is applied (a node
+            // catching up reports its progress: see `mmts_core::flow`).
+            if link.backlog.is_empty() || shown.elapsed() >= Duration::from_millis(100) {
+                shown = Instant::now();
                 status::update(peer_id, |p| {
                     p.applied_lsn = progress.applied_lsn();
                     p.peer_wal_end = p.peer_wal_end.max(end);

@@ -8,7 +8,7 @@ use pgrx::{pg_shmem_init, pg_sys, PGRXSharedMemory, PgLwLock};
 
 use mmts_core::config::{ClusterConfig, NodeConfig};
 use mmts_core::conninfo::ConnInfo;
-use mmts_core::flow::Throttle;
+use mmts_core::flow::{Lag, Throttle};
 use mmts_core::membership::{self, bit, format_mask, Mask, Report, State, View};
 use mmts_core::NodeId;
 
@@ -396,16 +396,16 @@ pub fn throttle_commits(config: &ClusterConfig, current: &Current, throttle: &mu
     let me = config.node_id;
     let fresh_after = now() - gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64 * 1000;
     let catching_up = current.view.partition & !current.view.members & !bit(me);
-    let behind = (current.view.state == State::Online)
+    let lag = (current.view.state == State::Online)
         .then(|| {
             membership::nodes(catching_up)
                 .filter_map(|n| Some(last_report(n.0)).filter(|(_, at)| *at > fresh_after))
-                .map(|(r, _)| r.behind)
-                .max()
+                .map(|(r, _)| Lag { behind: r.behind, applied: r.applied })
+                .max_by_key(|l| l.behind)
         })
         .flatten();
     let max = gucs::CATCH_UP_THROTTLE.get() as u64 * 1000;
-    let interval = throttle.observe(now(), behind, max);
+    let interval = throttle.observe(now(), lag, max);
     let before = std::mem::replace(&mut PEERS.exclusive().commit_interval, interval);
     if (before == 0) != (interval == 0) {
         crate::logging::log(match interval {
@@ -413,7 +413,7 @@ pub fn throttle_commits(config: &ClusterConfig, current: &Current, throttle: &mu
             _ => format!(
                 "mmts: nodes {} catch up without gaining on the members ({} bytes behind): node {me} spaces its write commits",
                 format_mask(catching_up),
-                behind.unwrap_or(0)
+                lag.map_or(0, |l| l.behind)
             ),
         });
     }
@@ -533,15 +533,14 @@ pub fn current(config: &ClusterConfig) -> Current {
     let wal_end = wal_flushed();
     // Catching up: what this node has yet to apply of its caught-up peers' WAL, as far as they
     // last reported it (see `mmts_core::flow`).
-    let behind = if view.state == State::Online {
-        0
-    } else {
-        live()
-            .filter(|n| reports[n.0 as usize - 1].is_some_and(|r| r.ready))
-            .map(|n| peer(n).report.wal_end.saturating_sub(peer(n).applied_lsn))
-            .sum()
-    };
-    let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end, behind };
+    let (mut behind, mut applied) = (0u64, 0u64);
+    if view.state != State::Online {
+        for n in live().filter(|n| reports[n.0 as usize - 1].is_some_and(|r| r.ready)) {
+            behind += peer(n).report.wal_end.saturating_sub(peer(n).applied_lsn);
+            applied = applied.wrapping_add(peer(n).applied_lsn);
+        }
+    }
+    let report = Report { sees, partition: view.partition, members: view.members, ready, wal_end, behind, applied };
     let mut generation = shared.generation;
     if view.members != shared.members {
         let mut shared = PEERS.exclusive();

@@ -9,7 +9,8 @@
 //! down by a fifth or more: the spacing between two write commits on the member doubles (from
 //! [`FIRST_INTERVAL`], up to the configured maximum); down by that much: it halves, and under
 //! [`FIRST_INTERVAL`] it is gone; nearly caught up ([`NEARLY_CAUGHT_UP`]) and still gaining:
-//! it stays. Once no node catches up, it is gone at once.
+//! it stays. Once no node catches up, it is gone at once; and while the node applies nothing
+//! at all (it waits for a peer that is down, say) it is gone too: spacing cannot help then.
 //!
 //! At the maximum spacing `m` a member commits at most `1/m` write transactions a second,
 //! however many clients it has; a node that applies faster than the members then commit gains
@@ -29,23 +30,36 @@ pub const NEARLY_CAUGHT_UP: u64 = 64 * 1024;
 pub struct Throttle {
     /// µs between two write commits (0: none).
     interval: u64,
-    /// The lag last compared with, and when.
-    last: Option<(Timestamp, u64)>,
+    /// The node's lag and what it had applied when last compared, and when.
+    last: Option<(Timestamp, Lag)>,
+}
+
+/// What a node catching up reports of itself (see [`crate::membership::Report`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Bytes of its peers' WAL it has yet to apply.
+    pub behind: u64,
+    /// Bytes of its peers' WAL it has applied (a sum of positions): it moves while it applies.
+    pub applied: u64,
 }
 
 impl Throttle {
-    /// Takes the lag (bytes) of the node catching up that is furthest behind (`None`: no node
-    /// catches up) at `now`; `max`: the longest spacing (µs; 0: never space commits). Returns
-    /// the spacing.
-    pub fn observe(&mut self, now: Timestamp, behind: Option<u64>, max: u64) -> u64 {
-        let Some(behind) = behind.filter(|_| max > 0) else {
+    /// Takes the lag of the node catching up that is furthest behind (`None`: no node catches
+    /// up) at `now`; `max`: the longest spacing (µs; 0: never space commits). Returns the
+    /// spacing.
+    pub fn observe(&mut self, now: Timestamp, lag: Option<Lag>, max: u64) -> u64 {
+        let Some(lag) = lag.filter(|_| max > 0) else {
             *self = Throttle::default();
             return 0;
         };
+        let behind = lag.behind;
         match self.last {
-            None => self.last = Some((now, behind)),
+            None => self.last = Some((now, lag)),
             Some((then, before)) if now - then >= PERIOD => {
-                self.interval = if behind > NEARLY_CAUGHT_UP && behind * 5 <= before * 4 {
+                let (stalled, before) = (lag.applied == before.applied, before.behind);
+                self.interval = if stalled {
+                    0
+                } else if behind > NEARLY_CAUGHT_UP && behind * 5 <= before * 4 {
                     let half = self.interval / 2;
                     if half < FIRST_INTERVAL {
                         0
@@ -58,7 +72,7 @@ impl Throttle {
                 } else {
                     (self.interval * 2).clamp(FIRST_INTERVAL, max)
                 };
-                self.last = Some((now, behind));
+                self.last = Some((now, lag));
             }
             Some(_) => {}
         }
@@ -83,23 +97,28 @@ mod tests {
 
     const MAX: u64 = 100_000;
 
+    /// A lag of `behind` bytes, with `applied` moving (a node that applies).
+    fn lag(behind: u64, applied: u64) -> Option<Lag> {
+        Some(Lag { behind, applied })
+    }
+
     #[test]
     fn no_node_catching_up_means_no_spacing() {
         let mut t = Throttle::default();
         assert_eq!(t.observe(0, None, MAX), 0);
-        assert_eq!(t.observe(0, Some(10 << 20), MAX), 0, "nothing to compare with yet");
-        assert_eq!(t.observe(PERIOD, Some(10 << 20), MAX), FIRST_INTERVAL);
+        assert_eq!(t.observe(0, lag(10 << 20, 0), MAX), 0, "nothing to compare with yet");
+        assert_eq!(t.observe(PERIOD, lag(10 << 20, 1), MAX), FIRST_INTERVAL);
         assert_eq!(t.observe(2 * PERIOD, None, MAX), 0, "gone once nobody catches up");
     }
 
     #[test]
     fn spacing_doubles_while_the_lag_holds_and_halves_while_it_shrinks() {
         let mut t = Throttle::default();
-        t.observe(0, Some(10 << 20), MAX);
+        t.observe(0, lag(10 << 20, 0), MAX);
         let mut at = 0;
         let mut step = |behind: u64| {
             at += PERIOD;
-            t.observe(at, Some(behind), MAX)
+            t.observe(at, lag(behind, at as u64), MAX)
         };
         assert_eq!(step(10 << 20), 100);
         assert_eq!(step(11 << 20), 200);
@@ -120,18 +139,30 @@ mod tests {
     #[test]
     fn a_period_passes_between_two_changes() {
         let mut t = Throttle::default();
-        t.observe(0, Some(1 << 30), MAX);
-        assert_eq!(t.observe(PERIOD, Some(1 << 30), MAX), 100);
-        assert_eq!(t.observe(PERIOD + PERIOD / 2, Some(1 << 30), MAX), 100);
-        assert_eq!(t.observe(2 * PERIOD, Some(1 << 30), MAX), 200);
+        t.observe(0, lag(1 << 30, 0), MAX);
+        assert_eq!(t.observe(PERIOD, lag(1 << 30, 1), MAX), 100);
+        assert_eq!(t.observe(PERIOD + PERIOD / 2, lag(1 << 30, 2), MAX), 100);
+        assert_eq!(t.observe(2 * PERIOD, lag(1 << 30, 3), MAX), 200);
     }
 
     #[test]
     fn off_when_the_maximum_is_zero() {
         let mut t = Throttle::default();
-        t.observe(0, Some(1 << 30), MAX);
-        t.observe(PERIOD, Some(1 << 30), MAX);
-        assert_eq!(t.observe(2 * PERIOD, Some(1 << 30), 0), 0);
+        t.observe(0, lag(1 << 30, 0), MAX);
+        t.observe(PERIOD, lag(1 << 30, 1), MAX);
+        assert_eq!(t.observe(2 * PERIOD, lag(1 << 30, 2), 0), 0);
+    }
+
+    /// A node that applies nothing (it waits for a peer that is down) gains nothing from
+    /// spacing: there is none while it stays so.
+    #[test]
+    fn none_while_the_node_applies_nothing() {
+        let mut t = Throttle::default();
+        t.observe(0, lag(1 << 30, 0), MAX);
+        assert_eq!(t.observe(PERIOD, lag(1 << 30, 1), MAX), 100);
+        assert_eq!(t.observe(2 * PERIOD, lag(1 << 30, 1), MAX), 0, "stalled");
+        assert_eq!(t.observe(3 * PERIOD, lag(1 << 30, 1), MAX), 0, "still stalled");
+        assert_eq!(t.observe(4 * PERIOD, lag(1 << 30, 2), MAX), 100, "applying again");
     }
 
     #[test]
@@ -160,15 +191,16 @@ mod tests {
         let tick: Timestamp = 100_000;
         for (offered, applies) in [(2_000u64, 1_000u64), (20_000, 1_000), (5_000, 4_000), (100_000, 300)] {
             let mut t = Throttle::default();
-            let mut behind = MISSED;
+            let (mut behind, mut applied_total) = (MISSED, 0);
             let mut caught_up_at = None;
             for step in 0..100_000i64 {
                 let now = step * tick;
-                let interval = t.observe(now, Some(behind), MAX);
+                let interval = t.observe(now, lag(behind, applied_total), MAX);
                 let rate = if interval == 0 { offered } else { offered.min(1_000_000 / interval) };
                 let committed = rate * tick as u64 / 1_000_000 * BYTES;
                 let applied = applies * tick as u64 / 1_000_000 * BYTES;
                 behind = (behind + committed).saturating_sub(applied);
+                applied_total += applied;
                 if behind == 0 {
                     caught_up_at = Some(now);
                     break;

@@ -46,8 +46,10 @@ pub struct Report {
     /// once it has received as far.
     pub wal_end: u64,
     /// Catching up: how many bytes of its peers' WAL, as far as they last reported it, it has
-    /// yet to apply (0 for a member); see [`crate::flow`].
+    /// yet to apply, and how far it has applied them (a sum of positions); 0 for a member. See
+    /// [`crate::flow`].
     pub behind: u64,
+    pub applied: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +172,15 @@ mod tests {
     }
 
     fn report(sees: &[u32], partition: &[u32], members: &[u32], ready: bool) -> Option<Report> {
-        Some(Report { sees: m(sees), partition: m(partition), members: m(members), ready, wal_end: 0, behind: 0 })
+        Some(Report {
+            sees: m(sees),
+            partition: m(partition),
+            members: m(members),
+            ready,
+            wal_end: 0,
+            behind: 0,
+            applied: 0,
+        })
     }
 
     #[test]
@@ -262,6 +272,7 @@ mod tests {
                         ready: true,
                         wal_end: 0,
                         behind: 0,
+                        applied: 0,
                     })
                 })
                 .collect();

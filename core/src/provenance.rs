@@ -249,7 +249,7 @@ mod tests {
             Signal::Coordinated { key: Key { ts: 5, node: n(1) }, members: 0b111, after: vec![(n(2), 77), (n(3), 1)] },
             Signal::Heartbeat {
                 from: n(2),
-                report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9, behind: 0 },
+                report: Report { sees: 3, partition: 3, members: 3, ready: true, wal_end: 9, behind: 0, applied: 0 },
                 sent_at: 0,
                 echo: 0,
             },

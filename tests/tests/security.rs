@@ -56,13 +56,13 @@ fn forged() -> Vec<Signal> {
         // Node 1 sees nobody: if taken, the peers would count it out of the majority.
         Signal::Heartbeat {
             from: n(1),
-            report: Report { sees: 1, partition: 1, members: 1, ready: false, wal_end: 0, behind: 0 },
+            report: Report { sees: 1, partition: 1, members: 1, ready: false, wal_end: 0, behind: 0, applied: 0 },
             sent_at: 0,
             echo: 0,
         },
         Signal::Heartbeat {
             from: n(2),
-            report: Report { sees: 2, partition: 2, members: 2, ready: false, wal_end: 0, behind: 0 },
+            report: Report { sees: 2, partition: 2, members: 2, ready: false, wal_end: 0, behind: 0, applied: 0 },
             sent_at: 0,
             echo: 0,
         },
@@ -190,7 +190,7 @@ fn the_vote_channel_is_for_nodes_only() {
     let hostile = vec![
         Signal::Heartbeat {
             from: NodeId(3),
-            report: Report { sees: 4, partition: 4, members: 4, ready: true, wal_end: 0, behind: 0 },
+            report: Report { sees: 4, partition: 4, members: 4, ready: true, wal_end: 0, behind: 0, applied: 0 },
             sent_at: 0,
             echo: 0,
         },
