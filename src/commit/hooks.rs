@@ -86,8 +86,9 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
 }
 
-/// Refuses writes to tables without a key (unless they are kept local), and tells the
-/// synchronous commit that the transaction writes a replicated table.
+/// Refuses updates and deletes of tables without a key (unless they are kept local): a peer
+/// could not find the rows. Inserts into them replicate, as in PostgreSQL's own logical
+/// replication. Tells the synchronous commit that the transaction writes a replicated table.
 ///
 /// # Safety
 /// `stmt` must be the valid plan of the query being started, inside its transaction, on the
@@ -100,6 +101,13 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
     unsafe {
         let results = (*stmt).resultRelations;
         let n = if results.is_null() { 0 } else { (*results).length };
+        // Only new rows: a plain INSERT (or one that does nothing on a conflict).
+        let plan = (*stmt).planTree;
+        let only_inserts = (*stmt).commandType == pg_sys::CmdType::CMD_INSERT
+            && !(!plan.is_null()
+                && (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
+                && (*(plan as *mut pg_sys::ModifyTable)).onConflictAction
+                    == pg_sys::OnConflictAction::ONCONFLICT_UPDATE);
         for i in 0..n {
             let rti = pg_sys::list_nth_int(results, i);
             let rte = pg_sys::list_nth((*stmt).rtable, rti - 1) as *mut pg_sys::RangeTblEntry;
@@ -114,18 +122,20 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
             let keyless = replicated && !crate::tables::has_replica_identity(rel);
             let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
             pg_sys::RelationClose(rel);
-            if keyless && !gucs::IGNORE_TABLES_WITHOUT_PK.get() {
+            let local = keyless && gucs::IGNORE_TABLES_WITHOUT_PK.get();
+            if keyless && !local && !only_inserts {
                 ErrorReport::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("table \"{name}\" has no primary key or replica identity, so mmts cannot replicate writes to it"),
+                    format!("table \"{name}\" has no primary key or replica identity, so mmts cannot replicate updates or deletes of its rows"),
                     "mmts",
                 )
+                .set_detail("Inserts into it replicate; an update or a delete could not find its rows on the other nodes.")
                 .set_hint(
                     "Add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set multimaster.ignore_tables_without_pk = on to keep such tables local to each node.",
                 )
                 .report(PgLogLevel::ERROR);
             }
-            if replicated && !keyless {
+            if replicated && !local {
                 note_write();
             }
         }

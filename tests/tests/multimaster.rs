@@ -240,16 +240,50 @@ fn causally_ordered_updates_are_not_conflicts() {
 
 #[test]
 fn tables_without_a_key_follow_the_setting() {
-    // Off (the default): a write that could not be replicated faithfully is refused.
+    // Off (the default): rows inserted into a table without a key replicate (INSERT, COPY);
+    // an update or delete, which the other nodes could not find rows for, is refused.
     let cluster = start(2);
     for node in cluster.nodes() {
-        node.execute_local("CREATE TABLE nokey(x int)");
+        node.execute_local("CREATE TABLE nokey(x int); CREATE TABLE nokey_unique(x int UNIQUE)");
     }
-    let err = cluster.node(1).connect().batch_execute("INSERT INTO nokey VALUES (1)").unwrap_err();
-    let db = err.as_db_error().unwrap();
-    assert_eq!(db.code().code(), "55000");
-    assert!(db.message().contains("\"nokey\" has no primary key or replica identity"), "{}", db.message());
-    assert!(db.hint().unwrap().contains("multimaster.ignore_tables_without_pk"));
+    let mut c1 = cluster.node(1).connect();
+    c1.batch_execute("BEGIN; INSERT INTO nokey VALUES (1), (2); COMMIT").unwrap();
+    c1.execute("INSERT INTO nokey VALUES ($1)", &[&3i32]).unwrap();
+    c1.batch_execute("INSERT INTO nokey_unique VALUES (1) ON CONFLICT (x) DO NOTHING").unwrap();
+    let mut c2 = cluster.node(2).connect();
+    let mut copy = c2.copy_in("COPY nokey FROM STDIN").unwrap();
+    std::io::Write::write_all(&mut copy, b"4\n5\n").unwrap();
+    copy.finish().unwrap();
+    // Synchronous: on both nodes once the commits returned.
+    for node in cluster.nodes() {
+        assert_eq!(
+            node.query_value("SELECT string_agg(x::text, ',' ORDER BY x) FROM nokey").as_deref(),
+            Some("1,2,3,4,5")
+        );
+        assert_eq!(count(node, "SELECT count(*) FROM nokey_unique"), 1);
+    }
+    for sql in [
+        "UPDATE nokey SET x = 6 WHERE x = 1",
+        "DELETE FROM nokey WHERE x = 1",
+        "INSERT INTO nokey_unique VALUES (1) ON CONFLICT (x) DO UPDATE SET x = 2",
+    ] {
+        let err = c1.batch_execute(sql).unwrap_err();
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert_eq!(db.code().code(), "55000", "{sql}");
+        assert!(
+            db.message()
+                .contains("has no primary key or replica identity, so mmts cannot replicate updates or deletes"),
+            "{sql}: {}",
+            db.message()
+        );
+        assert!(db.hint().unwrap().contains("multimaster.ignore_tables_without_pk"));
+    }
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM nokey"), 5);
+        assert_eq!(count(node, "SELECT count(*) FROM nokey_unique WHERE x = 1"), 1);
+    }
+    cluster.node(1).execute("TRUNCATE nokey");
+    assert_eq!(count(cluster.node(2), "SELECT count(*) FROM nokey"), 0);
     // REPLICA IDENTITY FULL is enough.
     cluster.node(1).execute("ALTER TABLE nokey REPLICA IDENTITY FULL; INSERT INTO nokey VALUES (1), (1); DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey)");
     cluster.node(2).execute("ALTER TABLE nokey REPLICA IDENTITY FULL");

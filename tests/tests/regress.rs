@@ -292,10 +292,10 @@ fn head(text: &str, n: usize) -> String {
 
 /// `nodes` servers with the harness's settings and `MMTS_REGRESS_CONF`.
 ///
-/// Most of the suite's tables have no primary key, and `test_setup` fills them before every
-/// other test: with `multimaster.ignore_tables_without_pk = off` every such write is refused
-/// and nearly the whole suite fails for that one reason. So such tables are kept local to each
-/// node here (and left out of the comparison of the nodes' rows).
+/// Most of the suite's tables have no primary key, and the tests update and delete their rows:
+/// with `multimaster.ignore_tables_without_pk = off` every such update or delete is refused and
+/// much of the suite fails for that one reason. So such tables are kept local to each node here
+/// (and left out of the comparison of the nodes' rows).
 fn builder(nodes: usize) -> ClusterBuilder {
     let mut b = ClusterBuilder::new(nodes).set("multimaster.ignore_tables_without_pk", "on");
     if let Ok(conf) = std::env::var("MMTS_REGRESS_CONF") {
