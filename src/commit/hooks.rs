@@ -97,7 +97,8 @@ unsafe fn check_result_relations(stmt: *mut pg_sys::PlannedStmt) {
     // SAFETY: `stmt` is the plan ExecutorStart got, inside its transaction: resultRelations
     // holds 1-based indexes into its range table (list_nth stays in bounds). Each relation
     // RelationIdGetRelation opens is read (relname is NUL-terminated) and closed before any
-    // error is raised.
+    // error is raised. Its planTree, when not NULL, is a plan node, cast to ModifyTable only
+    // once its tag says so.
     unsafe {
         let results = (*stmt).resultRelations;
         let n = if results.is_null() { 0 } else { (*results).length };
