@@ -309,7 +309,8 @@ impl Applier {
     /// stream exactly there, and a member ends a transaction at its precommit only once the
     /// precommit is chosen (see `commit_early`). Otherwise the two streams could wait for each
     /// other for good: the precommit's own COMMIT PREPARED may come after a transaction that
-    /// waits for the other stream. True when it committed it.
+    /// waits for the other stream. True when there is such a precommit: that stream then counts
+    /// as ended there (committed here now, or earlier by that stream's own receiver).
     pub(super) fn commit_passed_precommit(&mut self, origin: NodeId, lsn: u64) -> bool {
         let Some(p) = crate::status::passed_precommit(origin.0, lsn) else { return false };
         let gid = cstring(&mmts_core::twopc::gid(origin, p.xid));
