@@ -7,6 +7,7 @@ pub mod conflict;
 pub mod conninfo;
 pub mod coordinator;
 pub mod flow;
+pub mod forward;
 pub mod indoubt;
 pub mod lease;
 pub mod membership;

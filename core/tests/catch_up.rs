@@ -39,6 +39,24 @@
 //! stream's transactions in that stream's order; and before it applied (while catching up) a
 //! transaction, it had ended every transaction the coordinator had ended when it prepared it.
 //!
+//! # With a peer down: forwarding
+//!
+//! In `a_node_catches_up_while_a_peer_is_down`, node 2 also goes down (once node 1 has ended
+//! its open transactions and received its whole stream) and comes back, now and then. While it
+//! is down it writes nothing, nobody receives its stream, and node 1 coordinates only while
+//! node 3 is online (a majority). Nodes 1 and 2 *forward*: when one ends a transaction of the
+//! other (at its precommit or rollback), it writes `Forward { tx, commit }` to its own WAL. Node
+//! 3 handles a forwarded end by `mmts_core::forward::on_forwarded` (apply the changes and
+//! commit, finish the copy prepared here, remember a rollback, or skip), applying changes only
+//! once `mmts_core::forward::waits_for` says what it depends on is applied; a transaction of
+//! node 1 waits for node 2's stream only while node 2 is up. A Prepare of a transaction already
+//! ended here is not prepared again. A record that commits nothing because another stream's
+//! receiver ended its transaction here is confirmed to its peer only once everything committed
+//! here so far is flushed: else a crash loses that commit while the peer never sends the record
+//! again (the simulation found this). Node 3 is online once it has received the stream of every
+//! node that is up to its end. At the end of the load the checks run with node 2 still down,
+//! then again once it is back; they also check that node 3 applied no transaction twice.
+//!
 //! # Not modelled
 //!
 //! Row data, locks and set-aside transactions; votes and their timing (a coordinator
@@ -53,6 +71,8 @@
 
 use std::collections::BTreeMap;
 
+use mmts_core::forward::{on_forwarded, waits_for, Action, Ended, Here};
+use mmts_core::membership::{bit, Mask};
 use mmts_core::replication::{resume_point, Progress};
 use mmts_core::twopc::dependencies_met;
 use mmts_core::NodeId;
@@ -79,15 +99,31 @@ fn seeds() -> u64 {
 
 #[derive(Debug, Clone)]
 enum Rec {
-    Prepare { tx: usize, after: Vec<(NodeId, Lsn)> },
-    Precommit { tx: usize },
-    CommitPrepared { tx: usize },
-    RollbackPrepared { tx: usize },
+    Prepare {
+        tx: usize,
+        after: Vec<(NodeId, Lsn)>,
+    },
+    Precommit {
+        tx: usize,
+    },
+    CommitPrepared {
+        tx: usize,
+    },
+    RollbackPrepared {
+        tx: usize,
+    },
+    /// Written by a node that ended another node's transaction: forwarded to node 3.
+    Forward {
+        tx: usize,
+        commit: bool,
+    },
     Other,
 }
 
 struct Tx {
     origin: usize,
+    /// Position of its PREPARE in its origin's WAL.
+    prepared_at: Lsn,
     /// Node 3 was online when it was prepared.
     member3: bool,
     /// Node 3, a member, votes no.
@@ -123,6 +159,10 @@ struct Local {
     at: Lsn,
     /// It carries the origin position `at`.
     origin: bool,
+    /// The stream whose receiver wrote it (the transaction's origin, or one forwarding it).
+    stream: usize,
+    /// It applied the transaction's changes (a prepare, or a forwarded commit).
+    applies: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +179,11 @@ struct Stats {
     slot_ahead: usize,
     /// Times node 3's receiver found its stream's head waiting for another stream.
     waits: usize,
+    /// Times node 2 went down, and times node 3 got online while it was.
+    downs: usize,
+    online_while_down: usize,
+    /// Forwarded ends node 3 applied, finished, remembered and skipped.
+    forwarded: [usize; 4],
 }
 
 struct Sim {
@@ -162,10 +207,18 @@ struct Sim {
     trace: Option<Vec<String>>,
     /// The trace says that node 3 waits in a cycle (since its last restart).
     noted_cycle: bool,
+    /// Nodes 1 and 2 forward what they end of each other's transactions, and node 2 goes
+    /// down and comes back.
+    forwarding: bool,
+    down: [bool; 4],
 }
 
 impl Sim {
     fn new(seed: u64, rule: Rule, trace: bool) -> Sim {
+        Sim::with(seed, rule, trace, false)
+    }
+
+    fn with(seed: u64, rule: Rule, trace: bool, forwarding: bool) -> Sim {
         Sim {
             rng: Rng::new(seed),
             rule,
@@ -182,6 +235,8 @@ impl Sim {
             stats: Stats::default(),
             trace: trace.then(Vec::new),
             noted_cycle: false,
+            forwarding,
+            down: [false; 4],
         }
     }
 
@@ -205,7 +260,8 @@ impl Sim {
             let member3 = n == 3 || self.node3 == Node3::Online;
             let refused = member3 && n != 3 && self.rng.chance(5);
             let tx = self.txs.len();
-            self.txs.push(Tx { origin: n, member3, refused, ended_at: None, committed: false });
+            let prepared_at = self.wal[n].len() as Lsn + 1;
+            self.txs.push(Tx { origin: n, prepared_at, member3, refused, ended_at: None, committed: false });
             self.open[n].push(tx);
             self.write(n, Rec::Prepare { tx, after });
         } else {
@@ -228,9 +284,22 @@ impl Sim {
         }
     }
 
+    /// The nodes up.
+    fn reachable(&self) -> Mask {
+        (1..=3).filter(|&m| !self.down[m]).fold(0, |mask, m| mask | bit(NodeId(m as u32)))
+    }
+
     /// What of `after` node `n` has not ended yet, for a transaction of node `k`.
     fn unmet(&self, n: usize, k: usize, after: &[(NodeId, Lsn)]) -> Option<(usize, Lsn)> {
-        let skip = |m: NodeId| m.0 as usize == n || m.0 as usize == k;
+        self.unmet_in(n, k, k, after)
+    }
+
+    /// What of `after` node `n` has not ended yet, for a transaction of node `origin` that came
+    /// in `stream`'s stream.
+    fn unmet_in(&self, n: usize, origin: usize, stream: usize, after: &[(NodeId, Lsn)]) -> Option<(usize, Lsn)> {
+        let node = |i: usize| NodeId(i as u32);
+        let (forwarding, reachable) = (self.forwarding && n == 3, self.reachable());
+        let skip = |m: NodeId| !waits_for(m, node(n), node(origin), node(stream), forwarding, reachable, None);
         let ended = |m: NodeId| self.recv[n][m.0 as usize].ended;
         if dependencies_met(after, ended, skip) {
             return None;
@@ -241,9 +310,16 @@ impl Sim {
     /// Node `n` handles the next record of node `k`'s stream; false if there is none yet or it
     /// must wait.
     fn receive(&mut self, n: usize, k: usize) -> bool {
+        if self.down[n] || self.down[k] {
+            return false;
+        }
         let Some((pos, rec)) = self.wal[k].get(self.recv[n][k].next).cloned() else { return false };
-        // What this commits here: (transaction, its new state, carries the origin position).
+        // What this commits here: (transaction, its new state, carries the origin position,
+        // applies its changes).
         let mut commit = None;
+        let mut applies = false;
+        // Nothing committed, on the strength of what is committed here already (by another
+        // stream's receiver, maybe not flushed yet).
         match &rec {
             Rec::Prepare { tx, after } => {
                 let member = n != 3 || self.txs[*tx].member3;
@@ -253,10 +329,54 @@ impl Sim {
                 }
                 if n == 3 && !self.txs[*tx].refused && !self.local.contains_key(tx) {
                     commit = Some((*tx, State::Prepared, true));
+                    applies = true;
                 }
             }
+            Rec::Forward { tx, commit: committed } if n == 3 && self.txs[*tx].origin != 3 => {
+                let here = match self.local.get(tx) {
+                    None => Here::Absent,
+                    Some(State::Prepared) => Here::Prepared,
+                    Some(State::Committed) => Here::Committed,
+                    Some(State::RolledBack) => Here::RolledBack,
+                };
+                let ended = if *committed { Ended::Committed } else { Ended::RolledBack };
+                let action = on_forwarded(here, ended).unwrap_or_else(|e| panic!("tx {tx}: {e}"));
+                let t = &self.txs[*tx];
+                match action {
+                    Action::Apply => {
+                        let Rec::Prepare { after, .. } = &self.wal[t.origin][t.prepared_at as usize - 1].1 else {
+                            unreachable!("a transaction's first record is its prepare")
+                        };
+                        if self.unmet_in(3, t.origin, k, after).is_some() {
+                            self.stats.waits += 1;
+                            return false;
+                        }
+                        commit = Some((*tx, State::Committed, true));
+                        applies = true;
+                    }
+                    Action::Finish { commit: true } => commit = Some((*tx, State::Committed, true)),
+                    Action::Finish { commit: false } | Action::Remember => {
+                        commit = Some((*tx, State::RolledBack, true))
+                    }
+                    Action::Skip => {}
+                }
+                self.stats.forwarded[match action {
+                    Action::Apply => 0,
+                    Action::Finish { .. } => 1,
+                    Action::Remember => 2,
+                    Action::Skip => 3,
+                }] += 1;
+            }
+            Rec::Forward { .. } => {}
             Rec::Precommit { tx } | Rec::CommitPrepared { tx } | Rec::RollbackPrepared { tx } => {
                 self.recv[n][k].ended = self.recv[n][k].ended.max(pos);
+                // A node that ends another's transaction forwards that end (node 3's own are
+                // not forwarded to it).
+                let first_end = !matches!(rec, Rec::CommitPrepared { .. });
+                if self.forwarding && n != 3 && k != 3 && first_end {
+                    let commit = matches!(rec, Rec::Precommit { .. });
+                    self.write(n, Rec::Forward { tx: *tx, commit });
+                }
                 if n == 3 && self.local.get(tx) == Some(&State::Prepared) {
                     commit = Some(match rec {
                         Rec::Precommit { .. } => (*tx, State::Committed, false),
@@ -271,13 +391,28 @@ impl Sim {
         if n != 3 {
             return true;
         }
+        // A record that commits nothing here because another stream's receiver ended its
+        // transaction here already relies on that commit, which may not be flushed yet.
+        let relies_on = match &rec {
+            Rec::Prepare { tx, .. }
+            | Rec::Precommit { tx }
+            | Rec::CommitPrepared { tx }
+            | Rec::RollbackPrepared { tx }
+            | Rec::Forward { tx, .. } => (commit.is_none()
+                && self.log.iter().rev().find(|l| l.tx == *tx).is_some_and(|l| l.stream != k))
+            .then_some(*tx),
+            Rec::Other => None,
+        };
         let r = &mut self.recv[3][k];
         r.origin = pos;
         r.progress.received(pos);
         if let Some((tx, state, origin)) = commit {
             self.local_lsn += 1;
-            self.log.push(Local { lsn: self.local_lsn, tx, state, at: pos, origin });
+            self.log.push(Local { lsn: self.local_lsn, tx, state, at: pos, origin, stream: k, applies });
             self.local.insert(tx, state);
+            r.progress.committed(self.local_lsn);
+        } else if relies_on.is_some() {
+            // Confirmed to the peer only once that is flushed: else a crash could lose both.
             r.progress.committed(self.local_lsn);
         }
         r.progress.caught_up();
@@ -286,11 +421,19 @@ impl Sim {
                 .map_or("-".into(), |(tx, state, o)| format!("tx {tx} {state:?}{}", ["", " +origin"][o as usize]));
             format!("node 3 applies {k}@{pos} {rec:?}: {here}, ended {}", s.recv[3][k].ended)
         });
-        if self.node3 == Node3::CatchingUp && [1, 2].iter().all(|&p| self.recv[3][p].next == self.wal[p].len()) {
+        self.maybe_online();
+        true
+    }
+
+    /// Node 3 is online once it has received every stream of a node up to its end.
+    fn maybe_online(&mut self) {
+        if self.node3 == Node3::CatchingUp
+            && [1, 2].iter().all(|&p| self.down[p] || self.recv[3][p].next == self.wal[p].len())
+        {
             self.node3 = Node3::Online;
+            self.stats.online_while_down += self.down[2] as usize;
             self.note(|_| "node 3 is online".into());
         }
-        true
     }
 
     fn report(&mut self, k: usize) {
@@ -300,7 +443,7 @@ impl Sim {
     }
 
     fn origin_on_disk(&self, k: usize) -> Lsn {
-        self.log.iter().filter(|l| l.origin && self.txs[l.tx].origin == k).map(|l| l.at).max().unwrap_or(0)
+        self.log.iter().filter(|l| l.origin && l.stream == k).map(|l| l.at).max().unwrap_or(0)
     }
 
     fn crash(&mut self) {
@@ -341,16 +484,43 @@ impl Sim {
         self.noted_cycle = false;
     }
 
+    /// Node 2 goes down (once the others have ended its open transactions and received its
+    /// whole stream), or comes back.
+    fn node2_goes_or_comes(&mut self) {
+        if !self.down[2] && self.rng.chance(2) {
+            while let Some(&tx) = self.open[2].first() {
+                self.advance(tx);
+            }
+            while self.receive(1, 2) {}
+            self.down[2] = true;
+            self.stats.downs += 1;
+            self.note(|_| "node 2 goes down".into());
+            self.maybe_online();
+        } else if self.down[2] && self.rng.chance(3) {
+            self.down[2] = false;
+            self.note(|_| "node 2 is back".into());
+        }
+    }
+
     fn step(&mut self) {
+        if self.forwarding {
+            self.node2_goes_or_comes();
+        }
         let up = self.node3 != Node3::Down;
         // n: node 1 or 2; k: a peer of node 3; coin: node 3 or its stream rather than another.
         let (n, k, coin) = (1 + self.rng.below(2), 1 + self.rng.below(2), self.rng.chance(40));
         match self.rng.below(100) {
-            0..=19 => self.coordinate(if self.node3 == Node3::Online && coin { 3 } else { n }),
-            20..=23 => _ = self.write(n, Rec::Other),
+            0..=19 => {
+                let c = if self.node3 == Node3::Online && coin { 3 } else { n };
+                // A coordinator that is down, or without a majority of members, does not write.
+                if !self.down[c] && (!self.down[2] || self.node3 == Node3::Online) {
+                    self.coordinate(c);
+                }
+            }
+            20..=23 if !self.down[n] => _ = self.write(n, Rec::Other),
             24..=53 => _ = self.receive(n, if coin { 3 } else { 3 - n }),
             54..=79 if up => _ = self.receive(3, k),
-            80..=87 if up => self.report(k),
+            80..=87 if up && !self.down[k] => self.report(k),
             88..=94 if up => self.local_flushed = self.local_lsn,
             95..=99 if !up => self.restart(),
             95..=99 if self.rng.chance(20) => self.crash(),
@@ -377,9 +547,21 @@ impl Sim {
                 self.advance(tx);
             }
         }
+        self.drain();
+        self.check()?;
+        if self.down[2] {
+            self.down[2] = false;
+            self.note(|_| "node 2 is back".into());
+            self.drain();
+            self.check()?;
+        }
+        Ok(())
+    }
+
+    /// Every receiver runs until none can move.
+    fn drain(&mut self) {
         let receivers = [(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)];
         while receivers.iter().fold(false, |moved, &(n, k)| self.receive(n, k) | moved) {}
-        self.check()
     }
 
     /// How many of node 3's stream heads wait for another stream.
@@ -410,8 +592,17 @@ impl Sim {
     }
 
     fn check(&self) -> Result<(), String> {
-        if [1, 2].iter().any(|&k| self.recv[3][k].next < self.wal[k].len()) {
+        if [1, 2].iter().any(|&k| !self.down[k] && self.recv[3][k].next < self.wal[k].len()) {
             return Err(self.stuck());
+        }
+        let mut applied = BTreeMap::new();
+        for l in self.log.iter().filter(|l| l.applies) {
+            if let Some(stream) = applied.insert(l.tx, l.stream) {
+                return Err(format!(
+                    "node 3 applied tx {} of node {} twice: from stream {stream}, then from stream {}",
+                    l.tx, self.txs[l.tx].origin, l.stream
+                ));
+            }
         }
         for (tx, t) in self.txs.iter().enumerate().filter(|(_, t)| t.origin != 3) {
             let here = self.local.get(&tx).copied();
@@ -421,18 +612,24 @@ impl Sim {
             }
         }
         let mut state: BTreeMap<usize, State> = BTreeMap::new();
-        let mut last_end = [0; 4];
+        // Per transaction origin and stream it came in: the last end position seen.
+        let mut last_end = [[0; 4]; 4];
         for l in &self.log {
             let k = self.txs[l.tx].origin;
             if l.state != State::Prepared {
-                if l.at <= last_end[k] {
-                    return Err(format!("tx {} ended at {k}@{} after {k}@{} on node 3", l.tx, l.at, last_end[k]));
+                // Ends that came in the origin's stream are in its order; forwarded ones in the
+                // order of the transactions' ends there.
+                let at = if l.stream == k { l.at } else { self.txs[l.tx].ended_at.expect("forwarded: ended") };
+                let last = &mut last_end[k][l.stream];
+                if at <= *last {
+                    return Err(format!("tx {} ended at {k}@{at} after {k}@{last} on node 3", l.tx));
                 }
-                last_end[k] = l.at;
+                *last = at;
             }
-            // A prepare applied by node 3 while it was not a member.
-            let catching_up = l.state == State::Prepared && !self.txs[l.tx].member3;
-            if let (true, Rec::Prepare { after, .. }) = (catching_up, &self.wal[k][l.at as usize - 1].1) {
+            // Changes applied by node 3 while it was not a member, or forwarded.
+            let catching_up = l.applies && (!self.txs[l.tx].member3 || l.stream != k);
+            let prepare = &self.wal[k][self.txs[l.tx].prepared_at as usize - 1].1;
+            if let (true, Rec::Prepare { after, .. }) = (catching_up, prepare) {
                 for &(m, need) in after.iter().filter(|(m, _)| m.0 != 3) {
                     let j = m.0 as usize;
                     for (x, t) in self.txs.iter().enumerate() {
@@ -459,13 +656,17 @@ impl Sim {
 /// The failure of `seed` under `rule` with a short trace: node 3's events from its last crash
 /// before it first waited in a cycle up to then (or to the end).
 fn failure(seed: u64, rule: Rule, message: &str) -> String {
-    let mut sim = Sim::new(seed, rule, true);
+    failure_with(seed, rule, false, message)
+}
+
+fn failure_with(seed: u64, rule: Rule, forwarding: bool, message: &str) -> String {
+    let mut sim = Sim::with(seed, rule, true, forwarding);
     let _ = sim.run();
     let trace = sim.trace.unwrap_or_default();
     let end = trace.iter().position(|l| l.ends_with("(a cycle)")).map_or(trace.len(), |i| i + 1);
     let crash = trace[..end].iter().rposition(|l| l.starts_with("node 3 crashes")).unwrap_or(0);
     let lines: Vec<&str> = (trace[crash..end].iter().map(String::as_str))
-        .filter(|l| l.starts_with("node 3") && !l.starts_with("node 3 writes"))
+        .filter(|l| (l.starts_with("node 3") && !l.starts_with("node 3 writes")) || l.starts_with("node 2 "))
         .collect();
     format!(
         "seed {seed}: {message} (CATCH_UP_SEED={seed} prints the run); node 3 from its crash:\n  {}",
@@ -476,8 +677,10 @@ fn failure(seed: u64, rule: Rule, message: &str) -> String {
 /// Replays one seed under both rules with its whole trace; `false` if none is asked for.
 fn replay() -> bool {
     let Some(seed) = std::env::var("CATCH_UP_SEED").ok().and_then(|s| s.parse().ok()) else { return false };
-    for (name, rule) in [("old rule", OLD_RULE), ("new rule", NEW_RULE)] {
-        let mut sim = Sim::new(seed, rule, true);
+    for (name, rule, forwarding) in
+        [("old rule", OLD_RULE, false), ("new rule", NEW_RULE, false), ("forwarding", NEW_RULE, true)]
+    {
+        let mut sim = Sim::with(seed, rule, true, forwarding);
         let outcome = sim.run();
         println!("{name}, seed {seed}:\n  {}\n{outcome:?}", sim.trace.unwrap_or_default().join("\n  "));
     }
@@ -533,4 +736,32 @@ fn resuming_at_the_origin_on_disk_can_deadlock() {
     }
     println!("old rule: {stuck} of {} seeds stuck, {cycles} of them in a cycle; the first cycle:", seeds());
     println!("{}", first.as_deref().expect("the old rule deadlocks on some seed"));
+}
+
+/// Node 2 goes down and comes back while node 3 crashes, restarts and catches up; nodes 1
+/// and 2 forward what they end of each other's transactions (see `mmts_core::forward`). Node
+/// 3 gets online with node 2 down (from node 1's stream alone), applies every transaction
+/// once whichever way it came, and in an order consistent with every stream.
+#[test]
+fn a_node_catches_up_while_a_peer_is_down() {
+    if replay() {
+        return;
+    }
+    let mut total = Stats::default();
+    for seed in 0..seeds() {
+        let mut sim = Sim::with(seed, NEW_RULE, false, true);
+        if let Err(message) = sim.run() {
+            panic!("{}", failure_with(seed, NEW_RULE, true, &message));
+        }
+        total.crashes += sim.stats.crashes;
+        total.waits += sim.stats.waits;
+        total.downs += sim.stats.downs;
+        total.online_while_down += sim.stats.online_while_down;
+        for (t, s) in total.forwarded.iter_mut().zip(sim.stats.forwarded) {
+            *t += s;
+        }
+    }
+    println!("a_node_catches_up_while_a_peer_is_down: {total:?}");
+    assert!(total.crashes > 0 && total.downs > 0 && total.online_while_down > 0, "{total:?}");
+    assert!(total.forwarded.iter().all(|&n| n > 0), "every forwarded action happens: {total:?}");
 }

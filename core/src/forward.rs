@@ -1,0 +1,146 @@
+//! Forwarding: how a node catching up gets the transactions of a peer that is down from a
+//! peer that is up.
+//!
+//! A node that comes back needs every transaction the members committed without it. Those of
+//! node B reach it in B's own stream; if B is down meanwhile, a node catching up would wait
+//! in recovery until B is back, because the transactions of the others depend on B's
+//! (`Signal::Coordinated::after`). So a peer A that streams to a node catching up also
+//! *forwards* what it ended of the other nodes' transactions: each commit of one of B's
+//! transactions applied on A, with its changes, and each rollback, at the place in A's stream
+//! where A ended it. Everything of B's that A ended before coordinating a transaction of its
+//! own therefore comes ahead of that transaction in A's stream.
+//!
+//! The node catching up then has each of B's transactions up to twice: forwarded by A, and
+//! from B's stream when B is back. [`on_forwarded`] says what a forwarded end does given how
+//! the transaction stands here, and the origin's stream skips what is already ended here;
+//! [`waits_for`] says which streams a transaction waits for.
+//!
+//! `core/tests/catch_up.rs` runs these rules in a simulation where node 2 goes down and comes
+//! back while node 3 catches up, and checks that node 3 catches up with node 2 down, applies
+//! every transaction once, in an order consistent with every stream.
+
+use crate::membership::{bit, Mask};
+use crate::NodeId;
+
+/// How a transaction of another node stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Here {
+    /// Neither prepared nor ended here.
+    Absent,
+    Prepared,
+    Committed,
+    RolledBack,
+}
+
+/// What the forwarding peer did with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Committed,
+    RolledBack,
+}
+
+/// What a node does with a forwarded end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Apply the forwarded changes and commit them (once what the transaction depends on is
+    /// applied here: see [`waits_for`]).
+    Apply,
+    /// Commit, or roll back, the copy prepared here from the origin's stream.
+    Finish { commit: bool },
+    /// Record that it was rolled back, so that the origin's stream, if it brings the
+    /// transaction later, does not prepare it.
+    Remember,
+    /// Ended here already.
+    Skip,
+}
+
+/// The forwarded end disagrees with how the transaction ended here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("forwarded as {ended:?} but {here:?} here")]
+pub struct Diverged {
+    pub here: Here,
+    pub ended: Ended,
+}
+
+pub fn on_forwarded(here: Here, ended: Ended) -> Result<Action, Diverged> {
+    match (here, ended) {
+        (Here::Absent, Ended::Committed) => Ok(Action::Apply),
+        (Here::Absent, Ended::RolledBack) => Ok(Action::Remember),
+        (Here::Prepared, Ended::Committed) => Ok(Action::Finish { commit: true }),
+        (Here::Prepared, Ended::RolledBack) => Ok(Action::Finish { commit: false }),
+        (Here::Committed, Ended::Committed) | (Here::RolledBack, Ended::RolledBack) => Ok(Action::Skip),
+        (Here::Committed, Ended::RolledBack) | (Here::RolledBack, Ended::Committed) => Err(Diverged { here, ended }),
+    }
+}
+
+/// Whether node `me`, applying a transaction of node `origin` that came in node `stream`'s
+/// stream (its own, or forwarded by it), waits for node `n`'s stream to have ended what the
+/// coordinator had ended of it. Never for its own stream, the transaction's origin (applied
+/// in its order) or the stream it came in; and not for a node it does not reach (`reachable`)
+/// when `stream` forwards: that stream brought what the node had ended ahead of the
+/// transaction. `member`: `me` voted on the transaction; a member waits only for nodes of its
+/// `partition` (what the others committed is settled with their prepared transactions).
+pub fn waits_for(
+    n: NodeId,
+    me: NodeId,
+    origin: NodeId,
+    stream: NodeId,
+    forwarding: bool,
+    reachable: Mask,
+    member: Option<Mask>,
+) -> bool {
+    if n == me || n == origin || n == stream {
+        return false;
+    }
+    if let Some(partition) = member {
+        return partition & bit(n) != 0;
+    }
+    !forwarding || reachable & bit(n) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_forwarded_end_does_what_is_left_to_do() {
+        use Action::*;
+        let cases = [
+            (Here::Absent, Ended::Committed, Ok(Apply)),
+            (Here::Absent, Ended::RolledBack, Ok(Remember)),
+            (Here::Prepared, Ended::Committed, Ok(Finish { commit: true })),
+            (Here::Prepared, Ended::RolledBack, Ok(Finish { commit: false })),
+            (Here::Committed, Ended::Committed, Ok(Skip)),
+            (Here::RolledBack, Ended::RolledBack, Ok(Skip)),
+        ];
+        for (here, ended, action) in cases {
+            assert_eq!(on_forwarded(here, ended), action, "{here:?} {ended:?}");
+        }
+        assert_eq!(
+            on_forwarded(Here::Committed, Ended::RolledBack),
+            Err(Diverged { here: Here::Committed, ended: Ended::RolledBack })
+        );
+        assert!(on_forwarded(Here::RolledBack, Ended::Committed).is_err());
+    }
+
+    #[test]
+    fn which_streams_a_transaction_waits_for() {
+        let n = |i| NodeId(i);
+        let all = 0b11111;
+        // Node 3 catching up, a transaction of node 1 in node 1's stream.
+        assert!(!waits_for(n(3), n(3), n(1), n(1), false, all, None), "its own stream");
+        assert!(!waits_for(n(1), n(3), n(1), n(1), false, all, None), "the transaction's stream");
+        assert!(waits_for(n(2), n(3), n(1), n(1), false, all, None));
+        // Node 2 unreachable: only a forwarding stream lets it go.
+        assert!(waits_for(n(2), n(3), n(1), n(1), false, 0b101, None));
+        assert!(!waits_for(n(2), n(3), n(1), n(1), true, 0b101, None));
+        assert!(waits_for(n(2), n(3), n(1), n(1), true, all, None), "reachable: waits");
+        // Node 2's transaction forwarded by node 1: neither 1 nor 2, but node 4.
+        assert!(!waits_for(n(1), n(3), n(2), n(1), true, all, None));
+        assert!(!waits_for(n(2), n(3), n(2), n(1), true, all, None));
+        assert!(waits_for(n(4), n(3), n(2), n(1), true, all, None));
+        // A member waits for the nodes of its partition only.
+        assert!(waits_for(n(2), n(3), n(1), n(1), true, 0b101, Some(0b111)));
+        assert!(!waits_for(n(4), n(3), n(1), n(1), false, all, Some(0b111)));
+    }
+}
