@@ -655,11 +655,7 @@ impl Sim {
 
 /// The failure of `seed` under `rule` with a short trace: node 3's events from its last crash
 /// before it first waited in a cycle up to then (or to the end).
-fn failure(seed: u64, rule: Rule, message: &str) -> String {
-    failure_with(seed, rule, false, message)
-}
-
-fn failure_with(seed: u64, rule: Rule, forwarding: bool, message: &str) -> String {
+fn failure(seed: u64, rule: Rule, forwarding: bool, message: &str) -> String {
     let mut sim = Sim::with(seed, rule, true, forwarding);
     let _ = sim.run();
     let trace = sim.trace.unwrap_or_default();
@@ -687,6 +683,28 @@ fn replay() -> bool {
     true
 }
 
+/// Runs every seed under the rule mmts uses (with forwarding or without), failing at the first
+/// that breaks a check; returns the runs' statistics summed.
+fn every_seed_holds(forwarding: bool) -> Stats {
+    let mut total = Stats::default();
+    for seed in 0..seeds() {
+        let mut sim = Sim::with(seed, NEW_RULE, false, forwarding);
+        if let Err(message) = sim.run() {
+            panic!("{}", failure(seed, NEW_RULE, forwarding, &message));
+        }
+        let s = &sim.stats;
+        total.crashes += s.crashes;
+        total.slot_ahead += s.slot_ahead;
+        total.waits += s.waits;
+        total.downs += s.downs;
+        total.online_while_down += s.online_while_down;
+        for (t, n) in total.forwarded.iter_mut().zip(s.forwarded) {
+            *t += n;
+        }
+    }
+    total
+}
+
 /// A restarted node resumes each stream, and counts it ended, where the peer's slot confirmed
 /// if that is beyond its origin on disk: it never waits in a cycle, applies everything the
 /// others committed, in an order consistent with every stream.
@@ -695,16 +713,7 @@ fn a_restarted_node_catches_up() {
     if replay() {
         return;
     }
-    let mut total = Stats::default();
-    for seed in 0..seeds() {
-        let mut sim = Sim::new(seed, NEW_RULE, false);
-        if let Err(message) = sim.run() {
-            panic!("{}", failure(seed, NEW_RULE, &message));
-        }
-        total.crashes += sim.stats.crashes;
-        total.slot_ahead += sim.stats.slot_ahead;
-        total.waits += sim.stats.waits;
-    }
+    let total = every_seed_holds(false);
     println!("a_restarted_node_catches_up: {total:?}");
     assert!(total.crashes > 0 && total.slot_ahead > 0 && total.waits > 0, "{total:?}");
 }
@@ -727,11 +736,11 @@ fn resuming_at_the_origin_on_disk_can_deadlock() {
     for seed in 0..seeds() {
         let mut sim = Sim::new(seed, OLD_RULE, false);
         let Err(message) = sim.run() else { continue };
-        assert!(message.starts_with("node 3 stuck"), "{}", failure(seed, OLD_RULE, &message));
+        assert!(message.starts_with("node 3 stuck"), "{}", failure(seed, OLD_RULE, false, &message));
         stuck += 1;
         if sim.waiting_heads() == 2 {
             cycles += 1;
-            first.get_or_insert_with(|| failure(seed, OLD_RULE, &message));
+            first.get_or_insert_with(|| failure(seed, OLD_RULE, false, &message));
         }
     }
     println!("old rule: {stuck} of {} seeds stuck, {cycles} of them in a cycle; the first cycle:", seeds());
@@ -747,20 +756,7 @@ fn a_node_catches_up_while_a_peer_is_down() {
     if replay() {
         return;
     }
-    let mut total = Stats::default();
-    for seed in 0..seeds() {
-        let mut sim = Sim::with(seed, NEW_RULE, false, true);
-        if let Err(message) = sim.run() {
-            panic!("{}", failure_with(seed, NEW_RULE, true, &message));
-        }
-        total.crashes += sim.stats.crashes;
-        total.waits += sim.stats.waits;
-        total.downs += sim.stats.downs;
-        total.online_while_down += sim.stats.online_while_down;
-        for (t, s) in total.forwarded.iter_mut().zip(sim.stats.forwarded) {
-            *t += s;
-        }
-    }
+    let total = every_seed_holds(true);
     println!("a_node_catches_up_while_a_peer_is_down: {total:?}");
     assert!(total.crashes > 0 && total.downs > 0 && total.online_while_down > 0, "{total:?}");
     assert!(total.forwarded.iter().all(|&n| n > 0), "every forwarded action happens: {total:?}");
