@@ -238,7 +238,7 @@ fn stream(
     let waits = Waits::new(conn.socket(), outbox.socket());
     let start = resume_point(&mut conn, config, peer_id);
     conn.exec(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}')",
+        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on')",
         slot_name(config.node_id.0),
         format_lsn(start),
         wire::PROTOCOL_VERSION

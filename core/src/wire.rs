@@ -109,6 +109,43 @@ pub enum Message {
         send_time: Timestamp,
         reply_requested: bool,
     },
+    /// A large transaction sent while it runs (the receiver asks for it with the option
+    /// `mmts_streaming`): the messages from here to `StreamStop` belong to transaction `xid`,
+    /// which the receiver keeps until its `StreamPrepare` or `StreamCommit` (or drops at its
+    /// `StreamAbort`). Other transactions may come between two such blocks.
+    StreamStart {
+        xid: u32,
+    },
+    StreamStop,
+    /// The messages that follow in the block belong to subtransaction `subxid` of the
+    /// streamed transaction (or to the transaction itself when `subxid` is its `xid`).
+    StreamSubtransaction {
+        subxid: u32,
+    },
+    /// Subtransaction `subxid` of streamed transaction `xid` rolled back: what it sent is
+    /// dropped (the whole transaction when `subxid` is `xid`).
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
+    /// The streamed transaction was prepared: what `BeginPrepare`, the messages sent in its
+    /// blocks and `Prepare` would have said.
+    StreamPrepare {
+        origin: NodeId,
+        xid: u32,
+        gid: String,
+        prepare_lsn: Lsn,
+        end_lsn: Lsn,
+        prepare_time: Timestamp,
+    },
+    /// The streamed transaction committed (without a PREPARE).
+    StreamCommit {
+        origin: NodeId,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: Timestamp,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +372,19 @@ mod tests {
                 content: b"CREATE TABLE t()".to_vec(),
             },
             Message::Keepalive { wal_end: 123, send_time: 456, reply_requested: true },
+            Message::StreamStart { xid: 9 },
+            Message::StreamSubtransaction { subxid: 10 },
+            Message::StreamStop,
+            Message::StreamAbort { xid: 9, subxid: 10 },
+            Message::StreamPrepare {
+                origin: NodeId(2),
+                xid: 9,
+                gid: "mtm-2-9".into(),
+                prepare_lsn: 40,
+                end_lsn: 48,
+                prepare_time: 1,
+            },
+            Message::StreamCommit { origin: NodeId(2), xid: 9, commit_lsn: 50, end_lsn: 60, commit_time: 2 },
         ]
     }
 

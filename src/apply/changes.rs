@@ -79,15 +79,85 @@ impl Applier {
         }
     }
 
+    /// Applies one row change (a table opened for it alone).
     pub(super) fn change(&mut self, relation: u32, kind: Change, old: Option<&[Value]>, new: Option<&[Value]>) {
+        let mut target = self.open_target(relation);
+        self.apply_row(&mut target, kind, old, new);
+        target.close();
+    }
+
+    /// Applies a prepared transaction's changes in order. Consecutive row changes to one table
+    /// share the table opened for them, its indexes, slots and input functions (a bulk load
+    /// is a long run of inserts into one table).
+    pub(super) fn apply_changes(&mut self, changes: &[Message], keep_up: &mut dyn FnMut()) {
+        let mut target: Option<Target> = None;
+        let (mut i, mut since_keep_up) = (0, 0);
+        while i < changes.len() {
+            if since_keep_up >= KEEP_UP_EVERY {
+                keep_up();
+                since_keep_up = 0;
+            }
+            let change = &changes[i];
+            i += 1;
+            since_keep_up += 1;
+            // A run of inserts into a table that takes them in bulk (see `Target::bulk`).
+            if let (Message::Insert { relation, .. }, Some(t)) = (change, &mut target) {
+                if t.relation == *relation && t.bulk {
+                    let run = changes[i - 1..]
+                        .iter()
+                        .take(BULK_INSERT_ROWS)
+                        .map_while(|c| match c {
+                            Message::Insert { relation: r, new } if r == relation => Some(&new[..]),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>();
+                    if run.len() > 1 {
+                        t.insert_many(&run);
+                        i += run.len() - 1;
+                        since_keep_up += run.len() - 1;
+                        continue;
+                    }
+                }
+            }
+            let row = match change {
+                Message::Insert { relation, new } => Some((*relation, Change::Insert, None, Some(&new[..]))),
+                Message::Update { relation, old, new } => {
+                    Some((*relation, Change::Update, old.as_deref(), Some(&new[..])))
+                }
+                Message::Delete { relation, old } => Some((*relation, Change::Delete, Some(&old[..]), None)),
+                _ => None,
+            };
+            let Some((relation, kind, old, new)) = row else {
+                if let Some(t) = target.take() {
+                    t.close();
+                }
+                self.apply_change(change);
+                continue;
+            };
+            if target.as_ref().is_some_and(|t| t.relation != relation) {
+                target.take().expect("a target").close();
+            }
+            let t = match &mut target {
+                Some(t) => t,
+                None => target.insert(self.open_target(relation)),
+            };
+            self.apply_row(t, kind, old, new);
+        }
+        if let Some(t) = target.take() {
+            t.close();
+        }
+    }
+
+    /// Opens the local table for the peer's `relation` with what applying its rows needs.
+    fn open_target(&mut self, relation: u32) -> Target {
         // SAFETY: main thread, inside the applied transaction. `rel` stays open and locked until
-        // table_close below, and `desc` is its descriptor (attrs indexed below `natts`). The
-        // executor state, range table entry, result relation and slots are palloc'd in the
-        // transaction and made as ExecInitRangeTable/InitResultRelInfo expect (zeroed, tagged);
-        // `epq` is zeroed, then initialised by EvalPlanQualInit and ended before it goes.
+        // `Target::close` (or the transaction's end), and `desc` is its descriptor (attrs
+        // indexed below `natts`). The executor state, range table entry and result relation are
+        // palloc'd in the transaction and made as ExecInitRangeTable/InitResultRelInfo expect
+        // (zeroed, tagged); the input functions' FmgrInfo live in the target, their memory in
+        // the executor state's.
         unsafe {
             start_transaction();
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
             let rel = self.open(relation, pg_sys::RowExclusiveLock);
             let remote = self.remote(relation);
             let lists_local_tables = remote.schema == "mtm" && remote.name == "local_tables";
@@ -117,27 +187,73 @@ impl Applier {
             (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
             pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
             (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-            pg_sys::AfterTriggerBeginQuery();
             let tuple_memory = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
             let remoteslot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
-            pg_sys::ExecOpenIndices(rri, false);
-
-            // The row this change is about: the new row for an insert (to detect that the key
-            // exists already), else the old key if the peer sent one, else the new row's key.
-            let search = if kind == Change::Insert { new } else { old.or(new) }.expect("a change has a row");
-            let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
-            store_values(remoteslot, desc, &map, search, None);
-            pg_sys::MemoryContextSwitchTo(previous);
             let localslot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
+            pg_sys::ExecOpenIndices(rri, false);
             let mut index = pg_sys::RelationGetReplicaIndex(rel);
             if index == pg_sys::InvalidOid {
                 index = crate::pg_internals::primary_key_index(rel);
             }
-            let found = if index != pg_sys::InvalidOid {
+            let generated = (0..natts).any(|i| (*crate::pg_internals::tuple_desc_attr(desc, i)).attgenerated != 0);
+            let bulk = (*rri).ri_TrigDesc.is_null()
+                && (*rri).ri_NumIndices == 0
+                && !(*(*rel).rd_rel).relispartition
+                && !generated
+                && !lists_local_tables;
+            let inputs = (0..natts)
+                .map(|i| {
+                    let att = &*crate::pg_internals::tuple_desc_attr(desc, i);
+                    let mut input =
+                        Input { function: std::mem::zeroed(), ioparam: pg_sys::InvalidOid, typmod: att.atttypmod };
+                    if map[i].is_some() {
+                        let mut oid = pg_sys::InvalidOid;
+                        pg_sys::getTypeInputInfo(att.atttypid, &mut oid, &mut input.ioparam);
+                        pg_sys::fmgr_info_cxt(oid, &mut input.function, (*estate).es_query_cxt);
+                    }
+                    input
+                })
+                .collect::<Vec<_>>()
+                .into_boxed_slice();
+            Target {
+                relation,
+                rel,
+                estate,
+                rri,
+                tuple_memory,
+                remoteslot,
+                localslot,
+                map,
+                inputs,
+                index,
+                lists_local_tables,
+                bulk,
+                bulk_slots: Vec::new(),
+            }
+        }
+    }
+
+    fn apply_row(&mut self, t: &mut Target, kind: Change, old: Option<&[Value]>, new: Option<&[Value]>) {
+        // SAFETY: main thread, inside the applied transaction that opened `t` (see
+        // `open_target`); its slots were made for the table's descriptor. `epq` is zeroed, then
+        // initialised by EvalPlanQualInit and ended before it goes. What one row allocates in
+        // the per-tuple memory is freed once the row is applied.
+        unsafe {
+            let (rri, estate, remoteslot, localslot) = (t.rri, t.estate, t.remoteslot, t.localslot);
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::AfterTriggerBeginQuery();
+            // The row this change is about: the new row for an insert (to detect that the key
+            // exists already), else the old key if the peer sent one, else the new row's key.
+            let search = if kind == Change::Insert { new } else { old.or(new) }.expect("a change has a row");
+            let previous = pg_sys::MemoryContextSwitchTo(t.tuple_memory);
+            t.store(remoteslot, search, None);
+            pg_sys::MemoryContextSwitchTo(previous);
+            pg_sys::ExecClearTuple(localslot);
+            let found = if t.index != pg_sys::InvalidOid {
                 pg_sys::RelationFindReplTupleByIndex(
-                    rel,
-                    index,
+                    t.rel,
+                    t.index,
                     pg_sys::LockTupleMode::LockTupleExclusive,
                     remoteslot,
                     localslot,
@@ -145,7 +261,12 @@ impl Applier {
             } else if kind == Change::Insert {
                 false // without a key, an insert never collides
             } else {
-                pg_sys::RelationFindReplTupleSeq(rel, pg_sys::LockTupleMode::LockTupleExclusive, remoteslot, localslot)
+                pg_sys::RelationFindReplTupleSeq(
+                    t.rel,
+                    pg_sys::LockTupleMode::LockTupleExclusive,
+                    remoteslot,
+                    localslot,
+                )
             };
             let remote = Version { commit_time: self.remote_time, node: NodeId(self.peer) };
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
@@ -164,8 +285,8 @@ impl Applier {
                     );
                 }
                 (Change::Update, true) if synchronous => {
-                    let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
-                    store_values(remoteslot, desc, &map, new.expect("a new row"), Some(localslot));
+                    let previous = pg_sys::MemoryContextSwitchTo(t.tuple_memory);
+                    t.store(remoteslot, new.expect("a new row"), Some(localslot));
                     pg_sys::MemoryContextSwitchTo(previous);
                     epq.origslot = remoteslot;
                     pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, localslot, remoteslot);
@@ -186,11 +307,11 @@ impl Applier {
                     // a conflict, and so is every write that loses.
                     if !wins || !writer_had_seen(local, NodeId(self.peer), &self.seen) {
                         let what = if kind == Change::Insert { "insert_exists" } else { "update_update" };
-                        self.record_conflict(rel, what, remote, Some(local), wins, new.expect("a new row"));
+                        self.record_conflict(t.rel, what, remote, Some(local), wins, new.expect("a new row"));
                     }
                     if wins {
-                        let previous = pg_sys::MemoryContextSwitchTo(tuple_memory);
-                        store_values(remoteslot, desc, &map, new.expect("a new row"), Some(localslot));
+                        let previous = pg_sys::MemoryContextSwitchTo(t.tuple_memory);
+                        t.store(remoteslot, new.expect("a new row"), Some(localslot));
                         pg_sys::MemoryContextSwitchTo(previous);
                         epq.origslot = remoteslot;
                         pg_sys::ExecSimpleRelationUpdate(rri, estate, &mut epq, localslot, remoteslot);
@@ -198,7 +319,7 @@ impl Applier {
                 }
                 (Change::Update, false) => {
                     // Deleted here concurrently: the delete wins (it wins on every node).
-                    self.record_conflict(rel, "update_missing", remote, None, false, new.expect("a new row"));
+                    self.record_conflict(t.rel, "update_missing", remote, None, false, new.expect("a new row"));
                 }
                 (Change::Delete, true) => {
                     epq.origslot = localslot;
@@ -207,15 +328,14 @@ impl Applier {
                 (Change::Delete, false) => {} // already gone here
             }
             pg_sys::EvalPlanQualEnd(&mut epq);
-            if lists_local_tables {
+            if t.lists_local_tables {
                 // Which tables are local changed: this node's walsenders must look again.
                 invalidate_named_table(old.or(new).expect("a change has a row"));
             }
-            pg_sys::ExecCloseIndices(rri);
             pg_sys::AfterTriggerEndQuery(estate);
-            pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-            pg_sys::FreeExecutorState(estate);
-            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::ExecClearTuple(remoteslot);
+            pg_sys::ExecClearTuple(localslot);
+            pg_sys::MemoryContextReset(t.tuple_memory);
             pg_sys::PopActiveSnapshot();
             pg_sys::CommandCounterIncrement();
         }
@@ -387,18 +507,20 @@ pub(super) unsafe fn invalidate_named_table(row: &[Value]) {
     }
 }
 
-/// Fills `slot` with `values` (the peer's columns, mapped to local ones by `map`). With
-/// `base`, columns the peer did not send, or sent as unchanged, keep `base`'s values.
+/// Fills `slot` with `values` (the peer's columns, mapped to local ones by `map`, read by the
+/// columns' `inputs`). With `base`, columns the peer did not send, or sent as unchanged, keep
+/// `base`'s values.
 pub(super) unsafe fn store_values(
     slot: *mut pg_sys::TupleTableSlot,
-    desc: pg_sys::TupleDesc,
     map: &[Option<usize>],
+    inputs: &mut [Input],
     values: &[Value],
     base: Option<*mut pg_sys::TupleTableSlot>,
 ) {
-    // SAFETY: `slot` (and `base`) were made for `desc` (the caller's part), so their value and
-    // null arrays have `map.len()` entries, and they are distinct slots; `base` is deformed by
-    // slot_getallattrs before it is read. `text` outlives the input function, which copies it.
+    // SAFETY: `slot` (and `base`) were made for the descriptor `map` and `inputs` describe (the
+    // caller's part), so their value and null arrays have `map.len()` entries, and they are
+    // distinct slots; `base` is deformed by slot_getallattrs before it is read. `text`
+    // outlives the input function, which copies it.
     unsafe {
         pg_sys::ExecClearTuple(slot);
         let natts = map.len();
@@ -419,12 +541,14 @@ pub(super) unsafe fn store_values(
                     nulls[i] = true;
                 }
                 Value::Text(text) => {
-                    let att = &*crate::pg_internals::tuple_desc_attr(desc, i);
-                    let mut input = pg_sys::InvalidOid;
-                    let mut ioparam = pg_sys::InvalidOid;
-                    pg_sys::getTypeInputInfo(att.atttypid, &mut input, &mut ioparam);
+                    let input = &mut inputs[i];
                     let text = cstring(text);
-                    datums[i] = pg_sys::OidInputFunctionCall(input, text.as_ptr().cast_mut(), ioparam, att.atttypmod);
+                    datums[i] = pg_sys::InputFunctionCall(
+                        &mut input.function,
+                        text.as_ptr().cast_mut(),
+                        input.ioparam,
+                        input.typmod,
+                    );
                     nulls[i] = false;
                 }
                 Value::Binary(_) => {
@@ -438,5 +562,107 @@ pub(super) unsafe fn store_values(
             }
         }
         pg_sys::ExecStoreVirtualTuple(slot);
+    }
+}
+
+/// A local table opened for the peer's row changes, with what applying a row needs: kept while
+/// consecutive changes go to the same table.
+pub(super) struct Target {
+    /// The peer's relation id.
+    relation: u32,
+    rel: pg_sys::Relation,
+    estate: *mut pg_sys::EState,
+    rri: *mut pg_sys::ResultRelInfo,
+    tuple_memory: pg_sys::MemoryContext,
+    /// The row as the peer sent it (virtual), and the local row found for it.
+    remoteslot: *mut pg_sys::TupleTableSlot,
+    localslot: *mut pg_sys::TupleTableSlot,
+    /// For each local column, the position of the peer's column of the same name.
+    map: Vec<Option<usize>>,
+    /// For each local column the peer sends, its type's input function.
+    inputs: Box<[Input]>,
+    /// The index rows are found by (replica identity, else primary key), or InvalidOid.
+    index: pg_sys::Oid,
+    lists_local_tables: bool,
+    /// Inserts may go in bulk (`table_multi_insert`, as COPY does): nothing but the row itself
+    /// is written or checked for an insert into this table (no index, hence no key to find,
+    /// no trigger, no generated column, not a partition), save its constraints.
+    bulk: bool,
+    /// Slots for inserts in bulk, made on first use.
+    bulk_slots: Vec<*mut pg_sys::TupleTableSlot>,
+}
+
+/// Rows inserted in one `table_multi_insert` at most (COPY's `MAX_BUFFERED_TUPLES`).
+const BULK_INSERT_ROWS: usize = 1000;
+
+pub(super) struct Input {
+    function: pg_sys::FmgrInfo,
+    ioparam: pg_sys::Oid,
+    typmod: i32,
+}
+
+impl Target {
+    /// Fills `slot` with `values`; see [`store_values`].
+    unsafe fn store(
+        &mut self,
+        slot: *mut pg_sys::TupleTableSlot,
+        values: &[Value],
+        base: Option<*mut pg_sys::TupleTableSlot>,
+    ) {
+        // SAFETY: as the caller promises (`slot` and `base` are this target's slots).
+        unsafe { store_values(slot, &self.map, &mut self.inputs, values, base) }
+    }
+
+    /// Inserts `rows` (a run of the peer's inserts into this table) in one go; see `bulk`.
+    fn insert_many(&mut self, rows: &[&[Value]]) {
+        // SAFETY: main thread, inside the applied transaction that opened the target; the
+        // slots are made for the table (table_slot_create) and live in the executor state's
+        // tuple table until `close`. Each row is materialized in its slot before the
+        // per-tuple memory that held its values is reset; table_multi_insert gets `rows.len()`
+        // filled slots of the open table.
+        unsafe {
+            while self.bulk_slots.len() < rows.len() {
+                self.bulk_slots.push(pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable));
+            }
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            let checked = !(*(*self.rel).rd_att).constr.is_null();
+            for (row, slot) in rows.iter().zip(self.bulk_slots.clone()) {
+                let previous = pg_sys::MemoryContextSwitchTo(self.tuple_memory);
+                self.store(slot, row, None);
+                pg_sys::ExecMaterializeSlot(slot);
+                if checked {
+                    pg_sys::ExecConstraints(self.rri, slot, self.estate);
+                }
+                pg_sys::MemoryContextSwitchTo(previous);
+                pg_sys::MemoryContextReset(self.tuple_memory);
+            }
+            let bulk = pg_sys::GetBulkInsertState();
+            pg_sys::table_multi_insert(
+                self.rel,
+                self.bulk_slots.as_mut_ptr(),
+                rows.len() as i32,
+                (*self.estate).es_output_cid,
+                0,
+                bulk,
+            );
+            pg_sys::FreeBulkInsertState(bulk);
+            for slot in &self.bulk_slots[..rows.len()] {
+                pg_sys::ExecClearTuple(*slot);
+            }
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommandCounterIncrement();
+        }
+    }
+
+    fn close(self) {
+        // SAFETY: main thread, in the transaction that opened the target (see `open_target`):
+        // everything released here was made there and is released once.
+        unsafe {
+            pg_sys::ExecCloseIndices(self.rri);
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        }
     }
 }

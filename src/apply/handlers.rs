@@ -23,6 +23,61 @@ impl Applier {
         None
     }
 
+    pub(super) fn handle_stream_start(&mut self, xid: u32) -> Option<Applied> {
+        // Each block starts with the transaction itself (the sender says when that changes).
+        self.block = Some(xid);
+        self.streamed.entry(xid).or_default().current = xid;
+        None
+    }
+
+    pub(super) fn handle_stream_abort(&mut self, xid: u32, subxid: u32) -> Option<Applied> {
+        if xid == subxid {
+            self.streamed.remove(&xid);
+        } else if let Some(streamed) = self.streamed.get_mut(&xid) {
+            if let Some(at) = streamed.subtransactions.remove(&subxid) {
+                streamed.messages.truncate(at);
+                streamed.subtransactions.retain(|_, start| *start < at);
+            }
+        }
+        None
+    }
+
+    /// The streamed transaction `xid` was prepared or committed by the peer: applied as if it
+    /// had come whole, from `begin` to `end`.
+    pub(super) fn handle_stream_end(
+        &mut self,
+        xid: u32,
+        begin: Message,
+        end: Message,
+        keep_up: &mut dyn FnMut(),
+    ) -> Option<Applied> {
+        let Some(streamed) = self.streamed.remove(&xid) else {
+            // Never an empty transaction: the stream is read again from where this node
+            // confirmed it, which sends the whole transaction again.
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+                format!(
+                    "mmts: node {} ended streamed transaction {xid}, of which this node received nothing",
+                    self.peer
+                )
+            );
+            unreachable!()
+        };
+        let (started, count) = (Instant::now(), streamed.messages.len());
+        self.apply(begin, keep_up);
+        for message in streamed.messages {
+            self.apply(message, keep_up);
+        }
+        let done = self.apply(end, keep_up);
+        log(format!(
+            "mmts: applied transaction {xid} of node {}, received while it ran ({count} messages), in {} ms",
+            self.peer,
+            started.elapsed().as_millis()
+        ));
+        done
+    }
+
     pub(super) fn handle_relation(&mut self, r: &mmts_core::wire::Relation) -> Option<Applied> {
         self.describe(r);
         None

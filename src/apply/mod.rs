@@ -98,6 +98,23 @@ pub struct Applier {
     /// The peer's transactions committed here on their precommit, until their COMMIT
     /// PREPARED arrives (see [`Applier::commit_early`]).
     committed_early: HashSet<u32>,
+    /// Large transactions the peer sends while they run, until they are prepared, committed or
+    /// rolled back there (see `Message::StreamStart`).
+    streamed: HashMap<u32, Streamed>,
+    /// The streamed transaction whose block is being received.
+    block: Option<u32>,
+}
+
+/// What the peer sent of a large transaction while it runs.
+#[derive(Default)]
+struct Streamed {
+    /// Its messages, in order.
+    messages: Vec<Message>,
+    /// Where each of its subtransactions' messages start in `messages` (what follows belongs
+    /// to that subtransaction or to ones it started: a rollback of it drops all of it).
+    subtransactions: HashMap<u32, usize>,
+    /// The subtransaction the messages received last belong to.
+    current: u32,
 }
 
 #[derive(Default)]
@@ -184,6 +201,8 @@ impl Applier {
             seen: Vec::new(),
             received: HashSet::new(),
             committed_early: HashSet::new(),
+            streamed: HashMap::new(),
+            block: None,
         }
     }
 
@@ -204,6 +223,8 @@ impl Applier {
         self.relations.clear();
         self.in_transaction = false;
         self.preparing = None;
+        self.streamed.clear();
+        self.block = None;
         ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().clear());
     }
 
@@ -240,6 +261,46 @@ impl Applier {
     /// A transaction set aside for a lock is not finished yet: see [`Applier::retry_waiting`].
     /// `keep_up` is called now and then while a large transaction is applied.
     pub fn apply(&mut self, message: Message, keep_up: &mut dyn FnMut()) -> Option<Applied> {
+        if let Some(xid) = self.block {
+            let streamed = self.streamed.entry(xid).or_default();
+            match message {
+                Message::StreamStop => {
+                    self.block = None;
+                    return None;
+                }
+                Message::StreamSubtransaction { subxid } => {
+                    streamed.current = subxid;
+                    return None;
+                }
+                Message::Relation(_)
+                | Message::Insert { .. }
+                | Message::Update { .. }
+                | Message::Delete { .. }
+                | Message::Truncate { .. }
+                | Message::LogicalMessage { transactional: true, .. } => {
+                    let at = streamed.messages.len();
+                    streamed.subtransactions.entry(streamed.current).or_insert(at);
+                    streamed.messages.push(message);
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        match message {
+            Message::StreamStart { xid } => return self.handle_stream_start(xid),
+            Message::StreamAbort { xid, subxid } => return self.handle_stream_abort(xid, subxid),
+            Message::StreamPrepare { origin, xid, gid, prepare_lsn, end_lsn, prepare_time } => {
+                let begin = Message::BeginPrepare { origin, xid, gid: gid.clone(), prepare_lsn, end_lsn, prepare_time };
+                let end = Message::Prepare { origin, xid, gid, prepare_lsn, end_lsn, prepare_time };
+                return self.handle_stream_end(xid, begin, end, keep_up);
+            }
+            Message::StreamCommit { origin, xid, commit_lsn, end_lsn, commit_time } => {
+                let begin = Message::Begin { origin, xid, final_lsn: commit_lsn, commit_time };
+                let end = Message::Commit { origin, xid, commit_lsn, end_lsn, commit_time };
+                return self.handle_stream_end(xid, begin, end, keep_up);
+            }
+            _ => {}
+        }
         if let Some(preparing) = &mut self.preparing {
             match &message {
                 Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } | Message::Truncate { .. } => {
@@ -289,6 +350,12 @@ impl Applier {
                 self.handle_signal(&content, lsn, keep_up)
             }
             Message::LogicalMessage { .. } | Message::Keepalive { .. } | Message::Hello { .. } => None,
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamSubtransaction { .. }
+            | Message::StreamAbort { .. }
+            | Message::StreamPrepare { .. }
+            | Message::StreamCommit { .. } => None,
         }
     }
 

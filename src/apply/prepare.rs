@@ -165,12 +165,7 @@ impl Applier {
             // A synchronous transaction does not wait long for a lock without looking at who
             // holds it (see `on_lock_wait_timer`).
             lock_wait_timer(self.synchronous);
-            for (i, change) in preparing.changes.iter().enumerate() {
-                if i % KEEP_UP_EVERY == KEEP_UP_EVERY - 1 {
-                    keep_up();
-                }
-                self.apply_change(change);
-            }
+            self.apply_changes(&preparing.changes, keep_up);
             lock_wait_timer(false);
             // SAFETY: main thread, inside the transaction the changes were applied in; this is
             // xact.c's sequence for PREPARE TRANSACTION, and `gid` outlives the block.

@@ -38,6 +38,11 @@ use rows::{row, send_relation};
 /// The option that selects the mmts protocol; its value is the highest version the client speaks.
 const MMTS_PROTOCOL_OPTION: &str = "mmts_protocol";
 
+/// With the mmts protocol, `on` sends large transactions while they run (see
+/// `Message::StreamStart`): PostgreSQL then streams a transaction whose changes outgrow
+/// `logical_decoding_work_mem` instead of spilling them to disk and sending them at its end.
+const MMTS_STREAMING_OPTION: &str = "mmts_streaming";
+
 /// `pgoutput`'s callbacks, loaded once per process.
 struct Callbacks(pg_sys::OutputPluginCallbacks);
 // SAFETY: only function pointers, called from the backend's main thread.
@@ -64,6 +69,18 @@ struct MmtsSession {
     local_tables_seen: bool,
     /// Messages not sent yet, in the protocol version negotiated (see [`send`]).
     frame: wire::Frame,
+    /// The block of a streamed transaction being sent.
+    block: Option<StreamBlock>,
+}
+
+/// A block of a large transaction sent while it runs (`stream_start` to `stream_stop`).
+struct StreamBlock {
+    /// The (sub)transaction the messages sent last belong to.
+    subxid: u32,
+    /// Tables described in this block. A streamed transaction is applied only once it is
+    /// prepared, after transactions that may come between its blocks: what it describes must
+    /// not count as described for those, so each block describes its tables itself.
+    described: HashMap<pg_sys::Oid, OutputFunctions>,
 }
 
 /// A frame is sent once it holds this many bytes, even in the middle of a transaction.
@@ -188,15 +205,15 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     cb.commit_prepared_cb = pgo.commit_prepared_cb.and(Some(commit_prepared));
     cb.rollback_prepared_cb = pgo.rollback_prepared_cb.and(Some(rollback_prepared));
     cb.filter_prepare_cb = pgo.filter_prepare_cb;
-    // Streaming exists only in the pgoutput protocol; the mmts protocol turns it off at startup.
-    cb.stream_start_cb = pgo.stream_start_cb;
-    cb.stream_stop_cb = pgo.stream_stop_cb;
-    cb.stream_abort_cb = pgo.stream_abort_cb;
-    cb.stream_prepare_cb = pgo.stream_prepare_cb;
-    cb.stream_commit_cb = pgo.stream_commit_cb;
-    cb.stream_change_cb = pgo.stream_change_cb;
-    cb.stream_message_cb = pgo.stream_message_cb;
-    cb.stream_truncate_cb = pgo.stream_truncate_cb;
+    // The mmts protocol streams only when the client asks (`mmts_streaming`).
+    cb.stream_start_cb = pgo.stream_start_cb.and(Some(stream_start));
+    cb.stream_stop_cb = pgo.stream_stop_cb.and(Some(stream_stop));
+    cb.stream_abort_cb = pgo.stream_abort_cb.and(Some(stream_abort));
+    cb.stream_prepare_cb = pgo.stream_prepare_cb.and(Some(stream_prepare));
+    cb.stream_commit_cb = pgo.stream_commit_cb.and(Some(stream_commit));
+    cb.stream_change_cb = pgo.stream_change_cb.and(Some(stream_change));
+    cb.stream_message_cb = pgo.stream_message_cb.and(Some(stream_message));
+    cb.stream_truncate_cb = pgo.stream_truncate_cb.and(Some(stream_truncate));
 }
 
 /// The never-forward rule: skip everything that carries a replication origin, except the
@@ -271,6 +288,21 @@ unsafe extern "C-unwind" fn startup(
     };
     // SAFETY: `ctx` and `opt` are the decoding context and options PostgreSQL passes.
     let memory = unsafe { (*ctx).context };
+    // SAFETY: `ctx` is the decoding context PostgreSQL passes.
+    let streaming = match unsafe { option(ctx, MMTS_STREAMING_OPTION) }.as_deref() {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(other) => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid value for option \"{MMTS_STREAMING_OPTION}\": \"{other}\""),
+                "mmts",
+            )
+            .set_hint("Use on or off.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+    };
     SESSION.with(|s| {
         s.borrow_mut().mmts = Some(MmtsSession {
             relations: HashMap::new(),
@@ -278,12 +310,15 @@ unsafe extern "C-unwind" fn startup(
             memory,
             local_tables_seen: false,
             frame: wire::Frame::new(version),
+            block: None,
         })
     });
     // SAFETY: `ctx` and `opt` are the decoding context and options of this startup callback.
+    // PostgreSQL offers streaming only where the stream callbacks are set (`streaming` stays
+    // false otherwise).
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
-        (*ctx).streaming = false;
+        (*ctx).streaming &= streaming;
     }
 }
 
@@ -298,8 +333,14 @@ unsafe extern "C-unwind" fn relcache_invalidated(_arg: pg_sys::Datum, relid: pg_
         if let Some(m) = s.borrow_mut().mmts.as_mut() {
             if relid == pg_sys::InvalidOid {
                 m.relations.clear();
+                if let Some(b) = m.block.as_mut() {
+                    b.described.clear();
+                }
             } else {
                 m.relations.remove(&relid);
+                if let Some(b) = m.block.as_mut() {
+                    b.described.remove(&relid);
+                }
             }
         }
     });
@@ -324,6 +365,10 @@ unsafe fn send(ctx: *mut pg_sys::LogicalDecodingContext, message: &Message) {
                 | Message::CommitPrepared { .. }
                 | Message::RollbackPrepared { .. }
                 | Message::LogicalMessage { transactional: false, .. }
+                | Message::StreamStop
+                | Message::StreamAbort { .. }
+                | Message::StreamPrepare { .. }
+                | Message::StreamCommit { .. }
         );
         (ends || m.frame.version() < 2 || m.frame.len() >= FRAME_FLUSH).then(|| m.frame.take())
     });
@@ -361,17 +406,28 @@ unsafe extern "C-unwind" fn commit(
     txn: *mut pg_sys::ReorderBufferTXN,
     commit_lsn: pg_sys::XLogRecPtr,
 ) {
-    // SAFETY: as in `begin`.
+    // SAFETY: the arguments of this callback.
+    unsafe { send_commit(ctx, txn, commit_lsn, false) };
+}
+
+/// Sends the commit of `txn` (`streamed`: one sent while it ran).
+unsafe fn send_commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+    streamed: bool,
+) {
+    // SAFETY: the caller passes its callback's arguments: as in `begin`.
     let t = unsafe { &*txn };
-    let msg = Message::Commit {
-        origin: origin(),
-        xid: t.xid.into_inner(),
-        commit_lsn,
-        end_lsn: t.end_lsn,
-        // SAFETY: as in `begin`: `commit_time` is the member set for a committed transaction.
-        commit_time: unsafe { t.xact_time.commit_time },
+    let (origin, xid, end_lsn) = (origin(), t.xid.into_inner(), t.end_lsn);
+    // SAFETY: as in `begin`: `commit_time` is the member set for a committed transaction.
+    let commit_time = unsafe { t.xact_time.commit_time };
+    let msg = if streamed {
+        Message::StreamCommit { origin, xid, commit_lsn, end_lsn, commit_time }
+    } else {
+        Message::Commit { origin, xid, commit_lsn, end_lsn, commit_time }
     };
-    // SAFETY: `ctx` is the decoding context of this callback (for both calls).
+    // SAFETY: `ctx` is the decoding context of the caller's callback (for both calls).
     unsafe { send(ctx, &msg) };
     end_of_transaction();
     unsafe { batch_delay(ctx) };
@@ -434,18 +490,28 @@ unsafe extern "C-unwind" fn prepare(
     txn: *mut pg_sys::ReorderBufferTXN,
     prepare_lsn: pg_sys::XLogRecPtr,
 ) {
-    // SAFETY: as in `begin`.
+    // SAFETY: the arguments of this callback.
+    unsafe { send_prepare(ctx, txn, prepare_lsn, false) };
+}
+
+/// Sends the PREPARE of `txn` (`streamed`: one sent while it ran).
+unsafe fn send_prepare(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    prepare_lsn: pg_sys::XLogRecPtr,
+    streamed: bool,
+) {
+    // SAFETY: the caller passes its callback's arguments: as in `begin`.
     let t = unsafe { &*txn };
-    let msg = Message::Prepare {
-        origin: origin(),
-        xid: t.xid.into_inner(),
-        gid: gid(t),
-        prepare_lsn,
-        end_lsn: t.end_lsn,
-        // SAFETY: as in `begin_prepare`: the member set for a prepared transaction.
-        prepare_time: unsafe { t.xact_time.prepare_time },
+    let (origin, xid, gid, end_lsn) = (origin(), t.xid.into_inner(), gid(t), t.end_lsn);
+    // SAFETY: as in `begin_prepare`: the member set for a prepared transaction.
+    let prepare_time = unsafe { t.xact_time.prepare_time };
+    let msg = if streamed {
+        Message::StreamPrepare { origin, xid, gid, prepare_lsn, end_lsn, prepare_time }
+    } else {
+        Message::Prepare { origin, xid, gid, prepare_lsn, end_lsn, prepare_time }
     };
-    // SAFETY: `ctx` is the decoding context of this callback.
+    // SAFETY: `ctx` is the decoding context of the caller's callback.
     unsafe { send(ctx, &msg) };
     end_of_transaction();
 }
@@ -597,4 +663,145 @@ unsafe extern "C-unwind" fn truncate(
     };
     // SAFETY: `ctx` is the decoding context of this callback.
     unsafe { send(ctx, &msg) };
+}
+
+// ---- large transactions sent while they run (`mmts_streaming`) ------------------------------
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_start(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+    // SAFETY: PostgreSQL passes the top-level transaction being streamed, valid for the call.
+    let xid = unsafe { (*txn).xid }.into_inner();
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            m.block = Some(StreamBlock { subxid: xid, described: HashMap::new() });
+        }
+    });
+    // SAFETY: `ctx` is the decoding context of this callback.
+    unsafe { send(ctx, &Message::StreamStart { xid }) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_stop(ctx: *mut pg_sys::LogicalDecodingContext, _txn: *mut pg_sys::ReorderBufferTXN) {
+    // SAFETY: `ctx` is the decoding context of this callback.
+    unsafe { send(ctx, &Message::StreamStop) };
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            m.block = None;
+        }
+    });
+}
+
+/// Announces that the messages that follow belong to (sub)transaction `subxid`, if the last
+/// ones sent in this block did not.
+unsafe fn stream_subtransaction(ctx: *mut pg_sys::LogicalDecodingContext, subxid: u32) {
+    let changed = SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        let block = s.mmts.as_mut().and_then(|m| m.block.as_mut())?;
+        (block.subxid != subxid).then(|| block.subxid = subxid)
+    });
+    if changed.is_some() {
+        // SAFETY: `ctx` is the decoding context of the caller's callback.
+        unsafe { send(ctx, &Message::StreamSubtransaction { subxid }) };
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change_: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: PostgreSQL passes the change with the (sub)transaction it belongs to; the rest
+    // as in `change`.
+    unsafe {
+        stream_subtransaction(ctx, (*(*change_).txn).xid.into_inner());
+        change(ctx, txn, rel, change_);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_truncate(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: i32,
+    relations: *mut pg_sys::Relation,
+    change_: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: as in `stream_change`, and `truncate` for the relations.
+    unsafe {
+        stream_subtransaction(ctx, (*(*change_).txn).xid.into_inner());
+        truncate(ctx, txn, nrelations, relations, change_);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_message(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    message_size: pg_sys::Size,
+    content: *const std::ffi::c_char,
+) {
+    // PostgreSQL passes the top-level transaction here, not the subtransaction that wrote the
+    // message (a schema change inside a savepoint, say). While it streams, it sets
+    // `CheckXidAlive` to the xid of the change being decoded, as long as that is not committed
+    // (reorderbuffer.c's `SetupCheckXidLive`); once it is, no subtransaction can roll back
+    // any more, and the top-level xid will do.
+    // SAFETY: a plain global of this process, on its main thread; `txn` is valid for the call.
+    let subxid = unsafe {
+        let alive = pg_sys::CheckXidAlive;
+        if alive == pg_sys::InvalidTransactionId {
+            (*txn).xid
+        } else {
+            alive
+        }
+    };
+    // SAFETY: as in `message`.
+    unsafe {
+        stream_subtransaction(ctx, subxid.into_inner());
+        message(ctx, txn, message_lsn, transactional, prefix, message_size, content);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_abort(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _abort_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: PostgreSQL passes the (sub)transaction that rolled back; a subtransaction's
+    // `toptxn` is its top-level transaction.
+    let (xid, subxid) = unsafe {
+        let t = &*txn;
+        let top = if t.toptxn.is_null() { t } else { &*t.toptxn };
+        (top.xid.into_inner(), t.xid.into_inner())
+    };
+    // SAFETY: `ctx` is the decoding context of this callback.
+    unsafe { send(ctx, &Message::StreamAbort { xid, subxid }) };
+    if xid == subxid {
+        end_of_transaction();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_prepare(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    prepare_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: the arguments of this callback.
+    unsafe { send_prepare(ctx, txn, prepare_lsn, true) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_commit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: the arguments of this callback.
+    unsafe { send_commit(ctx, txn, commit_lsn, true) };
 }

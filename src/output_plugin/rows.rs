@@ -15,7 +15,17 @@ pub(super) unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel
     let (known, memory) = SESSION.with(|s| {
         let s = s.borrow();
         let m = s.mmts.as_ref().expect("an mmts protocol session");
-        (m.relations.get(&relid).cloned(), m.memory)
+        let known = match &m.block {
+            // In a streamed block, a table not replicated is known as such; the others are
+            // described in each block (see `StreamBlock`).
+            Some(block) => block
+                .described
+                .get(&relid)
+                .cloned()
+                .or_else(|| m.relations.get(&relid).filter(|o| o.is_none()).cloned()),
+            None => m.relations.get(&relid).cloned(),
+        };
+        (known, m.memory)
     });
     if let Some(known) = known {
         return known;
@@ -98,7 +108,10 @@ pub(super) unsafe fn send_relation(ctx: *mut pg_sys::LogicalDecodingContext, rel
     let outputs: OutputFunctions = Some(outputs.into());
     SESSION.with(|s| {
         if let Some(m) = s.borrow_mut().mmts.as_mut() {
-            m.relations.insert(relid, outputs.clone());
+            match m.block.as_mut() {
+                Some(block) => block.described.insert(relid, outputs.clone()),
+                None => m.relations.insert(relid, outputs.clone()),
+            };
         }
     });
     // SAFETY: the caller passes the decoding context of its callback.

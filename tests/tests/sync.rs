@@ -507,3 +507,79 @@ fn bank_transfers_from_all_nodes_keep_every_node_consistent() {
     assert_eq!(missing, 0, "{missing} committed transfers missing");
     assert_eq!(ghosts, 0, "{ghosts} failed transfers present");
 }
+
+/// Large transactions travel while they run: with `logical_decoding_work_mem` at 64kB every
+/// transaction below is streamed to the peers in blocks (checked in the origin's slot
+/// statistics), with small transactions of the same node committed between the blocks. The
+/// peers apply each one when it is prepared (or committed, in `async` mode) and leave out what
+/// a savepoint rolled back, schema changes included; a large transaction rolled back leaves
+/// nothing. A keyless table loaded in bulk then gets its primary key, as `pgbench -i` does.
+#[test]
+fn large_transactions_are_streamed_while_they_run() {
+    for mode in ["sync", "async"] {
+        let cluster =
+            ClusterBuilder::new(3).set("logical_decoding_work_mem", "64kB").set("multimaster.mode", mode).start();
+        for node in cluster.nodes() {
+            node.execute_local(
+                "CREATE EXTENSION mmts;
+                 CREATE TABLE big(id bigint PRIMARY KEY, pad text NOT NULL);
+                 CREATE TABLE bulk(id bigint NOT NULL, pad text NOT NULL CHECK (pad <> ''));
+                 CREATE TABLE small(id bigint PRIMARY KEY)",
+            );
+        }
+        cluster.wait_replicating(WAIT);
+        let mut big = cluster.node(1).connect();
+        let mut other = cluster.node(1).connect();
+        let rows = |table: &str, from: i64| {
+            format!("INSERT INTO {table} SELECT g, repeat('x', 50) FROM generate_series({from}, {from} + 9999) g")
+        };
+        big.batch_execute(&format!("BEGIN; {}", rows("big", 1))).unwrap();
+        other.batch_execute("INSERT INTO small VALUES (1)").unwrap();
+        big.batch_execute(&format!(
+            "SAVEPOINT a; CREATE TABLE gone(x int); {}; {}; ROLLBACK TO a",
+            rows("bulk", 1),
+            rows("big", 100001)
+        ))
+        .unwrap();
+        other.batch_execute("INSERT INTO small VALUES (2)").unwrap();
+        big.batch_execute(&format!("SAVEPOINT b; {}; RELEASE b; {}; COMMIT", rows("bulk", 20001), rows("bulk", 30001)))
+            .unwrap();
+        // Rolled back at its end, after blocks of it were sent.
+        big.batch_execute(&format!("BEGIN; {}; ROLLBACK", rows("big", 200001))).unwrap();
+        other.batch_execute("INSERT INTO small VALUES (3)").unwrap();
+        // The load of `pgbench -i`: rows copied into a table without a key, then the key.
+        let mut copy = big.copy_in("COPY bulk FROM STDIN").unwrap();
+        let data: String = (40001..=90000).map(|i| format!("{i}\tcopied\n")).collect();
+        std::io::Write::write_all(&mut copy, data.as_bytes()).unwrap();
+        copy.finish().unwrap();
+        big.batch_execute("ALTER TABLE bulk ADD PRIMARY KEY (id)").unwrap();
+
+        // (Slot statistics reach the view a little after the walsenders counted them.)
+        wait_for(&format!("{mode}: node 1 counting the 3 large transactions streamed to each peer"), WAIT, || {
+            count(cluster.node(1), "SELECT sum(stream_txns) FROM pg_stat_replication_slots") >= 6
+        });
+        for node in cluster.nodes() {
+            let check = |sql: &str, want: i64| {
+                let n = if mode == "sync" {
+                    count(node, sql)
+                } else {
+                    let mut n = -1;
+                    wait_for(&format!("{mode}: node {}: {sql} = {want}", node.id), WAIT, || {
+                        n = count(node, sql);
+                        n == want
+                    });
+                    n
+                };
+                assert_eq!(n, want, "{mode}: node {}: {sql}", node.id);
+            };
+            check("SELECT count(*) FROM big", 10000);
+            check("SELECT max(id) FROM big", 10000);
+            check("SELECT count(*) FROM bulk", 70000);
+            check("SELECT count(*) FROM bulk WHERE id BETWEEN 1 AND 10000", 0);
+            check("SELECT count(*) FROM small", 3);
+            check("SELECT count(*) FROM pg_class WHERE relname = 'gone'", 0);
+            check("SELECT count(*) FROM pg_index WHERE indrelid = 'bulk'::regclass AND indisprimary", 1);
+        }
+        no_prepared_transactions(&cluster);
+    }
+}
