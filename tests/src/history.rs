@@ -64,6 +64,8 @@ pub struct Op {
     pub complete: u64,
     pub outcome: Outcome,
     pub mops: Vec<Mop>,
+    /// What the client was told when it did not commit.
+    pub error: Option<String>,
 }
 
 impl fmt::Display for Op {
@@ -89,7 +91,11 @@ impl fmt::Display for Op {
             self.complete as f64 / 1e6,
             self.outcome,
             mops.join(", ")
-        )
+        )?;
+        match &self.error {
+            Some(e) => write!(f, " ({e})"),
+            None => Ok(()),
+        }
     }
 }
 

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use mmts_tests::history::{check, Kind, Mop, Op, Outcome};
 use mmts_tests::register::{self, RegEvent, RegOp};
-use mmts_tests::{wait_for, ClusterBuilder};
+use mmts_tests::{describe, wait_for, ClusterBuilder};
 
 fn op(process: usize, invoke: u64, complete: u64, outcome: Outcome, mops: Vec<Mop>) -> Op {
-    Op { process, node: process % 3 + 1, invoke, complete, outcome, mops }
+    Op { process, node: process % 3 + 1, invoke, complete, outcome, mops, error: None }
 }
 
 fn append(key: u32, value: u64) -> Mop {
@@ -200,13 +200,21 @@ fn parse(text: &str) -> Vec<u64> {
     text.split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("a bigint")).collect()
 }
 
+/// Whether a transaction that ended in error `e` may have committed all the same: the commit
+/// was not confirmed (08007), or the connection is gone. A server that terminates the
+/// connection (57P01: its postmaster died under a kill -9; 57P02: another of its processes
+/// crashed) may do so while COMMIT waits for the other nodes, which can commit the
+/// transaction without it.
+fn outcome_unknown(e: &postgres::Error) -> bool {
+    matches!(e.code().map(|c| c.code()), Some("08007" | "57P01" | "57P02") | None)
+}
+
 /// Runs `mops` as one transaction through `path`; fills in the reads. `Err`: the outcome of a
-/// transaction that did not commit for sure.
-fn run(client: &mut postgres::Client, path: Path, mops: &mut [Mop]) -> Result<(), Outcome> {
-    let judge = |e: postgres::Error| match e.code().map(|c| c.code()) {
-        // The outcome is unknown: the commit was not confirmed, or the connection is gone.
-        Some("08007") | None => Outcome::Unknown,
-        Some(_) => Outcome::Fail,
+/// transaction that did not commit for sure, and the error the client got.
+fn run(client: &mut postgres::Client, path: Path, mops: &mut [Mop]) -> Result<(), (Outcome, String)> {
+    let judge = |e: postgres::Error| match outcome_unknown(&e) {
+        true => (Outcome::Unknown, describe(&e)),
+        false => (Outcome::Fail, describe(&e)),
     };
     let reads_of = |messages: Vec<postgres::SimpleQueryMessage>| -> Vec<Vec<u64>> {
         messages
@@ -490,8 +498,7 @@ fn registers(
         let complete = started.elapsed().as_micros() as u64;
         let complete = match result {
             Ok(()) => Some(complete),
-            // Unknown: the commit was not confirmed, or the connection is gone.
-            Err(e) if matches!(e.code().map(|c| c.code()), Some("08007") | None) => None,
+            Err(e) if outcome_unknown(&e) => None,
             Err(e) => {
                 // Refused: it did not happen. Kept aside, to check that nobody read its value.
                 let event = RegEvent { process, node, key, invoke, complete: Some(complete), op };
@@ -618,12 +625,12 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
                         })
                         .collect();
                     let invoke = started.elapsed().as_micros() as u64;
-                    let outcome = match run(c, path, &mut mops) {
-                        Ok(()) => Outcome::Ok,
-                        Err(o) => o,
+                    let (outcome, error) = match run(c, path, &mut mops) {
+                        Ok(()) => (Outcome::Ok, None),
+                        Err((o, e)) => (o, Some(e)),
                     };
                     let complete = started.elapsed().as_micros() as u64;
-                    history.lock().unwrap().push(Op { process, node, invoke, complete, outcome, mops });
+                    history.lock().unwrap().push(Op { process, node, invoke, complete, outcome, mops, error });
                     if outcome != Outcome::Ok {
                         // A node that refuses (not online) is asked again a little later.
                         std::thread::sleep(Duration::from_millis(20));
