@@ -48,6 +48,18 @@ CREATE TABLE mtm.added_nodes (
 );
 COMMENT ON TABLE mtm.added_nodes IS 'mmts: nodes added to the running cluster';
 
+-- Transactions of other nodes this node applied as a peer forwarded them while their origin
+-- was out of reach (see README, "A node catching up while a peer is down"): their origin's
+-- stream does not prepare them again. Per node: never replicated. Superusers only.
+CREATE TABLE mtm.forwarded (
+    origin int NOT NULL,
+    xid bigint NOT NULL,
+    prepared_at bigint NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (origin, xid)
+);
+COMMENT ON TABLE mtm.forwarded IS 'mmts: transactions of other nodes applied here as a peer forwarded them';
+
 CREATE FUNCTION mtm.require_superuser(what text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN

@@ -472,3 +472,73 @@ unsafe extern "C" {
     #[link_name = "PqCommMethods"]
     pub static mut PQ_COMM_METHODS: *const PqCommMethods;
 }
+
+/// The WAL record logical decoding is at, as an output plugin's origin filter sees it.
+pub struct CurrentRecord<'a> {
+    pub xid: u32,
+    /// The top-level transaction, on the first record of a subtransaction (else 0).
+    pub top_xid: u32,
+    pub rmid: u8,
+    pub info: u8,
+    pub data: &'a [u8],
+}
+
+/// The record `ctx`'s WAL reader decoded last. Its header and main data are laid out alike in
+/// 15 to 18 (`access/xlogreader.h`, `DecodedXLogRecord`).
+///
+/// # Safety
+/// `ctx` is the decoding context of a callback running now; the record stays valid while the
+/// callback runs, and the result must not outlive it.
+pub unsafe fn current_record<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> Option<CurrentRecord<'a>> {
+    // SAFETY: per the contract above; a NULL reader or record is checked.
+    unsafe {
+        let reader = (*ctx).reader;
+        if reader.is_null() || (*reader).record.is_null() {
+            return None;
+        }
+        let r = &*(*reader).record;
+        let data = if r.main_data.is_null() || r.main_data_len == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(r.main_data.cast::<u8>(), r.main_data_len as usize)
+        };
+        Some(CurrentRecord {
+            xid: r.header.xl_xid.into_inner(),
+            top_xid: r.toplevel_xid.into_inner(),
+            rmid: r.header.xl_rmid,
+            info: r.header.xl_info,
+            data,
+        })
+    }
+}
+
+/// `xl_logical_message` up to its `message` (`replication/message.h`, the same in 15 to 18:
+/// `Oid dbId; bool transactional; Size prefix_size; Size message_size; char message[]`). The
+/// prefix (NUL-terminated) and the message follow.
+#[repr(C)]
+struct XlLogicalMessage {
+    db_id: pg_sys::Oid,
+    transactional: bool,
+    prefix_size: usize,
+    message_size: usize,
+}
+
+/// A logical message's transactional flag, prefix (without its NUL) and content, from the
+/// main data of its WAL record; `None` when the data is too short for what it says it holds.
+pub fn logical_message(data: &[u8]) -> Option<(bool, &[u8], &[u8])> {
+    let header = std::mem::size_of::<XlLogicalMessage>();
+    if data.len() < header {
+        return None;
+    }
+    let field = |at: usize| usize::from_ne_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+    let transactional = data[std::mem::offset_of!(XlLogicalMessage, transactional)] != 0;
+    let prefix_size = field(std::mem::offset_of!(XlLogicalMessage, prefix_size));
+    let message_size = field(std::mem::offset_of!(XlLogicalMessage, message_size));
+    let prefix_end = header.checked_add(prefix_size)?;
+    let end = prefix_end.checked_add(message_size)?;
+    if prefix_size == 0 || end > data.len() {
+        return None;
+    }
+    let prefix = &data[header..prefix_end - 1];
+    Some((transactional, prefix, &data[prefix_end..end]))
+}

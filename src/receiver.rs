@@ -117,8 +117,10 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         pg_sys::replorigin_session_origin = origin;
     }
 
-    // Transactions of the peer prepared by an earlier run of this worker are no longer tracked.
+    // Transactions of the peer prepared by an earlier run of this worker are no longer tracked,
+    // nor claimed.
     twophase::unregister_applied(peer_id, None);
+    status::release(peer_id, None);
     let applied = unsafe { pg_sys::replorigin_session_get_progress(false) };
     status::update(peer_id, |p| {
         p.ended_lsn = applied;
@@ -237,12 +239,17 @@ fn stream(
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
     let start = resume_point(&mut conn, config, peer_id);
+    // In synchronous mode the peer also sends what it committed of other nodes' transactions
+    // that left this node out (see `apply::forwarded`).
+    let forwarding = gucs::synchronous() && crate::apply::forwarding_table_exists();
+    let forward = if forwarding { format!(", \"mmts_forward\" '{}'", config.node_id) } else { String::new() };
     conn.exec(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on')",
+        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on'{forward})",
         slot_name(config.node_id.0),
         format_lsn(start),
         wire::PROTOCOL_VERSION
     ))?;
+    applier.set_forwarding(forwarding);
     status::update(peer_id, |p| p.connected = true);
     log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start)));
 
@@ -264,6 +271,7 @@ fn stream(
     // a shutdown.
     let mut progress = Progress::new(start);
     let mut caught_up = false;
+    let mut ended = EndedSignal::default();
     let connected_at = crate::backend::now();
     let mut shown = Instant::now();
     loop {
@@ -285,6 +293,9 @@ fn stream(
                 }
             };
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
+            if let Some(why) = applier.take_give_way() {
+                return Err(PqError { message: why, sqlstate: None });
+            }
             report_set_aside(peer_id, applier);
             outbox.push(applier.take_signals());
             progress.received(end);
@@ -333,6 +344,7 @@ fn stream(
             });
         }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
+            ended.tick(config, peer_id);
             resolver.tick(config);
             slot.tick();
             nodes::refresh_nodes();
@@ -463,6 +475,32 @@ fn create_slot(peer_id: u32) {
             .map(|_| ())
     })
     .expect("create the slot for the peer");
+}
+
+/// `Signal::Ended` for the peer's stream, written while some node is out of the members (in
+/// synchronous mode): a node left out then learns, reading this node's stream, how far it has
+/// ended the peer's transactions by what this node forwarded (see `apply::forwarded`).
+#[derive(Default)]
+struct EndedSignal {
+    through: u64,
+    at: Option<Instant>,
+}
+
+impl EndedSignal {
+    /// Between transactions (everything ended so far is committed here).
+    fn tick(&mut self, config: &ClusterConfig, peer_id: u32) {
+        if !gucs::synchronous() || self.at.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        let members = status::members();
+        let left_out = status::configured(config) & !members & !bit(config.node_id);
+        let through = status::applied(peer_id);
+        if members == 0 || left_out == 0 || through <= self.through {
+            return;
+        }
+        twophase::emit(&Signal::Ended { stream: NodeId(peer_id), through }, false);
+        *self = EndedSignal { through, at: Some(Instant::now()) };
+    }
 }
 
 /// Tells `nodes::join_node` whether this receiver holds transactions set aside. Called after

@@ -63,6 +63,9 @@ pub struct PeerStatus {
     /// committing them (see [`passed_precommit`]), and where the next one goes.
     pub passed: [Passed; PASSED],
     pub passed_next: usize,
+    /// How far this node has ended the peer's transactions by what other nodes forwarded of
+    /// them (`Signal::Ended` in a forwarding stream, see `mmts_core::forward`).
+    pub forwarded_through: u64,
 }
 
 const PASSED: usize = 32;
@@ -101,6 +104,7 @@ impl Default for PeerStatus {
             apply_error_time: 0,
             passed: [Passed::default(); PASSED],
             passed_next: 0,
+            forwarded_through: 0,
         }
     }
 }
@@ -131,7 +135,8 @@ pub struct Wait {
 /// transactions committed or rolled back here. What this node's transactions say they
 /// depend on (`Signal::Coordinated`'s `after`).
 pub fn applied(id: u32) -> u64 {
-    peer(id).ended_lsn
+    let p = peer(id);
+    p.ended_lsn.max(p.forwarded_through)
 }
 
 /// How far everything of node `id`'s stream has taken effect here: [`applied`], or where the
@@ -140,7 +145,7 @@ pub fn applied(id: u32) -> u64 {
 /// `mmts_core::twopc::dependencies_met`).
 pub fn applied_through(id: u32) -> u64 {
     let p = peer(id);
-    p.ended_lsn.max(p.resumed_at)
+    p.ended_lsn.max(p.resumed_at).max(p.forwarded_through)
 }
 
 #[derive(Clone, Copy)]
@@ -161,7 +166,20 @@ pub struct Peers {
     /// `mmts_core::flow`), and the earliest time (`now()`) the next one may go ahead.
     commit_interval: u64,
     next_commit: i64,
+    /// Transactions of other nodes a receiver is applying now while they may also come in
+    /// another stream (see [`claim`]).
+    claims: [Claim; CLAIMS],
 }
+
+/// Transaction `xid` of node `origin`, being applied by the receiver from node `by` (0: free).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Claim {
+    origin: u32,
+    xid: u32,
+    by: u32,
+}
+
+const CLAIMS: usize = 2 * MAX_NODES as usize;
 
 impl Default for Peers {
     fn default() -> Self {
@@ -175,6 +193,7 @@ impl Default for Peers {
             released: false,
             commit_interval: 0,
             next_commit: 0,
+            claims: [Claim::default(); CLAIMS],
         }
     }
 }
@@ -230,6 +249,40 @@ pub fn passed_precommit(id: u32, lsn: u64) -> Option<Passed> {
     peer(id).passed.iter().copied().find(|p| p.lsn == lsn && lsn != 0)
 }
 
+/// The receiver from node `by` claims transaction `xid` of node `origin`, which it is about to
+/// apply while the transaction may come in another stream too (the origin's, or forwarded by
+/// a third node: see `mmts_core::forward`). `Err` with the claiming receiver's peer when
+/// another receiver has it; `Ok` also when the table of claims is full (the caller goes on
+/// unclaimed, as before forwarding existed).
+pub fn claim(origin: u32, xid: u32, by: u32) -> Result<(), u32> {
+    let mut shared = PEERS.exclusive();
+    if let Some(c) = shared.claims.iter().find(|c| c.by != 0 && c.origin == origin && c.xid == xid) {
+        return if c.by == by { Ok(()) } else { Err(c.by) };
+    }
+    if let Some(c) = shared.claims.iter_mut().find(|c| c.by == 0) {
+        *c = Claim { origin, xid, by };
+    }
+    Ok(())
+}
+
+/// The receiver from node `by` that claims transaction `xid` of node `origin`, if any.
+pub fn claimed_by(origin: u32, xid: u32) -> Option<u32> {
+    PEERS.share().claims.iter().find(|c| c.by != 0 && c.origin == origin && c.xid == xid).map(|c| c.by)
+}
+
+/// Gives back what the receiver from node `by` claimed (`xid`: that one only).
+pub fn release(by: u32, xid: Option<(u32, u32)>) {
+    let mut shared = PEERS.exclusive();
+    for c in shared.claims.iter_mut().filter(|c| c.by == by && xid.is_none_or(|(o, x)| c.origin == o && c.xid == x)) {
+        *c = Claim::default();
+    }
+}
+
+/// The members this node counted last.
+pub fn members() -> Mask {
+    PEERS.share().members
+}
+
 /// Commit time (on peer `id`) of the last of its transactions applied here.
 pub fn applied_commit_time(id: u32) -> pg_sys::TimestampTz {
     peer(id).applied_commit_time
@@ -245,6 +298,12 @@ pub fn applied_lsn(id: u32) -> u64 {
 pub fn last_report(id: u32) -> (Report, pg_sys::TimestampTz) {
     let p = peer(id);
     (p.report, p.report_time)
+}
+
+/// The peers this node's receivers stream from now.
+pub fn connected_mask() -> Mask {
+    let shared = PEERS.share();
+    (1..=MAX_NODES as u32).filter(|&id| shared.peers[id as usize - 1].connected).fold(0, |m, id| m | bit(NodeId(id)))
 }
 
 /// Whether this node's receiver is streaming from peer `id` now.

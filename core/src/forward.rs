@@ -73,6 +73,43 @@ pub fn on_forwarded(here: Here, ended: Ended) -> Result<Action, Diverged> {
     }
 }
 
+/// How another node's transaction stands here when a peer forwards its commit: `prepared`
+/// here; `ended` here already (the origin's stream passed its PREPARE here, or an earlier
+/// forward applied it); `claimed` by the origin's receiver, which is preparing it right now.
+pub fn forwarded_commit(prepared: bool, ended: bool, claimed: bool) -> Action {
+    if prepared {
+        return Action::Finish { commit: true };
+    }
+    if ended {
+        return Action::Skip;
+    }
+    if claimed {
+        // Prepared here in a moment; its outcome comes in the origin's stream, or from the
+        // resolver if that stream is cut. Waiting for the claim instead could wait for good:
+        // the origin's receiver may itself wait for this very stream to move on.
+        return Action::Skip;
+    }
+    Action::Apply
+}
+
+/// What the origin's receiver does with a PREPARE of a transaction that left this node out:
+/// wait while a forwarding receiver applies it (`claimed`), skip it once a forward applied it
+/// (`applied`), else prepare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtPrepare {
+    Wait,
+    Skip,
+    Prepare,
+}
+
+pub fn at_prepare(claimed: bool, applied: bool) -> AtPrepare {
+    match (claimed, applied) {
+        (true, _) => AtPrepare::Wait,
+        (false, true) => AtPrepare::Skip,
+        (false, false) => AtPrepare::Prepare,
+    }
+}
+
 /// Whether node `me`, applying a transaction of node `origin` that came in node `stream`'s
 /// stream (its own, or forwarded by it), waits for node `n`'s stream to have ended what the
 /// coordinator had ended of it. Never for its own stream, the transaction's origin (applied
@@ -121,6 +158,21 @@ mod tests {
             Err(Diverged { here: Here::Committed, ended: Ended::RolledBack })
         );
         assert!(on_forwarded(Here::RolledBack, Ended::Committed).is_err());
+    }
+
+    #[test]
+    fn a_forwarded_commit_is_applied_once() {
+        use Action::*;
+        assert_eq!(forwarded_commit(true, false, false), Finish { commit: true });
+        assert_eq!(forwarded_commit(true, false, true), Finish { commit: true });
+        assert_eq!(forwarded_commit(false, true, false), Skip);
+        assert_eq!(forwarded_commit(false, true, true), Skip);
+        assert_eq!(forwarded_commit(false, false, true), Skip, "the origin's receiver prepares it");
+        assert_eq!(forwarded_commit(false, false, false), Apply);
+        assert_eq!(at_prepare(true, false), AtPrepare::Wait);
+        assert_eq!(at_prepare(true, true), AtPrepare::Wait);
+        assert_eq!(at_prepare(false, true), AtPrepare::Skip);
+        assert_eq!(at_prepare(false, false), AtPrepare::Prepare);
     }
 
     #[test]

@@ -154,6 +154,11 @@ pub fn admit(signal: &Signal, sender: NodeId, known: Mask) -> Result<(), Rejecte
         Signal::Resolved { origin, .. } => known_id(origin.0, known),
         Signal::Ddl { .. } => Ok(()),
         Signal::Seen { applied } => node_list(applied.iter().map(|(n, _)| n)),
+        Signal::Forwarded { origin, after, .. } => {
+            known_id(origin.0, known)?;
+            node_list(after.iter().map(|(n, _)| n))
+        }
+        Signal::Ended { stream, .. } => known_id(stream.0, known),
     }
 }
 
@@ -240,6 +245,13 @@ mod tests {
         let coordinated =
             Signal::Coordinated { key: Key { ts: 1, node: n(1) }, members: 0b1111, after: vec![(n(0), 1)] };
         assert_eq!(admit(&coordinated, n(1), KNOWN), Err(Rejected::UnknownNode(0)));
+        // A node forwards other nodes' transactions and says how far it ended their streams.
+        let forwarded =
+            |origin| Signal::Forwarded { origin: n(origin), xid: 1, prepared_at: 1, members: 0b11, after: vec![] };
+        assert_eq!(admit(&forwarded(2), n(1), KNOWN), Ok(()));
+        assert_eq!(admit(&forwarded(4), n(1), KNOWN), Err(Rejected::UnknownNode(4)));
+        assert_eq!(admit(&Signal::Ended { stream: n(2), through: 5 }, n(1), KNOWN), Ok(()));
+        assert_eq!(admit(&Signal::Ended { stream: n(9), through: 5 }, n(1), KNOWN), Err(Rejected::UnknownNode(9)));
     }
 
     fn every_kind() -> Vec<Signal> {
@@ -275,6 +287,8 @@ mod tests {
             Signal::Finished { origin: n(1), xid: 7, voter: n(2), committed: true },
             Signal::Ddl { role: "alice".into(), search_path: "public".into(), statement: "CREATE TABLE t ()".into() },
             Signal::Seen { applied: vec![(n(1), 12_345), (n(3), 0)] },
+            Signal::Forwarded { origin: n(2), xid: 7, prepared_at: 99, members: 0b11, after: vec![(n(1), 5)] },
+            Signal::Ended { stream: n(2), through: 99 },
         ]
     }
 

@@ -175,6 +175,27 @@ pub enum Signal {
     Seen {
         applied: Vec<(NodeId, Timestamp)>,
     },
+    /// Written first inside a peer's transaction that a node applies when its coordinator left
+    /// some node out of its `members`: transaction `xid` of node `origin`, whose PREPARE ends
+    /// at `prepared_at` in the origin's stream, and how far its coordinator had applied the
+    /// other streams (`after`). A node left out reads it back from this node's stream: the
+    /// output plugin forwards such a transaction, at its commit here, to the nodes that were
+    /// not among its members (see [`crate::forward`]).
+    Forwarded {
+        origin: NodeId,
+        xid: u32,
+        prepared_at: u64,
+        members: Mask,
+        after: Vec<(NodeId, u64)>,
+    },
+    /// Written by a receiver while some node is out of the members: this node has ended node
+    /// `stream`'s transactions as far as `through` in its stream, and every one of them it
+    /// committed is forwarded before this point to the nodes it left out. A node reading it in
+    /// this node's stream has therefore ended them as far as that too (see [`crate::forward`]).
+    Ended {
+        stream: NodeId,
+        through: u64,
+    },
 }
 
 /// The largest encoded signal accepted (a DDL statement's text must fit).
@@ -354,6 +375,8 @@ mod tests {
                 statement: "CREATE TABLE t (id serial PRIMARY KEY, note text DEFAULT 'é')".into(),
             },
             Signal::Seen { applied: vec![(n(1), 12_345), (n(3), 0)] },
+            Signal::Forwarded { origin: n(2), xid: 77, prepared_at: 1 << 40, members: 0b11, after: vec![(n(1), 9)] },
+            Signal::Ended { stream: n(2), through: 1 << 33 },
         ];
         for s in signals {
             let bytes = s.encode();

@@ -6,9 +6,14 @@ use super::*;
 
 impl Applier {
     pub(super) fn apply_change(&mut self, message: &Message) {
-        if let Some(Signal::Ddl { role, search_path, statement }) = ddl_signal(self.peer, message) {
+        if let Some(signal @ Signal::Ddl { .. }) = ddl_signal(self.peer, message) {
             // SAFETY: the receiver's main thread, at the top level (no transaction yet, or the peer's).
             unsafe { start_transaction() };
+            if self.marking {
+                // Forwarded with the transaction (see `forwarded`).
+                twophase::emit(&signal, true);
+            }
+            let Signal::Ddl { role, search_path, statement } = signal else { unreachable!() };
             crate::commit::ddl::run(&role, &search_path, &statement);
             return;
         }

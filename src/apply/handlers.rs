@@ -108,7 +108,17 @@ impl Applier {
         None
     }
 
-    pub(super) fn handle_commit(&mut self, end_lsn: u64, commit_time: i64) -> Option<Applied> {
+    pub(super) fn handle_commit(
+        &mut self,
+        end_lsn: u64,
+        commit_time: i64,
+        keep_up: &mut dyn FnMut(),
+    ) -> Option<Applied> {
+        if let Some(mut preparing) = self.preparing.take() {
+            if let Some(mark) = preparing.forwarded.take() {
+                return self.handle_forwarded(mark, preparing, end_lsn, commit_time, keep_up);
+            }
+        }
         self.ended(end_lsn);
         // SAFETY: the receiver's main thread, which set up its session's replication
         // origin at start (as replorigin_session_advance requires).
@@ -154,11 +164,20 @@ impl Applier {
             return Some(self.finished(prepare_time));
         }
         let catching_up = preparing.key.is_some() && preparing.members & bit(NodeId(self.me)) == 0;
+        if catching_up && self.left_out_prepare(xid, keep_up) {
+            self.received.remove(&xid);
+            return Some(self.finished(prepare_time));
+        }
         let done = self.prepare(xid, end_lsn, prepare_time, preparing, keep_up);
         if done.is_none() && catching_up {
             // Not set aside for long: see `Applier::prepare`.
             self.prepare_set_aside(xid, keep_up);
-            return Some(self.finished(prepare_time));
+        }
+        if catching_up {
+            self.prepared_left_out(xid);
+            if done.is_none() {
+                return Some(self.finished(prepare_time));
+            }
         }
         done
     }
@@ -263,6 +282,12 @@ impl Applier {
                 crate::commit::ddl::run(&role, &search_path, &statement);
             }
             (Some(Signal::Seen { applied }), None) => self.seen = applied,
+            (Some(Signal::Forwarded { origin, xid, prepared_at, members, after }), None)
+                if self.forwarding && self.in_transaction && origin.0 != self.me =>
+            {
+                let mark = super::forwarded::Mark { origin, xid, prepared_at, members, after };
+                self.preparing = Some(Preparing { forwarded: Some(mark), ..Preparing::default() });
+            }
             _ => {}
         }
         None
@@ -276,6 +301,13 @@ impl Applier {
                 None
             }
             Some(Signal::Precommit { xid, ts, .. }) => self.commit_early(xid, ts, lsn, keep_up),
+            Some(Signal::Ended { stream, through })
+                if self.forwarding && stream.0 != self.me && stream.0 != self.peer =>
+            {
+                // Everything of `stream` the peer had ended here came before in its stream.
+                crate::status::update(stream.0, |p| p.forwarded_through = p.forwarded_through.max(through));
+                None
+            }
             _ => None,
         }
     }

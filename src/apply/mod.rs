@@ -12,6 +12,7 @@
 //! and truncated at the executor level, and conflicts), `locks` (what a waiting apply waits for).
 
 mod changes;
+mod forwarded;
 mod handlers;
 mod locks;
 mod prepare;
@@ -45,6 +46,8 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 
 use pgrx::prelude::*;
+
+pub use forwarded::table_exists as forwarding_table_exists;
 
 use crate::backend::cstring;
 use crate::logging::log;
@@ -103,6 +106,13 @@ pub struct Applier {
     streamed: HashMap<u32, Streamed>,
     /// The streamed transaction whose block is being received.
     block: Option<u32>,
+    /// The peer forwards what left this node out (see `forwarded`).
+    forwarding: bool,
+    /// The transaction being applied carries a mark: the schema changes it runs are written
+    /// again (see `forwarded`).
+    marking: bool,
+    /// Why the stream must be read again from this node's position (see `forwarded`).
+    give_way: Option<String>,
 }
 
 /// What the peer sent of a large transaction while it runs.
@@ -133,6 +143,8 @@ struct Preparing {
     reported: bool,
     /// Local transactions it wounded.
     wounded: Vec<u32>,
+    /// Forwarded by the peer: whose transaction it is (see `forwarded`).
+    forwarded: Option<forwarded::Mark>,
 }
 
 /// A peer's transaction set aside until the transactions holding a lock it needs end.
@@ -203,7 +215,20 @@ impl Applier {
             committed_early: HashSet::new(),
             streamed: HashMap::new(),
             block: None,
+            forwarding: false,
+            marking: false,
+            give_way: None,
         }
+    }
+
+    /// Whether the peer forwards what left this node out, from this connection on.
+    pub fn set_forwarding(&mut self, on: bool) {
+        self.forwarding = on;
+    }
+
+    /// Why the stream must be read again from this node's position, if it must.
+    pub fn take_give_way(&mut self) -> Option<String> {
+        self.give_way.take()
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -225,6 +250,8 @@ impl Applier {
         self.preparing = None;
         self.streamed.clear();
         self.block = None;
+        self.marking = false;
+        self.give_way = None;
         ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().clear());
     }
 
@@ -333,7 +360,7 @@ impl Applier {
             Message::Truncate { relations, cascade, restart_identity } => {
                 self.handle_truncate(&relations, cascade, restart_identity)
             }
-            Message::Commit { end_lsn, commit_time, .. } => self.handle_commit(end_lsn, commit_time),
+            Message::Commit { end_lsn, commit_time, .. } => self.handle_commit(end_lsn, commit_time, keep_up),
             Message::Prepare { xid, end_lsn, prepare_time, .. } => {
                 self.handle_prepare(xid, end_lsn, prepare_time, keep_up)
             }

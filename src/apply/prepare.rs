@@ -57,8 +57,13 @@ impl Applier {
             Mode::Multimaster(config) => crate::status::current(config).view.partition,
             Mode::Standalone => 0,
         };
-        let (me, peer) = (self.me, self.peer);
-        let skip = |n: NodeId| n.0 == me || n.0 == peer || (member && partition & bit(n) == 0);
+        // A node catching up need not wait for a node it cannot reach when the peer forwards:
+        // what the peer had ended of that node's transactions came before in its stream.
+        let (me, peer, forwarding) = (self.me, self.peer, self.forwarding);
+        let skip = |n: NodeId| {
+            let (me, peer, reachable) = (NodeId(me), NodeId(peer), crate::status::connected_mask());
+            !mmts_core::forward::waits_for(n, me, peer, peer, forwarding, reachable, member.then_some(partition))
+        };
         let met = || dependencies_met(&preparing.after, |n| crate::status::applied_through(n.0), skip);
         let unmet = || -> Vec<(NodeId, u64)> {
             let after = preparing.after.iter().copied();
@@ -147,6 +152,7 @@ impl Applier {
             participant::Before::Apply => {}
         }
         let gid = self.gid(xid);
+        let mark = self.mark_for(xid, end_lsn, &preparing);
         self.synchronous = key.is_some();
         if key.is_some() {
             twophase::set_applying(self.peer, key);
@@ -164,6 +170,10 @@ impl Applier {
         let outcome = PgTryBuilder::new(AssertUnwindSafe(|| {
             // A synchronous transaction does not wait long for a lock without looking at who
             // holds it (see `on_lock_wait_timer`).
+            if let Some(mark) = &mark {
+                // First in the transaction: a node left out may have it forwarded.
+                self.write_mark(mark);
+            }
             lock_wait_timer(self.synchronous);
             self.apply_changes(&preparing.changes, keep_up);
             lock_wait_timer(false);
@@ -198,6 +208,7 @@ impl Applier {
             self.relations = latest;
         }
         self.synchronous = false;
+        self.marking = false;
         // A cancel raised by the timer for a lock wait that ended before it was acted on (or
         // one raised again as the wait was being canceled) must not stop the receiver at its
         // next interrupt check: cancels only ever concern the apply attempt just made.

@@ -14,13 +14,13 @@
 //!   of `mmts_core::wire`, for mmts's own receivers.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::rc::Rc;
 use std::sync::OnceLock;
 
 use mmts_core::config::Mode;
-use mmts_core::twopc::SIGNAL_PREFIX;
+use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
 use mmts_core::wire::{self, Column, Message, Relation as WireRelation, Value};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -42,6 +42,10 @@ const MMTS_PROTOCOL_OPTION: &str = "mmts_protocol";
 /// `Message::StreamStart`): PostgreSQL then streams a transaction whose changes outgrow
 /// `logical_decoding_work_mem` instead of spilling them to disk and sending them at its end.
 const MMTS_STREAMING_OPTION: &str = "mmts_streaming";
+
+/// With the mmts protocol, the id of the reading node: this node also sends it the other
+/// nodes' transactions it committed that left the reader out (see [`filter_by_origin`]).
+const MMTS_FORWARD_OPTION: &str = "mmts_forward";
 
 /// `pgoutput`'s callbacks, loaded once per process.
 struct Callbacks(pg_sys::OutputPluginCallbacks);
@@ -71,6 +75,14 @@ struct MmtsSession {
     frame: wire::Frame,
     /// The block of a streamed transaction being sent.
     block: Option<StreamBlock>,
+    /// Forwarding to this node (`mmts_forward`), if asked.
+    forward_to: Option<NodeId>,
+    /// Transactions (and their subtransactions) of other origins that carry a mark naming the
+    /// reader among the nodes left out: their records pass the origin filter.
+    marked: HashSet<u32>,
+    /// The prepared transaction whose COMMIT or ROLLBACK PREPARED is being decoded:
+    /// PostgreSQL asks `filter_prepare` about it just before the origin filter.
+    finishing: u32,
 }
 
 /// A block of a large transaction sent while it runs (`stream_start` to `stream_stop`).
@@ -218,12 +230,89 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
 
 /// The never-forward rule: skip everything that carries a replication origin, except the
 /// origins this node's own transactions commit under (see `commit_origin`).
+///
+/// One exception, for an mmts reader that asks for it (`mmts_forward`): another node's
+/// transaction that a receiver here applied with a [`Signal::Forwarded`] mark leaving the
+/// reader out. The mark is the transaction's first record, so its records pass from there on;
+/// its PREPARE is not decoded ([`filter_prepare`]) and the whole transaction goes at its
+/// COMMIT PREPARED here, as an ordinary one. What is forwarded depends on the marks in WAL
+/// only, not on when the walsender reads it; a healthy cluster writes no marks, and the
+/// filter then costs a set lookup per record of another origin.
 #[pg_guard]
 unsafe extern "C-unwind" fn filter_by_origin(
-    _ctx: *mut pg_sys::LogicalDecodingContext,
+    ctx: *mut pg_sys::LogicalDecodingContext,
     origin_id: pg_sys::RepOriginId,
 ) -> bool {
-    origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId && !crate::commit_origin::is_commit_origin(origin_id)
+    if origin_id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
+        || crate::commit_origin::is_commit_origin(origin_id)
+    {
+        return false;
+    }
+    // SAFETY: `ctx` is the decoding context PostgreSQL passes, within this callback.
+    !unsafe { forwarded_record(ctx) }
+}
+
+/// Whether the record being decoded belongs to a transaction marked for forwarding to the
+/// reader (and marks it when it is the mark).
+unsafe fn forwarded_record(ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
+    SESSION.with(|s| {
+        let mut s = s.borrow_mut();
+        let Some(m) = s.mmts.as_mut() else { return false };
+        let Some(reader) = m.forward_to else { return false };
+        // SAFETY: the caller's decoding context, in its callback; `record` is used within it.
+        let Some(record) = (unsafe { crate::pg_internals::current_record(ctx) }) else { return false };
+        let xact = record.rmid == pg_sys::RmgrIds::RM_XACT_ID as u8;
+        let op = u32::from(record.info) & pg_sys::XLOG_XACT_OPMASK;
+        let finishes = xact && matches!(op, pg_sys::XLOG_XACT_COMMIT_PREPARED | pg_sys::XLOG_XACT_ABORT_PREPARED);
+        let xid = if finishes { m.finishing } else { record.xid };
+        if xact && matches!(op, pg_sys::XLOG_XACT_ABORT | pg_sys::XLOG_XACT_ABORT_PREPARED) {
+            // Rolled back: nothing of it is sent (its commit would have dropped the mark).
+            m.marked.remove(&xid);
+            return false;
+        }
+        if m.marked.contains(&xid) {
+            return true;
+        }
+        if record.top_xid != 0 && m.marked.contains(&record.top_xid) {
+            m.marked.insert(xid);
+            return true;
+        }
+        if record.rmid != pg_sys::RmgrIds::RM_LOGICALMSG_ID as u8 {
+            return false;
+        }
+        let Some((true, prefix, content)) = crate::pg_internals::logical_message(record.data) else { return false };
+        if prefix != SIGNAL_PREFIX.as_bytes() {
+            return false;
+        }
+        let mark = crate::provenance::open(true, content, 0).and_then(|body| Signal::decode(body).ok());
+        let Some(Signal::Forwarded { members, .. }) = mark else { return false };
+        if members & mmts_core::membership::bit(reader) != 0 {
+            return false;
+        }
+        m.marked.insert(xid);
+        true
+    })
+}
+
+/// In a forwarding session: the PREPARE of another node's transaction is not decoded (a
+/// transaction marked for the reader goes whole at its COMMIT PREPARED, the others not at
+/// all). Also records which transaction a COMMIT or ROLLBACK PREPARED finishes, for the
+/// origin filter that PostgreSQL asks next.
+#[pg_guard]
+unsafe extern "C-unwind" fn filter_prepare(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    xid: pg_sys::TransactionId,
+    gid: *const std::ffi::c_char,
+) -> bool {
+    // SAFETY: PostgreSQL passes the transaction's NUL-terminated gid, valid for the call.
+    let gid = unsafe { CStr::from_ptr(gid) }.to_string_lossy();
+    let me = origin();
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            m.finishing = xid.into_inner();
+        }
+    });
+    mmts_core::twopc::parse_gid(&gid).is_some_and(|(node, _)| node != me)
 }
 
 /// The value of option `name` given to this decoding session, if any.
@@ -303,6 +392,20 @@ unsafe extern "C-unwind" fn startup(
             unreachable!()
         }
     };
+    // SAFETY: `ctx` is the decoding context PostgreSQL passes.
+    let forward_to = unsafe { option(ctx, MMTS_FORWARD_OPTION) }.map(|value| match value.trim().parse::<u32>() {
+        Ok(id) if (1..=crate::gucs::MAX_NODES as u32).contains(&id) => NodeId(id),
+        _ => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid value for option \"{MMTS_FORWARD_OPTION}\": \"{value}\""),
+                "mmts",
+            )
+            .set_hint(format!("Give the reading node's id, 1 to {}.", crate::gucs::MAX_NODES))
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+    });
     SESSION.with(|s| {
         s.borrow_mut().mmts = Some(MmtsSession {
             relations: HashMap::new(),
@@ -311,6 +414,9 @@ unsafe extern "C-unwind" fn startup(
             local_tables_seen: false,
             frame: wire::Frame::new(version),
             block: None,
+            forward_to,
+            marked: HashSet::new(),
+            finishing: 0,
         })
     });
     // SAFETY: `ctx` and `opt` are the decoding context and options of this startup callback.
@@ -319,6 +425,9 @@ unsafe extern "C-unwind" fn startup(
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
         (*ctx).streaming &= streaming;
+        if forward_to.is_some() {
+            (*ctx).callbacks.filter_prepare_cb = Some(filter_prepare);
+        }
     }
 }
 
@@ -429,6 +538,11 @@ unsafe fn send_commit(
     };
     // SAFETY: `ctx` is the decoding context of the caller's callback (for both calls).
     unsafe { send(ctx, &msg) };
+    SESSION.with(|s| {
+        if let Some(m) = s.borrow_mut().mmts.as_mut() {
+            m.marked.remove(&xid);
+        }
+    });
     end_of_transaction();
     unsafe { batch_delay(ctx) };
 }
