@@ -30,6 +30,9 @@ pub static TWOPC_PREPARE_RATIO: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Off: this session's schema changes stay on this node (see `ddl`).
 pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// A node catching up has its peers forward the transactions of nodes it cannot reach (see
+/// `apply::forwarded`).
+pub static FORWARDING: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Async mode: how long (ms) a walsender that has sent everything waits before it looks for
 /// more (see `output_plugin::batch_delay`).
 pub static ASYNC_BATCH_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);
@@ -257,6 +260,14 @@ pub fn define() {
         c"",
         &REPLICATE_DDL,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"multimaster.forwarding",
+        c"Synchronous mode: this node's receivers have their peers forward what other nodes committed without this node, so that it catches up while one of them is down.",
+        c"Its peers mark and forward such transactions whatever this setting; set it alike on every node.",
+        &FORWARDING,
+        GucContext::Postmaster,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

@@ -97,7 +97,7 @@ fn start_added_receivers(added: &[(u32, String)], dropped: Mask) {
 
 /// Runs `f` as the bootstrap superuser (inside a transaction: its end, an error's too, gives
 /// the session its user back).
-fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
+pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
     // SAFETY: inside a transaction (the caller's), main thread; the end of the transaction (an
     // error's too) restores the user, as below does on success.

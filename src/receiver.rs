@@ -131,6 +131,8 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     let mut backoff = Duration::from_millis(200);
     // Kept across reconnects: transactions it set aside are not sent again.
     let mut applier = Applier::new(peer_id, config.node_id.0);
+    // Also written once the stream is cut: the last transactions ended may be just before.
+    let mut ended = EndedSignal::default();
     let application_name = status::application_name(config.node_id.0);
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
@@ -145,6 +147,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
                 &mut resolver,
                 &mut applier,
                 &mut slot,
+                &mut ended,
             )
         }))
         .catch_others(|e| {
@@ -177,6 +180,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             backoff = Duration::from_millis(200);
         }
         // The peer out of reach: its transactions in doubt here are settled with the others.
+        ended.tick(config, peer_id);
         resolver.tick(config);
         slot.tick();
         if !BackgroundWorker::wait_latch(Some(backoff)) {
@@ -233,15 +237,16 @@ fn stream(
     resolver: &mut Resolver,
     applier: &mut Applier,
     slot: &mut SlotMaker,
+    ended: &mut EndedSignal,
 ) -> Result<(), PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     same_major_version(&conn, peer_id)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
     let start = resume_point(&mut conn, config, peer_id);
-    // In synchronous mode the peer also sends what it committed of other nodes' transactions
-    // that left this node out (see `apply::forwarded`).
-    let forwarding = gucs::synchronous() && crate::apply::forwarding_table_exists();
+    // In synchronous mode, with `multimaster.forwarding`, the peer also sends what it committed
+    // of other nodes' transactions that left this node out (see `apply::forwarded`).
+    let forwarding = gucs::synchronous() && gucs::FORWARDING.get() && crate::apply::forwarding_table_exists();
     let forward = if forwarding { format!(", \"mmts_forward\" '{}'", config.node_id) } else { String::new() };
     conn.exec(&format!(
         "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on'{forward})",
@@ -250,6 +255,9 @@ fn stream(
         wire::PROTOCOL_VERSION
     ))?;
     applier.set_forwarding(forwarding);
+    if forwarding {
+        crate::apply::forget_forwards_before(NodeId(peer_id), start);
+    }
     status::update(peer_id, |p| p.connected = true);
     log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start)));
 
@@ -271,7 +279,7 @@ fn stream(
     // a shutdown.
     let mut progress = Progress::new(start);
     let mut caught_up = false;
-    let mut ended = EndedSignal::default();
+    let mut looked_for_table = Instant::now();
     let connected_at = crate::backend::now();
     let mut shown = Instant::now();
     loop {
@@ -350,6 +358,21 @@ fn stream(
             nodes::refresh_nodes();
             if status::dropped() & (bit(NodeId(peer_id)) | bit(config.node_id)) != 0 {
                 return Err(PqError { message: "a node was dropped from the cluster".into(), sqlstate: None });
+            }
+            // `CREATE EXTENSION mmts` ran since this connection began: from now on the peer
+            // forwards (see `apply::forwarded`).
+            if !forwarding
+                && gucs::synchronous()
+                && gucs::FORWARDING.get()
+                && looked_for_table.elapsed() >= Duration::from_secs(1)
+            {
+                looked_for_table = Instant::now();
+                if crate::apply::forwarding_table_exists() {
+                    return Err(PqError {
+                        message: "mtm.forwarded was created: reconnecting to have what the peer forwards".into(),
+                        sqlstate: None,
+                    });
+                }
             }
         }
         if listened.elapsed() >= heartbeat {

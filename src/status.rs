@@ -66,6 +66,8 @@ pub struct PeerStatus {
     /// How far this node has ended the peer's transactions by what other nodes forwarded of
     /// them (`Signal::Ended` in a forwarding stream, see `mmts_core::forward`).
     pub forwarded_through: u64,
+    /// `mtm.forwarded` may hold transactions of the peer (see `apply::forwarded`).
+    pub forwards_recorded: bool,
 }
 
 const PASSED: usize = 32;
@@ -105,6 +107,7 @@ impl Default for PeerStatus {
             passed: [Passed::default(); PASSED],
             passed_next: 0,
             forwarded_through: 0,
+            forwards_recorded: false,
         }
     }
 }
@@ -276,6 +279,11 @@ pub fn release(by: u32, xid: Option<(u32, u32)>) {
     for c in shared.claims.iter_mut().filter(|c| c.by == by && xid.is_none_or(|(o, x)| c.origin == o && c.xid == x)) {
         *c = Claim::default();
     }
+}
+
+/// Whether `mtm.forwarded` may hold transactions of node `id`.
+pub fn forwards_recorded(id: u32) -> bool {
+    peer(id).forwards_recorded
 }
 
 /// The members this node counted last.

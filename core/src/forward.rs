@@ -73,23 +73,59 @@ pub fn on_forwarded(here: Here, ended: Ended) -> Result<Action, Diverged> {
     }
 }
 
+/// What a node does with a peer's forward of another node's committed transaction: each ends
+/// it here (the peer's `Signal::Ended` counts on that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnForwardedCommit {
+    /// Commit the copy prepared here.
+    Finish,
+    /// It ended here already.
+    Skip,
+    /// Wait for the origin's stream, which is read now, to bring it (or for the origin's
+    /// receiver to finish preparing it), then look again.
+    Wait,
+    /// Apply it here.
+    Apply,
+}
+
+/// The origin's stream, as this node reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginStream {
+    /// Not read (the origin is out of reach).
+    Cut,
+    /// Read, and moving on.
+    Moving,
+    /// Read, but it has not moved for a while: it may wait for the very stream that forwards
+    /// (for a lock held by a transaction whose end comes further on in it).
+    Stalled,
+}
+
 /// How another node's transaction stands here when a peer forwards its commit: `prepared`
 /// here; `ended` here already (the origin's stream passed its PREPARE here, or an earlier
-/// forward applied it); `claimed` by the origin's receiver, which is preparing it right now.
-pub fn forwarded_commit(prepared: bool, ended: bool, claimed: bool) -> Action {
+/// forward applied it); `claimed` by the origin's receiver, which is preparing it right now;
+/// `origin`: how this node reads the origin's stream.
+pub fn forwarded_commit(prepared: bool, ended: bool, claimed: bool, origin: OriginStream) -> OnForwardedCommit {
     if prepared {
-        return Action::Finish { commit: true };
+        return OnForwardedCommit::Finish;
     }
     if ended {
-        return Action::Skip;
+        return OnForwardedCommit::Skip;
     }
     if claimed {
-        // Prepared here in a moment; its outcome comes in the origin's stream, or from the
-        // resolver if that stream is cut. Waiting for the claim instead could wait for good:
-        // the origin's receiver may itself wait for this very stream to move on.
-        return Action::Skip;
+        // Prepared here in a moment: then committed from this forward. Skipping it would leave
+        // it prepared, holding its rows, until the origin's stream ends it, which may come
+        // only after what waits for this stream. The origin's receiver needs nothing further
+        // on in this stream to prepare it: the peer ended all it depends on before this commit.
+        return OnForwardedCommit::Wait;
     }
-    Action::Apply
+    if origin == OriginStream::Moving {
+        // The origin's stream brings it soon (it is not past its PREPARE yet): applied by the
+        // receiver whose stream it is, not by both in turn while a node catches up with every
+        // peer up. Once that stream stalls this one goes on: it may hold the end of what the
+        // other waits for.
+        return OnForwardedCommit::Wait;
+    }
+    OnForwardedCommit::Apply
 }
 
 /// What the origin's receiver does with a PREPARE of a transaction that left this node out:
@@ -162,13 +198,17 @@ mod tests {
 
     #[test]
     fn a_forwarded_commit_is_applied_once() {
-        use Action::*;
-        assert_eq!(forwarded_commit(true, false, false), Finish { commit: true });
-        assert_eq!(forwarded_commit(true, false, true), Finish { commit: true });
-        assert_eq!(forwarded_commit(false, true, false), Skip);
-        assert_eq!(forwarded_commit(false, true, true), Skip);
-        assert_eq!(forwarded_commit(false, false, true), Skip, "the origin's receiver prepares it");
-        assert_eq!(forwarded_commit(false, false, false), Apply);
+        use OnForwardedCommit::*;
+        for origin in [OriginStream::Cut, OriginStream::Moving, OriginStream::Stalled] {
+            assert_eq!(forwarded_commit(true, false, false, origin), Finish);
+            assert_eq!(forwarded_commit(true, false, true, origin), Finish);
+            assert_eq!(forwarded_commit(false, true, false, origin), Skip);
+            assert_eq!(forwarded_commit(false, true, true, origin), Skip);
+            assert_eq!(forwarded_commit(false, false, true, origin), Wait, "the origin's receiver prepares it");
+        }
+        assert_eq!(forwarded_commit(false, false, false, OriginStream::Moving), Wait);
+        assert_eq!(forwarded_commit(false, false, false, OriginStream::Stalled), Apply);
+        assert_eq!(forwarded_commit(false, false, false, OriginStream::Cut), Apply);
         assert_eq!(at_prepare(true, false), AtPrepare::Wait);
         assert_eq!(at_prepare(true, true), AtPrepare::Wait);
         assert_eq!(at_prepare(false, true), AtPrepare::Skip);

@@ -48,7 +48,10 @@
 //! other (at its precommit or rollback), it writes `Forward { tx, commit }` to its own WAL. Node
 //! 3 handles a forwarded end by `mmts_core::forward::on_forwarded` (apply the changes and
 //! commit, finish the copy prepared here, remember a rollback, or skip), applying changes only
-//! once `mmts_core::forward::waits_for` says what it depends on is applied; a transaction of
+//! once `mmts_core::forward::waits_for` says what it depends on is applied, and not at all
+//! while the origin is up and its stream, which has yet to bring the PREPARE, moves on: it
+//! waits for that stream then, and applies the forward once that stream waits itself
+//! (`mmts_core::forward::forwarded_commit`, as the extension does); a transaction of
 //! node 1 waits for node 2's stream only while node 2 is up. A Prepare of a transaction already
 //! ended here is not prepared again. A record that commits nothing because another stream's
 //! receiver ended its transaction here is confirmed to its peer only once everything committed
@@ -71,7 +74,9 @@
 
 use std::collections::BTreeMap;
 
-use mmts_core::forward::{on_forwarded, waits_for, Action, Ended, Here};
+use mmts_core::forward::{
+    forwarded_commit, on_forwarded, waits_for, Action, Ended, Here, OnForwardedCommit, OriginStream,
+};
 use mmts_core::membership::{bit, Mask};
 use mmts_core::replication::{resume_point, Progress};
 use mmts_core::twopc::dependencies_met;
@@ -307,6 +312,18 @@ impl Sim {
         after.iter().find(|&&(m, lsn)| !skip(m) && ended(m) < lsn).map(|&(m, lsn)| (m.0 as usize, lsn))
     }
 
+    /// Whether node `n`'s receiver of node `k`'s stream waits at its next record (for what a
+    /// transaction there depends on).
+    fn head_waits(&self, n: usize, k: usize) -> bool {
+        match self.wal[k].get(self.recv[n][k].next) {
+            Some((_, Rec::Prepare { tx, after })) => {
+                let member = n != 3 || self.txs[*tx].member3;
+                !member && self.unmet(n, k, after).is_some()
+            }
+            _ => false,
+        }
+    }
+
     /// Node `n` handles the next record of node `k`'s stream; false if there is none yet or it
     /// must wait.
     fn receive(&mut self, n: usize, k: usize) -> bool {
@@ -340,8 +357,28 @@ impl Sim {
                     Some(State::RolledBack) => Here::RolledBack,
                 };
                 let ended = if *committed { Ended::Committed } else { Ended::RolledBack };
-                let action = on_forwarded(here, ended).unwrap_or_else(|e| panic!("tx {tx}: {e}"));
+                let mut action = on_forwarded(here, ended).unwrap_or_else(|e| panic!("tx {tx}: {e}"));
                 let t = &self.txs[*tx];
+                if action == Action::Apply {
+                    // A commit the origin's stream will bring while node 3 reads it: waited for
+                    // (see `forward::forwarded_commit`), as the extension does.
+                    let passed = self.recv[3][t.origin].next as Lsn >= t.prepared_at;
+                    let origin = if self.down[t.origin] {
+                        OriginStream::Cut
+                    } else if self.head_waits(3, t.origin) {
+                        OriginStream::Stalled
+                    } else {
+                        OriginStream::Moving
+                    };
+                    match forwarded_commit(false, passed, false, origin) {
+                        OnForwardedCommit::Wait => {
+                            self.stats.waits += 1;
+                            return false;
+                        }
+                        OnForwardedCommit::Skip => action = Action::Skip,
+                        _ => {}
+                    }
+                }
                 match action {
                     Action::Apply => {
                         let Rec::Prepare { after, .. } = &self.wal[t.origin][t.prepared_at as usize - 1].1 else {

@@ -16,11 +16,19 @@
 //! way: the stream is read again from before it, and by then the origin's stream has brought
 //! the transaction (or the one holding the lock). The two receivers claim the transaction they
 //! are at (`status::claim`), so that only one applies it.
+//!
+//! `mtm.forwarded` is read and written as the bootstrap superuser (`nodes::as_superuser`), with
+//! fixed statements only: the receiver's own user (the one in this node's connection string)
+//! need not have any right on it.
 
-use mmts_core::forward::{at_prepare, forwarded_commit, waits_for, Action, AtPrepare};
+use mmts_core::forward::{at_prepare, forwarded_commit, waits_for, AtPrepare, OnForwardedCommit, OriginStream};
 
 use super::locks::{lock_wait_timer, AWAITED};
 use super::*;
+
+/// How long the origin's stream may not move on before a forwarded transaction it has yet to
+/// bring is applied from the forward (see `mmts_core::forward::OriginStream`).
+const STALLED_AFTER: Duration = Duration::from_millis(500);
 
 /// A `Signal::Forwarded` mark, as received.
 #[derive(Clone)]
@@ -83,7 +91,17 @@ impl Applier {
         let (origin, xid) = (mark.origin, mark.xid);
         let gid = cstring(&mmts_core::twopc::gid(origin, xid));
         self.wait_for_forwarded_dependencies(&mark, keep_up);
+        let origin_id = origin_id(origin);
+        // SAFETY: reads the origin's progress from shared memory, under its lock.
+        let progress = || origin_id.map_or(0, |id| unsafe { pg_sys::replorigin_get_progress(id, false) });
+        let passed = || progress() >= mark.prepared_at;
+        let stream_peer = self.peer;
+        let claimed = || crate::status::claimed_by(origin.0, xid).is_some_and(|by| by != stream_peer);
+        let mut stalled = false;
         loop {
+            // Looked at before whether it is prepared here: once the origin's stream passed its
+            // PREPARE, it is either prepared here or ended.
+            let passed_before = passed();
             let prepared = crate::nodes::in_transaction(|| {
                 Spi::get_one_with_args::<bool>(
                     "SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts WHERE gid = $1)",
@@ -93,25 +111,41 @@ impl Applier {
             .ok()
             .flatten()
             .unwrap_or(false);
-            let ended = origin_progress(origin) >= mark.prepared_at || recorded(origin, xid);
-            let claimed = crate::status::claimed_by(origin.0, xid).is_some_and(|by| by != self.peer);
-            match forwarded_commit(prepared, ended, claimed) {
-                Action::Finish { .. } => {
+            let ended = passed_before || recorded(origin, xid);
+            let stream = match (crate::status::connected(origin.0), stalled) {
+                (false, _) => OriginStream::Cut,
+                (true, false) => OriginStream::Moving,
+                (true, true) => OriginStream::Stalled,
+            };
+            match forwarded_commit(prepared, ended, claimed(), stream) {
+                OnForwardedCommit::Finish => {
                     if finish_at(&gid, true, end_lsn, commit_time) {
                         let commit = Outcome::Commit { ts: commit_time };
                         twophase::with_acceptor(origin, xid, |a| a.decide(commit));
                         twophase::unregister_applied(origin.0, Some(xid));
-                        log(format!(
-                            "mmts: committed transaction {xid} of node {origin} as node {} forwarded it",
-                            self.peer
-                        ));
                         return Some(self.forward_done(end_lsn, commit_time, true));
                     }
                     // Finished meanwhile by the origin's receiver or a resolver.
                     return Some(self.forward_done(end_lsn, commit_time, false));
                 }
-                Action::Skip | Action::Remember => return Some(self.forward_done(end_lsn, commit_time, false)),
-                Action::Apply => {}
+                OnForwardedCommit::Skip => return Some(self.forward_done(end_lsn, commit_time, false)),
+                OnForwardedCommit::Wait => {
+                    // Until the origin's receiver passes its PREPARE, claims it, stops, or
+                    // stops moving on.
+                    let (mut seen, mut since) = (progress(), Instant::now());
+                    while claimed() || (crate::status::connected(origin.0) && !passed() && !stalled) {
+                        self.stop_if_asked();
+                        self.pause(keep_up);
+                        let now = progress();
+                        if now != seen {
+                            (seen, since) = (now, Instant::now());
+                        } else if since.elapsed() >= STALLED_AFTER && !claimed() {
+                            stalled = true;
+                        }
+                    }
+                    continue;
+                }
+                OnForwardedCommit::Apply => {}
             }
             if crate::status::claim(origin.0, xid, self.peer).is_err() {
                 continue;
@@ -207,21 +241,27 @@ impl Applier {
             })
         };
         while unmet(crate::status::connected_mask()) {
-            if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
-                ereport!(
-                    PgLogLevel::FATAL,
-                    PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
-                    format!("mmts: replication from node {} stopped while catching up", self.peer)
-                );
-            }
+            self.stop_if_asked();
             self.pause(keep_up);
         }
     }
 
+    /// Ends the receiver, waiting in place, when it is asked to stop.
+    fn stop_if_asked(&self) {
+        if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+            ereport!(
+                PgLogLevel::FATAL,
+                PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+                format!("mmts: replication from node {} stopped while catching up", self.peer)
+            );
+        }
+    }
+
     /// A forwarded transaction ended here (`applied`: by this stream just now): the stream has
-    /// taken effect as far as `end_lsn`.
+    /// taken effect as far as `end_lsn`. That position does not count as ended (see
+    /// [`Applier::ended`]): the nodes compare their ended positions of a stream, and the peer's
+    /// other readers never see this commit, so none of them would ever end that far.
     fn forward_done(&mut self, end_lsn: u64, commit_time: i64, applied: bool) -> Applied {
-        self.ended(end_lsn);
         if !applied {
             // SAFETY: the receiver's main thread, its replication origin set up.
             unsafe { pg_sys::replorigin_session_advance(end_lsn, pg_sys::InvalidXLogRecPtr as u64) };
@@ -240,14 +280,13 @@ impl Applier {
         let origin = NodeId(self.peer);
         loop {
             let claimed = crate::status::claimed_by(origin.0, xid).is_some_and(|by| by != self.peer);
-            match at_prepare(claimed, !claimed && recorded(origin, xid)) {
-                AtPrepare::Wait => self.pause(keep_up),
-                AtPrepare::Skip => {
-                    log(format!(
-                        "mmts: transaction {xid} of node {origin} was applied here as another node forwarded it: not prepared again"
-                    ));
-                    return true;
+            let applied = !claimed && crate::status::forwards_recorded(origin.0) && recorded(origin, xid);
+            match at_prepare(claimed, applied) {
+                AtPrepare::Wait => {
+                    self.stop_if_asked();
+                    self.pause(keep_up);
                 }
+                AtPrepare::Skip => return true,
                 AtPrepare::Prepare => {
                     if crate::status::claim(origin.0, xid, self.peer).is_ok() {
                         return false;
@@ -263,19 +302,33 @@ impl Applier {
     }
 }
 
-/// How far the replication origin of node `node`'s stream has moved here.
-fn origin_progress(node: NodeId) -> u64 {
+/// The replication origin of node `node`'s stream here, if there is one yet.
+fn origin_id(node: NodeId) -> Option<pg_sys::RepOriginId> {
     let name = cstring(&mmts_core::replication::origin_name(node.0));
-    // SAFETY: main thread; `name` outlives the call. The origin is looked up in the catalog
-    // (inside the transaction `nodes::in_transaction` starts) and read from shared memory.
-    crate::nodes::in_transaction(|| unsafe {
-        let id = pg_sys::replorigin_by_name(name.as_ptr(), true);
-        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            0
-        } else {
-            pg_sys::replorigin_get_progress(id, false)
-        }
-    })
+    // SAFETY: main thread; `name` outlives the call; a catalog lookup inside the transaction
+    // `nodes::in_transaction` starts.
+    let id = crate::nodes::in_transaction(|| unsafe { pg_sys::replorigin_by_name(name.as_ptr(), true) });
+    (id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId).then_some(id)
+}
+
+/// Forgets the forwards of node `origin`'s transactions that its stream, read again from
+/// `from` on, cannot bring again; notes whether any are left (see `status::forwards_recorded`).
+/// At the start of the origin's stream, outside a transaction.
+pub fn forget_forwards_before(origin: NodeId, from: u64) {
+    let left = crate::nodes::in_transaction(|| {
+        crate::nodes::as_superuser(|| {
+            Spi::run_with_args(
+                "DELETE FROM mtm.forwarded WHERE origin = $1 AND prepared_at < $2",
+                &[(origin.0 as i32).into(), (from as i64).into()],
+            )?;
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM mtm.forwarded WHERE origin = $1)",
+                &[(origin.0 as i32).into()],
+            )
+        })
+    });
+    let left = left.ok().flatten().unwrap_or(true);
+    crate::status::update(origin.0, |p| p.forwards_recorded = left);
 }
 
 /// Whether `mtm.forwarded` exists here (the extension is created in the replicated database).
@@ -290,7 +343,7 @@ pub fn table_exists() -> bool {
 /// Whether a forward of transaction `xid` of node `origin` was applied here.
 fn recorded(origin: NodeId, xid: u32) -> bool {
     crate::nodes::in_transaction(|| {
-        as_table_owner(|| {
+        crate::nodes::as_superuser(|| {
             Spi::get_one_with_args::<bool>(
                 "SELECT EXISTS (SELECT FROM mtm.forwarded WHERE origin = $1 AND xid = $2)",
                 &[(origin.0 as i32).into(), (xid as i64).into()],
@@ -305,10 +358,11 @@ fn recorded(origin: NodeId, xid: u32) -> bool {
 /// Records, in the transaction being applied, that the forward of transaction `xid` of node
 /// `origin` is applied here.
 fn record(origin: NodeId, xid: u32, prepared_at: u64) {
+    crate::status::update(origin.0, |p| p.forwards_recorded = true);
     // SAFETY: main thread, inside the transaction being applied; the snapshot pushed is
     // popped below (an error ends the transaction, which drops it).
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    as_table_owner(|| {
+    crate::nodes::as_superuser(|| {
         Spi::run_with_args(
             "INSERT INTO mtm.forwarded(origin, xid, prepared_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             &[(origin.0 as i32).into(), (xid as i64).into(), (prepared_at as i64).into()],
@@ -317,23 +371,4 @@ fn record(origin: NodeId, xid: u32, prepared_at: u64) {
     .unwrap_or_else(|e| error!("mmts: cannot record a forwarded transaction: {e}"));
     // SAFETY: the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
-}
-
-/// Runs `f` as the bootstrap superuser, who owns mmts's tables: the receiver's own user (the
-/// one in this node's connection string) need not have any right on `mtm.forwarded`. Only
-/// the fixed statements above run so, on mmts's own table.
-fn as_table_owner<R>(f: impl FnOnce() -> R) -> R {
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: main thread, inside a transaction (an error ends it, which puts the user back).
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let result = f();
-    // SAFETY: as above: back to the user and context saved.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    result
 }

@@ -47,7 +47,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 
 use pgrx::prelude::*;
 
-pub use forwarded::table_exists as forwarding_table_exists;
+pub use forwarded::{forget_forwards_before, table_exists as forwarding_table_exists};
 
 use crate::backend::cstring;
 use crate::logging::log;

@@ -1,0 +1,121 @@
+//! A node catching up while another is down: the nodes that are up forward that node's
+//! transactions (see README, "A node catching up while a peer is down"). A test binary of its
+//! own, so that it does not run alongside the saturating load of `catch_up.rs`.
+
+use std::time::{Duration, Instant};
+
+use mmts_tests::{wait_for, Cluster, ClusterBuilder, Node};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn state(cluster: &Cluster, id: usize) -> String {
+    read(cluster.node(id), "SELECT state FROM mtm.get_cluster_state()").unwrap_or_default()
+}
+
+/// Runs `sql` until it commits: a member may refuse for a moment (55000: a heartbeat came late
+/// on a busy machine; 40001: a conflict), which leaves no change.
+fn write(client: &mut postgres::Client, sql: &str) {
+    let started = Instant::now();
+    while let Err(e) = client.batch_execute(sql) {
+        let retry = matches!(e.code().map(|c| c.code()), Some("55000" | "40001"));
+        assert!(retry && started.elapsed() < WAIT, "{sql}: {e:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sql`'s one value on `node` once it answers.
+fn answered(node: &Node, sql: &str) -> String {
+    let mut value = None;
+    wait_for(&format!("node {} to answer {sql}", node.id), WAIT, || {
+        value = read(node, sql);
+        value.is_some()
+    });
+    value.expect("an answer")
+}
+
+/// `sql`'s one value on `node`, `None` on any error (a node may refuse reads for a moment).
+fn read(node: &Node, sql: &str) -> Option<String> {
+    let mut c = node.try_connect(Duration::from_secs(2)).ok()?;
+    c.query_one(&format!("SELECT ({sql})::text"), &[]).ok()?.get(0)
+}
+
+/// A node that comes back while another is down gets what the down node committed from the
+/// node that is up (forwarded in its stream, see README "A node catching up while a peer is
+/// down"): it is online, with every row and schema change, and takes writes, without waiting
+/// for the down node. Once that node is back, all three are identical.
+#[test]
+fn a_node_catches_up_while_another_is_down() {
+    let mut cluster = ClusterBuilder::new(3)
+        .set("multimaster.heartbeat_send_timeout", "100")
+        .set("multimaster.heartbeat_recv_timeout", "1000")
+        .set("multimaster.forwarding", "on")
+        .start();
+    for node in cluster.nodes() {
+        node.execute_local(
+            "CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, node int NOT NULL, v int NOT NULL DEFAULT 0)",
+        );
+    }
+    cluster.wait_replicating(WAIT);
+    cluster.node_mut(3).stop();
+    wait_for("nodes 1 and 2 online without node 3", WAIT, || {
+        state(&cluster, 1) == "online" && state(&cluster, 2) == "online"
+    });
+    // Each node writes rows of its own and updates the other's, so that each node's
+    // transactions depend on the other's; node 2 also changes the schema half-way.
+    let (mut c1, mut c2) = (cluster.node(1).connect(), cluster.node(2).connect());
+    for i in 0..300i64 {
+        write(&mut c1, &format!("INSERT INTO t(id, node) VALUES ({}, 1)", 2 * i));
+        write(&mut c2, &format!("INSERT INTO t(id, node) VALUES ({}, 2)", 2 * i + 1));
+        if i > 0 {
+            write(&mut c1, &format!("UPDATE t SET v = v + 1 WHERE id = {}", 2 * i - 1));
+            write(&mut c2, &format!("UPDATE t SET v = v + 10 WHERE id = {}", 2 * i - 2));
+        }
+        if i == 150 {
+            write(&mut c2, "ALTER TABLE t ADD COLUMN note text NOT NULL DEFAULT 'none'");
+        }
+        if i > 150 {
+            write(&mut c2, &format!("UPDATE t SET note = 'node 2' WHERE id = {}", 2 * i + 1));
+        }
+    }
+    drop((c1, c2));
+    let digest = "SELECT md5(string_agg(format('%s %s %s %s', id, node, v, note), ',' ORDER BY id)) FROM t";
+    let expected = answered(cluster.node(1), digest);
+    cluster.node_mut(2).stop();
+    cluster.node_mut(3).start();
+    let back = Instant::now();
+    wait_for("node 3 online while node 2 is down", WAIT, || state(&cluster, 3) == "online");
+    let online_after = back.elapsed();
+    assert_eq!(answered(cluster.node(3), digest), expected, "node 3 has what nodes 1 and 2 committed");
+    let forwarded: i64 = cluster.node(3).query_value("SELECT count(*) FROM mtm.forwarded").unwrap().parse().unwrap();
+    assert!(forwarded >= 300, "node 3 applied node 2's transactions as node 1 forwarded them ({forwarded})");
+    // It takes writes: nodes 1 and 3 are a majority, and node 1 counts node 3 as having applied
+    // what it committed of node 2's without it.
+    let started = Instant::now();
+    let write = loop {
+        match cluster.node(3).connect().execute("INSERT INTO t(id, node) VALUES (1000, 3)", &[]) {
+            Ok(_) => break started.elapsed(),
+            Err(e) if started.elapsed() > Duration::from_secs(10) => panic!("node 3 refuses writes: {e:?}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    eprintln!(
+        "node 3 online {:.2} s after its restart with node 2 down; {forwarded} transactions forwarded; its first write took {:.2} s",
+        online_after.as_secs_f64(),
+        write.as_secs_f64()
+    );
+    cluster.node_mut(2).start();
+    cluster.wait_replicating(WAIT);
+    cluster.node(1).execute("INSERT INTO t(id, node) VALUES (1001, 1)");
+    wait_for("every node to have every write", WAIT, || {
+        cluster.nodes().iter().all(|n| read(n, "SELECT count(*) FROM t").as_deref() == Some("602"))
+    });
+    let digests: Vec<Option<String>> = cluster.nodes().iter().map(|n| read(n, digest)).collect();
+    assert!(digests.iter().all(|d| d.is_some() && *d == digests[0]), "the nodes differ: {digests:?}");
+    for node in cluster.nodes() {
+        wait_for(&format!("nothing prepared on node {}", node.id), WAIT, || {
+            node.query_value("SELECT count(*) FROM pg_prepared_xacts").as_deref() == Some("0")
+        });
+    }
+    let problems = cluster.log_problems(&[]);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
