@@ -231,6 +231,9 @@ fn mmts_tables_and_functions_keep_their_privileges() {
         "DELETE FROM mtm.local_tables",
         "SELECT * FROM mtm.conflicts",
         "SELECT * FROM mtm.added_nodes",
+        // A row here would make this node skip a peer's transaction when it comes.
+        "INSERT INTO mtm.forwarded(origin, xid, prepared_at) VALUES (2, 1000, 0)",
+        "SELECT * FROM mtm.forwarded",
         "SELECT mtm.make_table_local('t')",
         "SELECT mtm.make_table_replicated('t')",
         "SELECT mtm.add_node('host=evil')",
