@@ -557,14 +557,23 @@ pub struct ClusterBuilder {
 }
 
 impl ClusterBuilder {
+    /// Every node gets the settings of `$MMTS_TEST_SET` (`name=value;name=value`) first, so
+    /// that a whole suite can run with a setting changed; a test's own [`ClusterBuilder::set`]
+    /// comes later in postgresql.conf and wins.
     pub fn new(nodes: usize) -> ClusterBuilder {
+        let common = std::env::var("MMTS_TEST_SET")
+            .unwrap_or_default()
+            .split(';')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
         ClusterBuilder {
             nodes,
             multimaster: true,
             proxies: true,
             dir: None,
             base_port: None,
-            common: Vec::new(),
+            common,
             per_node: BTreeMap::new(),
             joining: Vec::new(),
             env: Vec::new(),

@@ -39,10 +39,35 @@ fn read(node: &Node, sql: &str) -> Option<String> {
     c.query_one(&format!("SELECT ({sql})::text"), &[]).ok()?.get(0)
 }
 
+const DIGEST: &str = "SELECT md5(string_agg(format('%s %s %s %s', id, node, v, note), ',' ORDER BY id)) FROM t";
+
+/// Nodes 1 and 2 write rows `rows` of their own (even and odd ids) and update each other's, so
+/// that each node's transactions depend on the other's; with `alter`, node 2 adds the column
+/// `note` half-way, and then sets it in its updates.
+fn load(cluster: &Cluster, rows: std::ops::Range<i64>, alter: bool) {
+    let (mut c1, mut c2) = (cluster.node(1).connect(), cluster.node(2).connect());
+    let half = rows.start + (rows.end - rows.start) / 2;
+    for i in rows.clone() {
+        write(&mut c1, &format!("INSERT INTO t(id, node) VALUES ({}, 1)", 2 * i));
+        write(&mut c2, &format!("INSERT INTO t(id, node) VALUES ({}, 2)", 2 * i + 1));
+        if i > rows.start {
+            write(&mut c1, &format!("UPDATE t SET v = v + 1 WHERE id = {}", 2 * i - 1));
+            write(&mut c2, &format!("UPDATE t SET v = v + 10 WHERE id = {}", 2 * i - 2));
+        }
+        if alter && i == half {
+            write(&mut c2, "ALTER TABLE t ADD COLUMN note text NOT NULL DEFAULT 'none'");
+        }
+        if !alter || i > half {
+            write(&mut c2, &format!("UPDATE t SET note = 'node 2' WHERE id = {}", 2 * i + 1));
+        }
+    }
+}
+
 /// A node that comes back while another is down gets what the down node committed from the
 /// node that is up (forwarded in its stream, see README "A node catching up while a peer is
 /// down"): it is online, with every row and schema change, and takes writes, without waiting
-/// for the down node. Once that node is back, all three are identical.
+/// for the down node. Once that node is back, all three are identical. Then the same when the
+/// other node goes down only once the node is catching up.
 #[test]
 fn a_node_catches_up_while_another_is_down() {
     let mut cluster = ClusterBuilder::new(3)
@@ -62,30 +87,14 @@ fn a_node_catches_up_while_another_is_down() {
     });
     // Each node writes rows of its own and updates the other's, so that each node's
     // transactions depend on the other's; node 2 also changes the schema half-way.
-    let (mut c1, mut c2) = (cluster.node(1).connect(), cluster.node(2).connect());
-    for i in 0..300i64 {
-        write(&mut c1, &format!("INSERT INTO t(id, node) VALUES ({}, 1)", 2 * i));
-        write(&mut c2, &format!("INSERT INTO t(id, node) VALUES ({}, 2)", 2 * i + 1));
-        if i > 0 {
-            write(&mut c1, &format!("UPDATE t SET v = v + 1 WHERE id = {}", 2 * i - 1));
-            write(&mut c2, &format!("UPDATE t SET v = v + 10 WHERE id = {}", 2 * i - 2));
-        }
-        if i == 150 {
-            write(&mut c2, "ALTER TABLE t ADD COLUMN note text NOT NULL DEFAULT 'none'");
-        }
-        if i > 150 {
-            write(&mut c2, &format!("UPDATE t SET note = 'node 2' WHERE id = {}", 2 * i + 1));
-        }
-    }
-    drop((c1, c2));
-    let digest = "SELECT md5(string_agg(format('%s %s %s %s', id, node, v, note), ',' ORDER BY id)) FROM t";
-    let expected = answered(cluster.node(1), digest);
+    load(&cluster, 0..300, true);
+    let expected = answered(cluster.node(1), DIGEST);
     cluster.node_mut(2).stop();
     cluster.node_mut(3).start();
     let back = Instant::now();
     wait_for("node 3 online while node 2 is down", WAIT, || state(&cluster, 3) == "online");
     let online_after = back.elapsed();
-    assert_eq!(answered(cluster.node(3), digest), expected, "node 3 has what nodes 1 and 2 committed");
+    assert_eq!(answered(cluster.node(3), DIGEST), expected, "node 3 has what nodes 1 and 2 committed");
     let forwarded: i64 = cluster.node(3).query_value("SELECT count(*) FROM mtm.forwarded").unwrap().parse().unwrap();
     assert!(forwarded >= 300, "node 3 applied node 2's transactions as node 1 forwarded them ({forwarded})");
     // It takes writes: nodes 1 and 3 are a majority, and node 1 counts node 3 as having applied
@@ -109,8 +118,43 @@ fn a_node_catches_up_while_another_is_down() {
     wait_for("every node to have every write", WAIT, || {
         cluster.nodes().iter().all(|n| read(n, "SELECT count(*) FROM t").as_deref() == Some("602"))
     });
-    let digests: Vec<Option<String>> = cluster.nodes().iter().map(|n| read(n, digest)).collect();
+    let digests: Vec<Option<String>> = cluster.nodes().iter().map(|n| read(n, DIGEST)).collect();
     assert!(digests.iter().all(|d| d.is_some() && *d == digests[0]), "the nodes differ: {digests:?}");
+    for node in cluster.nodes() {
+        wait_for(&format!("nothing prepared on node {}", node.id), WAIT, || {
+            node.query_value("SELECT count(*) FROM pg_prepared_xacts").as_deref() == Some("0")
+        });
+    }
+
+    // Node 3 comes back with both peers up, and node 2 crashes while node 3 catches up: what
+    // node 2's stream had not brought yet, node 3 applies as node 1 forwards it.
+    cluster.node_mut(3).stop();
+    wait_for("nodes 1 and 2 online without node 3", WAIT, || {
+        state(&cluster, 1) == "online" && state(&cluster, 2) == "online"
+    });
+    load(&cluster, 1000..2000, false);
+    let expected = answered(cluster.node(1), DIGEST);
+    let log_count = |log: &std::path::Path, text: &str| std::fs::read_to_string(log).unwrap_or_default().matches(text).count();
+    let node_3_log = cluster.node(3).log_path();
+    let streams = |n: usize| log_count(&node_3_log, &format!("mmts: streaming from node {n} from"));
+    let (from_1, from_2) = (streams(1), streams(2));
+    cluster.node_mut(3).start();
+    wait_for("node 3 streaming from nodes 1 and 2", WAIT, || streams(1) > from_1 && streams(2) > from_2);
+    cluster.node_mut(2).kill9();
+    let stopped = Instant::now();
+    wait_for("node 3 online after node 2 went down while it caught up", WAIT, || state(&cluster, 3) == "online");
+    let online_after = stopped.elapsed();
+    assert_eq!(answered(cluster.node(3), DIGEST), expected, "node 3 has what nodes 1 and 2 committed");
+    let forwarded = cluster.node(3).query_value("SELECT count(*) FROM mtm.forwarded").unwrap_or_default();
+    eprintln!(
+        "node 3 online {:.2} s after node 2 went down while it caught up; {forwarded} transactions of node 2 applied here as node 1 forwarded them",
+        online_after.as_secs_f64(),
+    );
+    cluster.node_mut(2).start();
+    cluster.wait_replicating(WAIT);
+    wait_for("every node to have every write", WAIT, || {
+        cluster.nodes().iter().all(|n| read(n, DIGEST).is_some_and(|d| d == expected))
+    });
     for node in cluster.nodes() {
         wait_for(&format!("nothing prepared on node {}", node.id), WAIT, || {
             node.query_value("SELECT count(*) FROM pg_prepared_xacts").as_deref() == Some("0")
