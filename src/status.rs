@@ -68,6 +68,9 @@ pub struct PeerStatus {
     pub forwarded_through: u64,
     /// `mtm.forwarded` may hold transactions of the peer (see `apply::forwarded`).
     pub forwards_recorded: bool,
+    /// How many forwards of the peer's transactions were recorded here (see
+    /// [`note_forwards_left`]).
+    pub forwards_recorded_count: u64,
 }
 
 const PASSED: usize = 32;
@@ -108,6 +111,7 @@ impl Default for PeerStatus {
             passed_next: 0,
             forwarded_through: 0,
             forwards_recorded: false,
+            forwards_recorded_count: 0,
         }
     }
 }
@@ -284,6 +288,24 @@ pub fn release(by: u32, xid: Option<(u32, u32)>) {
 /// Whether `mtm.forwarded` may hold transactions of node `id`.
 pub fn forwards_recorded(id: u32) -> bool {
     peer(id).forwards_recorded
+}
+
+/// Notes, before a look at `mtm.forwarded`, what may escape it: whether a receiver claims a
+/// transaction of node `id` (a forward being applied, recorded but not committed yet), and how
+/// many forwards of node `id`'s transactions were recorded so far.
+pub fn forwards_in_flight(id: u32) -> (bool, u64) {
+    let shared = PEERS.share();
+    let claimed = shared.claims.iter().any(|c| c.by != 0 && c.origin == id);
+    (claimed, shared.peers[id as usize - 1].forwards_recorded_count)
+}
+
+/// Notes whether `mtm.forwarded` may hold transactions of node `id`, after a look at it that
+/// found `left`, taken after [`forwards_in_flight`] gave `before`: a forward claimed then, or
+/// recorded since, may be missing from that look, so the answer is then yes.
+pub fn note_forwards_left(id: u32, left: bool, before: (bool, u64)) {
+    let mut shared = PEERS.exclusive();
+    let p = &mut shared.peers[id as usize - 1];
+    p.forwards_recorded = left || before.0 || p.forwards_recorded_count != before.1;
 }
 
 /// The members this node counted last.

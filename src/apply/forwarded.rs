@@ -315,6 +315,7 @@ fn origin_id(node: NodeId) -> Option<pg_sys::RepOriginId> {
 /// `from` on, cannot bring again; notes whether any are left (see `status::forwards_recorded`).
 /// At the start of the origin's stream, outside a transaction.
 pub fn forget_forwards_before(origin: NodeId, from: u64) {
+    let before = crate::status::forwards_in_flight(origin.0);
     let left = crate::nodes::in_transaction(|| {
         crate::nodes::as_superuser(|| {
             Spi::run_with_args(
@@ -328,7 +329,7 @@ pub fn forget_forwards_before(origin: NodeId, from: u64) {
         })
     });
     let left = left.ok().flatten().unwrap_or(true);
-    crate::status::update(origin.0, |p| p.forwards_recorded = left);
+    crate::status::note_forwards_left(origin.0, left, before);
 }
 
 /// Whether `mtm.forwarded` exists here (the extension is created in the replicated database).
@@ -358,7 +359,10 @@ fn recorded(origin: NodeId, xid: u32) -> bool {
 /// Records, in the transaction being applied, that the forward of transaction `xid` of node
 /// `origin` is applied here.
 fn record(origin: NodeId, xid: u32, prepared_at: u64) {
-    crate::status::update(origin.0, |p| p.forwards_recorded = true);
+    crate::status::update(origin.0, |p| {
+        p.forwards_recorded = true;
+        p.forwards_recorded_count += 1;
+    });
     // SAFETY: main thread, inside the transaction being applied; the snapshot pushed is
     // popped below (an error ends the transaction, which drops it).
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
