@@ -134,7 +134,8 @@ fn a_node_catches_up_while_another_is_down() {
     });
     load(&cluster, 1000..2000, false);
     let expected = answered(cluster.node(1), DIGEST);
-    let log_count = |log: &std::path::Path, text: &str| std::fs::read_to_string(log).unwrap_or_default().matches(text).count();
+    let log_count =
+        |log: &std::path::Path, text: &str| std::fs::read_to_string(log).unwrap_or_default().matches(text).count();
     let node_3_log = cluster.node(3).log_path();
     let streams = |n: usize| log_count(&node_3_log, &format!("mmts: streaming from node {n} from"));
     let (from_1, from_2) = (streams(1), streams(2));
