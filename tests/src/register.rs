@@ -138,9 +138,23 @@ pub fn check(events: &[RegEvent]) -> Result<(), String> {
             ops.into_iter().partition(|e| e.complete.unwrap_or(0) > last_seen);
         ops.sort_by_key(|e| (e.complete, e.invoke));
         open.sort_by_key(|e| e.invoke);
+        // An operation begun by then that completes later is still running at the end of the
+        // prefix: it may have taken effect or not, as one of unknown outcome (a read, or a
+        // compare-and-set that found another value, changed nothing and is left out). Without
+        // it, a prefix could blame an operation that a concurrent one explains.
         let prefix = |n: usize| -> Vec<RegEvent> {
             let until = ops[n - 1].complete.unwrap_or(0);
-            ops[..n].iter().chain(open.iter().filter(|e| e.invoke <= until)).cloned().collect()
+            let running = ops[n..].iter().filter(|e| e.invoke <= until).filter_map(|e| {
+                let op = match e.op {
+                    RegOp::Write(v) => RegOp::Write(v),
+                    RegOp::Cas { from, to, ok: true } | RegOp::CasUnseen { from, to } => RegOp::CasUnseen { from, to },
+                    RegOp::Read(_) | RegOp::Cas { ok: false, .. } => return None,
+                };
+                Some(RegEvent { complete: Some(until + 1), op, ..e.clone() })
+            });
+            let open =
+                open.iter().filter(|e| e.invoke <= until).map(|e| RegEvent { complete: Some(until + 1), ..e.clone() });
+            ops[..n].iter().cloned().chain(running).chain(open).collect()
         };
         // The shortest prefix that is not linearizable: the operation that ends it is one
         // that no order explains.
