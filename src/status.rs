@@ -259,8 +259,10 @@ pub fn passed_precommit(id: u32, lsn: u64) -> Option<Passed> {
 /// The receiver from node `by` claims transaction `xid` of node `origin`, which it is about to
 /// apply while the transaction may come in another stream too (the origin's, or forwarded by
 /// a third node: see `mmts_core::forward`). `Err` with the claiming receiver's peer when
-/// another receiver has it; `Ok` also when the table of claims is full (the caller goes on
-/// unclaimed, as before forwarding existed).
+/// another receiver has it. Each receiver holds one claim at a time, so the table (two
+/// entries per node) is never full; if it were, going on unclaimed could apply a transaction
+/// twice, so the receiver stops with an error instead (and gives its claims back as it
+/// starts again).
 pub fn claim(origin: u32, xid: u32, by: u32) -> Result<(), u32> {
     let mut shared = PEERS.exclusive();
     if let Some(c) = shared.claims.iter().find(|c| c.by != 0 && c.origin == origin && c.xid == xid) {
@@ -268,8 +270,17 @@ pub fn claim(origin: u32, xid: u32, by: u32) -> Result<(), u32> {
     }
     if let Some(c) = shared.claims.iter_mut().find(|c| c.by == 0) {
         *c = Claim { origin, xid, by };
+        return Ok(());
     }
-    Ok(())
+    drop(shared);
+    ereport!(
+        PgLogLevel::ERROR,
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!(
+            "mmts: cannot claim transaction {xid} of node {origin}: the table of claims is full ({CLAIMS} entries)"
+        )
+    );
+    unreachable!()
 }
 
 /// The receiver from node `by` that claims transaction `xid` of node `origin`, if any.

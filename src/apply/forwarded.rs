@@ -97,12 +97,8 @@ impl Applier {
         let passed = || progress() >= mark.prepared_at;
         let stream_peer = self.peer;
         let claimed = || crate::status::claimed_by(origin.0, xid).is_some_and(|by| by != stream_peer);
-        let mut stalled = false;
-        loop {
-            // Looked at before whether it is prepared here: once the origin's stream passed its
-            // PREPARE, it is either prepared here or ended.
-            let passed_before = passed();
-            let prepared = crate::nodes::in_transaction(|| {
+        let is_prepared = || {
+            crate::nodes::in_transaction(|| {
                 Spi::get_one_with_args::<bool>(
                     "SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts WHERE gid = $1)",
                     &[gid.to_str().unwrap_or_default().into()],
@@ -110,7 +106,14 @@ impl Applier {
             })
             .ok()
             .flatten()
-            .unwrap_or(false);
+            .unwrap_or(false)
+        };
+        let mut stalled = false;
+        loop {
+            // Looked at before whether it is prepared here: once the origin's stream passed its
+            // PREPARE, it is either prepared here or ended.
+            let passed_before = passed();
+            let prepared = is_prepared();
             let ended = passed_before || recorded(origin, xid);
             let stream = match (crate::status::connected(origin.0), stalled) {
                 (false, _) => OriginStream::Cut,
@@ -148,6 +151,13 @@ impl Applier {
                 OnForwardedCommit::Apply => {}
             }
             if crate::status::claim(origin.0, xid, self.peer).is_err() {
+                continue;
+            }
+            // Held now: the origin's receiver does not prepare it, nor another receiver apply
+            // it, while this one does. Either may have done so between the look above and the
+            // claim: looked at again, as at the top.
+            if passed() || is_prepared() || recorded(origin, xid) {
+                crate::status::release(self.peer, Some((origin.0, xid)));
                 continue;
             }
             match self.apply_forwarded(&mark, &preparing, end_lsn, commit_time, keep_up) {
@@ -289,6 +299,13 @@ impl Applier {
                 AtPrepare::Skip => return true,
                 AtPrepare::Prepare => {
                     if crate::status::claim(origin.0, xid, self.peer).is_ok() {
+                        // Held now: no forward of it is applied while this receiver prepares
+                        // it. One applied and committed between the look above and the claim
+                        // is seen now.
+                        if crate::status::forwards_recorded(origin.0) && recorded(origin, xid) {
+                            crate::status::release(self.peer, Some((origin.0, xid)));
+                            return true;
+                        }
                         return false;
                     }
                 }
