@@ -191,3 +191,19 @@ impl Outbox {
         }
     }
 }
+
+/// What was not delivered yet goes through WAL when a receiver's outbox is dropped (its stream
+/// ended): a vote or "finished" that the peer's coordinator waits for is not lost while the
+/// receiver reads its stream again without counting the peer out. Not while unwinding from an
+/// error, when WAL may not be written: the receiver then counts the peer out, and the peer's
+/// coordinators stop waiting for this node once it is no longer a member.
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.heartbeats || std::thread::panicking() {
+            return;
+        }
+        for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+            twophase::emit(&s, false);
+        }
+    }
+}

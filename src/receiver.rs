@@ -134,6 +134,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
     // Also written once the stream is cut: the last transactions ended may be just before.
     let mut ended = EndedSignal::default();
     let application_name = status::application_name(config.node_id.0);
+    let mut reconnecting: Option<Instant> = None;
     while !BackgroundWorker::sigterm_received() {
         let started = Instant::now();
         // An error applying the peer's stream stops this worker (it starts again 5 s later);
@@ -159,6 +160,20 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
         })
         .execute();
         applier.reset_stream();
+        // Read again at once, still counted as connected (and caught up, if it was): the stream
+        // goes on from the position it was read up to, so the peer misses nothing of this node
+        // and neither node counts the other out meanwhile. The peer's walsender of the old
+        // connection may hold the slot for a moment longer (55006): tried again meanwhile.
+        let slot_in_use = matches!(&result, Err(e) if e.sqlstate.as_deref() == Some("55006"));
+        match &result {
+            Ok(Ended::Reconnect) => reconnecting = Some(Instant::now()),
+            _ if slot_in_use && reconnecting.is_some_and(|at| at.elapsed() < Duration::from_secs(5)) => {}
+            _ => reconnecting = None,
+        }
+        if reconnecting.is_some() {
+            crate::backend::nap(50);
+            continue;
+        }
         status::update(peer_id, |p| {
             p.connected = false;
             p.caught_up = false;
@@ -170,7 +185,7 @@ pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
             return retire(config, peer_id, &mut resolver);
         }
         match result {
-            Ok(()) => break, // asked to stop
+            Ok(_) => break, // asked to stop
             Err(e) => log(format!(
                 "mmts: replication from node {peer_id} interrupted: {e}; retrying in {} ms",
                 backoff.as_millis()
@@ -229,6 +244,14 @@ fn same_major_version(conn: &Connection, peer_id: u32) -> Result<(), PqError> {
 }
 
 /// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
+/// Why a stream ended without an error.
+enum Ended {
+    /// The worker was asked to stop.
+    Stop,
+    /// To be read again at once, with other options (see `stream`).
+    Reconnect,
+}
+
 fn stream(
     conninfo: &str,
     application_name: &str,
@@ -238,7 +261,7 @@ fn stream(
     applier: &mut Applier,
     slot: &mut SlotMaker,
     ended: &mut EndedSignal,
-) -> Result<(), PqError> {
+) -> Result<Ended, PqError> {
     let mut conn = Connection::connect_replication(conninfo, application_name)?;
     same_major_version(&conn, peer_id)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
@@ -368,10 +391,10 @@ fn stream(
             {
                 looked_for_table = Instant::now();
                 if crate::apply::forwarding_table_exists() {
-                    return Err(PqError {
-                        message: "mtm.forwarded was created: reconnecting to have what the peer forwards".into(),
-                        sqlstate: None,
-                    });
+                    log(format!(
+                        "mmts: mtm.forwarded was created: reading node {peer_id}'s stream again, with what it forwards"
+                    ));
+                    return Ok(Ended::Reconnect);
                 }
             }
         }
@@ -400,7 +423,7 @@ fn stream(
         }
         outbox.pump();
         if BackgroundWorker::sigterm_received() {
-            return Ok(());
+            return Ok(Ended::Stop);
         }
         if reload_if_asked() {
             link.heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);

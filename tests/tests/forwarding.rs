@@ -164,3 +164,56 @@ fn a_node_catches_up_while_another_is_down() {
     let problems = cluster.log_problems(&[]);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Receivers that started before `CREATE EXTENSION mmts` read their streams again once
+/// `mtm.forwarded` exists, to have what their peers forward: unnoticed by clients, whose writes
+/// right after creating the extension commit at their first try on every node.
+#[test]
+fn creating_the_extension_interrupts_no_write() {
+    let cluster = ClusterBuilder::new(3).set("multimaster.forwarding", "on").start();
+    cluster.wait_replicating(WAIT);
+    for node in cluster.nodes() {
+        node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, node int NOT NULL)");
+    }
+    let again = |n: &Node| {
+        std::fs::read_to_string(n.log_path())
+            .unwrap_or_default()
+            .matches("mtm.forwarded was created: reading node")
+            .count()
+    };
+    // A write that hangs fails the test (canceled) rather than stalling it.
+    let mut clients: Vec<postgres::Client> = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            let mut c = n.connect();
+            c.batch_execute("SET statement_timeout = '30s'").unwrap();
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    let mut id = 0;
+    // Until every receiver read its stream again, and a second more.
+    let mut all_read_again: Option<Instant> = None;
+    while all_read_again.is_none_or(|at| at.elapsed() < Duration::from_secs(1)) {
+        assert!(started.elapsed() < WAIT, "the receivers did not read their streams again");
+        for (i, client) in clients.iter_mut().enumerate() {
+            id += 1;
+            if let Err(e) = client.batch_execute(&format!("INSERT INTO t VALUES ({id}, {})", i + 1)) {
+                panic!(
+                    "node {}: write {id}, {:.2} s after CREATE EXTENSION: {}",
+                    i + 1,
+                    started.elapsed().as_secs_f64(),
+                    mmts_tests::describe(&e)
+                );
+            }
+        }
+        if all_read_again.is_none() && cluster.nodes().iter().all(|n| again(n) >= 2) {
+            all_read_again = Some(Instant::now());
+        }
+    }
+    eprintln!("{id} writes, all committed, in {:.2} s after CREATE EXTENSION", started.elapsed().as_secs_f64());
+    wait_for("every node to have every write", WAIT, || {
+        cluster.nodes().iter().all(|n| read(n, "SELECT count(*) FROM t").as_deref() == Some(&id.to_string()))
+    });
+}
