@@ -243,7 +243,6 @@ fn same_major_version(conn: &Connection, peer_id: u32) -> Result<(), PqError> {
     })
 }
 
-/// Streams from the peer until SIGTERM (`Ok`) or a connection problem (`Err`).
 /// Why a stream ended without an error.
 enum Ended {
     /// The worker was asked to stop.
@@ -252,6 +251,8 @@ enum Ended {
     Reconnect,
 }
 
+/// Streams from the peer until SIGTERM or a reason to read it again at once (`Ok`), or a
+/// connection problem (`Err`).
 fn stream(
     conninfo: &str,
     application_name: &str,
