@@ -61,6 +61,7 @@ pub extern "C-unwind" fn mmts_heartbeat_main(_arg: pg_sys::Datum) {
             outboxes.clear();
         } else if last_sent.is_none_or(|t| t.elapsed() >= every) {
             last_sent = Some(Instant::now());
+            crate::twophase::sync_log();
             let current = status::current(config);
             status::throttle_commits(config, &current, &mut throttle);
             let peers = status::peers(config);

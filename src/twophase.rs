@@ -19,6 +19,7 @@ use mmts_core::config::Mode;
 use mmts_core::coordinator::{Delivery, Wake};
 use mmts_core::indoubt::{self, Acceptor, Answer, Memory, Outcome, Request, CLOCK_MARGIN_US};
 use mmts_core::participant::Holder;
+use mmts_core::records::{self, Record, Records};
 use mmts_core::twopc::{decode_batch, encode_batch, hlc_next, hlc_observe, Key, Signal, Vote, SIGNAL_PREFIX};
 use mmts_core::NodeId;
 use pgrx::pg_sys;
@@ -99,25 +100,6 @@ struct Wound {
 
 const WOUNDS: usize = 64;
 
-/// This node's record of a transaction being settled (see `mmts_core::indoubt`), kept a while
-/// after it is carried out so that late questions get the answer (`origin` 0: free).
-#[derive(Clone, Copy, Default)]
-struct Record {
-    origin: u32,
-    xid: u32,
-    acceptor: Acceptor,
-    /// Ended as the cluster settled it, not by its coordinator: the coordinator, when it
-    /// returns, asks for the outcome. Replaced only after records its coordinator ended.
-    settled: bool,
-    /// Last use, for replacing the oldest.
-    used_at: u64,
-    /// When this slot last gave up a record still needed (undecided, or settled) for
-    /// another: see [`memory`].
-    replaced_at: i64,
-    /// Also kept on disk (see [`keep_on_disk`]).
-    on_disk: bool,
-}
-
 /// About 40 s of transactions at 800 a second before their records are replaced. (The
 /// shared state is built on the postmaster's stack once: keep it to a few megabytes.)
 const RECORDS: usize = 32768;
@@ -128,12 +110,16 @@ pub struct Shared {
     entries: [Entry; SLOTS],
     applying: [Applying; MAX_NODES as usize],
     wounds: [Wound; WOUNDS],
-    records: [Record; RECORDS],
-    record_uses: u64,
+    /// This node's records of transactions being settled, kept a while after they are
+    /// carried out so that late questions get the answer.
+    records: Records<RECORDS>,
     /// When shared memory was set up: records from before are lost (see [`memory`]), but for
     /// those kept on disk, read back once (`loaded`) before any record is used.
     started_at: i64,
     loaded: bool,
+    /// The log of records being written (`mmts_core::records`), and how many entries it has.
+    log_generation: u64,
+    log_entries: u32,
     /// [node q][node p] (ids - 1): the end, in p's stream, of the last transaction this node
     /// committed that q did not take part in.
     committed_without: [[u64; MAX_NODES as usize]; MAX_NODES as usize],
@@ -146,10 +132,11 @@ impl Default for Shared {
             entries: [Entry::default(); SLOTS],
             applying: [Applying { procno: -1, key: Key { ts: 0, node: NodeId(0) } }; MAX_NODES as usize],
             wounds: [Wound::default(); WOUNDS],
-            records: [Record::default(); RECORDS],
-            record_uses: 0,
+            records: Records::default(),
             started_at: crate::backend::now(),
             loaded: false,
+            log_generation: 0,
+            log_entries: 0,
             committed_without: [[0; MAX_NODES as usize]; MAX_NODES as usize],
         }
     }
@@ -178,30 +165,11 @@ pub fn clock_observe(ts: i64) {
     s.clock = hlc_observe(s.clock, ts);
 }
 
-/// A transaction's record lives in the [`WINDOW`] slots from a place its key decides: a few
-/// lookups per transaction on every node stay cheap.
-const WINDOW: usize = 32;
-
-fn window(origin: NodeId, xid: u32) -> impl Iterator<Item = usize> {
-    let start = (xid as usize).wrapping_mul(31).wrapping_add(origin.0 as usize * 0x9E37) % RECORDS;
-    (0..WINDOW).map(move |k| (start + k) % RECORDS)
-}
-
-/// The slot holding the record of transaction `xid` of node `origin`, if any.
-fn find_record(s: &Shared, origin: NodeId, xid: u32) -> Option<usize> {
-    window(origin, xid).find(|&i| s.records[i].origin == origin.0 && s.records[i].xid == xid)
-}
-
 /// Runs `f` on this node's record of transaction `xid` of node `origin` (made if there is
-/// none: a free slot of its window, or else the oldest one its coordinator ended, or else the
-/// oldest; see [`memory`] for what replacing one means).
+/// none: `mmts_core::records::Records::make`).
 pub fn with_acceptor<R>(origin: NodeId, xid: u32, f: impl FnOnce(&mut Acceptor) -> R) -> R {
     let mut s = records();
-    record_mut(&mut s, origin, xid, |r| {
-        let result = f(&mut r.acceptor);
-        forget_on_disk_once_decided(origin, xid, r);
-        result
-    })
+    record_mut(&mut s, origin, xid, |r| f(&mut r.acceptor))
 }
 
 /// Records that transaction `xid` of node `origin` ended here as the cluster settled it.
@@ -210,7 +178,6 @@ pub fn settled(origin: NodeId, xid: u32, outcome: Outcome) {
     record_mut(&mut s, origin, xid, |r| {
         r.acceptor.decide(outcome);
         r.settled = true;
-        forget_on_disk_once_decided(origin, xid, r);
     })
 }
 
@@ -222,23 +189,110 @@ fn record_path(origin: NodeId, xid: u32) -> std::path::PathBuf {
     std::path::Path::new(RECORDS_DIR).join(format!("{}_{xid}", origin.0))
 }
 
+/// The log of records (`mmts_core::records::Logged`) is two files in [`RECORDS_DIR`], used in
+/// turn: a generation holds this many entries, then the file of the one before it starts
+/// again. What a restart reads back is therefore the last 64k to 128k changes, more than the
+/// table holds.
+const LOG_ENTRIES: u32 = 65536;
+
+fn log_path(generation: u64) -> std::path::PathBuf {
+    std::path::Path::new(RECORDS_DIR).join(format!("log.{}", generation % 2))
+}
+
+thread_local! {
+    /// This process's handle on the log file of a generation (opened to append).
+    static LOG: std::cell::RefCell<Option<(u64, std::fs::File)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Appends `record` as it stands to the log, under the lock of the shared state (so entries
+/// are written one at a time, in the order of the changes). Not synced here (see
+/// `mmts_core::records`; [`sync_log`] does it now and then): an entry that fails to be
+/// written leaves the node with less to read back after a restart, which is safe. Whether it
+/// was written.
+fn append_log(s: &mut Shared, record: &Record) -> bool {
+    use std::io::Write;
+    let fresh = s.log_generation == 0 || s.log_entries >= LOG_ENTRIES;
+    if fresh {
+        s.log_generation += 1;
+        s.log_entries = 0;
+    }
+    let generation = s.log_generation;
+    let written = LOG.with(|log| -> std::io::Result<()> {
+        let mut log = log.borrow_mut();
+        if fresh || log.as_ref().map(|(g, _)| *g) != Some(generation) {
+            std::fs::create_dir_all(RECORDS_DIR)?;
+            let file = std::fs::OpenOptions::new().append(true).create(true).open(log_path(generation))?;
+            if fresh {
+                file.set_len(0)?;
+                (&file).write_all(&records::log_header(generation))?;
+            }
+            *log = Some((generation, file));
+        }
+        let (_, file) = log.as_mut().expect("opened above");
+        file.write_all(&records::encode_logged(&record.logged()))
+    });
+    match written {
+        Ok(()) => {
+            s.log_entries += 1;
+            true
+        }
+        Err(e) => {
+            LOG.with(|log| *log.borrow_mut() = None);
+            crate::logging::log(format!("mmts: cannot append to {}: {e}", log_path(generation).display()));
+            false
+        }
+    }
+}
+
+/// Syncs the log files to disk (the heartbeat worker calls it every heartbeat), so that after a
+/// crash of the machine a node still knows all but the last moments' records. Skipped with
+/// `fsync = off`, as PostgreSQL skips its own.
+pub fn sync_log() {
+    // SAFETY: a plain global setting, read on this process's main thread.
+    if !unsafe { pg_sys::enableFsync } {
+        return;
+    }
+    for generation in 0..2 {
+        if let Ok(file) = std::fs::File::open(log_path(generation)) {
+            let _ = file.sync_data();
+        }
+    }
+}
+
+/// The log files' generations and entries, older generation first.
+fn read_log() -> Vec<(u64, Vec<records::Logged>)> {
+    let mut files: Vec<(u64, Vec<records::Logged>)> =
+        (0..2).filter_map(|g| records::decode_log(&std::fs::read(log_path(g)).ok()?)).collect();
+    files.sort_by_key(|(generation, _)| *generation);
+    files
+}
+
 /// The shared state, exclusively, with the records kept on disk read back (once after a
 /// start, before any record is used).
 fn records() -> pgrx::lwlock::PgLwLockExclusiveGuard<'static, Shared> {
     let mut s = SHARED.exclusive();
     if !s.loaded {
         s.loaded = true;
+        let log = read_log();
+        let logged: usize = log.iter().map(|(_, entries)| entries.len()).sum();
+        if let Some((generation, entries)) = log.last() {
+            // Appending goes on in the newer file.
+            (s.log_generation, s.log_entries) = (*generation, entries.len() as u32);
+        }
+        s.records.replay(log.into_iter().flat_map(|(_, entries)| entries));
         let mut read = 0;
         for entry in std::fs::read_dir(RECORDS_DIR).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("log.") {
+                continue;
+            }
             let parsed = name.split_once('_').and_then(|(o, x)| Some((o.parse::<u32>().ok()?, x.parse::<u32>().ok()?)));
             let record = std::fs::read(entry.path()).ok().and_then(|b| indoubt::decode_record(&b));
             match (parsed, record) {
                 (Some((origin, xid)), Some(acceptor)) if origin != 0 => {
-                    record_mut(&mut s, NodeId(origin), xid, |r| {
-                        r.acceptor = acceptor;
-                        r.on_disk = true;
-                    });
+                    let r = s.records.make(NodeId(origin), xid, crate::backend::now());
+                    r.acceptor.merge(&acceptor);
+                    r.on_disk = true;
                     read += 1;
                 }
                 // Only a write cut short by a crash leaves one unreadable (the rename is
@@ -248,8 +302,10 @@ fn records() -> pgrx::lwlock::PgLwLockExclusiveGuard<'static, Shared> {
                 }
             }
         }
-        if read > 0 {
-            crate::logging::log(format!("mmts: read {read} records of transactions in doubt kept on disk"));
+        if read > 0 || logged > 0 {
+            crate::logging::log(format!(
+                "mmts: read back {logged} logged changes of records and {read} records kept on disk for resolvers"
+            ));
         }
     }
     s
@@ -269,37 +325,25 @@ fn keep_on_disk(origin: NodeId, xid: u32, record: &Acceptor) -> std::io::Result<
     std::fs::File::open(RECORDS_DIR)?.sync_all()
 }
 
-/// A record kept on disk is removed once the transaction is carried out here (a restarted
-/// node then answers from how it ended).
-fn forget_on_disk_once_decided(origin: NodeId, xid: u32, r: &mut Record) {
-    if r.on_disk && r.acceptor.decided.is_some() {
-        let _ = std::fs::remove_file(record_path(origin, xid));
-        r.on_disk = false;
-    }
-}
-
+/// Runs `f` on the record of transaction `xid` of node `origin` (made if there is none), and
+/// logs what it changed.
 fn record_mut<R>(s: &mut Shared, origin: NodeId, xid: u32, f: impl FnOnce(&mut Record) -> R) -> R {
-    s.record_uses += 1;
-    let now = s.record_uses;
-    let i = match find_record(s, origin, xid) {
-        Some(i) => i,
-        None => {
-            let free = window(origin, xid).find(|&i| s.records[i].origin == 0);
-            let replaceable = |r: &Record| r.acceptor.decided.is_some() && !r.settled;
-            let oldest_replaceable =
-                || window(origin, xid).filter(|&i| replaceable(&s.records[i])).min_by_key(|&i| s.records[i].used_at);
-            let i = free
-                .or_else(oldest_replaceable)
-                .unwrap_or_else(|| window(origin, xid).min_by_key(|&i| s.records[i].used_at).expect("a window"));
-            let old = s.records[i];
-            let needed = old.origin != 0 && !replaceable(&old) && old.acceptor != Acceptor::default();
-            let replaced_at = if needed { crate::backend::now() } else { old.replaced_at };
-            s.records[i] = Record { origin: origin.0, xid, used_at: now, replaced_at, ..Record::default() };
-            i
+    let record = s.records.make(origin, xid, crate::backend::now());
+    let before = *record;
+    let result = f(record);
+    let after = *record;
+    if (after.acceptor, after.settled) != (before.acceptor, before.settled) {
+        let logged = append_log(s, &after);
+        // A record kept on disk for a resolver goes once the transaction is carried out here,
+        // after the log holds the outcome on disk: had the log lost it in a crash, the node
+        // would read back less than it promised.
+        if logged && after.on_disk && after.acceptor.decided.is_some() {
+            sync_log();
+            let _ = std::fs::remove_file(record_path(origin, xid));
+            s.records.make(origin, xid, crate::backend::now()).on_disk = false;
         }
-    };
-    s.records[i].used_at = now;
-    f(&mut s.records[i])
+    }
+    result
 }
 
 /// This node committed a transaction of `stream`'s (ending at `end` there) that the nodes
@@ -323,8 +367,14 @@ pub fn must_have_applied(node: NodeId) -> [u64; MAX_NODES as usize] {
 
 /// How transaction `xid` of node `origin` ended here, when this node knows.
 pub fn decided(origin: NodeId, xid: u32) -> Option<Outcome> {
-    let s = SHARED.share();
-    find_record(&s, origin, xid).and_then(|i| s.records[i].acceptor.decided)
+    {
+        let s = SHARED.share();
+        if s.loaded {
+            return s.records.get(origin, xid).and_then(|r| r.acceptor.decided);
+        }
+    }
+    // The first use after a start reads the records back.
+    records().records.get(origin, xid).and_then(|r| r.acceptor.decided)
 }
 
 /// What has come in for a local transaction.
@@ -638,21 +688,14 @@ pub fn answer(signal: &Signal, me: NodeId) -> Option<Signal> {
     Some(Signal::Answered { origin, xid, voter: me, answer })
 }
 
-/// What this node remembers of transaction `xid` of node `origin` besides its record (see
-/// `mmts_core::indoubt::forgotten`): records live in shared memory, made when the server
-/// started, and a record still needed may have been evicted from its slot. Assumes the nodes'
-/// clocks agree within `CLOCK_MARGIN_US`, as NTP keeps them.
+/// What this node remembers of transaction `xid` of node `origin` besides its record
+/// (`mmts_core::records::Records::memory`). Assumes the nodes' clocks agree within
+/// `CLOCK_MARGIN_US`, as NTP keeps them.
 fn memory(s: &Shared, origin: NodeId, xid: u32) -> Memory {
-    let has_record = find_record(s, origin, xid).is_some();
-    Memory {
-        has_record,
-        // Only what `forgotten` asks when there is no record: the scan of every entry is
-        // skipped for the requests about a transaction this node has a record of.
-        prepared_here: !has_record
-            && s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid),
-        started_at: s.started_at,
-        evicted_at: window(origin, xid).map(|i| s.records[i].replaced_at).filter(|&t| t != 0).max(),
-    }
+    // The scan of every entry is only made for a transaction this node has no record of.
+    let prepared_here =
+        || s.entries.iter().any(|e| e.used && e.procno < 0 && e.origin == origin.0 && e.origin_xid == xid);
+    s.records.memory(origin, xid, prepared_here, s.started_at)
 }
 
 /// Votes, "finished" and acceptances for this node's transactions, heartbeats, and

@@ -93,6 +93,16 @@ impl Acceptor {
     pub fn decide(&mut self, outcome: Outcome) {
         self.decided = Some(outcome);
     }
+
+    /// Adds what `other`, an earlier or other copy of this record, knows: the higher promise,
+    /// the acceptance under the higher ballot, an outcome carried out.
+    pub fn merge(&mut self, other: &Acceptor) {
+        self.promised = self.promised.max(other.promised);
+        if other.accepted.map(|(b, _)| b) > self.accepted.map(|(b, _)| b) {
+            self.accepted = other.accepted;
+        }
+        self.decided = self.decided.or(other.decided);
+    }
 }
 
 /// A request to one node's acceptor about one transaction.
@@ -120,16 +130,16 @@ pub struct Memory {
     pub prepared_here: bool,
     /// When it started (records live in memory).
     pub started_at: Timestamp,
-    /// The latest time a record of a transaction that could be this one was evicted (an
-    /// undecided or settled record replaced in its slot), if ever.
+    /// The latest time at which a record was made that could have been this transaction's
+    /// and has been given up since, whatever it held (`records::Records::memory`), if any.
     pub evicted_at: Option<Timestamp>,
 }
 
 /// Whether a node may have known a transaction that began at `since` and forgotten it: it has
 /// no record of it, and either it started after the transaction began and has not prepared it
-/// since, or a record that could have been its was evicted after that. Such a node takes no
-/// part in settling it ([`Answer::Unknown`]): a promise or an acceptance it gave before would
-/// be lost. `margin` is how far apart the clocks of the node that says `since` and this one
+/// since, or a record that could have been its (made after it began) has been given up. Such
+/// a node takes no part in settling it ([`Answer::Unknown`]): a promise, an acceptance or an
+/// outcome it had would be lost. `margin` is how far apart the clocks of the node that says `since` and this one
 /// may be.
 pub fn forgotten(memory: Memory, since: Timestamp, margin: Timestamp) -> bool {
     let after = |t: Timestamp| t > since - margin;

@@ -13,6 +13,7 @@ pub mod lease;
 pub mod membership;
 pub mod participant;
 pub mod provenance;
+pub mod records;
 pub mod replication;
 pub mod twopc;
 pub mod wire;

@@ -1,6 +1,8 @@
 //! Deterministic simulation of how transactions in doubt are settled (`mmts_core::indoubt`):
 //! coordinators precommit and commit, nodes crash and restart (losing their in-memory
 //! records, as mmts's shared memory does, except those kept on disk: `indoubt::durable`),
+//! a node's table of records (`mmts_core::records`, the code mmts runs) is as large as the
+//! transactions or smaller (so records, outcomes too, are given up for others),
 //! messages are lost, duplicated and reordered, and
 //! any node may try to settle a transaction it holds prepared. Checked: no transaction is
 //! committed on one node and rolled back on another; every acknowledged commit is committed
@@ -13,6 +15,7 @@ use std::collections::BTreeMap;
 
 use mmts_core::coordinator::{Action, Coordination, Coordinator, Event};
 use mmts_core::indoubt::{self, Acceptor, Answer, Ballot, Memory, Outcome, Request, Step};
+use mmts_core::records::{Logged, Records};
 use mmts_core::twopc::Vote;
 use mmts_core::NodeId;
 
@@ -73,13 +76,17 @@ struct Attempt {
 }
 
 #[derive(Default)]
-struct Node {
+struct Node<const N: usize> {
     up: bool,
     started_at: i64,
-    /// In memory: lost on a crash.
-    records: BTreeMap<usize, Acceptor>,
+    /// In memory: lost on a crash, and given up for others when the table is full.
+    records: Records<N>,
     /// On disk (`indoubt::durable`): what a restart reads back.
     durable: BTreeMap<usize, Acceptor>,
+    /// The log of record changes (`records::Logged`), read back after a restart; a crash of
+    /// the machine may lose its end after `synced` (it is not synced before answers leave).
+    log: Vec<Logged>,
+    synced: usize,
     /// Durable: how each transaction ended here (None: still prepared).
     ended: BTreeMap<usize, Outcome>,
     /// Coordinator side, in memory: the coordinations of its transactions being committed
@@ -95,10 +102,11 @@ struct Txn {
     acknowledged: bool,
 }
 
-struct Sim {
+/// A cluster whose nodes keep `N` records each.
+struct Sim<const N: usize> {
     rng: Rng,
     size: usize,
-    nodes: Vec<Node>,
+    nodes: Vec<Node<N>>,
     txns: Vec<Txn>,
     /// (deliver at, to, message)
     net: Vec<(u64, usize, Msg)>,
@@ -116,8 +124,13 @@ fn node_id(n: usize) -> NodeId {
 /// without a record (the shell's clock margin, here in simulated time).
 const MARGIN: i64 = 5;
 
-impl Sim {
-    fn new(seed: u64, size: usize, txns: usize) -> Sim {
+/// A transaction's key in the records: its coordinator and its index as xid.
+fn key<const N: usize>(sim: &Sim<N>, txn: usize) -> (NodeId, u32) {
+    (node_id(sim.txns[txn].coordinator), txn as u32)
+}
+
+impl<const N: usize> Sim<N> {
+    fn new(seed: u64, size: usize, txns: usize) -> Sim<N> {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let nodes = (0..size).map(|_| Node { up: true, started_at: -1000, ..Node::default() }).collect();
         let txns = (0..txns)
@@ -150,36 +163,42 @@ impl Sim {
     /// The answer node `n` gives to a request about `txn` made at `since` (the rules mmts
     /// runs: `indoubt::answer`).
     fn acceptor_answer(&mut self, n: usize, txn: usize, since: i64, request: Request) -> Answer {
+        let ((origin, xid), now) = (key(self, txn), self.now as i64);
         let node = &mut self.nodes[n];
-        let memory = Memory {
-            has_record: node.records.contains_key(&txn),
-            prepared_here: false,
-            started_at: node.started_at,
-            evicted_at: None,
-        };
+        let memory = node.records.memory(origin, xid, || false, node.started_at);
         if indoubt::takes_no_part(memory, request, since, MARGIN) {
             return Answer::Unknown;
         }
-        let record = node.records.entry(txn).or_default();
-        if let Some(o) = node.ended.get(&txn) {
-            record.decide(*o);
-        }
-        let answer = indoubt::answer(record, memory, request, since, MARGIN);
+        let record = node.records.make(origin, xid, now);
+        let before = *record;
+        let answer = indoubt::answer(&mut record.acceptor, memory, request, since, MARGIN);
+        let after = *record;
         if indoubt::durable(request) {
-            let kept = *record;
-            node.durable.insert(txn, kept);
+            node.durable.insert(txn, after.acceptor);
+        }
+        if after != before {
+            node.log.push(after.logged());
         }
         answer
     }
 
     fn end(&mut self, n: usize, txn: usize, outcome: Outcome) {
+        let ((origin, xid), now) = (key(self, txn), self.now as i64);
         let node = &mut self.nodes[n];
         if let Some(previous) = node.ended.get(&txn) {
             assert_eq!(*previous, outcome, "txn {txn} ended twice differently on node {n}");
             return;
         }
         node.ended.insert(txn, outcome);
-        node.records.entry(txn).or_default().decide(outcome);
+        let record = node.records.make(origin, xid, now);
+        record.acceptor.decide(outcome);
+        let logged = record.logged();
+        node.log.push(logged);
+        // A record on disk is removed once its transaction is carried out, after the log is
+        // synced.
+        if node.durable.remove(&txn).is_some() {
+            node.synced = node.log.len();
+        }
         node.precommits.remove(&txn);
         node.attempts.remove(&txn);
     }
@@ -363,9 +382,20 @@ impl Sim {
         // Faults: crash, restart, cut and heal links.
         let n = self.rng.below(self.size as u64) as usize;
         if self.rng.chance(2) && self.nodes[n].up {
+            let now = self.now as i64;
+            let keys: BTreeMap<usize, (NodeId, u32)> =
+                self.nodes[n].durable.keys().map(|&t| (t, key(self, t))).collect();
+            // Half the crashes are the machine's: the log loses what was not synced yet.
+            let lost = if self.rng.chance(50) { self.rng.below(4) as usize } else { 0 };
             let node = &mut self.nodes[n];
             node.up = false;
-            node.records = node.durable.clone();
+            node.log.truncate(node.log.len().saturating_sub(lost).max(node.synced));
+            node.records = Records::default();
+            node.records.replay(node.log.iter().copied());
+            for (txn, acceptor) in &node.durable {
+                let (origin, xid) = keys[txn];
+                node.records.make(origin, xid, now).acceptor.merge(acceptor);
+            }
             node.precommits.clear();
             node.attempts.clear();
         } else if self.rng.chance(10) && !self.nodes[n].up {
@@ -407,9 +437,21 @@ impl Sim {
     }
 }
 
+/// Transactions per run.
+const TXNS: usize = 12;
+
 fn run(seed: u64) {
+    // Every other run keeps fewer records than there are transactions.
+    if seed % 2 == 0 {
+        run_with::<TXNS>(seed)
+    } else {
+        run_with::<4>(seed)
+    }
+}
+
+fn run_with<const N: usize>(seed: u64) {
     let size = if seed % 3 == 0 { 5 } else { 3 };
-    let mut sim = Sim::new(seed, size, 12);
+    let mut sim = Sim::<N>::new(seed, size, TXNS);
     for _ in 0..400 {
         sim.step();
         sim.check_agreement();
@@ -423,21 +465,21 @@ fn run(seed: u64) {
             sim.nodes[n].started_at = sim.now as i64;
         }
     }
-    // A node that restarted after a transaction began may have forgotten accepting it, and
-    // takes no part: a transaction ends for sure only while a majority never forgot it.
-    let settleable: Vec<usize> = (0..sim.txns.len())
-        .filter(|&t| {
-            let since = sim.txns[t].since;
-            sim.nodes.iter().filter(|n| n.started_at <= since - MARGIN).count() * 2 > size
-        })
-        .collect();
-    let open = |sim: &Sim| {
+    // A node that restarted after a transaction began, or gave up a record that may have been
+    // its, may have forgotten accepting it, and takes no part: a transaction ends for sure only
+    // while a majority never forgot it, or some node remembers how it ended.
+    let open = |sim: &Sim<N>| {
         let mut open = Vec::new();
-        for n in 0..size {
-            for &t in &settleable {
-                if !sim.nodes[n].ended.contains_key(&t) {
-                    open.push((n, t));
-                }
+        for t in 0..sim.txns.len() {
+            let ((origin, xid), since) = (key(sim, t), sim.txns[t].since);
+            let remember = sim
+                .nodes
+                .iter()
+                .filter(|n| !indoubt::forgotten(n.records.memory(origin, xid, || false, n.started_at), since, MARGIN));
+            let ended =
+                sim.nodes.iter().any(|n| n.records.get(origin, xid).is_some_and(|r| r.acceptor.decided.is_some()));
+            if ended || remember.count() * 2 > size {
+                open.extend((0..size).filter(|&n| !sim.nodes[n].ended.contains_key(&t)).map(|n| (n, t)));
             }
         }
         open

@@ -202,6 +202,58 @@ fn a_dead_coordinators_transaction_ends_alike_everywhere() {
     }
 }
 
+/// Every node restarts while a transaction is in doubt, as in a restart of the whole cluster:
+/// the coordinator (node 1) stops right before its COMMIT PREPARED, after nodes 2 and 3 accepted
+/// the precommit and committed (in a cluster of three a peer commits as soon as it accepts);
+/// nodes 2 and 3 are killed and restarted, then node 1. Node 1 still holds the transaction
+/// prepared, and nodes 2 and 3 restarted since it began: without the records they read back
+/// from their log, none of the three would take part in settling it, and it would stay
+/// prepared on node 1 for good. With them, nodes 2 and 3 answer that they committed it, and
+/// node 1 commits it too.
+#[test]
+fn nodes_that_restarted_still_settle_a_transaction_in_doubt() {
+    let mut cluster = start("CREATE TABLE t(id bigint PRIMARY KEY, v text)");
+    let node1 = cluster.node(1).connstr();
+    let client = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&node1, postgres::NoTls).expect("connect");
+        c.batch_execute("SET multimaster.failpoint = 'before_commit'").unwrap();
+        // Ends when the node is killed.
+        let _ = c.batch_execute("INSERT INTO t VALUES (1, 'in doubt')");
+    });
+    for node in &cluster.nodes()[1..] {
+        wait_for(&format!("committed on node {}", node.id), WAIT, || {
+            count(node, "SELECT count(*) FROM t WHERE id = 1") == 1
+        });
+    }
+    // Nodes 2 and 3 confirmed node 1's stream past the precommit (and past a later commit:
+    // a node confirms a message by where it starts): after their restart, it does not bring
+    // them the precommit again.
+    cluster.node(1).execute("INSERT INTO t VALUES (2, 'after it')");
+    let lsn = cluster.node(1).query_value("SELECT pg_current_wal_lsn()").unwrap();
+    let confirmed = format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical' AND confirmed_flush_lsn >= '{lsn}'"
+    );
+    wait_for("nodes 2 and 3 confirmed the precommit", WAIT, || count(cluster.node(1), &confirmed) == 2);
+    // And node 1 keeps that in its slots through its own crash.
+    cluster.node(1).execute_local("CHECKPOINT");
+    for id in [2, 3] {
+        cluster.node_mut(id).kill9();
+        cluster.node_mut(id).start();
+    }
+    assert_eq!(count(cluster.node(1), "SELECT count(*) FROM pg_prepared_xacts"), 1, "prepared on node 1");
+    cluster.node_mut(1).kill9();
+    let _ = client.join();
+    cluster.node_mut(1).start();
+    let restarted = Instant::now();
+    let settled = until_no_prepared(cluster.node(1), 10 * SILENCE + Duration::from_secs(10));
+    cluster.wait_replicating(WAIT);
+    for node in cluster.nodes() {
+        assert_eq!(count(node, "SELECT count(*) FROM t WHERE id = 1"), 1, "node {}", node.id);
+    }
+    eprintln!("settled on node 1 {} ms after its restart", settled.as_millis());
+    assert!(restarted.elapsed() < WAIT);
+}
+
 /// Transfers between accounts from every node while, every 10 s, a node is killed and
 /// restarted, a node is cut off and healed, or one link is cut and healed (each kind hits each
 /// node in turn). Every read on every node that answers sees the right total; the cut-off node
