@@ -202,6 +202,8 @@ fn log_path(generation: u64) -> std::path::PathBuf {
 thread_local! {
     /// This process's handle on the log file of a generation (opened to append).
     static LOG: std::cell::RefCell<Option<(u64, std::fs::File)>> = const { std::cell::RefCell::new(None) };
+    /// This process's last append failed (and said so): the next failures are not logged.
+    static LOG_FAILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Appends `record` as it stands to the log, under the lock of the shared state (so entries
@@ -234,11 +236,17 @@ fn append_log(s: &mut Shared, record: &Record) -> bool {
     match written {
         Ok(()) => {
             s.log_entries += 1;
+            LOG_FAILING.set(false);
             true
         }
         Err(e) => {
             LOG.with(|log| *log.borrow_mut() = None);
-            crate::logging::log(format!("mmts: cannot append to {}: {e}", log_path(generation).display()));
+            if !LOG_FAILING.replace(true) {
+                crate::logging::log(format!(
+                    "mmts: cannot append to {} (after a restart this node may not answer about the transactions it could not log): {e}",
+                    log_path(generation).display()
+                ));
+            }
             false
         }
     }
@@ -259,11 +267,11 @@ pub fn sync_log() {
     }
 }
 
-/// The log files' generations and entries, older generation first.
-fn read_log() -> Vec<(u64, Vec<records::Logged>)> {
-    let mut files: Vec<(u64, Vec<records::Logged>)> =
+/// The log files read back, older generation first.
+fn read_log() -> Vec<records::LogFile> {
+    let mut files: Vec<records::LogFile> =
         (0..2).filter_map(|g| records::decode_log(&std::fs::read(log_path(g)).ok()?)).collect();
-    files.sort_by_key(|(generation, _)| *generation);
+    files.sort_by_key(|f| f.generation);
     files
 }
 
@@ -274,12 +282,17 @@ fn records() -> pgrx::lwlock::PgLwLockExclusiveGuard<'static, Shared> {
     if !s.loaded {
         s.loaded = true;
         let log = read_log();
-        let logged: usize = log.iter().map(|(_, entries)| entries.len()).sum();
-        if let Some((generation, entries)) = log.last() {
-            // Appending goes on in the newer file.
-            (s.log_generation, s.log_entries) = (*generation, entries.len() as u32);
+        let logged: usize = log.iter().map(|f| f.entries.len()).sum();
+        if let Some(newer) = log.last() {
+            // Appending goes on in the newer file, from the end of what was read back.
+            (s.log_generation, s.log_entries) = (newer.generation, newer.entries.len() as u32);
+            let file = std::fs::OpenOptions::new().write(true).open(log_path(newer.generation));
+            if let Err(e) = file.and_then(|f| f.set_len(newer.valid_len as u64)) {
+                crate::logging::log(format!("mmts: cannot cut the damaged end off {RECORDS_DIR}: {e}"));
+                s.log_entries = LOG_ENTRIES;
+            }
         }
-        s.records.replay(log.into_iter().flat_map(|(_, entries)| entries));
+        s.records.replay(log.into_iter().flat_map(|f| f.entries));
         let mut read = 0;
         for entry in std::fs::read_dir(RECORDS_DIR).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -177,9 +177,20 @@ pub fn encode_logged(entry: &Logged) -> Vec<u8> {
     out
 }
 
-/// A log file's generation and entries, up to the first one that is cut short or damaged (a
-/// crash may leave the end of the file unwritten); `None` if it is no log.
-pub fn decode_log(bytes: &[u8]) -> Option<(u64, Vec<Logged>)> {
+/// A log file as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFile {
+    pub generation: u64,
+    /// Its entries, up to the first one that is cut short or damaged (a crash may leave the
+    /// end of the file unwritten).
+    pub entries: Vec<Logged>,
+    /// How many bytes of the file those are: appending goes on from there, not after the
+    /// damage, where a later read would not find it.
+    pub valid_len: usize,
+}
+
+/// A log file read back; `None` if it is no log.
+pub fn decode_log(bytes: &[u8]) -> Option<LogFile> {
     if bytes.len() < LOG_HEADER_LEN || &bytes[..8] != LOG_MAGIC {
         return None;
     }
@@ -199,7 +210,7 @@ pub fn decode_log(bytes: &[u8]) -> Option<(u64, Vec<Logged>)> {
         }
         rest = &rest[6 + len..];
     }
-    Some((generation, entries))
+    Some(LogFile { generation, entries, valid_len: bytes.len() - rest.len() })
 }
 
 #[cfg(test)]
@@ -259,19 +270,21 @@ mod tests {
         for e in [first, second, third] {
             file.extend(encode_logged(&e));
         }
-        let (generation, entries) = decode_log(&file).unwrap();
-        assert_eq!((generation, entries.len()), (3, 3));
+        let read = decode_log(&file).unwrap();
+        assert_eq!((read.generation, read.entries.len(), read.valid_len), (3, 3, file.len()));
         // A crash cut the last entry short, or left garbage in its place.
         let mut cut = file.clone();
         cut.truncate(file.len() - 2);
-        assert_eq!(decode_log(&cut).unwrap().1, vec![first, second]);
+        let read_cut = decode_log(&cut).unwrap();
+        assert_eq!(read_cut.entries, vec![first, second]);
+        assert_eq!(read_cut.valid_len, file.len() - encode_logged(&third).len());
         let mut damaged = file.clone();
         let last = damaged.len() - 1;
         damaged[last] ^= 0xff;
-        assert_eq!(decode_log(&damaged).unwrap().1, vec![first, second]);
+        assert_eq!(decode_log(&damaged).unwrap().entries, vec![first, second]);
         assert!(decode_log(b"not a log at all").is_none());
         let mut restarted = Records::<8>::default();
-        restarted.replay(entries);
+        restarted.replay(read.entries);
         let r = restarted.get(NodeId(1), 1).unwrap();
         assert_eq!(r.acceptor.decided, Some(Outcome::Commit { ts: 5 }));
         assert_eq!(r.acceptor.accepted, Some((Ballot::coordinator(NodeId(1)), Outcome::Commit { ts: 5 })));
