@@ -46,8 +46,8 @@ CONF
 # q PORT SQL: one value.
 q() { psql -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "$2"; }
 
-# cpu_snapshot FILE: "pid ticks role" for every process on the machine now (CPU ticks, user +
-# system), with its role from its command line.
+# cpu_snapshot FILE: "pid ticks role switches" for every process on the machine now (CPU ticks,
+# user + system; context switches, voluntary + not), with its role from its command line.
 cpu_snapshot() {
   ps -eo pid=,args= | awk '
     { pid = $1; role = "other"
@@ -60,24 +60,33 @@ cpu_snapshot() {
     END {
       for (p in roles) {
         f = "/proc/" p "/stat"
-        if ((getline line < f) > 0) { sub(/.*\) /, "", line); split(line, a, " "); print p, a[12] + a[13], roles[p] }
+        if ((getline line < f) > 0) {
+          sub(/.*\) /, "", line); split(line, a, " ")
+          s = "/proc/" p "/status"; switches = 0
+          while ((getline st < s) > 0) if (st ~ /ctxt_switches:/) { split(st, b, " "); switches += b[2] }
+          close(s)
+          print p, a[12] + a[13], roles[p], switches
+        }
         close(f)
       } }' > "$1"
 }
 
-# cpu_per_txn BEFORE AFTER TXNS: milliseconds of CPU per transaction between two snapshots,
-# by role ("backends" counts client backends and mmts's signal connections alike).
-cpu_per_txn() {
-  awk -v txns="$3" -v hz="$(getconf CLK_TCK)" '
-    NR == FNR { before[$1] = $2; next }
-    { d = $2 - (($1 in before) ? before[$1] : 0); by[$3] += d; all += d }
+# per_txn BEFORE AFTER TXNS WHAT: per transaction between two snapshots, by role ("backends"
+# counts client backends and mmts's signal connections alike): WHAT is cpu (milliseconds of
+# CPU) or switches (context switches).
+per_txn() {
+  awk -v txns="$3" -v hz="$(getconf CLK_TCK)" -v what="$4" '
+    BEGIN { col = (what == "cpu") ? 2 : 4; scale = (what == "cpu") ? 1000 / hz : 1 }
+    NR == FNR { before[$1] = $col; next }
+    { d = $col - (($1 in before) ? before[$1] : 0); by[$3] += d; all += d }
     END {
       if (txns <= 0) { print "n/a"; exit }
-      out = sprintf("total %.2f:", all * 1000 / hz / txns)
+      fmt = (what == "cpu") ? "%.2f" : "%.1f"
+      out = sprintf("total " fmt ":", all * scale / txns)
       n = split("backends receivers walsenders pgbench other-postgres other", order, " ")
       for (i = 1; i <= n; i++) {
-        ms = by[order[i]] * 1000 / hz / txns
-        if (ms >= 0.005) out = out sprintf(" %s %.2f", order[i], ms)
+        v = by[order[i]] * scale / txns
+        if (v >= ((what == "cpu") ? 0.005 : 0.05)) out = out sprintf(" %s " fmt, order[i], v)
       }
       print out
     }' "$1" "$2"

@@ -9,8 +9,8 @@
 #    40001: in sync mode, concurrent updates of one row on two nodes) are retried by pgbench
 #    (--max-tries); prints TPS, the ratio to standalone, failed transactions, retries and
 #    aborted clients.
-#    Also the CPU each committed transaction cost, by kind of process (client backends,
-#    receivers, walsenders, pgbench), from /proc over the middle of each run.
+#    Also the CPU and the context switches each committed transaction cost, by kind of process
+#    (client backends, receivers, walsenders, pgbench), from /proc over the middle of each run.
 # 2. Commit latency: one client, one autocommit single-row UPDATE of a random account, against
 #    the standalone server and node 1 of the sync cluster; prints both averages and the
 #    difference (what two-phase commit across the cluster adds to a commit).
@@ -149,6 +149,7 @@ run() {
 per_node=$(( (CLIENTS + 2) / 3 ))
 results=()
 cpu=()
+switches=()
 for proto in simple extended; do
   echo "==> $proto protocol: standalone, $CLIENTS clients, ${DURATION}s"
   run "standalone-$proto" "$proto" "$CLIENTS" "$BASE"
@@ -162,8 +163,10 @@ for proto in simple extended; do
     files=("$DIR/$t-$proto".*.out)
     t_tps=$(tps "${files[@]}")
     if [ -f "$DIR/$t-$proto.cpu1" ]; then
-      cpu+=("$(printf '%-9s %-11s %s' "$proto" "$t" \
-        "$(cpu_per_txn "$DIR/$t-$proto.cpu0" "$DIR/$t-$proto.cpu1" "$(awk -v t="$t_tps" -v d="$DURATION" 'BEGIN { print t * (d - 4) }')")")")
+      txns=$(awk -v t="$t_tps" -v d="$DURATION" 'BEGIN { print t * (d - 4) }')
+      cpu+=("$(printf '%-9s %-11s %s' "$proto" "$t" "$(per_txn "$DIR/$t-$proto.cpu0" "$DIR/$t-$proto.cpu1" "$txns" cpu)")")
+      switches+=("$(printf '%-9s %-11s %s' "$proto" "$t" \
+        "$(per_txn "$DIR/$t-$proto.cpu0" "$DIR/$t-$proto.cpu1" "$txns" switches)")")
     fi
     results+=("$(printf '%-9s %-11s %10.1f %8.2f %8s %8s %8s %8s' "$proto" "$t" "$t_tps" \
       "$(awk -v a="$t_tps" -v b="$sa" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
@@ -195,6 +198,9 @@ if [ ${#cpu[@]} -gt 0 ]; then
   echo
   echo "CPU per committed transaction (ms; every process on the machine, the middle $((DURATION - 4)) s of each run):"
   for r in "${cpu[@]}"; do echo "$r"; done
+  echo
+  echo "Context switches per committed transaction (every process on the machine, the same interval):"
+  for r in "${switches[@]}"; do echo "$r"; done
 fi
 echo
 sa_lat=$(lat average standalone)
