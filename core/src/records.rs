@@ -19,7 +19,7 @@ use crate::wire::Timestamp;
 use crate::NodeId;
 
 /// One transaction's record, in its slot of a [`Records`] table.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Record {
     /// The transaction's coordinator (0: the slot is free) and its xid there.
     pub origin: u32,
