@@ -52,7 +52,7 @@ impl Record {
 
 /// How many slots, from a place its key decides, may hold a transaction's record: a few
 /// lookups per transaction on every node stay cheap.
-pub const WINDOW: usize = 32;
+const WINDOW: usize = 32;
 
 /// A table of `N` records.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +158,7 @@ pub struct Logged {
 /// The start of a log file: what it is, and its generation (files are reused in turn, and
 /// the entries of the older one come first).
 const LOG_MAGIC: &[u8; 8] = b"mmtslog1";
-pub const LOG_HEADER_LEN: usize = 16;
+const LOG_HEADER_LEN: usize = 16;
 
 pub fn log_header(generation: u64) -> [u8; LOG_HEADER_LEN] {
     let mut h = [0; LOG_HEADER_LEN];
