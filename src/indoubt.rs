@@ -58,9 +58,25 @@ impl Resolver {
                 }
             }
         }
-        // Only an online node settles a peer's transactions: a node cut off from the others
-        // may see the coordinator gone while the majority still has it, and asks late, when
-        // the nodes that ended the transaction may have replaced their records of it.
+        // A stream here waits behind the peer's transaction, prepared here while this node
+        // took no part (`status::PeerStatus::held_up`): settled now, whatever this node's
+        // state and wherever the peer is. Asking while the coordinator still works on it is
+        // safe (a majority chooses one outcome) and, that long after, rarely needed: the
+        // cluster has mostly ended it already.
+        let held_up = status::held_up(peer.0);
+        if held_up != 0 {
+            for (gid, xid, _, since) in prepared(peer, Duration::ZERO).into_iter().filter(|p| p.1 == held_up) {
+                self.settle(config, peer, xid, since, &gid);
+            }
+            status::update(peer.0, |s| {
+                if s.held_up == held_up {
+                    s.held_up = 0;
+                }
+            });
+        }
+        // Otherwise only an online node settles a peer's transactions: a node cut off from
+        // the others may see the coordinator gone while the majority still has it; asking
+        // then would only make it roll back what the majority may still commit.
         let view = status::current(config).view;
         if view.state == State::Online && view.partition & bit(peer) == 0 {
             let silence = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);

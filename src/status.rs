@@ -71,6 +71,11 @@ pub struct PeerStatus {
     /// How many forwards of the peer's transactions were recorded here (see
     /// [`note_forwards_left`]).
     pub forwards_recorded_count: u64,
+    /// A stream here has waited at least `heartbeat_recv_timeout` for a row lock held by the
+    /// peer's transaction `held_up` (its xid there, 0: none), prepared here while this node
+    /// took no part: the peer's receiver settles it with the other nodes now (see
+    /// `indoubt::Resolver::tick`) rather than wait for its outcome in the peer's stream.
+    pub held_up: u32,
 }
 
 const PASSED: usize = 32;
@@ -112,6 +117,7 @@ impl Default for PeerStatus {
             forwarded_through: 0,
             forwards_recorded: false,
             forwards_recorded_count: 0,
+            held_up: 0,
         }
     }
 }
@@ -350,6 +356,11 @@ pub fn connected_mask() -> Mask {
 /// Whether this node's receiver is streaming from peer `id` now.
 pub fn connected(id: u32) -> bool {
     peer(id).connected
+}
+
+/// The peer's transaction that a stream here waits behind (see [`PeerStatus::held_up`]).
+pub fn held_up(id: u32) -> u32 {
+    peer(id).held_up
 }
 
 fn peer(id: u32) -> PeerStatus {

@@ -531,6 +531,12 @@ pub fn applied_members(origin: u32, origin_xid: u32) -> Option<u64> {
         .map(|e| e.members)
 }
 
+/// The peer's transaction prepared here as local transaction `xid`: its node and its xid there.
+pub fn applied_origin(xid: u32) -> Option<(u32, u32)> {
+    let s = SHARED.share();
+    s.entries.iter().find(|e| e.used && e.procno < 0 && e.xid == xid).map(|e| (e.origin, e.origin_xid))
+}
+
 /// Forgets a peer's transaction once finished here; with `origin_xid` `None`, all of that
 /// peer's (when its receiver starts again).
 pub fn unregister_applied(origin: u32, origin_xid: Option<u32>) {

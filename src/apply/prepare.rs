@@ -273,6 +273,18 @@ impl Applier {
                                 described.join(", ")
                             ));
                         }
+                        // Not a member, it may wait behind a peer's transaction that the
+                        // cluster already ended while the end is still far off in that peer's
+                        // stream, behind what waits for this very stream: settling it with
+                        // the other nodes ends the wait (see `status::PeerStatus::held_up`).
+                        let silence = gucs::HEARTBEAT_RECV_TIMEOUT.get() as i64;
+                        if !member && waited >= silence {
+                            for holder in holders.iter().filter(|h| h.xid != 0) {
+                                if let Some((origin, origin_xid)) = twophase::applied_origin(holder.xid) {
+                                    crate::status::update(origin, |s| s.held_up = origin_xid);
+                                }
+                            }
+                        }
                         let holders = holders.iter().map(|h| h.xid).filter(|&x| x != 0).collect();
                         self.set_aside(xid, end_lsn, prepare_time, preparing, holders, Instant::now() + RECHECK);
                         return None;

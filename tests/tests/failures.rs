@@ -17,9 +17,17 @@ const CATCH_UP: Duration = Duration::from_secs(150);
 const SILENCE: Duration = Duration::from_millis(1000);
 
 fn start(schema: &str) -> Cluster {
+    start_with(schema, &[])
+}
+
+/// `start` with more settings for every node.
+fn start_with(schema: &str, settings: &[(&str, &str)]) -> Cluster {
     let mut builder = ClusterBuilder::new(3)
         .set("multimaster.heartbeat_send_timeout", "100")
         .set("multimaster.heartbeat_recv_timeout", &SILENCE.as_millis().to_string());
+    for (name, value) in settings {
+        builder = builder.set(name, value);
+    }
     // To look at a run afterwards (stop it with mmts-cluster stop).
     if let Ok(dir) = std::env::var("MMTS_KEEP_CLUSTER") {
         builder = builder.keep_in(std::path::Path::new(&dir));
@@ -252,6 +260,97 @@ fn nodes_that_restarted_still_settle_a_transaction_in_doubt() {
     }
     eprintln!("settled on node 1 {} ms after its restart", settled.as_millis());
     assert!(restarted.elapsed() < WAIT);
+}
+
+/// A node catching up holds a peer's transaction prepared that the cluster rolled back, and
+/// cannot hear the rollback from that peer, while another peer's stream brings a commit of
+/// the same row. Node 3, cut off, reads only node 2's stream. Node 1's transaction U (older)
+/// and node 2's T (younger) update the same row, each held up on the other member by a table
+/// lock there: U is prepared on node 1, T on node 2 and, taking no part, on node 3. Node 3's
+/// link to node 2 is cut; the locks go, node 1 refuses T (U is older), node 2 rolls T back and
+/// U commits. Node 3 then reads node 1's stream, where U waits for T's row lock: node 3 settles
+/// T with node 1 (rolled back) instead of waiting for node 2's stream, which could take as long
+/// as the cut, or for good when node 2's stream itself waits for node 1's (seen in the fault
+/// history).
+#[test]
+fn a_node_catching_up_settles_a_transaction_it_waits_behind() {
+    // Long enough that neither member gives up on the other's transaction while it waits for
+    // the lock there (half of it).
+    let cluster = start_with(
+        "CREATE TABLE t(id bigint PRIMARY KEY, v text); CREATE TABLE t2(id bigint PRIMARY KEY); CREATE TABLE t3(id bigint PRIMARY KEY)",
+        &[("multimaster.twopc_min_timeout", "30000")],
+    );
+    cluster.node(1).execute("INSERT INTO t VALUES (1, 'first')");
+    let stale = |sql: &str| -> String {
+        let rows = cluster
+            .node(3)
+            .connect()
+            .simple_query(&format!("SET multimaster.allow_stale_reads = on; {sql}"))
+            .unwrap_or_else(|e| panic!("node 3: {sql}: {}", describe(&e)));
+        rows.iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    let prepared = |id: usize| count(cluster.node(id), "SELECT count(*) FROM pg_prepared_xacts");
+    wait_for("the row on node 3", WAIT, || stale("SELECT count(*) FROM t") == "1");
+    cluster.isolate(3);
+    wait_for("node 3 out", WAIT, || state(cluster.node(3)) != "online");
+    until_it_works(cluster.node(2), "INSERT INTO t VALUES (2, 'majority')", WAIT);
+    // Node 3 reads node 2's stream again, and nothing else.
+    cluster.link(3, 2).heal();
+    wait_for("node 2's stream on node 3", WAIT, || stale("SELECT count(*) FROM t") == "2");
+    let lock = |id: usize, table: &str| {
+        let mut c = cluster.node(id).connect();
+        c.batch_execute(&format!("SET multimaster.replicate_ddl = off; BEGIN; LOCK TABLE {table} IN SHARE MODE"))
+            .unwrap();
+        c
+    };
+    let (mut lock1, mut lock2) = (lock(1, "t2"), lock(2, "t3"));
+    let write = |id: usize, sql: &'static str| {
+        let connstr = cluster.node(id).connstr();
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&connstr, postgres::NoTls).expect("connect");
+            c.batch_execute(sql)
+        })
+    };
+    let u = write(1, "BEGIN; INSERT INTO t3 VALUES (1); UPDATE t SET v = 'U' WHERE id = 1; COMMIT");
+    wait_for("U prepared on node 1", WAIT, || prepared(1) == 1);
+    let t = write(2, "BEGIN; INSERT INTO t2 VALUES (1); UPDATE t SET v = 'T' WHERE id = 1; COMMIT");
+    wait_for("T prepared on node 3", WAIT, || prepared(3) == 1);
+    cluster.link(3, 2).cut();
+    lock1.batch_execute("ROLLBACK").unwrap();
+    let refused = t.join().unwrap().expect_err("T is refused by node 1");
+    assert_eq!(sqlstate(&refused), "40001", "{}", describe(&refused));
+    lock2.batch_execute("ROLLBACK").unwrap();
+    u.join().unwrap().unwrap_or_else(|e| panic!("U: {}", describe(&e)));
+    // Node 3 reads node 1's stream; node 2's stays cut.
+    cluster.heal(1, 3);
+    let healed = Instant::now();
+    let mut v = String::new();
+    while healed.elapsed() < Duration::from_secs(20) {
+        v = stale("SELECT v FROM t WHERE id = 1");
+        if v == "U" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(v, "U", "node 3 still waits behind T, 20 s after it could read node 1's stream");
+    let settled = healed.elapsed();
+    assert_eq!(prepared(3), 0);
+    cluster.heal_all();
+    wait_for("node 3 online again", WAIT, || state(cluster.node(3)) == "online");
+    until_it_works(cluster.node(3), "INSERT INTO t VALUES (3, 'back')", WAIT);
+    for node in cluster.nodes() {
+        assert_eq!(node.query_value("SELECT v FROM t WHERE id = 1").as_deref(), Some("U"), "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM t"), 3, "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM t2"), 0, "node {}", node.id);
+        assert_eq!(count(node, "SELECT count(*) FROM t3"), 1, "node {}", node.id);
+        until_no_prepared(node, WAIT);
+    }
+    eprintln!("node 3 applied node 1's update {} ms after it could read node 1's stream", settled.as_millis());
 }
 
 /// Transfers between accounts from every node while, every 10 s, a node is killed and
