@@ -24,6 +24,8 @@ const PGRES_POLLING_OK: c_int = 3;
 const PGRES_COMMAND_OK: c_int = 1;
 const PGRES_TUPLES_OK: c_int = 2;
 const PGRES_COPY_BOTH: c_int = 8;
+const PGRES_PIPELINE_SYNC: c_int = 10;
+const PGRES_PIPELINE_ABORTED: c_int = 11;
 const PG_DIAG_SQLSTATE: c_int = b'C' as c_int;
 
 #[link(name = "pq")]
@@ -55,6 +57,18 @@ unsafe extern "C" {
     fn PQfreemem(ptr: *mut c_void);
     fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
     fn PQsendQuery(conn: *mut PGconn, query: *const c_char) -> c_int;
+    fn PQsendQueryParams(
+        conn: *mut PGconn,
+        command: *const c_char,
+        n_params: c_int,
+        param_types: *const u32,
+        param_values: *const *const c_char,
+        param_lengths: *const c_int,
+        param_formats: *const c_int,
+        result_format: c_int,
+    ) -> c_int;
+    fn PQenterPipelineMode(conn: *mut PGconn) -> c_int;
+    fn PQpipelineSync(conn: *mut PGconn) -> c_int;
     fn PQisBusy(conn: *mut PGconn) -> c_int;
     fn PQntuples(res: *const PGresult) -> c_int;
     fn PQgetvalue(res: *const PGresult, row: c_int, column: c_int) -> *const c_char;
@@ -81,6 +95,8 @@ pub struct Connection {
     value: Option<String>,
     /// While connecting without waiting: what libpq last asked to wait for.
     polling: c_int,
+    /// In libpq's pipeline mode (see [`Connection::send_pipelined`]).
+    pipelined: bool,
 }
 
 /// What one non-blocking read of the copy stream gave.
@@ -177,7 +193,7 @@ impl Connection {
         // SAFETY: both arrays are NULL-terminated and their strings outlive the call.
         let raw = unsafe { open(keywords.as_ptr(), values.as_ptr(), 1) };
         let conn = NonNull::new(raw).ok_or_else(|| PqError { message: "out of memory".into(), sqlstate: None })?;
-        Ok(Connection { conn, value: None, polling: PGRES_POLLING_WRITING })
+        Ok(Connection { conn, value: None, polling: PGRES_POLLING_WRITING, pipelined: false })
     }
 
     /// Sends `command` without waiting for its result (see [`Connection::poll_result`]).
@@ -222,6 +238,79 @@ impl Connection {
             // SAFETY: `res` is non-null and cleared once, after its last use.
             unsafe { PQclear(res) };
         }
+    }
+
+    /// Sends `command` (one statement) in libpq's pipeline mode, ending it with a sync of its
+    /// own, without waiting for the results of those sent before: commands sent this way run
+    /// one after another on the server, in order, each in its own transaction, and a failed
+    /// one fails no other. [`Connection::poll_pipeline`] collects their results. A connection
+    /// that uses this uses nothing else.
+    pub fn send_pipelined(&mut self, command: &str) -> Result<(), PqError> {
+        let command = CString::new(command).expect("no NUL in commands");
+        // SAFETY: `self.conn` is a live PGconn (see the field), with no command under way the
+        // first time (pipeline mode is entered then); `command` outlives the call; no
+        // parameters are passed (all their arrays NULL, as libpq allows for none).
+        let ok = unsafe {
+            (self.pipelined || PQenterPipelineMode(self.conn.as_ptr()) == 1)
+                && PQsendQueryParams(
+                    self.conn.as_ptr(),
+                    command.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    0,
+                ) == 1
+                && PQpipelineSync(self.conn.as_ptr()) == 1
+                && PQflush(self.conn.as_ptr()) >= 0
+        };
+        self.pipelined = true;
+        if ok {
+            Ok(())
+        } else {
+            Err(self.error(None))
+        }
+    }
+
+    /// After [`Connection::send_pipelined`]: how many of the commands sent (at most
+    /// `outstanding`, the oldest first) have ended since the last call, and the error of the
+    /// first of them that failed, or of the connection.
+    pub fn poll_pipeline(&mut self, outstanding: usize) -> (usize, Option<PqError>) {
+        if outstanding == 0 {
+            return (0, None);
+        }
+        if let Err(e) = self.consume_input() {
+            return (0, Some(e));
+        }
+        let mut ended = 0;
+        let mut failed = None;
+        // Each command gives its results, a NULL, then its sync. Bounded, should libpq keep
+        // answering NULL with nothing pending.
+        for _ in 0..64 * outstanding {
+            // SAFETY: `self.conn` is a live PGconn (see the field).
+            if ended == outstanding || unsafe { PQisBusy(self.conn.as_ptr()) } == 1 {
+                break;
+            }
+            // SAFETY: as above; `res` is checked for NULL, then read and cleared once.
+            let res = unsafe { PQgetResult(self.conn.as_ptr()) };
+            if res.is_null() {
+                continue;
+            }
+            // SAFETY: `res` from PQgetResult: non-null (checked) and owned here until PQclear.
+            match unsafe { PQresultStatus(res) } {
+                PGRES_PIPELINE_SYNC => ended += 1,
+                PGRES_COMMAND_OK | PGRES_TUPLES_OK | PGRES_PIPELINE_ABORTED => {}
+                _ => {
+                    if failed.is_none() {
+                        failed = Some(self.error(Some(res)));
+                    }
+                }
+            }
+            // SAFETY: `res` is non-null and cleared once, after its last use.
+            unsafe { PQclear(res) };
+        }
+        (ended, failed)
     }
 
     /// Runs `command` and returns the first value of its result, waiting at most `timeout`.

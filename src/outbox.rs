@@ -1,5 +1,7 @@
 //! Signals to one peer: straight to it over a plain connection (calling
-//! `mtm.deliver_signals` there, see `twophase::delivery_query`), one batch at a time; in this
+//! `mtm.deliver_signals` there, see `twophase::delivery_query`), in batches sent without
+//! waiting for the peer's results of those before (libpq's pipeline mode, a few at a time: a
+//! "finished" does not wait a round trip behind the answer to the same precommit); in this
 //! node's WAL when that connection is not there or fails (the peer's receiver then delivers
 //! them). Delivering twice is harmless, so a batch whose fate is unknown goes to WAL as well.
 //! A batch the peer refuses because it has no `mtm` schema yet (`CREATE EXTENSION` not run
@@ -9,6 +11,7 @@
 //! A receiver has one for its peer (votes, answers, "finished"); the heartbeat worker has one
 //! per peer (see `heartbeat`).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use mmts_core::twopc::Signal;
@@ -21,9 +24,9 @@ use crate::{gucs, twophase};
 
 pub struct Outbox {
     conn: Option<Connection>,
-    /// Sent, result not in yet, since when.
-    in_flight: Vec<Signal>,
-    sent_at: Option<Instant>,
+    /// Batches sent, results not in yet, oldest first, with when they were sent (a batch
+    /// already handed to WAL after a failure is kept, empty, until its result comes).
+    in_flight: VecDeque<(Instant, Vec<Signal>)>,
     queued: Vec<Signal>,
     peer_id: u32,
     me: NodeId,
@@ -37,6 +40,9 @@ pub struct Outbox {
     /// that is not (the peer counts itself caught up on it).
     heartbeats: bool,
 }
+
+/// How many batches may await their results at once.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// How long signals go through WAL after the peer lacked `mtm.deliver_signals`.
 const NO_EXTENSION_PAUSE: Duration = Duration::from_secs(5);
@@ -85,8 +91,7 @@ impl Outbox {
     ) -> Outbox {
         Outbox {
             conn,
-            in_flight: Vec::new(),
-            sent_at: None,
+            in_flight: VecDeque::new(),
             queued: Vec::new(),
             peer_id,
             me,
@@ -111,9 +116,9 @@ impl Outbox {
         self.conn.is_some() && (self.connecting.is_some() || !self.in_flight.is_empty())
     }
 
-    /// How long the batch sent last has waited for the peer's result.
+    /// How long the oldest batch sent has waited for the peer's result.
     pub fn waiting_for(&self) -> Duration {
-        self.sent_at.filter(|_| !self.in_flight.is_empty()).map_or(Duration::ZERO, |t| t.elapsed())
+        self.in_flight.front().map_or(Duration::ZERO, |(sent, _)| sent.elapsed())
     }
 
     pub fn push(&mut self, signals: Vec<Signal>) {
@@ -128,7 +133,7 @@ impl Outbox {
         self.pump();
     }
 
-    /// Collects the last batch's result and sends the next one.
+    /// Collects the results that came in and sends what is queued as one batch.
     pub fn pump(&mut self) {
         let Some(conn) = &mut self.conn else { return };
         let result = if let Some(since) = self.connecting {
@@ -141,21 +146,16 @@ impl Outbox {
                 Ok(false) => Err(PqError { message: "timeout expired".into(), sqlstate: None }),
                 Err(e) => Err(e),
             }
-        } else if self.in_flight.is_empty() {
-            Ok(true)
         } else {
-            conn.poll_result().map(|done| {
-                if done {
-                    self.in_flight.clear();
-                }
-                done
-            })
+            let (ended, failed) = conn.poll_pipeline(self.in_flight.len());
+            self.in_flight.drain(..ended);
+            failed.map_or(Ok(true), Err)
         };
         let result = result.and_then(|ready| {
-            if ready && !self.queued.is_empty() {
-                self.in_flight = std::mem::take(&mut self.queued);
-                self.sent_at = Some(Instant::now());
-                conn.send(&twophase::delivery_query(self.me, &self.in_flight))?;
+            if ready && !self.queued.is_empty() && self.in_flight.len() < MAX_IN_FLIGHT {
+                let batch = std::mem::take(&mut self.queued);
+                conn.send_pipelined(&twophase::delivery_query(self.me, &batch))?;
+                self.in_flight.push_back((Instant::now(), batch));
             }
             Ok(())
         });
@@ -169,7 +169,10 @@ impl Outbox {
                     log_limited(format!("mmts: signals to node {} go through WAL: {e}", self.peer_id));
                 }
                 self.not_before = Some(Instant::now() + NO_EXTENSION_PAUSE);
-                for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+                // The connection stays: the batches still in flight keep their places (empty)
+                // until their results come.
+                let in_flight = self.in_flight.iter_mut().flat_map(|(_, b)| b.drain(..));
+                for s in in_flight.chain(self.queued.drain(..)) {
                     twophase::emit(&s, false);
                 }
                 return;
@@ -185,7 +188,7 @@ impl Outbox {
             }
             log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
             self.conn = None;
-            for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+            for s in self.in_flight.drain(..).flat_map(|(_, b)| b).chain(self.queued.drain(..)) {
                 twophase::emit(&s, false);
             }
         }
@@ -202,7 +205,7 @@ impl Drop for Outbox {
         if self.heartbeats || std::thread::panicking() {
             return;
         }
-        for s in self.in_flight.drain(..).chain(self.queued.drain(..)) {
+        for s in self.in_flight.drain(..).flat_map(|(_, b)| b).chain(self.queued.drain(..)) {
             twophase::emit(&s, false);
         }
     }
