@@ -136,6 +136,9 @@ impl Outbox {
     /// Collects the results that came in and sends what is queued as one batch.
     pub fn pump(&mut self) {
         let Some(conn) = &mut self.conn else { return };
+        // The batches whose results came with an error among them: one of them failed, and
+        // which one is not known (they go to WAL below, before the later ones).
+        let mut failed_among = Vec::new();
         let result = if let Some(since) = self.connecting {
             match conn.poll_connect() {
                 Ok(true) => {
@@ -148,8 +151,14 @@ impl Outbox {
             }
         } else {
             let (ended, failed) = conn.poll_pipeline(self.in_flight.len());
-            self.in_flight.drain(..ended);
-            failed.map_or(Ok(true), Err)
+            let ended = self.in_flight.drain(..ended).flat_map(|(_, b)| b);
+            match failed {
+                None => Ok(true),
+                Some(e) => {
+                    failed_among.extend(ended);
+                    Err(e)
+                }
+            }
         };
         let result = result.and_then(|ready| {
             if ready && !self.queued.is_empty() && self.in_flight.len() < MAX_IN_FLIGHT {
@@ -172,7 +181,7 @@ impl Outbox {
                 // The connection stays: the batches still in flight keep their places (empty)
                 // until their results come.
                 let in_flight = self.in_flight.iter_mut().flat_map(|(_, b)| b.drain(..));
-                for s in in_flight.chain(self.queued.drain(..)) {
+                for s in failed_among.into_iter().chain(in_flight).chain(self.queued.drain(..)) {
                     twophase::emit(&s, false);
                 }
                 return;
@@ -188,7 +197,8 @@ impl Outbox {
             }
             log(format!("mmts: signals to node {} go through WAL from now on: {e}", self.peer_id));
             self.conn = None;
-            for s in self.in_flight.drain(..).flat_map(|(_, b)| b).chain(self.queued.drain(..)) {
+            let in_flight = self.in_flight.drain(..).flat_map(|(_, b)| b);
+            for s in failed_among.into_iter().chain(in_flight).chain(self.queued.drain(..)) {
                 twophase::emit(&s, false);
             }
         }
