@@ -955,6 +955,12 @@ impl Cluster {
         });
     }
 
+    /// Log lines that a node killed or cut off (and healed: the proxy closes every connection
+    /// that lived through the cut) causes on its peers, for [`Cluster::log_problems`]: a
+    /// backend serving its signals (`mtm.deliver_signals`, several calls pipelined) finds the
+    /// client gone as it sends a result.
+    pub const PEER_GONE: &'static [&'static str] = &["_signals LOG:  could not send data to client"];
+
     /// Lines of the nodes' logs that no test should cause: a PANIC, a process killed by a
     /// signal, a "could not" — except those containing one of `caused` (what the test's own
     /// faults make happen). Each is prefixed with its node.

@@ -610,7 +610,9 @@ fn bank_under_faults(mut next: impl FnMut(usize) -> Option<(Fault, usize)>, paus
         assert!(reads.get(&node.id).is_some_and(|&n| n > 0), "the reader on node {} never read: {reads:?}", node.id);
         assert_eq!(count(node, "SELECT count(*) FROM mtm.conflicts"), 0, "node {}", node.id);
     }
-    let problems = cluster.log_problems(&["could not serialize access"]);
+    let caused: Vec<&str> =
+        ["could not serialize access"].into_iter().chain(Cluster::PEER_GONE.iter().copied()).collect();
+    let problems = cluster.log_problems(&caused);
     assert!(problems.is_empty(), "log lines no fault explains:\n{}", problems.join("\n"));
 }
 

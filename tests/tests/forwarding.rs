@@ -161,7 +161,7 @@ fn a_node_catches_up_while_another_is_down() {
             node.query_value("SELECT count(*) FROM pg_prepared_xacts").as_deref() == Some("0")
         });
     }
-    let problems = cluster.log_problems(&[]);
+    let problems = cluster.log_problems(Cluster::PEER_GONE);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 

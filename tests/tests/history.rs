@@ -592,11 +592,6 @@ fn check_registers(events: &[RegEvent], refused: &[(RegEvent, String)]) {
 /// other "could not") fails the test, with or without faults.
 const CAUSED_BY_WORKLOAD: &[&str] = &["could not serialize access"];
 
-/// Log lines the faults cause besides the kills: a healed cut closes every connection that
-/// lived through it (see `mmts_tests::proxy`), and a killed node's connections end with it, so
-/// a backend serving a peer's signals may find its client gone as it sends a result.
-const CAUSED_BY_FAULTS: &[&str] = &["_signals LOG:  could not send data to client"];
-
 /// Runs the list-append and register workloads for `seconds`, with `faults` one after another
 /// (none: no faults), and checks what they saw. `stale_reads`: clients allow stale reads
 /// (`multimaster.allow_stale_reads`), and the stale reads found are returned, not failed.
@@ -780,7 +775,7 @@ fn list_append(seconds: u64, faults: &[Fault], stale_reads: bool) -> mmts_tests:
         });
     }
     eprintln!("  writes whose coordinator was killed: {} committed of {} tried", coordinated.len(), key);
-    let by_faults = if faults.is_empty() { &[][..] } else { CAUSED_BY_FAULTS };
+    let by_faults = if faults.is_empty() { &[][..] } else { mmts_tests::Cluster::PEER_GONE };
     let caused: Vec<&str> =
         CAUSED_BY_WORKLOAD.iter().chain(by_faults).copied().chain(killed.iter().map(String::as_str)).collect();
     let problems = cluster.log_problems(&caused);
