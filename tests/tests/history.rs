@@ -589,7 +589,8 @@ fn check_registers(events: &[RegEvent], refused: &[(RegEvent, String)]) {
 
 /// Log lines the workload causes: its transactions conflict, and one of two is rolled back
 /// (40001). Everything else the checks look for (a PANIC, a process killed by a signal, any
-/// other "could not") fails the test, with or without faults.
+/// other "could not") fails the test, with or without faults, but what the faults themselves
+/// cause (the kills, `Cluster::PEER_GONE`).
 const CAUSED_BY_WORKLOAD: &[&str] = &["could not serialize access"];
 
 /// Runs the list-append and register workloads for `seconds`, with `faults` one after another
