@@ -58,8 +58,8 @@ impl Resolver {
                 }
             }
         }
-        // A stream here waits behind the peer's transaction, prepared here while this node
-        // took no part (`status::PeerStatus::held_up`): settled now, whatever this node's
+        // A stream here, applying a transaction this node takes no part in, waits behind the
+        // peer's prepared transaction (`status::PeerStatus::held_up`): settled now, whatever this node's
         // state and wherever the peer is. Asking while the coordinator still works on it is
         // safe (a majority chooses one outcome) and, that long after, rarely needed: the
         // cluster has mostly ended it already.

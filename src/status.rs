@@ -71,9 +71,9 @@ pub struct PeerStatus {
     /// How many forwards of the peer's transactions were recorded here (see
     /// [`note_forwards_left`]).
     pub forwards_recorded_count: u64,
-    /// A stream here has waited at least `heartbeat_recv_timeout` for a row lock held by the
-    /// peer's transaction `held_up` (its xid there, 0: none), prepared here while this node
-    /// took no part: the peer's receiver settles it with the other nodes now (see
+    /// A stream here, applying a transaction this node takes no part in, has waited at least
+    /// `heartbeat_recv_timeout` for a row lock held by the peer's prepared transaction
+    /// `held_up` (its xid there, 0: none): the peer's receiver settles it with the other nodes now (see
     /// `indoubt::Resolver::tick`) rather than wait for its outcome in the peer's stream.
     pub held_up: u32,
 }
