@@ -66,13 +66,17 @@ fn measure(node: &Node, length: Duration) -> Latencies {
 }
 
 const SCHEMA: &str = "CREATE TABLE acc(id int PRIMARY KEY, v bigint NOT NULL)";
-const FILL: &str = "INSERT INTO acc SELECT g, 0 FROM generate_series(1, 1000) g";
+
+/// The rows the client updates.
+fn fill() -> String {
+    format!("INSERT INTO acc SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+}
 
 fn run(delay: Duration, length: Duration) -> Result<(), String> {
     println!("==> standalone server");
     let standalone_cluster = ClusterBuilder::new(1).multimaster(false).proxies(false).start();
     let standalone = standalone_cluster.node(1);
-    standalone.execute(&format!("{SCHEMA}; {FILL}"));
+    standalone.execute(&format!("{SCHEMA}; {}", fill()));
     let alone = measure(standalone, length);
     drop(standalone_cluster);
 
@@ -82,7 +86,7 @@ fn run(delay: Duration, length: Duration) -> Result<(), String> {
         node.execute_local(&format!("CREATE EXTENSION mmts; {SCHEMA}"));
     }
     cluster.wait_replicating(Duration::from_secs(60));
-    cluster.node(1).execute(FILL);
+    cluster.node(1).execute(&fill());
     let undelayed = measure(cluster.node(1), length);
     println!("==> every link delayed {} ms each way", delay.as_millis());
     for a in 1..=3 {
