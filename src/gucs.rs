@@ -32,7 +32,7 @@ pub static REPLICATE_DDL: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USE_RAFTABLE: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// A node catching up has its peers forward the transactions of nodes it cannot reach (see
 /// `apply::forwarded`).
-pub static FORWARDING: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static FORWARDING: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Async mode: how long (ms) a walsender that has sent everything waits before it looks for
 /// more (see `output_plugin::batch_delay`).
 pub static ASYNC_BATCH_DELAY: GucSetting<i32> = GucSetting::<i32>::new(10);

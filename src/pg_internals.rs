@@ -475,6 +475,8 @@ unsafe extern "C" {
 
 /// The WAL record logical decoding is at, as an output plugin's origin filter sees it.
 pub struct CurrentRecord<'a> {
+    /// Where the record begins.
+    pub lsn: u64,
     pub xid: u32,
     /// The top-level transaction, on the first record of a subtransaction (else 0).
     pub top_xid: u32,
@@ -503,6 +505,7 @@ pub unsafe fn current_record<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> Op
             std::slice::from_raw_parts(r.main_data.cast::<u8>(), r.main_data_len as usize)
         };
         Some(CurrentRecord {
+            lsn: r.lsn,
             xid: r.header.xl_xid.into_inner(),
             top_xid: r.toplevel_xid.into_inner(),
             rmid: r.header.xl_rmid,

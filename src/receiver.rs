@@ -9,9 +9,11 @@
 //! the worker with that error in the log; the postmaster starts it again after a delay.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use mmts_core::config::ClusterConfig;
+use mmts_core::forward::{forwards_wanted, Forwards, Notices};
 use mmts_core::membership::bit;
 use mmts_core::replication::{format_lsn, origin_name, slot_name, status_update, Progress, ServerMessage};
 use mmts_core::twopc::{Signal, SIGNAL_PREFIX};
@@ -30,9 +32,17 @@ use crate::twophase;
 use crate::workers::{connect_to_database, reload_if_asked, worker_start};
 use crate::{gucs, nodes, status};
 
+/// When this receiver started (see `apply::out_of_reach`).
+static STARTED: AtomicI64 = AtomicI64::new(0);
+
+pub fn started() -> i64 {
+    STARTED.load(Ordering::Relaxed)
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn mmts_receiver_main(arg: pg_sys::Datum) {
+    STARTED.store(crate::backend::now(), Ordering::Relaxed);
     let peer_id = arg.value() as u32;
     let Some(config) = worker_start() else { return };
     // As PostgreSQL's apply workers: only replica triggers fire, names are always qualified,
@@ -267,23 +277,50 @@ fn stream(
     same_major_version(&conn, peer_id)?;
     let mut outbox = Outbox::new(conninfo, &format!("{application_name}_signals"), peer_id, config.node_id);
     let waits = Waits::new(conn.socket(), outbox.socket());
-    let start = resume_point(&mut conn, config, peer_id);
+    let (start, confirmed) = resume_point(&mut conn, config, peer_id);
     // In synchronous mode, with `multimaster.forwarding`, the peer also sends what it committed
-    // of other nodes' transactions that left this node out (see `apply::forwarded`).
+    // of other nodes' transactions that left this node out (see `apply::forwarded`): whole
+    // while a node this one must catch up with is out of reach, else as notices. The stream
+    // is then read from where the slot confirmed it, which notices held keep back, with this
+    // node's own transactions from `start` on.
     let forwarding = gucs::synchronous() && gucs::FORWARDING.get() && crate::apply::forwarding_table_exists();
-    let forward = if forwarding { format!(", \"mmts_forward\" '{}'", config.node_id) } else { String::new() };
+    let forwards = forwarding.then(|| forwards_wanted(crate::apply::out_of_reach(config, peer_id)));
+    let (from, options) = match forwards {
+        None => (start, String::new()),
+        Some(forwards) => (
+            confirmed.unwrap_or(start).min(start),
+            format!(
+                ", \"mmts_forward\" '{}', \"mmts_forward_notices\" '{}', \"mmts_own_from\" '{}'",
+                config.node_id,
+                if forwards == Forwards::Notices { "on" } else { "off" },
+                format_lsn(start)
+            ),
+        ),
+    };
     conn.exec(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on'{forward})",
+        "START_REPLICATION SLOT {} LOGICAL {} (\"mmts_protocol\" '{}', \"mmts_streaming\" 'on'{options})",
         slot_name(config.node_id.0),
-        format_lsn(start),
+        format_lsn(from),
         wire::PROTOCOL_VERSION
     ))?;
-    applier.set_forwarding(forwarding);
+    applier.set_forwards(forwards);
     if forwarding {
         crate::apply::forget_forwards_before(NodeId(peer_id), start);
     }
     status::update(peer_id, |p| p.connected = true);
-    log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start)));
+    match forwards {
+        Some(Forwards::Whole) => log(format!(
+            "mmts: streaming from node {peer_id} from {}, with what it forwards (its own transactions from {})",
+            format_lsn(from),
+            format_lsn(start)
+        )),
+        Some(Forwards::Notices) if from < start => log(format!(
+            "mmts: streaming from node {peer_id} from {}, for the notices of what it forwards (its own transactions from {})",
+            format_lsn(from),
+            format_lsn(start)
+        )),
+        _ => log(format!("mmts: streaming from node {peer_id} from {}", format_lsn(start))),
+    }
 
     reload_if_asked();
     let heartbeat = Duration::from_millis(gucs::HEARTBEAT_SEND_TIMEOUT.get() as u64);
@@ -301,7 +338,14 @@ fn stream(
     };
     // What this node reports as flushed lets the peer's slot advance and its walsender finish
     // a shutdown.
-    let mut progress = Progress::new(start);
+    // SAFETY: reads this node's WAL insert position (shared memory, under its lock).
+    let local_end = unsafe { pg_sys::GetXLogInsertRecPtr() };
+    let mut progress = Progress::resumed(confirmed.unwrap_or(from).min(from), start, local_end);
+    // The notices held (see `mmts_core::forward::Notices`); where the last message received
+    // ended, and where the transaction being received began.
+    let mut notices = Notices::default();
+    let (mut last_end, mut began_at) = (from, from);
+    let mut all_reachable_since = Instant::now();
     let mut caught_up = false;
     let mut looked_for_table = Instant::now();
     let connected_at = crate::backend::now();
@@ -312,6 +356,10 @@ fn stream(
         let listened = Instant::now();
         let mut finished = Vec::new();
         while let Some((end, message)) = link.backlog.pop_front() {
+            if !applier.in_transaction() {
+                began_at = last_end;
+            }
+            last_end = end;
             // While a large transaction is applied, signals are still delivered and the peer
             // still hears from this node. While the stream waits in place between attempts (a
             // node catching up waits for a lock or for another stream), transactions in doubt
@@ -327,6 +375,14 @@ fn stream(
             let done = message.and_then(|message| applier.apply(message, &mut keep_up));
             if let Some(why) = applier.take_give_way() {
                 return Err(PqError { message: why, sqlstate: None });
+            }
+            if let Some(why) = applier.take_reread() {
+                log(format!("mmts: {why}"));
+                return Ok(Ended::Reconnect);
+            }
+            for (origin, xid, prepared_at) in applier.take_notices() {
+                notices.push(began_at, origin, xid, prepared_at);
+                progress.hold(notices.hold());
             }
             report_set_aside(peer_id, applier);
             outbox.push(applier.take_signals());
@@ -374,6 +430,22 @@ fn stream(
                 // The stream is applied again.
                 p.apply_error_time = 0;
             });
+        }
+        if !notices.is_empty() {
+            let ended = |origin: NodeId, xid: u32, prepared_at: u64| {
+                status::applied_through(origin.0) >= prepared_at && twophase::applied_members(origin.0, xid).is_none()
+            };
+            // SAFETY: read this node's WAL positions (shared memory, under their locks).
+            let (local_end, local_flushed) =
+                unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::GetFlushRecPtr(std::ptr::null_mut())) };
+            notices.drop_ended(ended, local_end, local_flushed);
+            progress.hold(notices.hold());
+        }
+        if !applier.in_transaction() {
+            if let Some(why) = switch_forwards(forwards, &notices, config, peer_id, &mut all_reachable_since) {
+                log(format!("mmts: {why}"));
+                return Ok(Ended::Reconnect);
+            }
         }
         if !applier.in_transaction() && unsafe { !pg_sys::IsTransactionState() } {
             ended.tick(config, peer_id);
@@ -645,9 +717,41 @@ impl Link {
     }
 }
 
+/// Why the stream must be read again with other forwards, if it must: with notices, once the
+/// origin of a notice held is out of reach (then whole forwards bring its transactions); with
+/// whole forwards, once every node has been in reach for twice `heartbeat_recv_timeout`.
+fn switch_forwards(
+    forwards: Option<Forwards>,
+    notices: &Notices,
+    config: &ClusterConfig,
+    peer_id: u32,
+    all_reachable_since: &mut Instant,
+) -> Option<String> {
+    match forwards? {
+        Forwards::Notices => {
+            let gone = crate::apply::out_of_reach(config, peer_id) & notices.origins();
+            (gone != 0).then(|| {
+                format!(
+                    "node {} is out of reach: reading node {peer_id}'s stream again with what it forwards",
+                    mmts_core::membership::format_mask(gone)
+                )
+            })
+        }
+        Forwards::Whole => {
+            if status::out_of_reach_for(config, 0, Duration::ZERO, started()) != 0 {
+                *all_reachable_since = Instant::now();
+            }
+            let after = Duration::from_millis(2 * gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+            (all_reachable_since.elapsed() >= after).then(|| {
+                format!("every node is in reach again: reading node {peer_id}'s stream again with notices of what it forwards")
+            })
+        }
+    }
+}
+
 /// Where the peer's stream resumes (see `mmts_core::replication::resume_point`): this
 /// node's replication origin, or the peer's slot for this node if that confirmed more.
-fn resume_point(conn: &mut Connection, config: &ClusterConfig, peer_id: u32) -> u64 {
+fn resume_point(conn: &mut Connection, config: &ClusterConfig, peer_id: u32) -> (u64, Option<u64>) {
     let origin = unsafe { pg_sys::replorigin_session_get_progress(false) };
     let query = format!(
         "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = '{}'",
@@ -670,7 +774,7 @@ fn resume_point(conn: &mut Connection, config: &ClusterConfig, peer_id: u32) -> 
         ));
     }
     status::update(peer_id, |p| p.resumed_at = start);
-    start
+    (start, confirmed)
 }
 
 /// What the receiver sleeps on: its latch, its connection's socket, the postmaster's death.

@@ -353,6 +353,24 @@ pub fn connected_mask() -> Mask {
     (1..=MAX_NODES as u32).filter(|&id| shared.peers[id as usize - 1].connected).fold(0, |m, id| m | bit(NodeId(id)))
 }
 
+/// The nodes of the cluster (configured or added, not dropped, other than this node and
+/// those in `except`) that this node has not streamed from for at least `for_`: not connected,
+/// and last heard from that long ago (never: since `since`).
+pub fn out_of_reach_for(config: &ClusterConfig, except: Mask, for_: std::time::Duration, since: i64) -> Mask {
+    let shared = PEERS.share();
+    let others = configured_mask(config, &shared) & !shared.dropped & !bit(config.node_id) & !except;
+    let started = since;
+    let before = now() - for_.as_micros() as i64;
+    (1..=MAX_NODES as u32)
+        .filter(|&id| others & bit(NodeId(id)) != 0)
+        .filter(|&id| {
+            let p = &shared.peers[id as usize - 1];
+            let heard = if p.last_message_time != 0 { p.last_message_time } else { started };
+            !p.connected && heard <= before
+        })
+        .fold(0, |m, id| m | bit(NodeId(id)))
+}
+
 /// Whether this node's receiver is streaming from peer `id` now.
 pub fn connected(id: u32) -> bool {
     peer(id).connected

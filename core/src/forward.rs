@@ -171,6 +171,97 @@ pub fn waits_for(
     !forwarding || reachable & bit(n) != 0
 }
 
+/// What a receiver asks of its peer's walsender in synchronous mode (see [`Notices`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwards {
+    /// Whole forwards: the marked transactions that left this node out, with their changes.
+    /// Asked while a node this one must catch up with is out of reach.
+    Whole,
+    /// Notices only: each such transaction's mark, without its changes. This node then reads
+    /// the origin's own stream for it, and the peer's stream does not wait for that one.
+    Notices,
+}
+
+/// Which forwards to ask for: whole ones once some other node has been out of reach for a
+/// while (`out_of_reach`, this stream's peer and this node excluded), else notices.
+pub fn forwards_wanted(out_of_reach: Mask) -> Forwards {
+    if out_of_reach != 0 {
+        Forwards::Whole
+    } else {
+        Forwards::Notices
+    }
+}
+
+/// The notices a receiver holds: transactions of other nodes that its peer committed without
+/// this node, not yet passed in their origin's stream here. While it holds one, the receiver
+/// confirms its peer's stream only up to where that notice began ([`Notices::hold`]), so that
+/// the peer's slot keeps it: if the origin goes out of reach before its stream brings the
+/// transaction, the receiver reads its peer's stream again from there, asking for whole
+/// forwards, and gets the transaction from the peer. The peer's slot is on disk, so this holds
+/// across restarts of either node.
+#[derive(Debug, Clone, Default)]
+pub struct Notices {
+    held: std::collections::VecDeque<Notice>,
+}
+
+#[derive(Debug, Clone)]
+struct Notice {
+    /// Where the notice began in the peer's stream.
+    at: u64,
+    origin: NodeId,
+    /// The transaction's xid on its origin, and the end of its PREPARE in the origin's stream.
+    xid: u32,
+    prepared_at: u64,
+    /// Once it ended here: how far this node's WAL reached then. The notice is dropped once
+    /// this node's WAL is flushed that far (the end may be an asynchronous commit).
+    ended_by: Option<u64>,
+}
+
+impl Notices {
+    /// A notice of `origin`'s transaction `xid`, prepared at `prepared_at` in the origin's
+    /// stream, which began at `at` in the peer's stream.
+    pub fn push(&mut self, at: u64, origin: NodeId, xid: u32, prepared_at: u64) {
+        self.held.push_back(Notice { at, origin, xid, prepared_at, ended_by: None });
+    }
+
+    /// Drops the notices of transactions that ended here durably: `ended(origin, xid,
+    /// prepared_at)` says that the origin's stream passed its PREPARE here and that it is no
+    /// longer prepared here; this node's WAL reaches `local_end` now and is flushed up to
+    /// `local_flushed`.
+    ///
+    /// Only the oldest notices are looked at, up to the first whose transaction has not ended:
+    /// the stream is held back to the oldest anyway, and a node catching up may hold thousands.
+    pub fn drop_ended(&mut self, ended: impl Fn(NodeId, u32, u64) -> bool, local_end: u64, local_flushed: u64) {
+        for n in self.held.iter_mut().filter(|n| n.ended_by.is_none()) {
+            if !ended(n.origin, n.xid, n.prepared_at) {
+                break;
+            }
+            n.ended_by = Some(local_end);
+        }
+        while self.held.front().is_some_and(|n| n.ended_by.is_some_and(|by| by <= local_flushed)) {
+            self.held.pop_front();
+        }
+    }
+
+    /// How far the peer's stream may be confirmed: up to the oldest notice still held.
+    pub fn hold(&self) -> Option<u64> {
+        self.held.front().map(|n| n.at)
+    }
+
+    /// The nodes whose transactions the notices held are of.
+    pub fn origins(&self) -> Mask {
+        self.held.iter().fold(0, |m, n| m | bit(n.origin))
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +325,29 @@ mod tests {
         // A member waits for the nodes of its partition only.
         assert!(waits_for(n(2), n(3), n(1), n(1), true, 0b101, Some(0b111)));
         assert!(!waits_for(n(4), n(3), n(1), n(1), false, all, Some(0b111)));
+    }
+
+    #[test]
+    fn notices_hold_the_stream_until_their_transactions_end_here() {
+        let mut notices = Notices::default();
+        assert_eq!(notices.hold(), None);
+        notices.push(100, NodeId(2), 7, 50);
+        notices.push(200, NodeId(2), 8, 80);
+        notices.push(300, NodeId(4), 9, 10);
+        assert_eq!(notices.hold(), Some(100));
+        assert_eq!(notices.origins(), bit(NodeId(2)) | bit(NodeId(4)));
+        // Transaction 7 ended here, its end not flushed yet (the WAL reaches 1000).
+        let seven = |_: NodeId, xid: u32, _: u64| xid == 7;
+        notices.drop_ended(seven, 1000, 900);
+        assert_eq!(notices.hold(), Some(100), "held until the end is flushed");
+        notices.drop_ended(|_, _, _| false, 1100, 1000);
+        assert_eq!(notices.hold(), Some(200));
+        // Transaction 9 ended, 8 not: held back to 8 still.
+        notices.drop_ended(|_, xid, _| xid == 9, 1200, 1200);
+        assert_eq!((notices.hold(), notices.len()), (Some(200), 2));
+        notices.drop_ended(|_, _, _| true, 1300, 1300);
+        assert!(notices.is_empty());
+        assert_eq!(forwards_wanted(0), Forwards::Notices);
+        assert_eq!(forwards_wanted(0b100), Forwards::Whole);
     }
 }

@@ -93,11 +93,24 @@ pub struct Progress {
     flushed: Lsn,
     /// (peer position, local commit end) of applied transactions not yet known to be flushed.
     pending: std::collections::VecDeque<(Lsn, Lsn)>,
+    /// Reported as flushed at most this far (see `forward::Notices::hold`).
+    hold: Option<Lsn>,
 }
 
 impl Progress {
     pub fn new(start: Lsn) -> Progress {
-        Progress { received: start, applied: start, flushed: start, pending: Default::default() }
+        Progress { received: start, applied: start, flushed: start, pending: Default::default(), hold: None }
+    }
+
+    /// A stream (re)started at `start`, or earlier where the peer's slot confirmed it
+    /// (`confirmed`): positions from there on are reported as they are received again, and
+    /// only once this node's WAL is flushed up to `local_end` (the commits made before the
+    /// stream restarted may not be yet).
+    pub fn resumed(confirmed: Lsn, start: Lsn, local_end: Lsn) -> Progress {
+        let from = confirmed.min(start);
+        let mut p = Progress::new(from);
+        p.pending.push_back((from, local_end));
+        p
     }
 
     /// Something up to `end` of the peer's WAL arrived.
@@ -117,22 +130,28 @@ impl Progress {
     }
 
     /// Given that this node's WAL is flushed up to `local_flushed`, the peer position that is
-    /// durable here.
+    /// durable here, as far as it may be reported (see [`Progress::hold`]).
     pub fn flushed(&mut self, local_flushed: Lsn) -> Lsn {
         while let Some(&(peer, local)) = self.pending.front() {
             if local > local_flushed {
-                return self.flushed;
+                return self.flushed_so_far();
             }
             self.flushed = self.flushed.max(peer);
             self.pending.pop_front();
         }
         self.flushed = self.flushed.max(self.applied);
-        self.flushed
+        self.flushed_so_far()
     }
 
     /// What [`Progress::flushed`] last reported.
     pub fn flushed_so_far(&self) -> Lsn {
-        self.flushed
+        self.hold.map_or(self.flushed, |hold| self.flushed.min(hold))
+    }
+
+    /// Reports positions as flushed no further than `hold` (`None`: no limit), so that the
+    /// peer's slot keeps what comes after it.
+    pub fn hold(&mut self, hold: Option<Lsn>) {
+        self.hold = hold;
     }
 
     pub fn received_lsn(&self) -> Lsn {
@@ -187,6 +206,24 @@ mod tests {
         assert_eq!(p.flushed(1050), 200);
         assert_eq!(p.flushed(1100), 300);
         assert_eq!(p.received_lsn(), 300);
+        p.hold(Some(250));
+        p.received(400);
+        p.caught_up();
+        assert_eq!(p.flushed(2000), 250, "held back");
+        p.hold(None);
+        assert_eq!(p.flushed_so_far(), 400);
+    }
+
+    #[test]
+    fn a_resumed_stream_waits_for_the_local_commits_before_it() {
+        let mut p = Progress::resumed(100, 150, 1000);
+        assert_eq!((p.received_lsn(), p.applied_lsn()), (100, 100));
+        p.received(160);
+        p.caught_up();
+        assert_eq!(p.flushed(999), 100, "the commits before the restart are not flushed here yet");
+        assert_eq!(p.flushed(1000), 160);
+        let mut p = Progress::resumed(200, 150, 1000);
+        assert_eq!(p.flushed(2000), 150, "never more than the start");
     }
 
     #[test]

@@ -60,6 +60,17 @@
 //! node that is up to its end. At the end of the load the checks run with node 2 still down,
 //! then again once it is back; they also check that node 3 applied no transaction twice.
 //!
+//! In `a_node_catches_up_on_notices_while_a_peer_is_up`, node 3's receivers ask for notices
+//! while the other peer is up (`mmts_core::forward::Notices`): a forward is then only noted,
+//! and held, its stream confirmed no further than just before it, until the transaction
+//! ended here and that end is flushed. Once the other peer is down and a notice held is of
+//! it, or the stream's head waits for it, the receiver reads its stream again with whole
+//! forwards from where the slot confirmed it, the peer's own records up to the receiver's
+//! origin left out (`mmts_own_from`); once that peer is back, now and then, with notices again.
+//! A restarted receiver reads from where the slot confirmed its stream in both forwarding
+//! variants, and confirms nothing before the local WAL is flushed past what was committed
+//! (`Progress::resumed`).
+//!
 //! # Not modelled
 //!
 //! Row data, locks and set-aside transactions; votes and their timing (a coordinator
@@ -75,7 +86,8 @@
 use std::collections::BTreeMap;
 
 use mmts_core::forward::{
-    forwarded_commit, on_forwarded, waits_for, Action, Ended, Here, OnForwardedCommit, OriginStream,
+    forwarded_commit, forwards_wanted, on_forwarded, waits_for, Action, Ended, Forwards, Here, Notices,
+    OnForwardedCommit, OriginStream,
 };
 use mmts_core::membership::{bit, Mask};
 use mmts_core::replication::{resume_point, Progress};
@@ -86,6 +98,14 @@ mod common;
 use common::Rng;
 
 type Lsn = u64;
+
+/// What nodes forward: nothing, whole forwards always, or notices while every node is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Plain,
+    Whole,
+    Notices,
+}
 
 /// Where a restarted receiver's `ended` starts, from its origin on disk and its slot's
 /// confirmed position.
@@ -146,6 +166,12 @@ struct Receiver {
     /// The replication origin, in memory.
     origin: Lsn,
     progress: Progress,
+    /// Node 3's receivers: what the peer forwards to it (`None`: nothing).
+    forwards: Option<Forwards>,
+    /// The notices held (with `Forwards::Notices`).
+    notices: Notices,
+    /// The peer's own records up to here are not sent again (`mmts_own_from`).
+    own_from: Lsn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +215,9 @@ struct Stats {
     online_while_down: usize,
     /// Forwarded ends node 3 applied, finished, remembered and skipped.
     forwarded: [usize; 4],
+    /// Notices node 3 received, and times a receiver read its stream again with other forwards.
+    notices: usize,
+    rereads: usize,
 }
 
 struct Sim {
@@ -215,15 +244,18 @@ struct Sim {
     /// Nodes 1 and 2 forward what they end of each other's transactions, and node 2 goes
     /// down and comes back.
     forwarding: bool,
+    /// Node 3's receivers ask for notices while the other peer is up (see
+    /// `mmts_core::forward::Notices`), and whole forwards once it is down.
+    noticing: bool,
     down: [bool; 4],
 }
 
 impl Sim {
     fn new(seed: u64, rule: Rule, trace: bool) -> Sim {
-        Sim::with(seed, rule, trace, false)
+        Sim::with(seed, rule, trace, Variant::Plain)
     }
 
-    fn with(seed: u64, rule: Rule, trace: bool, forwarding: bool) -> Sim {
+    fn with(seed: u64, rule: Rule, trace: bool, variant: Variant) -> Sim {
         Sim {
             rng: Rng::new(seed),
             rule,
@@ -240,7 +272,8 @@ impl Sim {
             stats: Stats::default(),
             trace: trace.then(Vec::new),
             noted_cycle: false,
-            forwarding,
+            forwarding: variant != Variant::Plain,
+            noticing: variant == Variant::Notices,
             down: [false; 4],
         }
     }
@@ -303,7 +336,8 @@ impl Sim {
     /// in `stream`'s stream.
     fn unmet_in(&self, n: usize, origin: usize, stream: usize, after: &[(NodeId, Lsn)]) -> Option<(usize, Lsn)> {
         let node = |i: usize| NodeId(i as u32);
-        let (forwarding, reachable) = (self.forwarding && n == 3, self.reachable());
+        let forwarding = n == 3 && self.recv[n][stream].forwards == Some(Forwards::Whole);
+        let reachable = self.reachable();
         let skip = |m: NodeId| !waits_for(m, node(n), node(origin), node(stream), forwarding, reachable, None);
         let ended = |m: NodeId| self.recv[n][m.0 as usize].ended;
         if dependencies_met(after, ended, skip) {
@@ -331,6 +365,14 @@ impl Sim {
             return false;
         }
         let Some((pos, rec)) = self.wal[k].get(self.recv[n][k].next).cloned() else { return false };
+        if n == 3 && !matches!(rec, Rec::Forward { .. }) && pos <= self.recv[3][k].own_from {
+            // Not sent: node 3 has it (`mmts_own_from`).
+            let r = &mut self.recv[3][k];
+            r.next += 1;
+            r.progress.received(pos);
+            r.progress.caught_up();
+            return true;
+        }
         // What this commits here: (transaction, its new state, carries the origin position,
         // applies its changes).
         let mut commit = None;
@@ -348,6 +390,15 @@ impl Sim {
                     commit = Some((*tx, State::Prepared, true));
                     applies = true;
                 }
+            }
+            Rec::Forward { tx, .. }
+                if n == 3 && self.txs[*tx].origin != 3 && self.recv[3][k].forwards == Some(Forwards::Notices) =>
+            {
+                // A notice, held from just before it (see `forward::Notices`).
+                let t = &self.txs[*tx];
+                let (origin, prepared_at) = (NodeId(t.origin as u32), t.prepared_at);
+                self.recv[3][k].notices.push(pos - 1, origin, *tx as u32, prepared_at);
+                self.stats.notices += 1;
             }
             Rec::Forward { tx, commit: committed } if n == 3 && self.txs[*tx].origin != 3 => {
                 let here = match self.local.get(tx) {
@@ -453,6 +504,7 @@ impl Sim {
             r.progress.committed(self.local_lsn);
         }
         r.progress.caught_up();
+        self.drop_notices(k);
         self.note(|s| {
             let here = commit
                 .map_or("-".into(), |(tx, state, o)| format!("tx {tx} {state:?}{}", ["", " +origin"][o as usize]));
@@ -473,7 +525,53 @@ impl Sim {
         }
     }
 
+    /// Node 3's receiver of node `k` drops the notices of transactions ended here, and holds
+    /// its stream back to the oldest one left, as the extension does.
+    fn drop_notices(&mut self, k: usize) {
+        let mut notices = std::mem::take(&mut self.recv[3][k].notices);
+        let (recv, local) = (&self.recv, &self.local);
+        let ended = |origin: NodeId, tx: u32, prepared_at: Lsn| {
+            recv[3][origin.0 as usize].ended >= prepared_at && local.get(&(tx as usize)) != Some(&State::Prepared)
+        };
+        notices.drop_ended(ended, self.local_lsn, self.local_flushed);
+        let r = &mut self.recv[3][k];
+        r.progress.hold(notices.hold());
+        r.notices = notices;
+    }
+
+    /// Node 3's receiver of node `k` reads its stream again with other forwards when the
+    /// extension would: whole ones once the other peer is down and a notice held is of it, or
+    /// the head waits for it; notices once it is back.
+    fn switch_forwards(&mut self, k: usize) {
+        let other = 3 - k;
+        let r = &self.recv[3][k];
+        let wanted = match r.forwards {
+            Some(Forwards::Notices)
+                if self.down[other]
+                    && (r.notices.origins() & bit(NodeId(other as u32)) != 0 || self.head_waits(3, k)) =>
+            {
+                Forwards::Whole
+            }
+            Some(Forwards::Whole) if !self.down[other] && self.noticing && self.rng.chance(10) => Forwards::Notices,
+            _ => return,
+        };
+        // As after a reconnect: from where the slot confirmed, own records from the origin on.
+        let (from, own_from) = (self.confirmed[k], self.recv[3][k].origin.max(self.confirmed[k]));
+        let local_end = self.local_lsn;
+        let r = &mut self.recv[3][k];
+        r.next = from as usize;
+        r.own_from = own_from;
+        r.progress = Progress::resumed(from, own_from, local_end);
+        r.notices = Notices::default();
+        r.forwards = Some(wanted);
+        self.stats.rereads += 1;
+        self.note(|_| {
+            format!("node 3 reads stream {k} again from {from} with {wanted:?}, own records from {own_from}")
+        });
+    }
+
     fn report(&mut self, k: usize) {
+        self.drop_notices(k);
         let flushed = self.recv[3][k].progress.flushed(self.local_flushed);
         self.confirmed[k] = self.confirmed[k].max(flushed);
         self.note(|s| format!("node 3 reports {flushed} to node {k}: slot at {}", s.confirmed[k]));
@@ -514,8 +612,28 @@ impl Sim {
             // The walsender's rule, whatever the receiver asks.
             let from = origin.max(confirmed);
             let start = (self.rule)(origin, confirmed);
-            self.recv[3][k] = Receiver { next: from as usize, ended: start, origin, progress: Progress::new(start) };
-            self.note(|_| format!("node 3 restarts stream {k} from {from}, ended {start}"));
+            let mut r = Receiver {
+                next: from as usize,
+                ended: start,
+                origin,
+                progress: Progress::new(start),
+                ..Receiver::default()
+            };
+            if self.forwarding {
+                // Read from where the slot confirmed it (which notices held keep back), with
+                // the peer's own records from `start` on (see `receiver::stream`).
+                let other = 3 - k;
+                let out_of_reach = if self.down[other] { bit(NodeId(other as u32)) } else { 0 };
+                r.forwards = Some(if self.noticing { forwards_wanted(out_of_reach) } else { Forwards::Whole });
+                r.next = confirmed as usize;
+                r.own_from = start;
+                r.progress = Progress::resumed(confirmed, start, self.local_lsn);
+            }
+            self.recv[3][k] = r;
+            self.note(|s| {
+                let r = &s.recv[3][k];
+                format!("node 3 restarts stream {k} from {}, ended {start}, {:?}", r.next, r.forwards)
+            });
         }
         self.node3 = Node3::CatchingUp;
         self.noted_cycle = false;
@@ -556,7 +674,10 @@ impl Sim {
             }
             20..=23 if !self.down[n] => _ = self.write(n, Rec::Other),
             24..=53 => _ = self.receive(n, if coin { 3 } else { 3 - n }),
-            54..=79 if up => _ = self.receive(3, k),
+            54..=79 if up => {
+                self.switch_forwards(k);
+                self.receive(3, k);
+            }
             80..=87 if up && !self.down[k] => self.report(k),
             88..=94 if up => self.local_flushed = self.local_lsn,
             95..=99 if !up => self.restart(),
@@ -598,7 +719,12 @@ impl Sim {
     /// Every receiver runs until none can move.
     fn drain(&mut self) {
         let receivers = [(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2)];
-        while receivers.iter().fold(false, |moved, &(n, k)| self.receive(n, k) | moved) {}
+        while receivers.iter().fold(false, |moved, &(n, k)| {
+            if n == 3 && self.node3 != Node3::Down {
+                self.switch_forwards(k);
+            }
+            self.receive(n, k) | moved
+        }) {}
     }
 
     /// How many of node 3's stream heads wait for another stream.
@@ -692,8 +818,8 @@ impl Sim {
 
 /// The failure of `seed` under `rule` with a short trace: node 3's events from its last crash
 /// before it first waited in a cycle up to then (or to the end).
-fn failure(seed: u64, rule: Rule, forwarding: bool, message: &str) -> String {
-    let mut sim = Sim::with(seed, rule, true, forwarding);
+fn failure(seed: u64, rule: Rule, variant: Variant, message: &str) -> String {
+    let mut sim = Sim::with(seed, rule, true, variant);
     let _ = sim.run();
     let trace = sim.trace.unwrap_or_default();
     let end = trace.iter().position(|l| l.ends_with("(a cycle)")).map_or(trace.len(), |i| i + 1);
@@ -710,10 +836,13 @@ fn failure(seed: u64, rule: Rule, forwarding: bool, message: &str) -> String {
 /// Replays one seed under both rules with its whole trace; `false` if none is asked for.
 fn replay() -> bool {
     let Some(seed) = std::env::var("CATCH_UP_SEED").ok().and_then(|s| s.parse().ok()) else { return false };
-    for (name, rule, forwarding) in
-        [("old rule", OLD_RULE, false), ("new rule", NEW_RULE, false), ("forwarding", NEW_RULE, true)]
-    {
-        let mut sim = Sim::with(seed, rule, true, forwarding);
+    for (name, rule, variant) in [
+        ("old rule", OLD_RULE, Variant::Plain),
+        ("new rule", NEW_RULE, Variant::Plain),
+        ("whole forwards", NEW_RULE, Variant::Whole),
+        ("notices", NEW_RULE, Variant::Notices),
+    ] {
+        let mut sim = Sim::with(seed, rule, true, variant);
         let outcome = sim.run();
         println!("{name}, seed {seed}:\n  {}\n{outcome:?}", sim.trace.unwrap_or_default().join("\n  "));
     }
@@ -722,12 +851,12 @@ fn replay() -> bool {
 
 /// Runs every seed under the rule mmts uses (with forwarding or without), failing at the first
 /// that breaks a check; returns the runs' statistics summed.
-fn every_seed_holds(forwarding: bool) -> Stats {
+fn every_seed_holds(variant: Variant) -> Stats {
     let mut total = Stats::default();
     for seed in 0..seeds() {
-        let mut sim = Sim::with(seed, NEW_RULE, false, forwarding);
+        let mut sim = Sim::with(seed, NEW_RULE, false, variant);
         if let Err(message) = sim.run() {
-            panic!("{}", failure(seed, NEW_RULE, forwarding, &message));
+            panic!("{}", failure(seed, NEW_RULE, variant, &message));
         }
         let s = &sim.stats;
         total.crashes += s.crashes;
@@ -735,6 +864,8 @@ fn every_seed_holds(forwarding: bool) -> Stats {
         total.waits += s.waits;
         total.downs += s.downs;
         total.online_while_down += s.online_while_down;
+        total.notices += s.notices;
+        total.rereads += s.rereads;
         for (t, n) in total.forwarded.iter_mut().zip(s.forwarded) {
             *t += n;
         }
@@ -750,7 +881,7 @@ fn a_restarted_node_catches_up() {
     if replay() {
         return;
     }
-    let total = every_seed_holds(false);
+    let total = every_seed_holds(Variant::Plain);
     println!("a_restarted_node_catches_up: {total:?}");
     assert!(total.crashes > 0 && total.slot_ahead > 0 && total.waits > 0, "{total:?}");
 }
@@ -773,11 +904,11 @@ fn resuming_at_the_origin_on_disk_can_deadlock() {
     for seed in 0..seeds() {
         let mut sim = Sim::new(seed, OLD_RULE, false);
         let Err(message) = sim.run() else { continue };
-        assert!(message.starts_with("node 3 stuck"), "{}", failure(seed, OLD_RULE, false, &message));
+        assert!(message.starts_with("node 3 stuck"), "{}", failure(seed, OLD_RULE, Variant::Plain, &message));
         stuck += 1;
         if sim.waiting_heads() == 2 {
             cycles += 1;
-            first.get_or_insert_with(|| failure(seed, OLD_RULE, false, &message));
+            first.get_or_insert_with(|| failure(seed, OLD_RULE, Variant::Plain, &message));
         }
     }
     println!("old rule: {stuck} of {} seeds stuck, {cycles} of them in a cycle; the first cycle:", seeds());
@@ -793,8 +924,23 @@ fn a_node_catches_up_while_a_peer_is_down() {
     if replay() {
         return;
     }
-    let total = every_seed_holds(true);
+    let total = every_seed_holds(Variant::Whole);
     println!("a_node_catches_up_while_a_peer_is_down: {total:?}");
     assert!(total.crashes > 0 && total.downs > 0 && total.online_while_down > 0, "{total:?}");
+    assert!(total.forwarded.iter().all(|&n| n > 0), "every forwarded action happens: {total:?}");
+}
+
+/// As above, with node 3's receivers asking for notices while node 2 is up and reading their
+/// stream again, from where the slot confirmed it (held back by the notices), with whole
+/// forwards once it is down (see `mmts_core::forward::Notices`): the same checks hold.
+#[test]
+fn a_node_catches_up_on_notices_while_a_peer_is_up() {
+    if replay() {
+        return;
+    }
+    let total = every_seed_holds(Variant::Notices);
+    println!("a_node_catches_up_on_notices_while_a_peer_is_up: {total:?}");
+    assert!(total.crashes > 0 && total.downs > 0 && total.online_while_down > 0, "{total:?}");
+    assert!(total.notices > 0 && total.rereads > 0, "{total:?}");
     assert!(total.forwarded.iter().all(|&n| n > 0), "every forwarded action happens: {total:?}");
 }

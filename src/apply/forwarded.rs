@@ -5,7 +5,14 @@
 //! (`Signal::Forwarded`, written first inside it, and the schema changes it runs written again).
 //! Every receiver in synchronous mode asks its peer to forward (`mmts_forward`): the peer then
 //! sends, at its commit there, each marked transaction that left this node out, as an ordinary
-//! transaction of its stream that starts with the mark. This node applies it once
+//! transaction of its stream that starts with the mark. While every node this one must catch
+//! up with is in reach, the receiver asks for notices only (`mmts_forward_notices`: the mark
+//! without the changes): the origin's own stream brings the transaction, and the receiver holds
+//! the notice, confirming its peer's stream no further than where the notice began, until the
+//! transaction ended here (`mmts_core::forward::Notices`). Once the origin of a notice held, or
+//! a node a transaction waits for, is out of reach, the receiver reads its peer's stream again
+//! from there with whole forwards (`mmts_own_from` keeps the peer from sending its own
+//! transactions again). With whole forwards, this node applies each once
 //! ([`Applier::handle_forwarded`]): it commits its own prepared copy, skips it when it ended
 //! here already, or applies it and records it in `mtm.forwarded`, so that the origin's stream
 //! does not prepare it again ([`Applier::left_out_prepare`]). A transaction of the peer then
@@ -88,6 +95,12 @@ impl Applier {
         keep_up: &mut dyn FnMut(),
     ) -> Option<Applied> {
         self.in_transaction = false;
+        if self.noticing {
+            // A notice: the origin's stream here brings the transaction (see
+            // `mmts_core::forward::Notices`).
+            self.notices.push((mark.origin, mark.xid, mark.prepared_at));
+            return Some(self.forward_done(end_lsn, commit_time, false));
+        }
         let (origin, xid) = (mark.origin, mark.xid);
         let gid = cstring(&mmts_core::twopc::gid(origin, xid));
         self.wait_for_forwarded_dependencies(&mark, keep_up);
@@ -284,7 +297,8 @@ impl Applier {
     /// while a receiver that it was forwarded to applies it; `true` when one did (it is not
     /// prepared again). Otherwise this receiver claims it until [`Applier::prepared_left_out`].
     pub(super) fn left_out_prepare(&mut self, xid: u32, keep_up: &mut dyn FnMut()) -> bool {
-        if !self.forwarding {
+        // Whatever this stream asks for: another receiver may apply forwards whole.
+        if !self.forwarding && !self.noticing {
             return false;
         }
         let origin = NodeId(self.peer);
@@ -317,6 +331,16 @@ impl Applier {
     pub(super) fn prepared_left_out(&self, xid: u32) {
         crate::status::release(self.peer, Some((self.peer, xid)));
     }
+}
+
+/// The nodes other than `peer` that this node has not streamed from for
+/// `heartbeat_recv_timeout` (counted from when this receiver started, for a node not heard
+/// from since: the server may have spent a while in crash recovery before): a stream from
+/// `peer` that asks for notices is read again with whole forwards once one of them is what it
+/// waits for, or what a notice it holds is of.
+pub fn out_of_reach(config: &mmts_core::config::ClusterConfig, peer: u32) -> Mask {
+    let after = Duration::from_millis(gucs::HEARTBEAT_RECV_TIMEOUT.get() as u64);
+    crate::status::out_of_reach_for(config, bit(NodeId(peer)), after, crate::receiver::started())
 }
 
 /// The replication origin of node `node`'s stream here, if there is one yet.

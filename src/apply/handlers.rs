@@ -283,7 +283,7 @@ impl Applier {
             }
             (Some(Signal::Seen { applied }), None) => self.seen = applied,
             (Some(Signal::Forwarded { origin, xid, prepared_at, members, after }), None)
-                if self.forwarding && self.in_transaction && origin.0 != self.me =>
+                if (self.forwarding || self.noticing) && self.in_transaction && origin.0 != self.me =>
             {
                 let mark = super::forwarded::Mark { origin, xid, prepared_at, members, after };
                 self.preparing = Some(Preparing { forwarded: Some(mark), ..Preparing::default() });

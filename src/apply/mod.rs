@@ -47,7 +47,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 
 use pgrx::prelude::*;
 
-pub use forwarded::{forget_forwards_before, table_exists as forwarding_table_exists};
+pub use forwarded::{forget_forwards_before, out_of_reach, table_exists as forwarding_table_exists};
 
 use crate::backend::cstring;
 use crate::logging::log;
@@ -57,6 +57,7 @@ use crate::twophase::LockHolder;
 use crate::{gucs, twophase};
 
 use mmts_core::config::Mode;
+use mmts_core::forward::Forwards;
 
 /// A table as the peer described it.
 #[derive(Clone)]
@@ -106,8 +107,15 @@ pub struct Applier {
     streamed: HashMap<u32, Streamed>,
     /// The streamed transaction whose block is being received.
     block: Option<u32>,
-    /// The peer forwards what left this node out (see `forwarded`).
+    /// The peer forwards what left this node out, whole (see `forwarded`).
     forwarding: bool,
+    /// The peer sends notices of what left this node out (see `forwarded`).
+    noticing: bool,
+    /// Notices received and not yet taken by the receiver: (origin, xid there, end of its
+    /// PREPARE in the origin's stream).
+    notices: Vec<(NodeId, u32, u64)>,
+    /// Why the stream must be read again at once, with whole forwards (see `forwarded`).
+    reread: Option<String>,
     /// The transaction being applied carries a mark: the schema changes it runs are written
     /// again (see `forwarded`).
     marking: bool,
@@ -216,19 +224,33 @@ impl Applier {
             streamed: HashMap::new(),
             block: None,
             forwarding: false,
+            noticing: false,
+            notices: Vec::new(),
+            reread: None,
             marking: false,
             give_way: None,
         }
     }
 
-    /// Whether the peer forwards what left this node out, from this connection on.
-    pub fn set_forwarding(&mut self, on: bool) {
-        self.forwarding = on;
+    /// What the peer forwards of what left this node out, from this connection on.
+    pub fn set_forwards(&mut self, forwards: Option<Forwards>) {
+        self.forwarding = forwards == Some(Forwards::Whole);
+        self.noticing = forwards == Some(Forwards::Notices);
     }
 
     /// Why the stream must be read again from this node's position, if it must.
     pub fn take_give_way(&mut self) -> Option<String> {
         self.give_way.take()
+    }
+
+    /// The notices received since the last call (see `forwarded`).
+    pub fn take_notices(&mut self) -> Vec<(NodeId, u32, u64)> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Why the stream must be read again at once with whole forwards, if it must.
+    pub fn take_reread(&mut self) -> Option<String> {
+        self.reread.take()
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -252,6 +274,8 @@ impl Applier {
         self.block = None;
         self.marking = false;
         self.give_way = None;
+        self.reread = None;
+        self.notices.clear();
         ROLLED_BACK_AHEAD.with(|r| r.borrow_mut().clear());
     }
 

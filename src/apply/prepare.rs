@@ -139,6 +139,17 @@ impl Applier {
                     if unmet().iter().any(|&(n, lsn)| self.commit_passed_precommit(n, lsn)) {
                         continue;
                     }
+                    // What it waits for may come only forwarded, whole.
+                    if let (true, Mode::Multimaster(config)) = (self.noticing, gucs::mode()) {
+                        let gone = super::forwarded::out_of_reach(config, self.peer);
+                        if let Some(&(n, _)) = unmet().iter().find(|(n, _)| gone & bit(*n) != 0) {
+                            self.reread = Some(format!(
+                                "transaction {xid} of node {} waits for node {n}, out of reach: reading node {}'s stream again with what it forwards",
+                                self.peer, self.peer
+                            ));
+                            return None;
+                        }
+                    }
                     if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                         ereport!(
                             PgLogLevel::FATAL,

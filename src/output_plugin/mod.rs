@@ -47,6 +47,15 @@ const MMTS_STREAMING_OPTION: &str = "mmts_streaming";
 /// nodes' transactions it committed that left the reader out (see [`filter_by_origin`]).
 const MMTS_FORWARD_OPTION: &str = "mmts_forward";
 
+/// With `mmts_forward`, `on` sends each such transaction's mark only, without its changes: a
+/// notice (see `mmts_core::forward::Notices`).
+const MMTS_NOTICES_OPTION: &str = "mmts_forward_notices";
+
+/// With the mmts protocol, a position in this node's WAL: its own transactions and signals
+/// that begin before it are not sent (the reader has them), while forwards are. A reader that
+/// holds notices reads the stream again from where its slot confirmed it, this far back.
+const MMTS_OWN_FROM_OPTION: &str = "mmts_own_from";
+
 /// `pgoutput`'s callbacks, loaded once per process.
 struct Callbacks(pg_sys::OutputPluginCallbacks);
 // SAFETY: only function pointers, called from the backend's main thread.
@@ -77,6 +86,11 @@ struct MmtsSession {
     block: Option<StreamBlock>,
     /// Forwarding to this node (`mmts_forward`), if asked.
     forward_to: Option<NodeId>,
+    /// Forwarding marks only (`mmts_forward_notices`).
+    notices: bool,
+    /// Records of this node's own that begin before this position are not sent
+    /// (`mmts_own_from`).
+    own_from: u64,
     /// Transactions (and their subtransactions) of other origins that carry a mark naming the
     /// reader among the nodes left out: their records pass the origin filter.
     marked: HashSet<u32>,
@@ -246,14 +260,35 @@ unsafe extern "C-unwind" fn filter_by_origin(
     if origin_id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId
         || crate::commit_origin::is_commit_origin(origin_id)
     {
-        return false;
+        // SAFETY: as below.
+        return unsafe { before_own_from(ctx) };
     }
     // SAFETY: `ctx` is the decoding context PostgreSQL passes, within this callback.
     !unsafe { forwarded_record(ctx) }
 }
 
+/// Whether the record being decoded, one of this node's own, begins before `mmts_own_from`.
+/// Its transaction is then skipped whole (PostgreSQL asks at its commit or PREPARE, as it skips
+/// what begins before where a stream starts), as is a signal between transactions.
+unsafe fn before_own_from(ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
+    let own_from = SESSION.with(|s| s.borrow().mmts.as_ref().map_or(0, |m| m.own_from));
+    if own_from == 0 {
+        return false;
+    }
+    // SAFETY: the caller's decoding context, in its callback.
+    let Some(record) = (unsafe { crate::pg_internals::current_record(ctx) }) else { return false };
+    // Only what ends a transaction (a commit, PREPARE, COMMIT or ROLLBACK PREPARED) or stands
+    // alone (a message outside transactions): a transaction that began before and ends after
+    // keeps its changes.
+    let ends = record.rmid == pg_sys::RmgrIds::RM_XACT_ID as u8;
+    let alone = record.rmid == pg_sys::RmgrIds::RM_LOGICALMSG_ID as u8
+        && crate::pg_internals::logical_message(record.data).is_some_and(|(transactional, ..)| !transactional);
+    (ends || alone) && record.lsn < own_from
+}
+
 /// Whether the record being decoded belongs to a transaction marked for forwarding to the
-/// reader (and marks it when it is the mark).
+/// reader (and marks it when it is the mark). With notices, only the mark and the records
+/// that end the transaction pass.
 unsafe fn forwarded_record(ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
     SESSION.with(|s| {
         let mut s = s.borrow_mut();
@@ -271,11 +306,11 @@ unsafe fn forwarded_record(ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
             return false;
         }
         if m.marked.contains(&xid) {
-            return true;
+            return xact || !m.notices;
         }
         if record.top_xid != 0 && m.marked.contains(&record.top_xid) {
             m.marked.insert(xid);
-            return true;
+            return !m.notices;
         }
         if record.rmid != pg_sys::RmgrIds::RM_LOGICALMSG_ID as u8 {
             return false;
@@ -406,6 +441,34 @@ unsafe extern "C-unwind" fn startup(
             unreachable!()
         }
     });
+    // SAFETY: as above.
+    let notices = match unsafe { option(ctx, MMTS_NOTICES_OPTION) }.as_deref().map(str::trim) {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(other) => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid value for option \"{MMTS_NOTICES_OPTION}\": \"{other}\""),
+                "mmts",
+            )
+            .set_hint("Use on or off.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        }
+    };
+    // SAFETY: as above.
+    let own_from = unsafe { option(ctx, MMTS_OWN_FROM_OPTION) }.map_or(0, |value| {
+        mmts_core::replication::parse_lsn(&value).unwrap_or_else(|| {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid value for option \"{MMTS_OWN_FROM_OPTION}\": \"{value}\""),
+                "mmts",
+            )
+            .set_hint("Give a WAL position, such as 0/16B3748.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        })
+    });
     SESSION.with(|s| {
         s.borrow_mut().mmts = Some(MmtsSession {
             relations: HashMap::new(),
@@ -415,6 +478,8 @@ unsafe extern "C-unwind" fn startup(
             frame: wire::Frame::new(version),
             block: None,
             forward_to,
+            notices,
+            own_from,
             marked: HashSet::new(),
             finishing: 0,
         })

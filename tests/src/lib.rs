@@ -245,7 +245,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if !self.keep {
+        if !self.keep && std::env::var_os("MMTS_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
@@ -957,9 +957,10 @@ impl Cluster {
 
     /// Log lines that a node killed or cut off (and healed: the proxy closes every connection
     /// that lived through the cut) causes on its peers, for [`Cluster::log_problems`]: a
-    /// backend serving its signals (`mtm.deliver_signals`, several calls pipelined) finds the
-    /// client gone as it sends a result.
-    pub const PEER_GONE: &'static [&'static str] = &["_signals LOG:  could not send data to client"];
+    /// backend serving its signals (`mtm.deliver_signals`, several calls pipelined) or its
+    /// heartbeats finds the client gone as it sends a result.
+    pub const PEER_GONE: &'static [&'static str] =
+        &["_signals LOG:  could not send data to client", "_heartbeat LOG:  could not send data to client"];
 
     /// Lines of the nodes' logs that no test should cause: a PANIC, a process killed by a
     /// signal, a "could not" — except those containing one of `caused` (what the test's own

@@ -73,7 +73,6 @@ fn a_node_catches_up_while_another_is_down() {
     let mut cluster = ClusterBuilder::new(3)
         .set("multimaster.heartbeat_send_timeout", "100")
         .set("multimaster.heartbeat_recv_timeout", "1000")
-        .set("multimaster.forwarding", "on")
         .start();
     for node in cluster.nodes() {
         node.execute_local(
@@ -170,7 +169,7 @@ fn a_node_catches_up_while_another_is_down() {
 /// right after creating the extension commit at their first try on every node.
 #[test]
 fn creating_the_extension_interrupts_no_write() {
-    let cluster = ClusterBuilder::new(3).set("multimaster.forwarding", "on").start();
+    let cluster = ClusterBuilder::new(3).start();
     cluster.wait_replicating(WAIT);
     for node in cluster.nodes() {
         node.execute_local("CREATE EXTENSION mmts; CREATE TABLE t(id bigint PRIMARY KEY, node int NOT NULL)");

@@ -406,4 +406,37 @@ fn mmts_protocol_carries_every_change_and_filters_origins() {
         .query("SELECT data FROM pg_logical_slot_peek_binary_changes('m', NULL, NULL, 'mmts_protocol', '0')", &[])
         .unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "0A000");
+    for (option, value) in [("mmts_forward_notices", "maybe"), ("mmts_own_from", "x")] {
+        let err = client
+            .query(
+                &format!("SELECT data FROM pg_logical_slot_peek_binary_changes('m', NULL, NULL, 'mmts_protocol', '2', '{option}', '{value}')"),
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(err.as_db_error().unwrap().code().code(), "22023", "{option} = {value}");
+    }
+
+    // `mmts_own_from`: this node's own transactions that end before it are left out, those
+    // after it are sent whole.
+    let mut spanning = node.connect();
+    spanning.batch_execute("BEGIN; INSERT INTO acct VALUES (5, 'spans', '')").unwrap();
+    node.execute("INSERT INTO acct VALUES (4, 'before', '')");
+    let from: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    spanning.batch_execute("INSERT INTO acct VALUES (6, 'spans', ''); COMMIT").unwrap();
+    let mut inserted = |own_from: &str| -> Vec<String> {
+        let sql = format!(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes('m', NULL, NULL, 'mmts_protocol', '1'{own_from})"
+        );
+        let frames = client.query(&sql, &[]).unwrap();
+        let messages = frames.iter().flat_map(|r| wire::decode_frame(r.get::<_, &[u8]>(0)).expect("valid frame"));
+        messages
+            .filter_map(|m| match m {
+                Message::Insert { new, .. } => Some(format!("{:?}", new[0])),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(inserted("").len(), 3);
+    let after = inserted(&format!(", 'mmts_own_from', '{from}'"));
+    assert_eq!(after.len(), 2, "only the transaction that ends after the position, whole: {after:?}");
 }
