@@ -258,7 +258,9 @@ impl Applier {
     }
 
     /// A new connection to the peer: what was half received is sent again; the transactions
-    /// set aside stay (the stream resumes after them).
+    /// set aside stay (the stream resumes after them). So do the tables' descriptions: those
+    /// transactions may need them (they were described before, in the old connection), and
+    /// the peer describes each table again before its first change in the new one.
     pub fn reset_stream(&mut self) {
         // SAFETY: the receiver's main thread, between messages: a transaction left open by the
         // old stream may be aborted.
@@ -267,7 +269,6 @@ impl Applier {
                 pg_sys::AbortCurrentTransaction();
             }
         }
-        self.relations.clear();
         self.in_transaction = false;
         self.preparing = None;
         self.streamed.clear();

@@ -277,13 +277,22 @@ unsafe fn before_own_from(ctx: *mut pg_sys::LogicalDecodingContext) -> bool {
     }
     // SAFETY: the caller's decoding context, in its callback.
     let Some(record) = (unsafe { crate::pg_internals::current_record(ctx) }) else { return false };
+    if record.lsn >= own_from {
+        // Records are decoded in WAL order: none of the later ones begins before it either.
+        SESSION.with(|s| {
+            if let Some(m) = s.borrow_mut().mmts.as_mut() {
+                m.own_from = 0;
+            }
+        });
+        return false;
+    }
     // Only what ends a transaction (a commit, PREPARE, COMMIT or ROLLBACK PREPARED) or stands
     // alone (a message outside transactions): a transaction that began before and ends after
     // keeps its changes.
     let ends = record.rmid == pg_sys::RmgrIds::RM_XACT_ID as u8;
     let alone = record.rmid == pg_sys::RmgrIds::RM_LOGICALMSG_ID as u8
         && crate::pg_internals::logical_message(record.data).is_some_and(|(transactional, ..)| !transactional);
-    (ends || alone) && record.lsn < own_from
+    ends || alone
 }
 
 /// Whether the record being decoded belongs to a transaction marked for forwarding to the
@@ -368,6 +377,28 @@ unsafe fn option(ctx: *mut pg_sys::LogicalDecodingContext, name: &str) -> Option
     found
 }
 
+/// Option `name` given `on` or `off` (off when not given).
+unsafe fn on_off_option(ctx: *mut pg_sys::LogicalDecodingContext, name: &str) -> bool {
+    // SAFETY: the caller passes the decoding context.
+    match unsafe { option(ctx, name) }.as_deref().map(str::trim) {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(other) => bad_option(name, other, "Use on or off."),
+    }
+}
+
+/// Reports an option given a value it does not take.
+fn bad_option(name: &str, value: &str, hint: &str) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("invalid value for option \"{name}\": \"{value}\""),
+        "mmts",
+    )
+    .set_hint(hint)
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn startup(
     ctx: *mut pg_sys::LogicalDecodingContext,
@@ -392,14 +423,9 @@ unsafe extern "C-unwind" fn startup(
         return unsafe { pg_guard_ffi_boundary(|| pgoutput_startup(ctx, opt, is_init)) };
     };
     let max: u8 = requested.trim().parse().unwrap_or_else(|_| {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid value for option \"{MMTS_PROTOCOL_OPTION}\": \"{requested}\""),
-            "mmts",
-        )
-        .set_hint(format!("Give the highest mmts protocol version the client speaks, e.g. {}.", wire::PROTOCOL_VERSION))
-        .report(PgLogLevel::ERROR);
-        unreachable!()
+        let hint =
+            format!("Give the highest mmts protocol version the client speaks, e.g. {}.", wire::PROTOCOL_VERSION);
+        bad_option(MMTS_PROTOCOL_OPTION, &requested, &hint)
     });
     let version = wire::negotiate(wire::MIN_PROTOCOL_VERSION, max).unwrap_or_else(|e| {
         ErrorReport::new(PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, e.to_string(), "mmts")
@@ -412,62 +438,20 @@ unsafe extern "C-unwind" fn startup(
     };
     // SAFETY: `ctx` and `opt` are the decoding context and options PostgreSQL passes.
     let memory = unsafe { (*ctx).context };
-    // SAFETY: `ctx` is the decoding context PostgreSQL passes.
-    let streaming = match unsafe { option(ctx, MMTS_STREAMING_OPTION) }.as_deref() {
-        None | Some("off") => false,
-        Some("on") => true,
-        Some(other) => {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("invalid value for option \"{MMTS_STREAMING_OPTION}\": \"{other}\""),
-                "mmts",
-            )
-            .set_hint("Use on or off.")
-            .report(PgLogLevel::ERROR);
-            unreachable!()
-        }
-    };
-    // SAFETY: `ctx` is the decoding context PostgreSQL passes.
+    // SAFETY (these four): `ctx` is the decoding context PostgreSQL passes.
+    let streaming = unsafe { on_off_option(ctx, MMTS_STREAMING_OPTION) };
     let forward_to = unsafe { option(ctx, MMTS_FORWARD_OPTION) }.map(|value| match value.trim().parse::<u32>() {
         Ok(id) if (1..=crate::gucs::MAX_NODES as u32).contains(&id) => NodeId(id),
-        _ => {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("invalid value for option \"{MMTS_FORWARD_OPTION}\": \"{value}\""),
-                "mmts",
-            )
-            .set_hint(format!("Give the reading node's id, 1 to {}.", crate::gucs::MAX_NODES))
-            .report(PgLogLevel::ERROR);
-            unreachable!()
-        }
+        _ => bad_option(
+            MMTS_FORWARD_OPTION,
+            &value,
+            &format!("Give the reading node's id, 1 to {}.", crate::gucs::MAX_NODES),
+        ),
     });
-    // SAFETY: as above.
-    let notices = match unsafe { option(ctx, MMTS_NOTICES_OPTION) }.as_deref().map(str::trim) {
-        None | Some("off") => false,
-        Some("on") => true,
-        Some(other) => {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("invalid value for option \"{MMTS_NOTICES_OPTION}\": \"{other}\""),
-                "mmts",
-            )
-            .set_hint("Use on or off.")
-            .report(PgLogLevel::ERROR);
-            unreachable!()
-        }
-    };
-    // SAFETY: as above.
+    let notices = unsafe { on_off_option(ctx, MMTS_NOTICES_OPTION) };
     let own_from = unsafe { option(ctx, MMTS_OWN_FROM_OPTION) }.map_or(0, |value| {
-        mmts_core::replication::parse_lsn(&value).unwrap_or_else(|| {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("invalid value for option \"{MMTS_OWN_FROM_OPTION}\": \"{value}\""),
-                "mmts",
-            )
-            .set_hint("Give a WAL position, such as 0/16B3748.")
-            .report(PgLogLevel::ERROR);
-            unreachable!()
-        })
+        mmts_core::replication::parse_lsn(&value)
+            .unwrap_or_else(|| bad_option(MMTS_OWN_FROM_OPTION, &value, "Give a WAL position, such as 0/16B3748."))
     });
     SESSION.with(|s| {
         s.borrow_mut().mmts = Some(MmtsSession {
